@@ -1,0 +1,368 @@
+"""What runs inside a worker process, after ``fork`` (or in a fresh interpreter, for spawn).
+
+A function stage's worker imports its code, then loops: receive a batch, call the code per item,
+hand the results on in batches to every downstream queue. A command stage's worker is a bridge:
+it forks and execs the program, writes each input item to its stdin as a JSON line, and turns each
+line of its stdout into an item. Either way the worker tells the supervisor what happened through
+its report pipe (one JSON object per line): ``ready``, ``error``, ``exec_failed``, ``counts``.
+
+The worker never returns into the supervisor's code: ``spawn`` calls ``run`` inside
+``try/finally: os._exit``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import signal
+import sys
+import threading
+import time
+import traceback
+import types
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from procd import callables, procctl, reaper
+from procd.config import StageSpec
+from procd.queues import QueueFds, QueueReader, QueueWriter
+
+# Items a producer holds back at most this long before sending a part-filled batch.
+FLUSH_INTERVAL_S = 0.05
+EXEC_FAILED = 127
+
+
+@dataclass(frozen=True)
+class Output:
+    """One downstream queue and the batch size its reader asked for."""
+
+    fds: QueueFds
+    batch: int
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """Everything a worker needs, as plain data (it crosses ``exec`` for spawn)."""
+
+    pipeline: str
+    base_dir: str
+    stage: StageSpec
+    index: int
+    generation: int
+    report_fd: int
+    input: QueueFds | None
+    outputs: tuple[Output, ...]
+
+    @property
+    def title(self) -> str:
+        return f"procd: {self.pipeline}/{self.stage.name}[{self.index}]"
+
+
+class Reporter:
+    """Writes report records to the supervisor; each is one line, short enough to be atomic."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def send(self, kind: str, **fields: Any) -> None:
+        line = json.dumps({"kind": kind, **fields}, default=repr) + "\n"
+        try:
+            os.write(self._fd, line.encode())
+        except BrokenPipeError:  # the supervisor is gone; PDEATHSIG will end us too
+            pass
+
+
+class Outlet:
+    """Collects a worker's results and sends them downstream in batches (fan-out: to every reader)."""
+
+    def __init__(self, outputs: tuple[Output, ...]) -> None:
+        self._writers = [(QueueWriter(o.fds), o.batch) for o in outputs]
+        self._pending: list[Any] = []
+        self._largest = max((o.batch for o in outputs), default=1)
+        self._since = 0.0
+        self.count = 0
+
+    def add(self, item: Any) -> None:
+        if not self._writers:
+            self.count += 1
+            return
+        if not self._pending:
+            self._since = time.monotonic()
+        self._pending.append(item)
+        self.count += 1
+        if len(self._pending) >= self._largest:
+            self.flush()
+
+    def flush_if_due(self) -> None:
+        if self._pending and time.monotonic() - self._since >= FLUSH_INTERVAL_S:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for writer, batch in self._writers:
+            for start in range(0, len(pending), batch):
+                writer.send(pending[start : start + batch])
+
+    def close(self) -> None:
+        self.flush()
+        for writer, _batch in self._writers:
+            writer.close()
+
+
+class _StopProducing(Exception):
+    """Raised by the SIGTERM handler while user code runs, to leave a blocked generator."""
+
+
+def run(ctx: WorkerContext) -> int:
+    """Run one worker to its end; return its exit code."""
+    reporter = Reporter(ctx.report_fd)
+    if ctx.stage.command is not None:
+        return _run_command(ctx, reporter)
+    return _run_function(ctx, reporter)
+
+
+def _report_error(reporter: Reporter, exc: BaseException, item: Any = None) -> None:
+    lines = traceback.format_exception(exc)
+    reporter.send(
+        "error",
+        error_type=type(exc).__name__,
+        error=str(exc),
+        item=repr(item)[:1000] if item is not None else None,
+        traceback="".join(lines[-6:])[-4000:],
+    )
+
+
+def _run_function(ctx: WorkerContext, reporter: Reporter) -> int:
+    stage = ctx.stage
+    assert stage.function is not None
+    try:
+        target = callables.resolve(stage.function, ctx.base_dir)
+        instance = target(**stage.options) if callables.is_class(target) else None
+    except callables.ResolveError as exc:
+        reporter.send("error", error_type="ResolveError", error=str(exc), item=None, traceback="")
+        return 1
+    except Exception as exc:
+        _report_error(reporter, exc)
+        return 1
+    outlet = Outlet(ctx.outputs)
+    reporter.send("ready")
+    if stage.is_producer:
+        code = _produce(target, instance, stage, outlet, reporter)
+        received = 0
+    else:
+        assert ctx.input is not None
+        code, received = _consume(target, instance, stage, QueueReader(ctx.input), outlet, reporter)
+    if code == 0 and instance is not None and hasattr(instance, "close"):
+        try:
+            result = instance.close()
+            _emit(result, outlet)
+        except Exception as exc:
+            _report_error(reporter, exc)
+            code = 1
+    if code == 0:
+        outlet.close()
+    reporter.send("counts", items_in=received, items_out=outlet.count)
+    return code
+
+
+def _emit(result: Any, outlet: Outlet) -> None:
+    """A generator emits every value it yields; None emits nothing; anything else is one item."""
+    if result is None:
+        return
+    if isinstance(result, types.GeneratorType):
+        for value in result:
+            outlet.add(value)
+    else:
+        outlet.add(result)
+
+
+def _produce(target: Any, instance: Any, stage: StageSpec, outlet: Outlet, reporter: Reporter) -> int:
+    stopping = False
+    in_user_code = False
+
+    def on_term(_signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        if in_user_code:
+            raise _StopProducing
+
+    signal.signal(signal.SIGTERM, on_term)
+    source: Any = None
+    try:
+        in_user_code = True
+        source = instance if instance is not None else target(**stage.options)
+        iterator = iter(source) if source is not None else iter(())
+        in_user_code = False
+        while not stopping:
+            in_user_code = True
+            try:
+                item = next(iterator)
+            except StopIteration:
+                break
+            finally:
+                in_user_code = False
+            outlet.add(item)
+            outlet.flush_if_due()
+    except _StopProducing:
+        pass
+    except Exception as exc:
+        _report_error(reporter, exc)
+        return 1
+    finally:
+        in_user_code = False
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if isinstance(source, types.GeneratorType):
+        try:
+            source.close()  # runs the generator's own finally blocks
+        except Exception as exc:
+            _report_error(reporter, exc)
+            return 1
+    return 0
+
+
+def _consume(
+    target: Any, instance: Any, stage: StageSpec, reader: QueueReader, outlet: Outlet, reporter: Reporter
+) -> tuple[int, int]:
+    call = instance if instance is not None else target
+    options = stage.options if instance is None else {}
+    received = 0
+    for batch in reader:
+        received += len(batch)
+        for item in batch:
+            try:
+                _emit(call(item, **options), outlet)
+            except Exception as exc:
+                _report_error(reporter, exc, item)
+                return 1, received
+        outlet.flush()
+    return 0, received
+
+
+# -- command stages -------------------------------------------------------------------------------
+
+
+def _exec_program(argv: tuple[str, ...], stdin_fd: int, stdout_fd: int, err_w: int, parent: int) -> None:
+    """In the program's process: wire stdin/stdout, restore default signals, exec. Never returns."""
+    try:
+        procctl.die_with_parent(signal.SIGKILL, parent)
+        for signum in range(1, signal.NSIG):
+            try:
+                signal.signal(signum, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass
+        os.dup2(stdin_fd, 0)
+        os.dup2(stdout_fd, 1)
+        os.closerange(3, err_w)
+        os.closerange(err_w + 1, os.sysconf("SC_OPEN_MAX"))
+        os.execvp(argv[0], list(argv))
+    except OSError as exc:
+        os.write(err_w, str(exc.errno or errno.EIO).encode())
+    finally:
+        os._exit(EXEC_FAILED)
+
+
+def _run_command(ctx: WorkerContext, reporter: Reporter) -> int:
+    argv = ctx.stage.command
+    assert argv is not None
+    stdout_r, stdout_w = os.pipe()
+    if ctx.input is not None:
+        stdin_r, stdin_w = os.pipe()
+    else:
+        stdin_r, stdin_w = os.open(os.devnull, os.O_RDONLY), -1
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        _exec_program(argv, stdin_r, stdout_w, err_w, parent)
+    os.close(err_w)
+    os.close(stdin_r)
+    os.close(stdout_w)
+    # Stop signals are for the program (it shares our process group); we follow its lead.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    failure = os.read(err_r, 64)
+    os.close(err_r)
+    if failure:
+        number = int(failure)
+        reporter.send("exec_failed", errno=number, error=os.strerror(number), program=argv[0])
+        reaper.wait_for(pid)
+        return EXEC_FAILED
+    reporter.send("ready")
+
+    received = [0]
+    feed_error: list[BaseException] = []
+    if ctx.input is not None:
+        reader = QueueReader(ctx.input)
+        feeder = threading.Thread(
+            target=_feed, args=(reader, stdin_w, received, feed_error), name="feed", daemon=True
+        )
+        feeder.start()
+    outlet = Outlet(ctx.outputs)
+    _collect(stdout_r, outlet)
+    status = reaper.wait_for(pid)
+    if feed_error:
+        _report_error(reporter, feed_error[0])
+    outlet.close()
+    reporter.send("counts", items_in=received[0], items_out=outlet.count)
+    if status.signal is not None:
+        _die_like(status.signal)
+    return 1 if feed_error and status.code == 0 else (status.code or 0)
+
+
+def _die_like(signum: int) -> None:
+    """End this bridge the way its program ended, so the supervisor sees the program's signal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    except (OSError, ValueError):
+        pass
+    os.kill(os.getpid(), signum)
+    os._exit(128 + signum)  # reached only for a signal whose default action is not to end
+
+
+def _feed(reader: QueueReader, stdin_w: int, received: list[int], errors: list[BaseException]) -> None:
+    """Thread: queue batches → JSON lines on the program's stdin; closes it at end of stream."""
+    try:
+        with open(stdin_w, "wb", buffering=1 << 16) as stdin:
+            for batch in reader:
+                received[0] += len(batch)
+                data = "".join(json.dumps(item, separators=(",", ":")) + "\n" for item in batch)
+                stdin.write(data.encode())
+                stdin.flush()
+    except BrokenPipeError:
+        pass  # the program closed its stdin; its exit status tells the rest
+    except (TypeError, ValueError) as exc:
+        errors.append(exc)
+
+
+def _collect(stdout_r: int, outlet: Outlet) -> None:
+    """Each stdout line → one item (JSON, or the plain string); a batch is sent when no more waits."""
+    partial = b""
+    while True:
+        chunk = os.read(stdout_r, 1 << 16)
+        if not chunk:
+            break
+        lines = (partial + chunk).split(b"\n")
+        partial = lines.pop()
+        for raw in lines:
+            outlet.add(_parse_line(raw))
+        ready, _, _ = select.select([stdout_r], [], [], 0)
+        if not ready:
+            outlet.flush()
+    if partial:
+        outlet.add(_parse_line(partial))
+    os.close(stdout_r)
+
+
+def _parse_line(raw: bytes) -> Any:
+    text = raw.decode("utf-8", errors="replace").rstrip("\r")
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

@@ -1,0 +1,350 @@
+"""Pipeline files: TOML in, frozen specs out, with every problem located by file and key path.
+
+Pure: reads one file and imports nothing of the user's (importing stage code is ``callables``'s
+job). Every problem is collected before any is reported; units are converted here, once, so no
+child ever parses a duration.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from procd.errors import ConfigError, Problem
+
+START_METHODS = ("fork", "spawn", "forkserver")
+DEFAULT_STOP_TIMEOUT_S = 10.0
+DEFAULT_QUEUE_MAXSIZE = 10_000
+DEFAULT_QUEUE_BATCH = 256
+
+_STAGE_NAME = re.compile(r"[a-z][a-z0-9_-]*\Z")
+_PIPELINE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+_FUNCTION_REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)\Z")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+_TOP_KEYS = ("pipeline", "stages")
+_PIPELINE_KEYS = ("name", "start_method", "stop_timeout")
+_STAGE_KEYS = ("function", "command", "inputs", "processes", "options", "queue")
+_QUEUE_KEYS = ("maxsize", "batch")
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """A stage's input queue: its bound in items and the number of items a message carries."""
+
+    maxsize: int = DEFAULT_QUEUE_MAXSIZE
+    batch: int = DEFAULT_QUEUE_BATCH
+
+    @property
+    def slots(self) -> int:
+        """The bound counted in messages (whole batches)."""
+        return max(1, math.ceil(self.maxsize / self.batch))
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage, every default filled in."""
+
+    name: str
+    function: str | None = None
+    command: tuple[str, ...] | None = None
+    inputs: tuple[str, ...] = ()
+    processes: int = 1
+    options: Mapping[str, Any] = field(default_factory=dict)
+    queue: QueueSpec = QueueSpec()
+
+    @property
+    def is_producer(self) -> bool:
+        """True for a stage with no inputs."""
+        return not self.inputs
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """A whole pipeline file, validated."""
+
+    name: str
+    file: str
+    start_method: str = "fork"
+    stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
+    stages: tuple[StageSpec, ...] = ()
+
+    @property
+    def base_dir(self) -> str:
+        """The pipeline file's directory: first on ``sys.path`` for function stages."""
+        return str(Path(self.file).resolve().parent)
+
+    def stage(self, name: str) -> StageSpec:
+        """Return the stage called ``name``."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+    def readers(self, name: str) -> tuple[StageSpec, ...]:
+        """Return the stages that list ``name`` among their inputs (its fan-out)."""
+        return tuple(s for s in self.stages if name in s.inputs)
+
+
+def parse_duration(text: str) -> float:
+    """Convert ``"250ms"``, ``"10s"``, ``"5m"`` or ``"1h"`` to seconds.
+
+    Raises:
+        ValueError: ``text`` is not a number followed by one of ms, s, m, h.
+    """
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(text)
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    """The inverse of ``parse_duration``, in the largest unit that keeps the value whole."""
+    for unit in ("h", "m", "s"):
+        value = seconds / _UNIT_S[unit]
+        if value >= 1 and value == int(value):
+            return f"{int(value)}{unit}"
+    return f"{round(seconds * 1000, 3):g}ms"
+
+
+def _got(value: object) -> str:
+    """Describe a wrong value the way every message does: ``"four" (str)``."""
+    shown = f'"{value}"' if isinstance(value, str) else repr(value)
+    return f"got {shown} ({type(value).__name__})"
+
+
+class _Checker:
+    """Collects problems while it walks the document."""
+
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.problems.append(Problem(path, message))
+
+    def unknown_keys(self, table: Mapping[str, Any], allowed: tuple[str, ...], prefix: str) -> None:
+        for key in table:
+            if key in allowed:
+                continue
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f'; did you mean "{close[0]}"?' if close else f"; valid keys are {', '.join(allowed)}"
+            self.add(f"{prefix}{key}", f"unknown key{hint}")
+
+    def table(self, value: object, path: str) -> Mapping[str, Any] | None:
+        if isinstance(value, dict):
+            return value
+        self.add(path, f"expected a table, {_got(value)}")
+        return None
+
+    def integer(self, value: object, path: str, minimum: int) -> int | None:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+            return value
+        self.add(path, f"expected an integer >= {minimum}, {_got(value)}")
+        return None
+
+    def duration(self, value: object, path: str) -> float | None:
+        if isinstance(value, str):
+            try:
+                return parse_duration(value)
+            except ValueError:
+                pass
+        self.add(path, f'expected a duration such as "250ms", "10s" or "5m", {_got(value)}')
+        return None
+
+    def string_list(self, value: object, path: str, *, non_empty: bool) -> tuple[str, ...] | None:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            if non_empty and not value:
+                self.add(path, "expected a non-empty list of strings, got an empty list")
+                return None
+            return tuple(value)
+        self.add(path, f"expected a list of strings, {_got(value)}")
+        return None
+
+
+def load_pipeline(file: str | os.PathLike[str]) -> PipelineSpec:
+    """Read and validate a pipeline file.
+
+    Args:
+        file: path of the TOML file.
+
+    Returns:
+        The validated pipeline, with every default filled in.
+
+    Raises:
+        ConfigError: the file cannot be read, is not TOML, or has problems (all of them listed).
+    """
+    name = os.fspath(file)
+    try:
+        with open(name, "rb") as fh:
+            document = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(name, [Problem("", f"cannot read the file: {exc.strerror}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(name, [Problem("", f"not valid TOML: {exc}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(name, [Problem("", f"not valid TOML: not UTF-8 ({exc.reason})")]) from None
+    return validate(document, name)
+
+
+def validate(document: Mapping[str, Any], file: str) -> PipelineSpec:
+    """Validate a parsed TOML document (see ``load_pipeline``)."""
+    check = _Checker()
+    check.unknown_keys(document, _TOP_KEYS, "")
+
+    pipeline = check.table(document.get("pipeline", {}), "pipeline") or {}
+    check.unknown_keys(pipeline, _PIPELINE_KEYS, "pipeline.")
+    pipeline_name = pipeline.get("name", Path(file).stem)
+    if not isinstance(pipeline_name, str) or not _PIPELINE_NAME.match(pipeline_name):
+        check.add(
+            "pipeline.name",
+            f"expected letters, digits, '.', '_' or '-', starting with a letter or digit, "
+            f"{_got(pipeline_name)}",
+        )
+    start_method = pipeline.get("start_method", "fork")
+    if start_method not in START_METHODS:
+        check.add("pipeline.start_method", f"expected one of {', '.join(START_METHODS)}, {_got(start_method)}")
+    stop_timeout_s = DEFAULT_STOP_TIMEOUT_S
+    if "stop_timeout" in pipeline:
+        stop_timeout_s = check.duration(pipeline["stop_timeout"], "pipeline.stop_timeout") or 0.0
+
+    stages_table = check.table(document.get("stages", {}), "stages")
+    if stages_table is not None and not stages_table:
+        check.add("stages", "a pipeline needs at least one [stages.NAME] table")
+    stages_table = stages_table or {}
+    stages = [_stage(check, name, table) for name, table in stages_table.items()]
+    _check_graph(check, stages)
+
+    if check.problems:
+        raise ConfigError(file, check.problems)
+    return PipelineSpec(
+        name=pipeline_name,
+        file=file,
+        start_method=start_method,
+        stop_timeout_s=stop_timeout_s,
+        stages=tuple(stages),
+    )
+
+
+def _stage(check: _Checker, name: str, value: object) -> StageSpec:
+    prefix = f"stages.{name}"
+    if not _STAGE_NAME.match(name):
+        check.add(prefix, "a stage name starts with a lower-case letter and has only a-z, 0-9, '_' and '-'")
+    table = check.table(value, prefix) or {}
+    check.unknown_keys(table, _STAGE_KEYS, f"{prefix}.")
+
+    function = table.get("function")
+    command = None
+    if "function" in table and "command" in table:
+        check.add(prefix, 'has both "function" and "command"; a stage runs exactly one of them')
+    elif "function" not in table and "command" not in table:
+        check.add(prefix, 'needs "function" (a Python "module:attr") or "command" (an argv list)')
+    if function is not None and (not isinstance(function, str) or not _FUNCTION_REF.match(function)):
+        check.add(f"{prefix}.function", f'expected "module:attr", such as "etl.stages:transform", {_got(function)}')
+        function = None
+    if "command" in table:
+        command = check.string_list(table["command"], f"{prefix}.command", non_empty=True)
+
+    inputs = check.string_list(table.get("inputs", []), f"{prefix}.inputs", non_empty=False) or ()
+    processes = check.integer(table.get("processes", 1), f"{prefix}.processes", 1) or 1
+
+    options = check.table(table.get("options", {}), f"{prefix}.options") or {}
+    if options and "command" in table:
+        check.add(f"{prefix}.options", "applies to function stages only; give a command its arguments in the argv list")
+
+    queue_table = check.table(table.get("queue", {}), f"{prefix}.queue") or {}
+    check.unknown_keys(queue_table, _QUEUE_KEYS, f"{prefix}.queue.")
+    maxsize = check.integer(queue_table.get("maxsize", DEFAULT_QUEUE_MAXSIZE), f"{prefix}.queue.maxsize", 1)
+    batch = check.integer(queue_table.get("batch", DEFAULT_QUEUE_BATCH), f"{prefix}.queue.batch", 1)
+    queue = QueueSpec(maxsize or DEFAULT_QUEUE_MAXSIZE, batch or DEFAULT_QUEUE_BATCH)
+    if maxsize and batch and batch > maxsize:
+        check.add(f"{prefix}.queue.batch", f"must not exceed queue.maxsize ({maxsize}), got {batch}")
+
+    return StageSpec(
+        name=name,
+        function=function if isinstance(function, str) else None,
+        command=command,
+        inputs=inputs,
+        processes=processes,
+        options=dict(options),
+        queue=queue,
+    )
+
+
+def _check_graph(check: _Checker, stages: list[StageSpec]) -> None:
+    """Every input names a stage, none twice, none itself; and the graph has no cycle."""
+    names = [s.name for s in stages]
+    for stage in stages:
+        seen: set[str] = set()
+        for index, upstream in enumerate(stage.inputs):
+            path = f"stages.{stage.name}.inputs[{index}]"
+            if upstream == stage.name:
+                check.add(path, "a stage cannot read its own output")
+            elif upstream not in names:
+                close = difflib.get_close_matches(upstream, names, n=1)
+                hint = f'; did you mean "{close[0]}"?' if close else f"; stages are {', '.join(names)}"
+                check.add(path, f'unknown stage "{upstream}"{hint}')
+            elif upstream in seen:
+                check.add(path, f'"{upstream}" is listed twice')
+            seen.add(upstream)
+    cycle = find_cycle({s.name: [i for i in s.inputs if i in names and i != s.name] for s in stages})
+    if cycle:
+        check.add("stages", f"the stages form a cycle: {' -> '.join(cycle)}")
+
+
+def find_cycle(inputs: Mapping[str, list[str]]) -> list[str] | None:
+    """Return one cycle of the input graph as a closed list of names, or None."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        if node in path:
+            return path[path.index(node):] + [node]
+        if node in done:
+            return None
+        path.append(node)
+        for upstream in inputs.get(node, []):
+            found = visit(upstream)
+            if found:
+                return found
+        path.pop()
+        done.add(node)
+        return None
+
+    for node in inputs:
+        found = visit(node)
+        if found:
+            return list(reversed(found))
+    return None
+
+
+def as_document(spec: PipelineSpec) -> dict[str, Any]:
+    """The effective pipeline as a TOML-ready document, every default written out."""
+    stages: dict[str, Any] = {}
+    for stage in spec.stages:
+        table: dict[str, Any] = {}
+        if stage.function is not None:
+            table["function"] = stage.function
+        if stage.command is not None:
+            table["command"] = list(stage.command)
+        table["inputs"] = list(stage.inputs)
+        table["processes"] = stage.processes
+        if stage.function is not None:
+            table["options"] = dict(stage.options)
+        table["queue"] = {"maxsize": stage.queue.maxsize, "batch": stage.queue.batch}
+        stages[stage.name] = table
+    return {
+        "pipeline": {
+            "name": spec.name,
+            "start_method": spec.start_method,
+            "stop_timeout": format_duration(spec.stop_timeout_s),
+        },
+        "stages": stages,
+    }

@@ -1,0 +1,50 @@
+"""Error types shared by every layer of procd.
+
+A leaf module: it imports nothing from the package. Each error says what is wrong in a whole
+sentence; the command line turns them into exit codes (see ``cli``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a pipeline file, located by its dotted key path."""
+
+    path: str
+    message: str
+
+    def render(self, file: str) -> str:
+        """Return the problem as the one-line form the user sees: ``FILE: key.path: message``."""
+        return f"{file}: {self.path}: {self.message}" if self.path else f"{file}: {self.message}"
+
+
+class ProcdError(Exception):
+    """Base of every error procd raises on purpose."""
+
+
+class ConfigError(ProcdError):
+    """A pipeline file is unreadable or invalid; carries every problem found, not just the first."""
+
+    def __init__(self, file: str, problems: list[Problem]) -> None:
+        self.file = file
+        self.problems = tuple(problems)
+        super().__init__("\n".join(p.render(file) for p in self.problems))
+
+    def lines(self) -> list[str]:
+        """Return one ``FILE: key.path: message`` line per problem."""
+        return [p.render(self.file) for p in self.problems]
+
+
+class TransitionError(ProcdError):
+    """The lifecycle table has no entry for a (state, event) pair: a bug in the supervisor."""
+
+
+class QueueClosed(ProcdError):
+    """Every writer of a queue has gone: the end of the stream."""
+
+
+class ItemTooLarge(ProcdError):
+    """A single item does not fit in one queue message."""

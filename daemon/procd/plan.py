@@ -1,0 +1,69 @@
+"""Orders and wires a validated pipeline: which stage starts and stops first, who writes where.
+
+Pure: works on ``config`` specs only. Also renders the stage graph as DOT for ``procd graph``.
+"""
+
+from __future__ import annotations
+
+from procd.config import PipelineSpec, StageSpec
+
+
+def topological_order(spec: PipelineSpec) -> tuple[StageSpec, ...]:
+    """Return the stages upstream first (producers first), keeping file order among equals.
+
+    The config layer has already rejected cycles, so every stage is placed.
+    """
+    placed: list[StageSpec] = []
+    names: set[str] = set()
+    remaining = list(spec.stages)
+    while remaining:
+        ready = [s for s in remaining if all(i in names for i in s.inputs)]
+        if not ready:  # unreachable after validation; fail loudly rather than loop
+            raise ValueError(f"cycle among {', '.join(s.name for s in remaining)}")
+        for stage in ready:
+            placed.append(stage)
+            names.add(stage.name)
+            remaining.remove(stage)
+    return tuple(placed)
+
+
+def stop_order(spec: PipelineSpec) -> tuple[StageSpec, ...]:
+    """Producers are stopped first, then each stage drains once its inputs have ended."""
+    return topological_order(spec)
+
+
+def outputs(spec: PipelineSpec, stage: StageSpec) -> tuple[str, ...]:
+    """Names of the stages whose input queues ``stage`` writes to (empty for a sink)."""
+    return tuple(s.name for s in spec.readers(stage.name))
+
+
+def upstream_closure(spec: PipelineSpec, name: str) -> set[str]:
+    """Every stage that feeds ``name``, directly or through others."""
+    seen: set[str] = set()
+    todo = list(spec.stage(name).inputs)
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo.extend(spec.stage(current).inputs)
+    return seen
+
+
+def to_dot(spec: PipelineSpec) -> str:
+    """Render the stage graph in Graphviz DOT: one node per stage, one edge per input."""
+
+    def quote(text: str) -> str:
+        escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+
+    lines = [f"digraph {quote(spec.name)} {{", "  rankdir=LR;"]
+    for stage in topological_order(spec):
+        kind = stage.function if stage.function is not None else " ".join(stage.command or ())
+        label = f"{stage.name}\n{kind}\nx{stage.processes}"
+        shape = "box" if stage.function is not None else "component"
+        lines.append(f"  {quote(stage.name)} [shape={shape}, label={quote(label)}];")
+    for stage in topological_order(spec):
+        for upstream in stage.inputs:
+            lines.append(f"  {quote(upstream)} -> {quote(stage.name)};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,38 @@
+"""Linux process controls procd relies on, through ``prctl(2)`` (no Python binding exists).
+
+- ``PR_SET_CHILD_SUBREAPER``: orphaned descendants are re-parented to the supervisor, which
+  reaps them instead of init.
+- ``PR_SET_PDEATHSIG``: the kernel signals a worker when the thread that forked it exits. It is
+  armed in the child, so the child must then check that its parent is still the one it expects.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _prctl(option: int, value: int) -> None:
+    if _libc.prctl(option, value, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def become_subreaper() -> None:
+    """Make this process the reaper of its orphaned descendants (Linux 3.4 and later)."""
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def die_with_parent(signum: int, expected_parent: int) -> None:
+    """Ask for ``signum`` when the parent exits; exit now if it already has.
+
+    The parent can die between ``fork`` and this call, in which case the signal would never
+    come: the check of ``getppid`` afterwards closes that race.
+    """
+    _prctl(_PR_SET_PDEATHSIG, signum)
+    if os.getppid() != expected_parent:
+        os._exit(1)

@@ -1,0 +1,65 @@
+"""Signals reach the supervisor's loop as bytes on a pipe (``signal.set_wakeup_fd``).
+
+The handlers installed here do nothing at all: Python's C-level handler writes the signal number
+to the wake-up pipe, and the loop reads it. No logging, no state change, no I/O in a handler.
+This module owns that process-wide state: ``open_wakeup`` sets it, ``WakeUp.close`` restores it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from types import FrameType
+
+HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
+def _nothing(_signum: int, _frame: FrameType | None) -> None:
+    """A handler whose only effect is the byte Python writes to the wake-up fd."""
+
+
+class WakeUp:
+    """The read end of the wake-up pipe, and the way back to the previous handlers."""
+
+    def __init__(self) -> None:
+        self.read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._previous = {signum: signal.getsignal(signum) for signum in HANDLED}
+        self._previous_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        for signum in HANDLED:
+            signal.signal(signum, _nothing)
+
+    def drain(self) -> list[int]:
+        """Return the signals that arrived since the last call, in order (duplicates kept)."""
+        received: list[int] = []
+        while True:
+            try:
+                chunk = os.read(self.read_fd, 4096)
+            except BlockingIOError:
+                return received
+            if not chunk:
+                return received
+            received.extend(chunk)
+
+    def close(self) -> None:
+        """Restore the previous handlers and wake-up fd, then close the pipe."""
+        signal.set_wakeup_fd(self._previous_fd)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        os.close(self.read_fd)
+        os.close(self._write_fd)
+
+
+def open_wakeup() -> WakeUp:
+    """Install the no-op handlers and the wake-up pipe for this (main) thread's loop."""
+    return WakeUp()
+
+
+def reset_in_child() -> None:
+    """In a freshly forked child: drop the parent's wake-up fd and handlers.
+
+    Without this a signal sent to the child would be written into the supervisor's wake-up pipe
+    and read there as if the supervisor had received it.
+    """
+    signal.set_wakeup_fd(-1)
+    for signum in HANDLED:
+        signal.signal(signum, signal.SIG_DFL)

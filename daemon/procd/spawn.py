@@ -1,0 +1,126 @@
+"""Starting a worker process: fork, and in the child everything up to the worker's own code.
+
+The child can never return into the supervisor: its code runs inside ``try/finally: os._exit``.
+Signals are blocked across ``fork`` so that no handler of the supervisor's runs in the child
+before the child has reset them. Each worker leads its own process group (so one ``killpg``
+reaches it and whatever it started) and asks the kernel for SIGKILL when the supervisor dies.
+
+``start_method = "fork"`` runs the worker in the forked copy; ``"spawn"`` and ``"forkserver"``
+exec a fresh ``sys.executable`` that rebuilds the worker from a pickled ``WorkerContext``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import pickle
+import signal
+import sys
+import traceback
+
+import setproctitle
+
+from procd import procctl, signals
+from procd.child import EXEC_FAILED, Reporter, WorkerContext, run
+
+def set_title(title: str) -> None:
+    """Name this process as ``ps`` and ``/proc/PID/cmdline`` show it."""
+    setproctitle.setproctitle(title)
+
+
+def _close_all_but(keep: set[int]) -> None:
+    previous = -1
+    for fd in sorted(keep) + [os.sysconf("SC_OPEN_MAX")]:
+        if fd > previous + 1:
+            os.closerange(previous + 1, fd)
+        previous = fd
+
+
+def _exec_fresh(ctx: WorkerContext) -> None:
+    """Replace this child with a fresh interpreter that runs ``ctx``. Returns only on failure."""
+    payload = base64.b64encode(pickle.dumps(ctx)).decode()
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    code = "import sys, procd.spawn as s; s.run_spawned(sys.argv[1])"
+    os.execve(sys.executable, [sys.executable, "-c", code, payload], env)
+
+
+def run_spawned(payload: str) -> None:
+    """Entry point of a spawned worker's fresh interpreter."""
+    ctx: WorkerContext = pickle.loads(base64.b64decode(payload))
+    code = 1
+    try:
+        set_title(ctx.title)
+        code = run(ctx)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def fork_worker(ctx: WorkerContext, *, output_fd: int, keep: set[int], start_method: str) -> int:
+    """Fork one worker and return its pid.
+
+    Args:
+        ctx: what the worker runs.
+        output_fd: becomes the child's stdout and stderr (the supervisor logs each line).
+        keep: descriptors the child keeps open (its queues and report pipe); all others close.
+        start_method: ``fork``, ``spawn`` or ``forkserver``.
+
+    Raises:
+        OSError: fork failed (EAGAIN, ENOMEM); no process exists.
+    """
+    parent = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        pid = os.fork()
+    except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
+    if pid == 0:
+        code = 1
+        try:
+            signals.reset_in_child()
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            os.setpgid(0, 0)
+            procctl.die_with_parent(signal.SIGKILL, parent)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(output_fd, 1)
+            os.dup2(output_fd, 2)
+            _close_all_but({0, 1, 2} | keep)
+            for stream in (sys.stdout, sys.stderr):
+                if hasattr(stream, "reconfigure"):
+                    stream.reconfigure(line_buffering=True)
+            if start_method == "fork":
+                set_title(ctx.title)
+                code = run(ctx)
+            else:
+                for fd in keep:
+                    os.set_inheritable(fd, True)
+                try:
+                    _exec_fresh(ctx)
+                except OSError as exc:
+                    Reporter(ctx.report_fd).send(
+                        "exec_failed", errno=exc.errno, error=exc.strerror, program=sys.executable
+                    )
+                    code = EXEC_FAILED
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    try:
+        os.setpgid(pid, pid)  # also here, so a killpg right after fork cannot miss the child
+    except OSError:
+        pass  # the child got there first, or has already exec'd or exited
+    return pid

@@ -1,0 +1,413 @@
+"""The supervisor: one single-threaded event loop over every worker of one pipeline.
+
+It waits in one ``select`` whose timeout is the nearest deadline (no fixed poll interval) on: the
+signal wake-up pipe, and each worker's report and output pipes. Child exits are collected by
+``reaper.reap`` alone. Every change of a slot's state goes through ``lifecycle.step``; this module
+carries out the actions it returns and logs each fact as a lifecycle record.
+
+End of stream: the supervisor holds a copy of each queue's writing end until every stage that
+feeds the queue has finished (all its processes exited); dropping that copy is what lets the
+readers see the end of their input. A stop sends SIGTERM to the producers and lets every other
+stage drain in the same way; whatever is still there at the stop deadline gets SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from procd import plan, procctl, queues, reaper, signals, worker
+from procd.child import Output
+from procd.config import PipelineSpec
+from procd.lifecycle import (
+    Action,
+    ArmTimer,
+    BackoffElapsed,
+    CancelTimer,
+    DrainRequested,
+    Event,
+    Exited,
+    Policy,
+    Ready,
+    Signal,
+    Spawn,
+    SpawnFailed,
+    Spawned,
+    StartRequested,
+    State,
+    StopRequested,
+    StopTimedOut,
+    Timer,
+    step,
+)
+from procd.log import RecordWriter
+from procd.spawn import set_title
+from procd.worker import Slot
+
+TERMINAL = (State.EXITED, State.FATAL)
+_LINE_LIMIT = 4096
+
+TimerKey = tuple[str, int, Timer]
+
+
+class Supervisor:
+    """Runs one pipeline from start to exit code."""
+
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        log: Any,
+        writer: RecordWriter | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.spec = spec
+        self.log = log
+        self.writer = writer
+        self.clock = clock
+        self.slots = [Slot(stage, i) for stage in plan.topological_order(spec) for i in range(stage.processes)]
+        self.by_pid: dict[int, Slot] = {}
+        self.queues: dict[str, queues.QueueFds] = {}
+        self.writing: set[str] = set()  # queues whose writing end the supervisor still holds
+        self.finished: set[str] = set()  # stages whose every process has ended
+        self.timers: dict[TimerKey, float] = {}
+        self.ready: set[tuple[str, int]] = set()
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.failed: list[str] = []
+        self.selector = selectors.DefaultSelector()
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start every stage, supervise until every process has ended, return the exit code."""
+        set_title(f"procd: {self.spec.name} supervisor")
+        procctl.become_subreaper()
+        wake = signals.open_wakeup()
+        self.selector.register(wake.read_fd, selectors.EVENT_READ, ("wake", None))
+        try:
+            for stage in self.spec.stages:
+                if not stage.is_producer:
+                    self.queues[stage.name] = queues.create_queue(stage.queue.slots)
+                    self.writing.add(stage.name)
+            self.log.info(
+                "pipeline_starting",
+                stages=[s.name for s in self.spec.stages],
+                workers=len(self.slots),
+                start_method=self.spec.start_method,
+                supervisor_pid=os.getpid(),
+            )
+            for slot in reversed(self.slots):  # readers first, so no writer waits on a missing one
+                self._feed(slot, StartRequested())
+            while not all(slot.state in TERMINAL for slot in self.slots):
+                for key, _mask in self.selector.select(self._timeout()):
+                    kind, slot = key.data
+                    if kind == "wake":
+                        self._on_signals(wake.drain())
+                    elif kind == "report":
+                        self._read_reports(slot)
+                    else:
+                        self._read_output(slot)
+                self._fire_timers()
+                self._update_stages()
+            return self._finish()
+        finally:
+            self._sweep()
+            wake.close()
+            self.selector.close()
+            for fds in self.queues.values():
+                queues.close_fds(fds.all())
+
+    def _timeout(self) -> float | None:
+        if not self.timers:
+            return None
+        return max(0.0, min(self.timers.values()) - self.clock())
+
+    def _fire_timers(self) -> None:
+        now = self.clock()
+        for key, deadline in sorted(self.timers.items(), key=lambda kv: kv[1]):
+            if deadline > now or key not in self.timers:
+                continue
+            del self.timers[key]
+            name, index, timer = key
+            slot = self._slot(name, index)
+            self._feed(slot, StopTimedOut() if timer is Timer.KILL else BackoffElapsed())
+
+    def _slot(self, stage: str, index: int) -> Slot:
+        return next(s for s in self.slots if s.stage.name == stage and s.index == index)
+
+    # -- state changes ----------------------------------------------------------------------------
+
+    def _feed(self, slot: Slot, event: Event) -> None:
+        transition = step(slot.state, event, Policy())
+        slot.state = transition.state
+        for action in transition.actions:
+            self._do(slot, action)
+
+    def _do(self, slot: Slot, action: Action) -> None:
+        key: TimerKey
+        if isinstance(action, Spawn):
+            self._spawn(slot)
+        elif isinstance(action, Signal):
+            self._signal(slot, action.signum)
+        elif isinstance(action, ArmTimer):
+            key = (slot.stage.name, slot.index, action.timer)
+            self.timers[key] = self.stop_deadline if action.timer is Timer.KILL else self.clock()
+        elif isinstance(action, CancelTimer):
+            key = (slot.stage.name, slot.index, action.timer)
+            self.timers.pop(key, None)
+
+    def _bound(self, slot: Slot) -> Any:
+        return self.log.bind(stage=slot.stage.name, worker=slot.index, pid=slot.pid, generation=slot.generation)
+
+    def _spawn(self, slot: Slot) -> None:
+        outputs = tuple(
+            Output(self.queues[reader.name], reader.queue.batch) for reader in self.spec.readers(slot.stage.name)
+        )
+        try:
+            pid = worker.start(
+                slot,
+                pipeline=self.spec.name,
+                base_dir=self.spec.base_dir,
+                start_method=self.spec.start_method,
+                input_fds=self.queues.get(slot.stage.name),
+                outputs=outputs,
+            )
+        except OSError as exc:
+            self._bound(slot).error("spawn_failed", errno=exc.errno, error=exc.strerror)
+            slot.failure = f"fork failed: {exc.strerror}"
+            self._feed(slot, SpawnFailed(exc.errno or 0))
+            return
+        slot.started_at = self.clock()
+        self.by_pid[pid] = slot
+        assert slot.report_fd is not None and slot.output_fd is not None
+        self.selector.register(slot.report_fd, selectors.EVENT_READ, ("report", slot))
+        self.selector.register(slot.output_fd, selectors.EVENT_READ, ("output", slot))
+        self._bound(slot).info("worker_spawned", title=f"procd: {self.spec.name}/{slot.name}")
+        self._feed(slot, Spawned(pid))
+
+    def _signal(self, slot: Slot, signum: int) -> None:
+        if slot.pid is None:
+            return
+        if signum == signal.SIGKILL:
+            slot.forced = True
+            self._bound(slot).warning(
+                "stop_escalated",
+                message=(
+                    f"{slot.name} still running {self.spec.stop_timeout_s:g}s after the stop request; "
+                    "sending SIGKILL to its process group"
+                ),
+            )
+        try:
+            os.killpg(slot.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    # -- inputs from the kernel and the children ---------------------------------------------------
+
+    def _on_signals(self, received: list[int]) -> None:
+        for signum in dict.fromkeys(received):  # once each, in order of arrival
+            if signum == signal.SIGCHLD:
+                for reaped in reaper.reap():
+                    self._on_exit(reaped)
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                self._request_stop(signal.Signals(signum).name)
+            elif signum == signal.SIGHUP:
+                self.log.warning("reload_requested", supported=False, message="reload is not implemented yet; ignored")
+            elif signum == signal.SIGUSR1 and self.writer is not None:
+                self.writer.reopen()
+
+    def _on_exit(self, reaped: reaper.Reaped) -> None:
+        slot = self.by_pid.pop(reaped.pid, None)
+        if slot is None:
+            self.log.info("orphan_reaped", pid=reaped.pid, code=reaped.code, signal=_signal_name(reaped.signal))
+            return
+        self._close_pipes(slot)
+        event = Exited(reaped.code, reaped.signal)
+        slot.last_exit = event
+        cause = self._failure(slot, event)
+        fields: dict[str, Any] = {
+            "runtime_s": round(self.clock() - slot.started_at, 3),
+            "expected": cause is None,
+            **slot.counts,
+        }
+        if event.signal is not None:
+            fields["signal"] = _signal_name(event.signal)
+        else:
+            fields["code"] = event.code
+        if cause is not None:
+            fields["cause"] = cause
+        bound = self._bound(slot)
+        (bound.info if cause is None else bound.error)("worker_exited", **fields)
+        self._feed(slot, event)
+        if cause is not None:
+            self.failed.append(f"{slot.name}: {cause}")
+            self._request_stop(f"{slot.name} failed: {cause}")
+
+    def _failure(self, slot: Slot, event: Exited) -> str | None:
+        """Why this exit is a failure, or None when it is the end procd expected."""
+        if slot.forced:
+            return f"killed by SIGKILL after the stop timeout ({self.spec.stop_timeout_s:g}s)"
+        if event.signal == signal.SIGTERM and slot.state is State.STOPPING and slot.stage.is_producer:
+            return None
+        if event.ok:
+            if slot.stage.name in self.writing:
+                return "exited before the end of its input"
+            return None
+        return slot.failure or f"exited with {event.describe()}"
+
+    def _read_reports(self, slot: Slot) -> None:
+        for line in self._read_lines(slot, "report"):
+            try:
+                report = json.loads(line)
+                kind = report.pop("kind")
+            except (ValueError, KeyError, AttributeError):
+                self._bound(slot).warning("worker_report_invalid", line=line[:_LINE_LIMIT])
+                continue
+            bound = self._bound(slot)
+            if kind == "ready":
+                self.ready.add((slot.stage.name, slot.index))
+                self._feed(slot, Ready())
+                if len(self.ready) == len(self.slots):
+                    self.ready.add(("", -1))  # log it once
+                    self.log.info("pipeline_ready", workers=len(self.slots))
+            elif kind == "error":
+                slot.failure = f"{report.get('error_type')}: {report.get('error')}"
+                bound.error("worker_error", **report)
+            elif kind == "exec_failed":
+                slot.failure = f"cannot execute {report.get('program')}: {report.get('error')}"
+                bound.error("spawn_failed", **report)
+            elif kind == "counts":
+                slot.counts = {k: int(v) for k, v in report.items()}
+            else:
+                bound.warning("worker_report_invalid", line=line[:_LINE_LIMIT])
+
+    def _read_output(self, slot: Slot) -> None:
+        bound = self._bound(slot)
+        for line in self._read_lines(slot, "output"):
+            bound.info("worker_output", line=line[:_LINE_LIMIT])
+
+    def _read_lines(self, slot: Slot, which: str) -> list[str]:
+        """Read what is there without blocking; return complete lines (all of them at EOF)."""
+        fd = slot.report_fd if which == "report" else slot.output_fd
+        if fd is None:
+            return []
+        buffer = slot.report_buffer if which == "report" else slot.output_buffer
+        eof = False
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                break
+            if not chunk:
+                eof = True
+                break
+            buffer += chunk
+        *lines, rest = buffer.split(b"\n")
+        if eof and rest:
+            lines.append(rest)
+            rest = b""
+        if which == "report":
+            slot.report_buffer = rest
+        else:
+            slot.output_buffer = rest
+        if eof:
+            self.selector.unregister(fd)
+            os.close(fd)
+            if which == "report":
+                slot.report_fd = None
+            else:
+                slot.output_fd = None
+        return [raw.decode("utf-8", errors="replace") for raw in lines]
+
+    def _close_pipes(self, slot: Slot) -> None:
+        """A reaped worker has written all it will: read the rest, then close (a grandchild that
+        still holds a pipe must not keep it open)."""
+        self._read_reports(slot)
+        self._read_output(slot)
+        for which in ("report", "output"):
+            fd = slot.report_fd if which == "report" else slot.output_fd
+            if fd is not None:
+                self.selector.unregister(fd)
+                os.close(fd)
+        slot.report_fd = slot.output_fd = None
+
+    # -- stages, end of stream, stop ---------------------------------------------------------------
+
+    def _update_stages(self) -> None:
+        """Mark stages whose processes have all ended; close the inputs that have no writer left."""
+        for stage in self.spec.stages:
+            if stage.name in self.finished:
+                continue
+            slots = [s for s in self.slots if s.stage.name == stage.name]
+            if all(s.state in TERMINAL for s in slots):
+                self.finished.add(stage.name)
+                totals = {
+                    "items_in": sum(s.counts.get("items_in", 0) for s in slots),
+                    "items_out": sum(s.counts.get("items_out", 0) for s in slots),
+                }
+                self.log.info("stage_drained", stage=stage.name, **totals)
+        for name in sorted(self.writing):
+            if all(upstream in self.finished for upstream in self.spec.stage(name).inputs):
+                self.writing.discard(name)
+                os.close(self.queues[name].write_fd)
+                self.queues[name] = queues.QueueFds(-1, self.queues[name].read_fd, self.queues[name].slots_fd)
+
+    def _request_stop(self, reason: str) -> None:
+        if self.stopping:
+            if reason in ("SIGTERM", "SIGINT"):
+                self.log.warning("stop_requested", reason=reason, message="second stop request; killing every worker now")
+                self.stop_deadline = self.clock()
+                for key in list(self.timers):
+                    if key[2] is Timer.KILL:
+                        self.timers[key] = self.stop_deadline
+            return
+        self.stopping = True
+        self.stop_deadline = self.clock() + self.spec.stop_timeout_s
+        self.log.info("stop_requested", reason=reason, stop_timeout_s=self.spec.stop_timeout_s)
+        for slot in self.slots:
+            self._feed(slot, StopRequested() if slot.stage.is_producer else DrainRequested())
+
+    def _finish(self) -> int:
+        forced = [s.name for s in self.slots if s.forced]
+        code = 1 if self.failed or forced else 0
+        self.log.info(
+            "pipeline_stopped",
+            exit_code=code,
+            outcome="finished" if code == 0 else "failed",
+            failures=self.failed,
+            forced=forced,
+        )
+        return code
+
+    def _sweep(self) -> None:
+        """Nothing left running: SIGKILL any process group of ours that still has a member, and
+        reap what that frees."""
+        for slot in self.slots:
+            if slot.pid is not None:
+                try:
+                    os.killpg(slot.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    continue
+        deadline = time.monotonic() + 1.0
+        while self.by_pid and time.monotonic() < deadline:
+            for reaped in reaper.reap():
+                self.by_pid.pop(reaped.pid, None)
+            time.sleep(0.005)
+        for _ in reaper.reap():
+            pass
+
+
+def _signal_name(signum: int | None) -> str | None:
+    if signum is None:
+        return None
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+

@@ -1,0 +1,96 @@
+"""One supervised worker slot: its state, its current process, and how it is started.
+
+A slot is a stage's ``[index]``; the process in it changes across restarts (``generation``).
+``start`` makes the two pipes the supervisor reads (report records, and the worker's
+stdout/stderr lines), forks through ``spawn``, and keeps only the supervisor's ends.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from procd.child import Output, WorkerContext
+from procd.config import StageSpec
+from procd.lifecycle import Exited, State
+from procd.queues import QueueFds
+from procd.spawn import fork_worker
+
+
+@dataclass
+class Slot:
+    """The supervisor's record of one worker slot."""
+
+    stage: StageSpec
+    index: int
+    state: State = State.STOPPED
+    pid: int | None = None
+    generation: int = 0
+    started_at: float = 0.0
+    report_fd: int | None = None
+    output_fd: int | None = None
+    report_buffer: bytes = b""
+    output_buffer: bytes = b""
+    last_exit: Exited | None = None
+    forced: bool = False
+    failure: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """``transform[2]``."""
+        return f"{self.stage.name}[{self.index}]"
+
+    def __repr__(self) -> str:
+        return f"<Slot {self.name} {self.state} pid={self.pid} generation={self.generation}>"
+
+
+def start(
+    slot: Slot,
+    *,
+    pipeline: str,
+    base_dir: str,
+    start_method: str,
+    input_fds: QueueFds | None,
+    outputs: tuple[Output, ...],
+) -> int:
+    """Fork the slot's next process; return its pid and record the supervisor's pipe ends.
+
+    Raises:
+        OSError: the pipes or the fork could not be made (nothing is left open then).
+    """
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)
+    output_r, output_w = os.pipe2(os.O_CLOEXEC)
+    ctx = WorkerContext(
+        pipeline=pipeline,
+        base_dir=base_dir,
+        stage=slot.stage,
+        index=slot.index,
+        generation=slot.generation + 1,
+        report_fd=report_w,
+        input=input_fds,
+        outputs=outputs,
+    )
+    keep = {report_w}
+    if input_fds is not None:
+        keep |= {input_fds.read_fd, input_fds.slots_fd}
+    for output in outputs:
+        keep |= {output.fds.write_fd, output.fds.slots_fd}
+    try:
+        pid = fork_worker(ctx, output_fd=output_w, keep=keep, start_method=start_method)
+    except OSError:
+        for fd in (report_r, output_r):
+            os.close(fd)
+        raise
+    finally:
+        os.close(report_w)
+        os.close(output_w)
+    os.set_blocking(report_r, False)
+    os.set_blocking(output_r, False)
+    slot.pid = pid
+    slot.generation += 1
+    slot.report_fd, slot.output_fd = report_r, output_r
+    slot.report_buffer = slot.output_buffer = b""
+    slot.forced = False
+    slot.failure = None
+    return pid
