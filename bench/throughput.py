@@ -1,0 +1,173 @@
+"""Throughput: the classic multiprocessing pattern against procd, on the same 3-stage pipeline.
+
+    .venv/bin/python bench/throughput.py [--items 200000] [--repeat 3]
+
+Pipeline: 1 producer -> 2 transform processes -> 1 sink, over small dict records. The classic
+pattern is multiprocessing.Process workers joined by multiprocessing.Queue, one item per put,
+None sentinels. procd runs the same stage code from a generated pipeline file, as a real
+``procd run`` subprocess. Both sinks check that every record arrived (count and id checksum).
+Reported: items/s end to end (process start to exit) and, for procd, inside the pipeline
+(from pipeline_starting to pipeline_stopped in its log), and the ratio procd / classic.
+The issue's target: procd at least 5x the classic pattern.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+STAGES = textwrap.dedent(
+    """
+    def produce(count):
+        for i in range(count):
+            yield {"id": i, "name": "user%d" % i, "score": i % 97}
+
+    def transform(item):
+        item["score2"] = item["score"] * 2
+        item["tag"] = "even" if item["id"] % 2 == 0 else "odd"
+        return item
+
+    class Sink:
+        def __init__(self, count):
+            self.count = count
+            self.seen = 0
+            self.checksum = 0
+
+        def __call__(self, item):
+            self.seen += 1
+            self.checksum += item["id"]
+
+        def close(self):
+            expected = self.count * (self.count - 1) // 2
+            print("SINK %d %d %s" % (self.seen, self.checksum, self.seen == self.count and self.checksum == expected))
+    """
+)
+
+PIPELINE = """
+[pipeline]
+name = "bench"
+
+[stages.produce]
+function = "benchstages:produce"
+options = {{ count = {count} }}
+
+[stages.transform]
+function = "benchstages:transform"
+inputs = ["produce"]
+processes = 2
+
+[stages.sink]
+function = "benchstages:Sink"
+inputs = ["transform"]
+options = {{ count = {count} }}
+"""
+
+
+# -- the classic pattern -------------------------------------------------------------------------
+
+def _classic_produce(out: mp.Queue, count: int, consumers: int) -> None:
+    for i in range(count):
+        out.put({"id": i, "name": "user%d" % i, "score": i % 97})
+    for _ in range(consumers):
+        out.put(None)
+
+
+def _classic_transform(inq: mp.Queue, out: mp.Queue) -> None:
+    while (item := inq.get()) is not None:
+        item["score2"] = item["score"] * 2
+        item["tag"] = "even" if item["id"] % 2 == 0 else "odd"
+        out.put(item)
+    out.put(None)
+
+
+def _classic_sink(inq: mp.Queue, producers: int, result: mp.Queue) -> None:
+    seen = checksum = done = 0
+    while done < producers:
+        item = inq.get()
+        if item is None:
+            done += 1
+            continue
+        seen += 1
+        checksum += item["id"]
+    result.put((seen, checksum))
+
+
+def run_classic(count: int) -> float:
+    ctx = mp.get_context("fork")
+    q1, q2, result = ctx.Queue(10000), ctx.Queue(10000), ctx.Queue()
+    start = time.perf_counter()
+    procs = [ctx.Process(target=_classic_produce, args=(q1, count, 2))]
+    procs += [ctx.Process(target=_classic_transform, args=(q1, q2)) for _ in range(2)]
+    procs += [ctx.Process(target=_classic_sink, args=(q2, 2, result))]
+    for p in procs:
+        p.start()
+    seen, checksum = result.get()
+    for p in procs:
+        p.join()
+    elapsed = time.perf_counter() - start
+    assert seen == count and checksum == count * (count - 1) // 2, (seen, checksum)
+    return elapsed
+
+
+# -- procd ---------------------------------------------------------------------------------------
+
+def _ts(record: dict) -> float:
+    return datetime.datetime.fromisoformat(record["ts"].replace("Z", "+00:00")).timestamp()
+
+
+def run_procd(count: int, workdir: str) -> tuple[float, float]:
+    with open(os.path.join(workdir, "benchstages.py"), "w") as fh:
+        fh.write(STAGES)
+    pipeline = os.path.join(workdir, "bench.toml")
+    with open(pipeline, "w") as fh:
+        fh.write(PIPELINE.format(count=count))
+    log = os.path.join(workdir, "bench.log")
+    if os.path.exists(log):
+        os.unlink(log)
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "procd", "run", pipeline, "--log-file", log],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300, check=False,
+    )
+    elapsed = time.perf_counter() - start
+    records = [json.loads(line) for line in open(log)]
+    sink = [r["line"] for r in records if r.get("event") == "worker_output" and r["line"].startswith("SINK")]
+    assert proc.returncode == 0, proc.returncode
+    assert sink and sink[0].endswith("True"), sink
+    first = next(r for r in records if r["event"] == "pipeline_starting")
+    last = next(r for r in records if r["event"] == "pipeline_stopped")
+    return elapsed, _ts(last) - _ts(first)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--items", type=int, default=200_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    classic, procd_total, procd_inside = [], [], []
+    with tempfile.TemporaryDirectory() as workdir:
+        for _ in range(args.repeat):
+            classic.append(run_classic(args.items))
+            total, inside = run_procd(args.items, workdir)
+            procd_total.append(total)
+            procd_inside.append(inside)
+    n = args.items
+    c, pt, pi = statistics.median(classic), statistics.median(procd_total), statistics.median(procd_inside)
+    print(f"items: {n}, runs: {args.repeat} (medians), cores: {os.cpu_count()}")
+    print(f"classic multiprocessing.Queue : {n / c:12,.0f} items/s  ({c:.3f} s)")
+    print(f"procd, end to end             : {n / pt:12,.0f} items/s  ({pt:.3f} s, interpreter start included)")
+    print(f"procd, inside the pipeline    : {n / pi:12,.0f} items/s  ({pi:.3f} s)")
+    print(f"ratio procd/classic, end to end: {c / pt:.1f}x   inside the pipeline: {c / pi:.1f}x   (target >= 5x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Stage code of the example ETL pipeline (pipelines/etl.toml)."""

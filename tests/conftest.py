@@ -1,0 +1,129 @@
+"""Shared helpers: run ``procd`` as a real subprocess, read its JSON records, leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PIPELINES = REPO / "pipelines"
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def processes_titled(prefix: str) -> dict[int, str]:
+    """pid -> title of every live (non-zombie) process whose /proc cmdline starts with ``prefix``."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                title = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            with open(f"/proc/{entry}/stat") as fh:
+                state = fh.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if title.startswith(prefix) and state != "Z":
+            found[int(entry)] = title
+    return found
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+    records: list[dict[str, Any]]
+
+    def events(self, name: str, **match: Any) -> list[dict[str, Any]]:
+        return [
+            r for r in self.records
+            if r.get("event") == name and all(r.get(k) == v for k, v in match.items())
+        ]
+
+    def output_lines(self, stage: str | None = None) -> list[str]:
+        return [r["line"] for r in self.events("worker_output") if stage is None or r["stage"] == stage]
+
+
+def parse_records(text: str) -> list[dict[str, Any]]:
+    """Every line must be one JSON object: the log format is a contract."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def procd_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "procd", *args]
+
+
+class Workspace:
+    """A temporary directory holding pipeline files and their stage modules."""
+
+    def __init__(self, path: Path, name: str) -> None:
+        self.path = path
+        self.name = name
+
+    def write(self, relative: str, text: str) -> Path:
+        target = self.path / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(textwrap.dedent(text))
+        return target
+
+    def pipeline(self, text: str, *, stem: str | None = None) -> Path:
+        """Write a pipeline file; ``{name}`` in the text becomes this test's unique pipeline name."""
+        return self.write(f"{stem or self.name}.toml", textwrap.dedent(text).replace("{name}", self.name))
+
+    def run(self, *args: str, timeout: float = 30.0) -> Result:
+        proc = subprocess.run(
+            procd_command(*args), cwd=self.path, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        records = parse_records(proc.stderr) if args and args[0] == "run" else []
+        return Result(proc.returncode, proc.stdout, proc.stderr, records)
+
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            procd_command(*args), cwd=self.path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+
+@pytest.fixture
+def ws(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Workspace]:
+    name = "t" + str(abs(hash(request.node.nodeid)) % 10**8)
+    yield Workspace(tmp_path, name)
+    leftovers = processes_titled(f"procd: {name}")
+    for pid in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not leftovers, f"processes left behind: {leftovers}"
+
+
+@pytest.fixture(autouse=True)
+def no_child_left_behind() -> Iterator[None]:
+    yield
+    try:
+        pid, _status = os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return
+    raise AssertionError(f"a child process was left behind (pid {pid})" if pid else "a child is still running")

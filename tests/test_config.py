@@ -1,0 +1,188 @@
+"""Pipeline files: every bad one names each problem exactly; good ones load with defaults."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from procd import config, plan
+from procd.errors import ConfigError
+
+OK_STAGE = '[stages.a]\nfunction = "m:f"\n'
+
+# (pipeline text, the exact lines procd must print; F stands for the file's path)
+BAD = {
+    "processes-not-integer": (
+        OK_STAGE + 'processes = "four"\n',
+        ['F: stages.a.processes: expected an integer >= 1, got "four" (str)'],
+    ),
+    "processes-zero": (OK_STAGE + "processes = 0\n", ["F: stages.a.processes: expected an integer >= 1, got 0 (int)"]),
+    "processes-bool": (OK_STAGE + "processes = true\n", ["F: stages.a.processes: expected an integer >= 1, got True (bool)"]),
+    "unknown-stage-key": (
+        OK_STAGE + "proceses = 2\n",
+        ['F: stages.a.proceses: unknown key; did you mean "processes"?'],
+    ),
+    "unknown-top-key": (
+        '[pipline]\nname = "x"\n' + OK_STAGE,
+        ['F: pipline: unknown key; did you mean "pipeline"?'],
+    ),
+    "unknown-pipeline-key": (
+        '[pipeline]\nstop_timout = "1s"\n' + OK_STAGE,
+        ['F: pipeline.stop_timout: unknown key; did you mean "stop_timeout"?'],
+    ),
+    "unknown-key-no-match": (
+        OK_STAGE + "zzz = 1\n",
+        ["F: stages.a.zzz: unknown key; valid keys are function, command, inputs, processes, options, queue"],
+    ),
+    "unknown-input": (
+        OK_STAGE + '[stages.b]\nfunction = "m:g"\ninputs = ["aa"]\n',
+        ['F: stages.b.inputs[0]: unknown stage "aa"; did you mean "a"?'],
+    ),
+    "self-input": (OK_STAGE + 'inputs = ["a"]\n', ["F: stages.a.inputs[0]: a stage cannot read its own output"]),
+    "duplicate-input": (
+        OK_STAGE + '[stages.b]\nfunction = "m:g"\ninputs = ["a", "a"]\n',
+        ['F: stages.b.inputs[1]: "a" is listed twice'],
+    ),
+    "cycle": (
+        '[stages.a]\nfunction = "m:f"\n'
+        '[stages.b]\nfunction = "m:g"\ninputs = ["a", "c"]\n'
+        '[stages.c]\nfunction = "m:h"\ninputs = ["b"]\n',
+        ["F: stages: the stages form a cycle: b -> c -> b"],
+    ),
+    "both-function-and-command": (
+        OK_STAGE + 'command = ["cat"]\n',
+        ['F: stages.a: has both "function" and "command"; a stage runs exactly one of them'],
+    ),
+    "neither-function-nor-command": (
+        "[stages.a]\nprocesses = 2\n",
+        ['F: stages.a: needs "function" (a Python "module:attr") or "command" (an argv list)'],
+    ),
+    "function-not-module-attr": (
+        '[stages.a]\nfunction = "justaname"\n',
+        ['F: stages.a.function: expected "module:attr", such as "etl.stages:transform", got "justaname" (str)'],
+    ),
+    "command-shell-string": (
+        '[stages.a]\ncommand = "grep x"\n',
+        ['F: stages.a.command: expected a list of strings, got "grep x" (str)'],
+    ),
+    "command-empty": (
+        "[stages.a]\ncommand = []\n",
+        ["F: stages.a.command: expected a non-empty list of strings, got an empty list"],
+    ),
+    "bad-duration": (
+        '[pipeline]\nstop_timeout = "10 sec"\n' + OK_STAGE,
+        ['F: pipeline.stop_timeout: expected a duration such as "250ms", "10s" or "5m", got "10 sec" (str)'],
+    ),
+    "duration-number": (
+        "[pipeline]\nstop_timeout = 10\n" + OK_STAGE,
+        ['F: pipeline.stop_timeout: expected a duration such as "250ms", "10s" or "5m", got 10 (int)'],
+    ),
+    "bad-start-method": (
+        '[pipeline]\nstart_method = "vfork"\n' + OK_STAGE,
+        ['F: pipeline.start_method: expected one of fork, spawn, forkserver, got "vfork" (str)'],
+    ),
+    "bad-stage-name": (
+        '[stages.Extract]\nfunction = "m:f"\n',
+        ["F: stages.Extract: a stage name starts with a lower-case letter and has only a-z, 0-9, '_' and '-'"],
+    ),
+    "no-stages": ('[pipeline]\nname = "x"\n', ["F: stages: a pipeline needs at least one [stages.NAME] table"]),
+    "queue-unknown-key": (
+        OK_STAGE + "queue = { max = 5 }\n",
+        ['F: stages.a.queue.max: unknown key; did you mean "maxsize"?'],
+    ),
+    "queue-batch-too-large": (
+        OK_STAGE + "queue = { maxsize = 10, batch = 20 }\n",
+        ["F: stages.a.queue.batch: must not exceed queue.maxsize (10), got 20"],
+    ),
+    "options-on-command": (
+        '[stages.a]\ncommand = ["cat"]\noptions = { x = 1 }\n',
+        ["F: stages.a.options: applies to function stages only; give a command its arguments in the argv list"],
+    ),
+    "options-not-table": (OK_STAGE + "options = 3\n", ["F: stages.a.options: expected a table, got 3 (int)"]),
+    "toml-syntax": (
+        '[stages.a]\nfunction = "m:f\n',
+        ["F: not valid TOML: Illegal character '\\n' (at line 2, column 16)"],
+    ),
+    "several-problems-all-listed": (
+        '[stages.a]\nfunction = "m:f"\nprocesses = -1\ninputs = ["nope"]\n[stages.b]\n',
+        [
+            "F: stages.a.processes: expected an integer >= 1, got -1 (int)",
+            'F: stages.b: needs "function" (a Python "module:attr") or "command" (an argv list)',
+            'F: stages.a.inputs[0]: unknown stage "nope"; stages are a, b',
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_pipeline_lists_every_problem_exactly(case: str, tmp_path: Path) -> None:
+    text, expected = BAD[case]
+    file = tmp_path / f"{case}.toml"
+    file.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load_pipeline(file)
+    assert info.value.lines() == [line.replace("F", str(file), 1) for line in expected]
+
+
+def test_missing_file_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load_pipeline(tmp_path / "absent.toml")
+    assert info.value.lines() == [f"{tmp_path / 'absent.toml'}: cannot read the file: No such file or directory"]
+
+
+def test_defaults_are_filled_in(tmp_path: Path) -> None:
+    file = tmp_path / "orders.toml"
+    file.write_text(OK_STAGE + '[stages.b]\ncommand = ["cat"]\ninputs = ["a"]\n')
+    spec = config.load_pipeline(file)
+    assert spec.name == "orders"
+    assert spec.start_method == "fork"
+    assert spec.stop_timeout_s == 10.0
+    b = spec.stage("b")
+    assert (b.command, b.inputs, b.processes) == (("cat",), ("a",), 1)
+    assert b.queue == config.QueueSpec(maxsize=10_000, batch=256)
+    assert b.queue.slots == 40
+    assert spec.stage("a").is_producer and not b.is_producer
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("250ms", 0.25), ("10s", 10.0), ("5m", 300.0), ("1h", 3600.0), ("1.5s", 1.5)]
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert config.parse_duration(text) == seconds
+    assert config.parse_duration(config.format_duration(seconds)) == seconds
+
+
+def test_show_writes_back_a_file_that_loads_to_the_same_spec(tmp_path: Path) -> None:
+    file = tmp_path / "p.toml"
+    file.write_text(
+        '[pipeline]\nstop_timeout = "250ms"\n' + OK_STAGE + 'options = { n = 3 }\n'
+        '[stages.b]\ncommand = ["cat"]\ninputs = ["a"]\nprocesses = 2\n'
+    )
+    spec = config.load_pipeline(file)
+    again = tmp_path / "again.toml"
+    again.write_text(tomli_w.dumps(config.as_document(spec)))
+    document = tomllib.loads(again.read_text())
+    assert document["pipeline"] == {"name": "p", "start_method": "fork", "stop_timeout": "250ms"}
+    assert document["stages"]["b"]["queue"] == {"maxsize": 10_000, "batch": 256}
+    reloaded = config.load_pipeline(again)
+    assert reloaded.stages == spec.stages and reloaded.stop_timeout_s == spec.stop_timeout_s
+
+
+def test_order_and_graph(tmp_path: Path) -> None:
+    file = tmp_path / "g.toml"
+    file.write_text(
+        '[stages.sink]\nfunction = "m:s"\ninputs = ["left", "right"]\n'
+        '[stages.left]\nfunction = "m:l"\ninputs = ["src"]\n'
+        '[stages.right]\ncommand = ["cat"]\ninputs = ["src"]\n'
+        '[stages.src]\nfunction = "m:p"\n'
+    )
+    spec = config.load_pipeline(file)
+    assert [s.name for s in plan.topological_order(spec)] == ["src", "left", "right", "sink"]
+    assert plan.outputs(spec, spec.stage("src")) == ("left", "right")
+    dot = plan.to_dot(spec)
+    assert dot.startswith('digraph "g" {')
+    assert '"src" -> "left";' in dot and '"right" -> "sink";' in dot and '"left" -> "sink";' in dot
+    assert '[shape=component, label="right\\ncat\\nx1"]' in dot
