@@ -97,7 +97,7 @@ class Workspace:
         proc = subprocess.run(
             procd_command(*args), cwd=self.path, capture_output=True, text=True, timeout=timeout, check=False
         )
-        records = parse_records(proc.stderr) if args and args[0] == "run" else []
+        records = parse_records(proc.stderr) if args[:1] == ("run",) and proc.returncode != 78 else []
         return Result(proc.returncode, proc.stdout, proc.stderr, records)
 
     def start(self, *args: str) -> subprocess.Popen[str]:
