@@ -7,7 +7,6 @@ config error, exit 78), and by each worker to get the object it calls.
 from __future__ import annotations
 
 import importlib
-import inspect
 import sys
 import traceback
 from typing import Any
@@ -53,7 +52,7 @@ def resolve(ref: str, base_dir: str) -> Any:
 
 def is_class(target: Any) -> bool:
     """Classes are instantiated once per worker; functions are called directly."""
-    return inspect.isclass(target)
+    return isinstance(target, type)
 
 
 def check_callables(spec: PipelineSpec) -> list[Problem]:

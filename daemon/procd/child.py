@@ -76,32 +76,32 @@ class Reporter:
 
 
 class Outlet:
-    """Collects a worker's results and sends them downstream in batches (fan-out: to every reader)."""
+    """Collects a worker's results and sends them downstream in batches (fan-out: to every reader).
+
+    A sink has no writers: its results are only counted.
+    """
 
     def __init__(self, outputs: tuple[Output, ...]) -> None:
         self._writers = [(QueueWriter(o.fds), o.batch) for o in outputs]
-        self._pending: list[Any] = []
-        self._largest = max((o.batch for o in outputs), default=1)
-        self._since = 0.0
-        self.count = 0
+        self.pending: list[Any] = []
+        self.largest = max((o.batch for o in outputs), default=4096)
+        self.since = 0.0
+        self.sent = 0
+
+    @property
+    def count(self) -> int:
+        """Items emitted so far, sent or pending."""
+        return self.sent + len(self.pending)
 
     def add(self, item: Any) -> None:
-        if not self._writers:
-            self.count += 1
-            return
-        if not self._pending:
-            self._since = time.monotonic()
-        self._pending.append(item)
-        self.count += 1
-        if len(self._pending) >= self._largest:
-            self.flush()
-
-    def flush_if_due(self) -> None:
-        if self._pending and time.monotonic() - self._since >= FLUSH_INTERVAL_S:
+        pending = self.pending
+        pending.append(item)
+        if len(pending) >= self.largest:
             self.flush()
 
     def flush(self) -> None:
-        pending, self._pending = self._pending, []
+        pending, self.pending = self.pending, []
+        self.sent += len(pending)
         for writer, batch in self._writers:
             for start in range(0, len(pending), batch):
                 writer.send(pending[start : start + batch])
@@ -191,21 +191,34 @@ def _produce(target: Any, instance: Any, stage: StageSpec, outlet: Outlet, repor
 
     signal.signal(signal.SIGTERM, on_term)
     source: Any = None
+    monotonic = time.monotonic
+    pending = outlet.pending
     try:
         in_user_code = True
         source = instance if instance is not None else target(**stage.options)
-        iterator = iter(source) if source is not None else iter(())
+        next_item = iter(source if source is not None else ()).__next__
         in_user_code = False
+        since = 0.0
         while not stopping:
             in_user_code = True
             try:
-                item = next(iterator)
+                item = next_item()
             except StopIteration:
                 break
             finally:
                 in_user_code = False
-            outlet.add(item)
-            outlet.flush_if_due()
+            # The hot loop of every producer: the clock is read once per item so that a slow
+            # producer's items never wait longer than FLUSH_INTERVAL_S for a full batch.
+            pending.append(item)
+            size = len(pending)
+            if size >= outlet.largest:
+                outlet.flush()
+                pending = outlet.pending
+            elif size == 1:
+                since = monotonic()
+            elif monotonic() - since >= FLUSH_INTERVAL_S:
+                outlet.flush()
+                pending = outlet.pending
     except _StopProducing:
         pass
     except Exception as exc:

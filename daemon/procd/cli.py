@@ -12,9 +12,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-import tomli_w
-
-from procd import __version__, callables, config, plan, starter
+from procd import __version__, callables, config, plan
 from procd.errors import ConfigError
 from procd.log import open_logger
 from procd.supervisor import Supervisor
@@ -119,6 +117,8 @@ def _init(name: str, directory: str) -> int:
     if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
         print(f"procd init: NAME must start with a-z and have only a-z, 0-9, '_' and '-', got {name!r}", file=sys.stderr)
         return EXIT_USAGE
+    from procd import starter  # only this command needs it
+
     files = starter.render(name)
     existing = [f for f in files if os.path.exists(os.path.join(directory, f))]
     if existing:
@@ -145,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "graph":
             sys.stdout.write(plan.to_dot(spec))
         else:
+            import tomli_w  # only `show` writes TOML
+
             sys.stdout.write(tomli_w.dumps(config.as_document(spec)))
         return EXIT_OK
     except ConfigError as error:

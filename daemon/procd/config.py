@@ -7,12 +7,11 @@ child ever parses a duration.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +114,13 @@ def format_duration(seconds: float) -> str:
     return f"{round(seconds * 1000, 3):g}ms"
 
 
+def _close_matches(word: str, choices: Sequence[str]) -> list[str]:
+    """The one closest valid choice, for a did-you-mean (difflib is imported only on error)."""
+    import difflib
+
+    return difflib.get_close_matches(word, choices, n=1)
+
+
 def _got(value: object) -> str:
     """Describe a wrong value the way every message does: ``"four" (str)``."""
     shown = f'"{value}"' if isinstance(value, str) else repr(value)
@@ -134,7 +140,7 @@ class _Checker:
         for key in table:
             if key in allowed:
                 continue
-            close = difflib.get_close_matches(key, allowed, n=1)
+            close = _close_matches(key, allowed)
             hint = f'; did you mean "{close[0]}"?' if close else f"; valid keys are {', '.join(allowed)}"
             self.add(f"{prefix}{key}", f"unknown key{hint}")
 
@@ -288,7 +294,7 @@ def _check_graph(check: _Checker, stages: list[StageSpec]) -> None:
             if upstream == stage.name:
                 check.add(path, "a stage cannot read its own output")
             elif upstream not in names:
-                close = difflib.get_close_matches(upstream, names, n=1)
+                close = _close_matches(upstream, names)
                 hint = f'; did you mean "{close[0]}"?' if close else f"; stages are {', '.join(names)}"
                 check.add(path, f'unknown stage "{upstream}"{hint}')
             elif upstream in seen:

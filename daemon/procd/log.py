@@ -17,7 +17,6 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
-Logger = structlog.stdlib.BoundLogger | Any
 
 
 def _to_json(record: EventDict) -> str:
