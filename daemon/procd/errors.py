@@ -46,5 +46,3 @@ class QueueClosed(ProcdError):
     """Every writer of a queue has gone: the end of the stream."""
 
 
-class ItemTooLarge(ProcdError):
-    """A single item does not fit in one queue message."""

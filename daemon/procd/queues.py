@@ -14,6 +14,11 @@ The bound: an ``eventfd`` in semaphore mode counts free message slots (``ceil(ma
 A writer takes a slot before it sends (blocking while the queue is full: backpressure), a reader
 gives one back after each receive. The kernel's socket buffer is a second, byte-sized bound.
 
+Large batches: the kernel builds a datagram beyond about 80 KiB from one physically contiguous
+allocation, which fails (ENOBUFS) for megabytes. A batch that pickles to more than
+``INLINE_LIMIT`` bytes is written to a ``memfd`` instead, and the message carries only that file
+descriptor (``SCM_RIGHTS``), still one atomic message.
+
 End of stream is the socket's own: once every copy of the writing end is closed (all upstream
 processes have exited and the supervisor has dropped its copy), ``recv`` returns an empty message.
 
@@ -22,8 +27,8 @@ Only file descriptors cross ``fork``/``exec``; both sides rebuild their objects 
 
 from __future__ import annotations
 
+import array
 import errno
-import mmap
 import os
 import pickle
 import socket
@@ -31,11 +36,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from procd.errors import ItemTooLarge
-
-# The largest batch message: SO_SNDBUF is raised to this where the kernel allows it (root may
-# exceed net.core.wmem_max with SO_SNDBUFFORCE). Linux doubles the value it is given.
+# The socket buffer (a byte bound besides the slot count): raised to this where the kernel allows
+# it (root may exceed net.core.wmem_max with SO_SNDBUFFORCE). Linux doubles the value it is given.
 _SNDBUF_BYTES = 4 * 1024 * 1024
+# Larger payloads travel in a memfd (see the module docstring).
+INLINE_LIMIT = 60 * 1024
+_FD_SPACE = socket.CMSG_SPACE(array.array("i").itemsize)
 _SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 
 
@@ -82,27 +88,24 @@ class QueueWriter:
     def __init__(self, fds: QueueFds) -> None:
         self._sock = socket.socket(fileno=fds.write_fd)
         self._slots_fd = fds.slots_fd
-        self._limit = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 64
 
     def send(self, items: list[Any]) -> None:
-        """Send ``items`` as one message (or several, if they do not fit in one); blocks while full.
-
-        Raises:
-            ItemTooLarge: one item alone is larger than a message can be.
-        """
+        """Send ``items`` as one message; blocks while the queue is full."""
         payload = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
-        if len(payload) > self._limit:
-            if len(items) == 1:
-                raise ItemTooLarge(
-                    f"an item of {len(payload)} bytes does not fit in a queue message "
-                    f"(at most {self._limit} bytes)"
-                )
-            half = len(items) // 2
-            self.send(items[:half])
-            self.send(items[half:])
-            return
         os.eventfd_read(self._slots_fd)
-        self._sock.sendall(payload)
+        if len(payload) <= INLINE_LIMIT:
+            self._sock.send(payload)
+            return
+        memfd = os.memfd_create("procd-batch", os.MFD_CLOEXEC)
+        try:
+            with memoryview(payload) as view:
+                written = 0
+                while written < len(view):
+                    written += os.write(memfd, view[written:])
+            fds = array.array("i", [memfd])
+            self._sock.sendmsg([b"F"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
+        finally:
+            os.close(memfd)
 
     def close(self) -> None:
         self._sock.close()
@@ -114,28 +117,29 @@ class QueueReader:
     def __init__(self, fds: QueueFds) -> None:
         self._sock = socket.socket(fileno=fds.read_fd)
         self._slots_fd = fds.slots_fd
-        size = _SNDBUF_BYTES * 2
-        # An anonymous mapping: pages are only touched as large messages arrive.
-        self._buffer = mmap.mmap(-1, size)
+        self._buffer = bytearray(INLINE_LIMIT + 1)
         self._view = memoryview(self._buffer)
 
     def receive(self) -> list[Any] | None:
         """Return the next batch, or None at end of stream."""
-        while True:
-            try:
-                size, _ancdata, flags, _addr = self._sock.recvmsg_into([self._view])
-                break
-            except OSError as exc:  # EINTR is retried by Python itself (PEP 475)
-                if exc.errno == errno.ECONNRESET:
-                    return None
-                raise
+        try:
+            size, ancdata, flags, _addr = self._sock.recvmsg_into(
+                [self._view], _FD_SPACE, socket.MSG_CMSG_CLOEXEC
+            )
+        except ConnectionResetError:
+            return None
         if size == 0:
             return None
         os.eventfd_write(self._slots_fd, 1)
-        if flags & socket.MSG_TRUNC:
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             raise OSError(errno.EMSGSIZE, "a queue message was larger than the receive buffer")
-        batch: list[Any] = pickle.loads(self._view[:size])
-        return batch
+        if ancdata:
+            memfd = array.array("i", ancdata[0][2][: array.array("i").itemsize])[0]
+            with open(memfd, "rb") as fh:
+                fh.seek(0)  # the writer's writes moved the shared file offset to the end
+                batch: list[Any] = pickle.loads(fh.read())
+            return batch
+        return pickle.loads(self._view[:size])  # type: ignore[no-any-return]
 
     def __iter__(self) -> Iterator[list[Any]]:
         while (batch := self.receive()) is not None:
@@ -146,5 +150,4 @@ class QueueReader:
 
     def close(self) -> None:
         self._view.release()
-        self._buffer.close()
         self._sock.close()
