@@ -10,6 +10,7 @@ import tomli_w
 
 from procd import config, plan
 from procd.errors import ConfigError
+from procd.lifecycle import Restart
 
 OK_STAGE = '[stages.a]\nfunction = "m:f"\n'
 
@@ -35,7 +36,7 @@ BAD = {
     ),
     "unknown-key-no-match": (
         OK_STAGE + "zzz = 1\n",
-        ["F: stages.a.zzz: unknown key; valid keys are function, command, inputs, processes, options, queue"],
+        ["F: stages.a.zzz: unknown key; valid keys are function, command, inputs, processes, options, queue, restart"],
     ),
     "unknown-input": (
         OK_STAGE + '[stages.b]\nfunction = "m:g"\ninputs = ["aa"]\n',
@@ -106,6 +107,29 @@ BAD = {
         '[stages.a]\nfunction = "m:f\n',
         ["F: not valid TOML: Illegal character '\\n' (at line 2, column 16)"],
     ),
+    "restart-bad-policy": (
+        OK_STAGE + 'restart = { policy = "sometimes" }\n',
+        ['F: stages.a.restart.policy: expected one of no, on-failure, always, got "sometimes" (str)'],
+    ),
+    "restart-bad-backoff": (
+        OK_STAGE + 'restart = { backoff = "1s-5s" }\n',
+        ['F: stages.a.restart.backoff: expected "MIN..MAX" durations such as "100ms..30s", got "1s-5s" (str)'],
+    ),
+    "restart-backoff-reversed": (
+        OK_STAGE + 'restart = { backoff = "5s..1s" }\n',
+        ['F: stages.a.restart.backoff: the first duration must not exceed the second, got "5s..1s" (str)'],
+    ),
+    "defaults-unknown-key": (
+        '[defaults]\nrestrat = {}\n' + OK_STAGE,
+        ['F: defaults.restrat: unknown key; did you mean "restart"?'],
+    ),
+    "restart-max-negative": (
+        '[defaults]\nrestart = { max = -1, within = "1 minute" }\n' + OK_STAGE,
+        [
+            "F: defaults.restart.max: expected an integer >= 0, got -1 (int)",
+            'F: defaults.restart.within: expected a duration such as "250ms", "10s" or "5m", got "1 minute" (str)',
+        ],
+    ),
     "several-problems-all-listed": (
         '[stages.a]\nfunction = "m:f"\nprocesses = -1\ninputs = ["nope"]\n[stages.b]\n',
         [
@@ -125,6 +149,23 @@ def test_bad_pipeline_lists_every_problem_exactly(case: str, tmp_path: Path) -> 
     with pytest.raises(ConfigError) as info:
         config.load_pipeline(file)
     assert info.value.lines() == [line.replace("F", str(file), 1) for line in expected]
+
+
+def test_restart_defaults_apply_key_by_key(tmp_path: Path) -> None:
+    file = tmp_path / "r.toml"
+    file.write_text(
+        '[defaults]\nrestart = { policy = "on-failure", max = 3, backoff = "10ms..1s" }\n'
+        + OK_STAGE + 'restart = { max = 7 }\n[stages.b]\nfunction = "m:g"\ninputs = ["a"]\n'
+    )
+    spec = config.load_pipeline(file)
+    assert spec.stage("a").restart == config.RestartSpec(Restart.ON_FAILURE, 7, 60.0, 0.01, 1.0)
+    assert spec.stage("b").restart == config.RestartSpec(Restart.ON_FAILURE, 3, 60.0, 0.01, 1.0)
+
+
+def test_restart_is_off_unless_asked_for(tmp_path: Path) -> None:
+    file = tmp_path / "r.toml"
+    file.write_text(OK_STAGE)
+    assert config.load_pipeline(file).stage("a").restart.policy is Restart.NO
 
 
 def test_missing_file_is_one_line(tmp_path: Path) -> None:

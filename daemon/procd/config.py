@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from procd.errors import ConfigError, Problem
+from procd.lifecycle import Restart
 
 START_METHODS = ("fork", "spawn", "forkserver")
 DEFAULT_STOP_TIMEOUT_S = 10.0
@@ -29,10 +30,13 @@ _FUNCTION_REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)\Z")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
-_TOP_KEYS = ("pipeline", "stages")
+_TOP_KEYS = ("pipeline", "defaults", "stages")
 _PIPELINE_KEYS = ("name", "start_method", "stop_timeout")
-_STAGE_KEYS = ("function", "command", "inputs", "processes", "options", "queue")
+_DEFAULTS_KEYS = ("restart",)
+_STAGE_KEYS = ("function", "command", "inputs", "processes", "options", "queue", "restart")
 _QUEUE_KEYS = ("maxsize", "batch")
+_RESTART_KEYS = ("policy", "max", "within", "backoff")
+_POLICIES = tuple(p.value for p in Restart)
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,17 @@ class QueueSpec:
 
 
 @dataclass(frozen=True)
+class RestartSpec:
+    """When a stage's worker is started again, how soon, and how often before the stage is fatal."""
+
+    policy: Restart = Restart.NO
+    max: int = 5
+    within_s: float = 60.0
+    backoff_min_s: float = 0.1
+    backoff_max_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class StageSpec:
     """One stage, every default filled in."""
 
@@ -59,6 +74,7 @@ class StageSpec:
     processes: int = 1
     options: Mapping[str, Any] = field(default_factory=dict)
     queue: QueueSpec = QueueSpec()
+    restart: RestartSpec = RestartSpec()
 
     @property
     def is_producer(self) -> bool:
@@ -107,6 +123,8 @@ def parse_duration(text: str) -> float:
 
 def format_duration(seconds: float) -> str:
     """The inverse of ``parse_duration``, in the largest unit that keeps the value whole."""
+    if seconds == 0:
+        return "0s"
     for unit in ("h", "m", "s"):
         value = seconds / _UNIT_S[unit]
         if value >= 1 and value == int(value):
@@ -221,11 +239,15 @@ def validate(document: Mapping[str, Any], file: str) -> PipelineSpec:
     if "stop_timeout" in pipeline:
         stop_timeout_s = check.duration(pipeline["stop_timeout"], "pipeline.stop_timeout") or 0.0
 
+    defaults = check.table(document.get("defaults", {}), "defaults") or {}
+    check.unknown_keys(defaults, _DEFAULTS_KEYS, "defaults.")
+    default_restart = _restart(check, defaults.get("restart", {}), "defaults.restart", RestartSpec())
+
     stages_table = check.table(document.get("stages", {}), "stages")
     if stages_table is not None and not stages_table:
         check.add("stages", "a pipeline needs at least one [stages.NAME] table")
     stages_table = stages_table or {}
-    stages = [_stage(check, name, table) for name, table in stages_table.items()]
+    stages = [_stage(check, name, table, default_restart) for name, table in stages_table.items()]
     _check_graph(check, stages)
 
     if check.problems:
@@ -239,7 +261,39 @@ def validate(document: Mapping[str, Any], file: str) -> PipelineSpec:
     )
 
 
-def _stage(check: _Checker, name: str, value: object) -> StageSpec:
+def _restart(check: _Checker, value: object, path: str, base: RestartSpec) -> RestartSpec:
+    """A restart table over ``base``: keys it leaves out keep their value from ``base``."""
+    table = check.table(value, path) or {}
+    check.unknown_keys(table, _RESTART_KEYS, f"{path}.")
+    policy = table.get("policy", base.policy.value)
+    if policy not in _POLICIES:
+        check.add(f"{path}.policy", f"expected one of {', '.join(_POLICIES)}, {_got(policy)}")
+        policy = base.policy.value
+    maximum = check.integer(table["max"], f"{path}.max", 0) if "max" in table else base.max
+    within = check.duration(table["within"], f"{path}.within") if "within" in table else base.within_s
+    low, high = base.backoff_min_s, base.backoff_max_s
+    if "backoff" in table:
+        raw = table["backoff"]
+        parts = raw.split("..") if isinstance(raw, str) else []
+        try:
+            if len(parts) not in (1, 2):  # "1s" alone is a fixed delay
+                raise ValueError(raw)
+            low, high = parse_duration(parts[0]), parse_duration(parts[-1])
+        except ValueError:
+            check.add(f"{path}.backoff", f'expected "MIN..MAX" durations such as "100ms..30s", {_got(raw)}')
+        else:
+            if low > high:
+                check.add(f"{path}.backoff", f"the first duration must not exceed the second, {_got(raw)}")
+    return RestartSpec(
+        policy=Restart(policy),
+        max=maximum if maximum is not None else base.max,
+        within_s=within if within is not None else base.within_s,
+        backoff_min_s=low,
+        backoff_max_s=high,
+    )
+
+
+def _stage(check: _Checker, name: str, value: object, default_restart: RestartSpec) -> StageSpec:
     prefix = f"stages.{name}"
     if not _STAGE_NAME.match(name):
         check.add(prefix, "a stage name starts with a lower-case letter and has only a-z, 0-9, '_' and '-'")
@@ -273,6 +327,8 @@ def _stage(check: _Checker, name: str, value: object) -> StageSpec:
     if maxsize and batch and batch > maxsize:
         check.add(f"{prefix}.queue.batch", f"must not exceed queue.maxsize ({maxsize}), got {batch}")
 
+    restart = _restart(check, table.get("restart", {}), f"{prefix}.restart", default_restart)
+
     return StageSpec(
         name=name,
         function=function if isinstance(function, str) else None,
@@ -281,6 +337,7 @@ def _stage(check: _Checker, name: str, value: object) -> StageSpec:
         processes=processes,
         options=dict(options),
         queue=queue,
+        restart=restart,
     )
 
 
@@ -345,6 +402,13 @@ def as_document(spec: PipelineSpec) -> dict[str, Any]:
         if stage.function is not None:
             table["options"] = dict(stage.options)
         table["queue"] = {"maxsize": stage.queue.maxsize, "batch": stage.queue.batch}
+        restart = stage.restart
+        table["restart"] = {
+            "policy": restart.policy.value,
+            "max": restart.max,
+            "within": format_duration(restart.within_s),
+            "backoff": f"{format_duration(restart.backoff_min_s)}..{format_duration(restart.backoff_max_s)}",
+        }
         stages[stage.name] = table
     return {
         "pipeline": {

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import selectors
 import signal
 import time
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from procd import plan, procctl, queues, reaper, signals, worker
+from procd.restarts import RestartHistory, backoff_delay
 from procd.child import Output
 from procd.config import PipelineSpec
 from procd.lifecycle import (
@@ -34,6 +36,7 @@ from procd.lifecycle import (
     Exited,
     Policy,
     Ready,
+    Restart,
     Signal,
     Spawn,
     SpawnFailed,
@@ -65,11 +68,14 @@ class Supervisor:
         writer: RecordWriter | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         self.spec = spec
         self.log = log
         self.writer = writer
         self.clock = clock
+        self.rand = rand
+        self.histories = {s.name: RestartHistory(s.restart.max, s.restart.within_s) for s in spec.stages}
         self.slots = [Slot(stage, i) for stage in plan.topological_order(spec) for i in range(stage.processes)]
         self.by_pid: dict[int, Slot] = {}
         self.queues: dict[str, queues.QueueFds] = {}
@@ -143,8 +149,16 @@ class Supervisor:
 
     # -- state changes ----------------------------------------------------------------------------
 
+    def _policy(self, slot: Slot) -> Policy:
+        """The restart policy in force for ``slot`` now: none while stopping, none once the
+        stage's input has ended (a new process would only see the end again)."""
+        stage = slot.stage
+        if self.stopping or (not stage.is_producer and stage.name not in self.writing):
+            return Policy(Restart.NO)
+        return Policy(stage.restart.policy, self.histories[stage.name].exceeded(self.clock()))
+
     def _feed(self, slot: Slot, event: Event) -> None:
-        transition = step(slot.state, event, Policy())
+        transition = step(slot.state, event, self._policy(slot))
         slot.state = transition.state
         for action in transition.actions:
             self._do(slot, action)
@@ -155,9 +169,14 @@ class Supervisor:
             self._spawn(slot)
         elif isinstance(action, Signal):
             self._signal(slot, action.signum)
+        elif isinstance(action, ArmTimer) and action.timer is Timer.KILL:
+            self.timers[(slot.stage.name, slot.index, Timer.KILL)] = self.stop_deadline
         elif isinstance(action, ArmTimer):
-            key = (slot.stage.name, slot.index, action.timer)
-            self.timers[key] = self.stop_deadline if action.timer is Timer.KILL else self.clock()
+            spec = slot.stage.restart
+            slot.failures += 1
+            delay = backoff_delay(slot.failures, spec.backoff_min_s, spec.backoff_max_s, self.rand)
+            self.timers[(slot.stage.name, slot.index, Timer.RESTART)] = self.clock() + delay
+            self._bound(slot).info("worker_backoff", restart_in_s=round(delay, 3), failures=slot.failures)
         elif isinstance(action, CancelTimer):
             key = (slot.stage.name, slot.index, action.timer)
             self.timers.pop(key, None)
@@ -182,7 +201,11 @@ class Supervisor:
             self._bound(slot).error("spawn_failed", errno=exc.errno, error=exc.strerror)
             slot.failure = f"fork failed: {exc.strerror}"
             self._feed(slot, SpawnFailed(exc.errno or 0))
+            self._after_end(slot, slot.failure)
             return
+        if slot.generation > 1:
+            self.histories[slot.stage.name].record(self.clock())
+            slot.restarts += 1
         slot.started_at = self.clock()
         self.by_pid[pid] = slot
         assert slot.report_fd is not None and slot.output_fd is not None
@@ -244,7 +267,28 @@ class Supervisor:
             fields["cause"] = cause
         bound = self._bound(slot)
         (bound.info if cause is None else bound.error)("worker_exited", **fields)
+        if self.clock() - slot.started_at > slot.stage.restart.within_s:
+            slot.failures = 0  # it stayed up: the next backoff starts from the beginning
         self._feed(slot, event)
+        self._after_end(slot, cause)
+
+    def _after_end(self, slot: Slot, cause: str | None) -> None:
+        """After a process ended (or never started): a restart is on its way, or the stage gave
+        up, or a failure stops the pipeline."""
+        if slot.state is State.BACKOFF:
+            return
+        if slot.state is State.FATAL:
+            spec = slot.stage.restart
+            restarts = self.histories[slot.stage.name].count(self.clock())
+            self.log.error(
+                "stage_fatal",
+                stage=slot.stage.name,
+                restarts=restarts,
+                max=spec.max,
+                within_s=spec.within_s,
+                message=f"{slot.stage.name} restarted {restarts} times within {spec.within_s:g}s (max {spec.max}); giving up",
+            )
+            cause = f"stage {slot.stage.name} is fatal after {restarts} restarts within {spec.within_s:g}s"
         if cause is not None:
             self.failed.append(f"{slot.name}: {cause}")
             self._request_stop(f"{slot.name} failed: {cause}")

@@ -34,6 +34,8 @@ class Slot:
     last_exit: Exited | None = None
     forced: bool = False
     failure: str | None = None
+    failures: int = 0  # consecutive, for the backoff; reset by a run longer than restart.within
+    restarts: int = 0
     counts: dict[str, int] = field(default_factory=dict)
 
     @property
