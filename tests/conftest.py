@@ -72,6 +72,15 @@ def parse_records(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The complete records of a log file that procd may still be writing (a reader can see the
+    first part of a line whose write has not finished)."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return parse_records(text[: text.rfind("\n") + 1])
+
+
 def procd_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "procd", *args]
 

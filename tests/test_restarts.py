@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import Workspace, parse_records, wait_until
+from conftest import Workspace, parse_records, read_records, wait_until
 from procd.restarts import RestartHistory, backoff_delay
 
 
@@ -116,9 +116,7 @@ def test_always_restarts_a_producer_that_ends_and_sigkill_gets_a_new_pid(ws: Wor
     log = ws.path / "log.jsonl"
     try:
         def spawned(stage: str) -> list[dict]:
-            if not log.exists():
-                return []
-            return [r for r in parse_records(log.read_text()) if r["event"] == "worker_spawned" and r["stage"] == stage]
+            return [r for r in read_records(log) if r["event"] == "worker_spawned" and r["stage"] == stage]
 
         first = wait_until(lambda: spawned("sink"))[0]
         os.kill(first["pid"], signal.SIGKILL)
