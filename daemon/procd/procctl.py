@@ -4,6 +4,8 @@
   reaps them instead of init.
 - ``PR_SET_PDEATHSIG``: the kernel signals a worker when the thread that forked it exits. It is
   armed in the child, so the child must then check that its parent is still the one it expects.
+
+Also ``malloc_trim(3)``, to hand the heap that start-up freed back to the kernel before a long idle.
 """
 
 from __future__ import annotations
@@ -36,3 +38,10 @@ def die_with_parent(signum: int, expected_parent: int) -> None:
     _prctl(_PR_SET_PDEATHSIG, signum)
     if os.getppid() != expected_parent:
         os._exit(1)
+
+
+def release_free_memory() -> None:
+    """Return free heap pages to the kernel (glibc only; elsewhere a no-op)."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)

@@ -320,6 +320,7 @@ class Supervisor:
                 if len(self.ready) == len(self.slots):
                     self.ready.add(("", -1))  # log it once
                     self.log.info("pipeline_ready", workers=len(self.slots))
+                    procctl.release_free_memory()  # start-up is over; a long idle may follow
             elif kind == "error":
                 slot.failure = f"{report.get('error_type')}: {report.get('error')}"
                 bound.error("worker_error", **report)
