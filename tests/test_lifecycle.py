@@ -16,6 +16,7 @@ from procd.lifecycle import (
     Policy,
     Ready,
     Restart,
+    RetireRequested,
     Signal,
     Spawn,
     Spawned,
@@ -35,11 +36,19 @@ ON_FAILURE = Policy(Restart.ON_FAILURE)
 ALWAYS = Policy(Restart.ALWAYS)
 EXCEEDED = Policy(Restart.ON_FAILURE, intensity_exceeded=True)
 TERM, KILL = Signal(signal.SIGTERM), Signal(signal.SIGKILL)
+TERM_ALONE = Signal(signal.SIGTERM, group=False)
 
 CASES = [
     (State.STOPPED, StartRequested(), NO, Transition(State.STARTING, (Spawn(),))),
     (State.STOPPED, StopRequested(), NO, Transition(State.EXITED)),
     (State.STOPPED, DrainRequested(), NO, Transition(State.EXITED)),
+    (State.STOPPED, RetireRequested(), NO, Transition(State.EXITED)),
+    (State.STARTING, RetireRequested(), NO, Transition(State.STOPPING, (TERM_ALONE, ArmTimer(Timer.KILL)))),
+    (State.RUNNING, RetireRequested(), NO, Transition(State.STOPPING, (TERM_ALONE, ArmTimer(Timer.KILL)))),
+    (State.STOPPING, RetireRequested(), NO, Transition(State.STOPPING)),
+    (State.BACKOFF, RetireRequested(), NO, Transition(State.EXITED, (CancelTimer(Timer.RESTART),))),
+    (State.EXITED, RetireRequested(), NO, Transition(State.EXITED)),
+    (State.FATAL, RetireRequested(), NO, Transition(State.FATAL)),
     (State.STARTING, Spawned(42), NO, Transition(State.STARTING)),
     (State.STARTING, Ready(), NO, Transition(State.RUNNING)),
     (State.STARTING, SpawnFailed(11), NO, Transition(State.EXITED)),

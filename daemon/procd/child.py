@@ -32,6 +32,9 @@ from procd.queues import QueueFds, QueueReader, QueueWriter
 
 # Items a producer holds back at most this long before sending a part-filled batch.
 FLUSH_INTERVAL_S = 0.05
+# A busy worker tells the supervisor its item counts at most this often (for ``procd status``);
+# an idle one says nothing, so an idle pipeline never wakes the supervisor.
+COUNTS_INTERVAL_S = 1.0
 EXEC_FAILED = 127
 
 
@@ -199,6 +202,7 @@ def _produce(target: Any, instance: Any, stage: StageSpec, outlet: Outlet, repor
         next_item = iter(source if source is not None else ()).__next__
         in_user_code = False
         since = 0.0
+        reported = monotonic()
         while not stopping:
             in_user_code = True
             try:
@@ -214,6 +218,9 @@ def _produce(target: Any, instance: Any, stage: StageSpec, outlet: Outlet, repor
             if size >= outlet.largest:
                 outlet.flush()
                 pending = outlet.pending
+                if monotonic() - reported >= COUNTS_INTERVAL_S:
+                    reported = monotonic()
+                    reporter.send("counts", items_in=0, items_out=outlet.count)
             elif size == 1:
                 since = monotonic()
             elif monotonic() - since >= FLUSH_INTERVAL_S:
@@ -236,13 +243,23 @@ def _produce(target: Any, instance: Any, stage: StageSpec, outlet: Outlet, repor
     return 0
 
 
+def stop_fd_on_sigterm() -> int:
+    """Make SIGTERM mean "finish the current batch, then end": returns a descriptor that becomes
+    readable when SIGTERM arrives (Python's wake-up fd; SIGTERM is the only signal handled)."""
+    read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
+    return read_fd
+
+
 def _consume(
     target: Any, instance: Any, stage: StageSpec, reader: QueueReader, outlet: Outlet, reporter: Reporter
 ) -> tuple[int, int]:
     call = instance if instance is not None else target
     options = stage.options if instance is None else {}
     received = 0
-    for batch in reader:
+    reported = time.monotonic()
+    for batch in reader.batches(stop_fd_on_sigterm()):
         received += len(batch)
         for item in batch:
             try:
@@ -251,6 +268,9 @@ def _consume(
                 _report_error(reporter, exc, item)
                 return 1, received
         outlet.flush()
+        if time.monotonic() - reported >= COUNTS_INTERVAL_S:
+            reported = time.monotonic()
+            reporter.send("counts", items_in=received, items_out=outlet.count)
     return 0, received
 
 
@@ -295,8 +315,10 @@ def _run_command(ctx: WorkerContext, reporter: Reporter) -> int:
     os.close(err_w)
     os.close(stdin_r)
     os.close(stdout_w)
-    # Stop signals are for the program (it shares our process group); we follow its lead.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # SIGTERM to the whole group (a producer being stopped) is for the program: we follow its
+    # lead. SIGTERM to us alone (a reader being retired): stop feeding after the current batch
+    # and close the program's stdin, so it ends at its own end of stream.
+    stop_fd = stop_fd_on_sigterm()
     failure = os.read(err_r, 64)
     os.close(err_r)
     if failure:
@@ -311,7 +333,7 @@ def _run_command(ctx: WorkerContext, reporter: Reporter) -> int:
     if ctx.input is not None:
         reader = QueueReader(ctx.input)
         feeder = threading.Thread(
-            target=_feed, args=(reader, stdin_w, received, feed_error), name="feed", daemon=True
+            target=_feed, args=(reader, stop_fd, stdin_w, received, feed_error), name="feed", daemon=True
         )
         feeder.start()
     outlet = Outlet(ctx.outputs)
@@ -339,11 +361,13 @@ def _die_like(signum: int) -> None:
     os._exit(128 + signum)  # reached only for a signal whose default action is not to end
 
 
-def _feed(reader: QueueReader, stdin_w: int, received: list[int], errors: list[BaseException]) -> None:
+def _feed(
+    reader: QueueReader, stop_fd: int, stdin_w: int, received: list[int], errors: list[BaseException]
+) -> None:
     """Thread: queue batches → JSON lines on the program's stdin; closes it at end of stream."""
     try:
         with open(stdin_w, "wb", buffering=1 << 16) as stdin:
-            for batch in reader:
+            for batch in reader.batches(stop_fd):
                 received[0] += len(batch)
                 data = "".join(json.dumps(item, separators=(",", ":")) + "\n" for item in batch)
                 stdin.write(data.encode())

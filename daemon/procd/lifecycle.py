@@ -104,6 +104,11 @@ class StopRequested:
 
 
 @dataclass(frozen=True)
+class RetireRequested:
+    """Finish the batch in hand, then exit (scale-down): SIGTERM to the process alone."""
+
+
+@dataclass(frozen=True)
 class DrainRequested:
     """Stop once the input has ended: no signal, the process exits at end of stream."""
 
@@ -125,6 +130,7 @@ Event = (
     | Ready
     | Exited
     | StopRequested
+    | RetireRequested
     | DrainRequested
     | StopTimedOut
     | BackoffElapsed
@@ -148,9 +154,10 @@ class Spawn:
 
 @dataclass(frozen=True)
 class Signal:
-    """Send a signal to the slot's process group."""
+    """Send a signal to the slot's process group, or to its process alone."""
 
     signum: int
+    group: bool = True
 
 
 @dataclass(frozen=True)
@@ -204,6 +211,7 @@ def _after_exit(_state: State, event: Event, policy: Policy) -> Transition:
 
 
 _TERM = Signal(signal.SIGTERM)
+_TERM_ALONE = Signal(signal.SIGTERM, group=False)
 _KILL = Signal(signal.SIGKILL)
 
 _TABLE: dict[tuple[State, type], Handler] = {
@@ -211,6 +219,7 @@ _TABLE: dict[tuple[State, type], Handler] = {
     (State.STOPPED, StartRequested): _to(State.STARTING, Spawn()),
     (State.STOPPED, StopRequested): _to(State.EXITED),
     (State.STOPPED, DrainRequested): _to(State.EXITED),
+    (State.STOPPED, RetireRequested): _to(State.EXITED),
     # starting: fork done or about to be, child not ready yet
     (State.STARTING, Spawned): _stay,
     (State.STARTING, SpawnFailed): _after_exit,
@@ -218,32 +227,38 @@ _TABLE: dict[tuple[State, type], Handler] = {
     (State.STARTING, Exited): _after_exit,
     (State.STARTING, StopRequested): _to(State.STOPPING, _TERM, ArmTimer(Timer.KILL)),
     (State.STARTING, DrainRequested): _to(State.STOPPING, ArmTimer(Timer.KILL)),
+    (State.STARTING, RetireRequested): _to(State.STOPPING, _TERM_ALONE, ArmTimer(Timer.KILL)),
     (State.STARTING, StartRequested): _stay,
     # running
     (State.RUNNING, Ready): _stay,
     (State.RUNNING, Exited): _after_exit,
     (State.RUNNING, StopRequested): _to(State.STOPPING, _TERM, ArmTimer(Timer.KILL)),
     (State.RUNNING, DrainRequested): _to(State.STOPPING, ArmTimer(Timer.KILL)),
+    (State.RUNNING, RetireRequested): _to(State.STOPPING, _TERM_ALONE, ArmTimer(Timer.KILL)),
     (State.RUNNING, StartRequested): _stay,
     # stopping: asked to end, deadline armed
     (State.STOPPING, Ready): _stay,
     (State.STOPPING, Exited): _to(State.EXITED, CancelTimer(Timer.KILL)),
     (State.STOPPING, StopRequested): _stay,
     (State.STOPPING, DrainRequested): _stay,
+    (State.STOPPING, RetireRequested): _stay,
     (State.STOPPING, StopTimedOut): _to(State.STOPPING, _KILL),
     (State.STOPPING, StartRequested): _stay,
     # backoff: waiting to start again
     (State.BACKOFF, BackoffElapsed): _to(State.STARTING, Spawn()),
     (State.BACKOFF, StopRequested): _to(State.EXITED, CancelTimer(Timer.RESTART)),
     (State.BACKOFF, DrainRequested): _to(State.EXITED, CancelTimer(Timer.RESTART)),
+    (State.BACKOFF, RetireRequested): _to(State.EXITED, CancelTimer(Timer.RESTART)),
     (State.BACKOFF, StartRequested): _stay,
     # exited: ended, may be started again (restart of a group, reload)
     (State.EXITED, StartRequested): _to(State.STARTING, Spawn()),
     (State.EXITED, StopRequested): _stay,
     (State.EXITED, DrainRequested): _stay,
+    (State.EXITED, RetireRequested): _stay,
     # fatal: gave up
     (State.FATAL, StopRequested): _stay,
     (State.FATAL, DrainRequested): _stay,
+    (State.FATAL, RetireRequested): _stay,
     (State.FATAL, StartRequested): _stay,
 }
 

@@ -31,6 +31,7 @@ import array
 import errno
 import os
 import pickle
+import select
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -111,6 +112,10 @@ class QueueWriter:
         self._sock.close()
 
 
+class Interrupted(Exception):
+    """A wait in ``QueueReader.receive`` ended because its stop descriptor became readable."""
+
+
 class QueueReader:
     """The receiving side of one queue, used by a stage's workers."""
 
@@ -120,14 +125,27 @@ class QueueReader:
         self._buffer = bytearray(INLINE_LIMIT + 1)
         self._view = memoryview(self._buffer)
 
-    def receive(self) -> list[Any] | None:
-        """Return the next batch, or None at end of stream."""
-        try:
-            size, ancdata, flags, _addr = self._sock.recvmsg_into(
-                [self._view], _FD_SPACE, socket.MSG_CMSG_CLOEXEC
-            )
-        except ConnectionResetError:
-            return None
+    def receive(self, stop_fd: int | None = None) -> list[Any] | None:
+        """Return the next batch, or None at end of stream.
+
+        Args:
+            stop_fd: while waiting, also watch this descriptor; when it becomes readable the wait
+                ends and ``Interrupted`` is raised with no message taken from the queue (a
+                signal handler cannot do this safely: it may run just after a message arrived).
+        """
+        while True:
+            try:
+                size, ancdata, flags, _addr = self._sock.recvmsg_into(
+                    [self._view], _FD_SPACE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
+                )
+                break
+            except BlockingIOError:
+                watched = [self._sock.fileno()] if stop_fd is None else [self._sock.fileno(), stop_fd]
+                ready, _, _ = select.select(watched, [], [])
+                if stop_fd in ready:
+                    raise Interrupted
+            except ConnectionResetError:
+                return None
         if size == 0:
             return None
         os.eventfd_write(self._slots_fd, 1)
@@ -143,6 +161,17 @@ class QueueReader:
 
     def __iter__(self) -> Iterator[list[Any]]:
         while (batch := self.receive()) is not None:
+            yield batch
+
+    def batches(self, stop_fd: int) -> Iterator[list[Any]]:
+        """Like iterating, but ends quietly when ``stop_fd`` becomes readable between batches."""
+        while True:
+            try:
+                batch = self.receive(stop_fd)
+            except Interrupted:
+                return
+            if batch is None:
+                return
             yield batch
 
     def fileno(self) -> int:

@@ -168,9 +168,10 @@ class Supervisor:
         if isinstance(action, Spawn):
             self._spawn(slot)
         elif isinstance(action, Signal):
-            self._signal(slot, action.signum)
+            self._signal(slot, action.signum, group=action.group)
         elif isinstance(action, ArmTimer) and action.timer is Timer.KILL:
-            self.timers[(slot.stage.name, slot.index, Timer.KILL)] = self.stop_deadline
+            deadline = self.stop_deadline if self.stopping else self.clock() + self.spec.stop_timeout_s
+            self.timers[(slot.stage.name, slot.index, Timer.KILL)] = deadline
         elif isinstance(action, ArmTimer):
             spec = slot.stage.restart
             slot.failures += 1
@@ -214,7 +215,7 @@ class Supervisor:
         self._bound(slot).info("worker_spawned", title=f"procd: {self.spec.name}/{slot.name}")
         self._feed(slot, Spawned(pid))
 
-    def _signal(self, slot: Slot, signum: int) -> None:
+    def _signal(self, slot: Slot, signum: int, *, group: bool = True) -> None:
         if slot.pid is None:
             return
         if signum == signal.SIGKILL:
@@ -227,7 +228,10 @@ class Supervisor:
                 ),
             )
         try:
-            os.killpg(slot.pid, signum)
+            if group:
+                os.killpg(slot.pid, signum)
+            else:
+                os.kill(slot.pid, signum)
         except ProcessLookupError:
             pass
 
@@ -297,8 +301,8 @@ class Supervisor:
         """Why this exit is a failure, or None when it is the end procd expected."""
         if slot.forced:
             return f"killed by SIGKILL after the stop timeout ({self.spec.stop_timeout_s:g}s)"
-        if event.signal == signal.SIGTERM and slot.state is State.STOPPING and slot.stage.is_producer:
-            return None
+        if slot.state is State.STOPPING and (event.ok or event.signal == signal.SIGTERM):
+            return None  # it ended because we asked it to
         if event.ok:
             if slot.stage.name in self.writing:
                 return "exited before the end of its input"
