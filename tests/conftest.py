@@ -102,7 +102,18 @@ class Workspace:
         """Write a pipeline file; ``{name}`` in the text becomes this test's unique pipeline name."""
         return self.write(f"{stem or self.name}.toml", textwrap.dedent(text).replace("{name}", self.name))
 
+    @property
+    def control(self) -> Path:
+        return self.path / "control.sock"
+
+    def _with_control(self, args: tuple[str, ...]) -> tuple[str, ...]:
+        """Tests keep their control sockets in their own directory, not under /run/procd."""
+        if args[:1] == ("run",) and "--control" not in args:
+            return (*args, "--control", str(self.control))
+        return args
+
     def run(self, *args: str, timeout: float = 30.0) -> Result:
+        args = self._with_control(args)
         proc = subprocess.run(
             procd_command(*args), cwd=self.path, capture_output=True, text=True, timeout=timeout, check=False
         )
@@ -110,6 +121,7 @@ class Workspace:
         return Result(proc.returncode, proc.stdout, proc.stderr, records)
 
     def start(self, *args: str) -> subprocess.Popen[str]:
+        args = self._with_control(args)
         return subprocess.Popen(
             procd_command(*args), cwd=self.path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )

@@ -12,9 +12,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "procd"
 
 LAYERS = {
     "interface": {"cli", "__main__"},
-    "loop": {"supervisor"},
+    "loop": {"supervisor", "control"},
     "processes": {"worker", "spawn", "child"},
-    "os": {"signals", "reaper", "queues", "procctl", "callables"},
+    "os": {"signals", "reaper", "queues", "procctl", "callables", "procinfo"},
     "logging": {"log"},
     "model": {"config", "plan", "starter"},
     "core": {"lifecycle", "errors", "restarts", "__init__"},

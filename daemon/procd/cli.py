@@ -7,12 +7,14 @@ Exit codes: 0 finished (or stopped on request after a clean drain), 1 runtime fa
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
 from collections.abc import Sequence
 
-from procd import __version__, callables, config, plan
+from procd import __version__, callables, config, control, plan
+from procd.control import ControlError
 from procd.errors import ConfigError
 from procd.log import open_logger
 from procd.supervisor import Supervisor
@@ -35,6 +37,25 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a pipeline until it finishes or is stopped")
     run.add_argument("file", metavar="FILE")
     run.add_argument("--log-file", metavar="PATH", help="also append every record to PATH")
+    run.add_argument("--control", metavar="PATH", help="the control socket (default: under $XDG_RUNTIME_DIR/procd or /run/procd)")
+
+    status = commands.add_parser("status", help="every stage and worker of a running pipeline")
+    status.add_argument("pipeline", metavar="PIPELINE", nargs="?")
+    status.add_argument("--json", action="store_true", help="print the reply as JSON")
+    status.add_argument("--control", metavar="PATH")
+
+    stop = commands.add_parser("stop", help="stop a running pipeline (the same as SIGTERM)")
+    stop.add_argument("pipeline", metavar="PIPELINE", nargs="?")
+    stop.add_argument("--control", metavar="PATH")
+
+    reload = commands.add_parser("reload", help="re-read a running pipeline's file (the same as SIGHUP)")
+    reload.add_argument("pipeline", metavar="PIPELINE", nargs="?")
+    reload.add_argument("--control", metavar="PATH")
+
+    scale = commands.add_parser("scale", help="change the number of processes of a stage: STAGE=N")
+    scale.add_argument("pipeline", metavar="PIPELINE")
+    scale.add_argument("assignment", metavar="STAGE=N")
+    scale.add_argument("--control", metavar="PATH")
 
     check = commands.add_parser("check", help="validate pipeline files (exit 0 or 78)")
     check.add_argument("files", metavar="FILE", nargs="+")
@@ -67,7 +88,7 @@ def _report(error: ConfigError) -> int:
     return EXIT_CONFIG
 
 
-def _run(file: str, log_file: str | None) -> int:
+def _run(file: str, log_file: str | None, control_path: str | None) -> int:
     try:
         spec = _load(file, imports=True)
     except ConfigError as error:
@@ -82,7 +103,10 @@ def _run(file: str, log_file: str | None) -> int:
         print(f"procd: cannot open the log file {log_file}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return Supervisor(spec, log, writer).run()
+        return Supervisor(spec, log, writer, control_path=control_path).run()
+    except ControlError as exc:
+        log.error("control_unavailable", error=str(exc))
+        return EXIT_FAILURE
     finally:
         writer.close()
 
@@ -131,12 +155,58 @@ def _init(name: str, directory: str) -> int:
     return EXIT_OK
 
 
+def _format_status(reply: dict) -> str:
+    """The human table of ``procd status``."""
+    lines = [f"pipeline {reply['pipeline']}  pid {reply['pid']}  {reply['state']}  up {reply['uptime_s']:.1f}s"]
+    header = ("STAGE", "WORKER", "PID", "STATE", "GEN", "RESTARTS", "UPTIME", "IN", "OUT", "QUEUE")
+    rows = [header]
+    for stage in reply["stages"]:
+        queue = stage["queue"]
+        depth = "-" if queue is None else f"{queue['depth_batches']}/{queue['capacity_batches']}"
+        for w in stage["workers"]:
+            uptime = "-" if w["uptime_s"] is None else f"{w['uptime_s']:.1f}s"
+            rows.append(
+                (stage["name"], str(w["index"]), str(w["pid"] or "-"), w["state"], str(w["generation"]),
+                 str(w["restarts"]), uptime, str(w["items_in"]), str(w["items_out"]), depth)
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _control(args: argparse.Namespace) -> int:
+    """status, stop, reload and scale: one request to a running pipeline's control socket."""
+    message: dict = {"command": args.command}
+    if args.command == "scale":
+        stage, _, count = args.assignment.partition("=")
+        if not stage or not count.isdigit():
+            print(f"procd scale: expected STAGE=N, such as transform=4, got {args.assignment!r}", file=sys.stderr)
+            return EXIT_USAGE
+        message.update(stage=stage, processes=int(count))
+    try:
+        path = control.find_socket(args.pipeline, args.control)
+        reply = control.request(path, message)
+    except ControlError as exc:
+        print(f"procd {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if not reply.get("ok"):
+        print(f"procd {args.command}: {reply.get('error')}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.command == "status":
+        sys.stdout.write(json.dumps(reply, indent=2) + "\n" if args.json else _format_status(reply))
+    elif args.command == "scale":
+        print(f"{reply['stage']}: {reply['processes']} processes (started {reply['started']}, retiring {reply['retiring']})")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``procd`` command; return its exit code."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
-            return _run(args.file, args.log_file)
+            return _run(args.file, args.log_file, args.control)
+        if args.command in ("status", "stop", "reload", "scale"):
+            return _control(args)
         if args.command == "check":
             return _check(args.files)
         if args.command == "init":

@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from procd import plan, procctl, queues, reaper, signals, worker
+from procd import plan, procctl, procinfo, queues, reaper, signals, worker
+from procd.control import Client, ControlServer, default_path
 from procd.restarts import RestartHistory, backoff_delay
 from procd.child import Output
 from procd.config import PipelineSpec
@@ -37,6 +38,7 @@ from procd.lifecycle import (
     Policy,
     Ready,
     Restart,
+    RetireRequested,
     Signal,
     Spawn,
     SpawnFailed,
@@ -67,10 +69,13 @@ class Supervisor:
         log: Any,
         writer: RecordWriter | None = None,
         *,
+        control_path: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.spec = spec
+        self.control_path = control_path or default_path(spec.name)
+        self.started_at = clock()
         self.log = log
         self.writer = writer
         self.clock = clock
@@ -91,11 +96,17 @@ class Supervisor:
     # -- the loop ----------------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Start every stage, supervise until every process has ended, return the exit code."""
+        """Start every stage, supervise until every process has ended, return the exit code.
+
+        Raises:
+            ControlError: the control socket cannot be created (another procd runs this pipeline).
+        """
+        server = ControlServer(self.control_path)
         set_title(f"procd: {self.spec.name} supervisor")
         procctl.become_subreaper()
         wake = signals.open_wakeup()
         self.selector.register(wake.read_fd, selectors.EVENT_READ, ("wake", None))
+        self.selector.register(server.fileno(), selectors.EVENT_READ, ("control", server))
         try:
             for stage in self.spec.stages:
                 if not stage.is_producer:
@@ -107,23 +118,32 @@ class Supervisor:
                 workers=len(self.slots),
                 start_method=self.spec.start_method,
                 supervisor_pid=os.getpid(),
+                control=self.control_path,
             )
             for slot in reversed(self.slots):  # readers first, so no writer waits on a missing one
                 self._feed(slot, StartRequested())
             while not all(slot.state in TERMINAL for slot in self.slots):
-                for key, _mask in self.selector.select(self._timeout()):
-                    kind, slot = key.data
+                for key, mask in self.selector.select(self._timeout()):
+                    kind, source = key.data
                     if kind == "wake":
                         self._on_signals(wake.drain())
                     elif kind == "report":
-                        self._read_reports(slot)
+                        self._read_reports(source)
+                    elif kind == "output":
+                        self._read_output(source)
+                    elif kind == "control":
+                        self._accept(source)
                     else:
-                        self._read_output(slot)
+                        self._serve(source, mask)
                 self._fire_timers()
                 self._update_stages()
             return self._finish()
         finally:
             self._sweep()
+            for key in list(self.selector.get_map().values()):
+                if key.data[0] == "client":
+                    key.data[1].close()
+            server.close()
             wake.close()
             self.selector.close()
             for fds in self.queues.values():
@@ -274,6 +294,10 @@ class Supervisor:
         if self.clock() - slot.started_at > slot.stage.restart.within_s:
             slot.failures = 0  # it stayed up: the next backoff starts from the beginning
         self._feed(slot, event)
+        if slot.retiring and slot.state in TERMINAL:
+            self.slots.remove(slot)
+            self.ready.discard((slot.stage.name, slot.index))
+            return
         self._after_end(slot, cause)
 
     def _after_end(self, slot: Slot, cause: str | None) -> None:
@@ -385,6 +409,147 @@ class Supervisor:
                 self.selector.unregister(fd)
                 os.close(fd)
         slot.report_fd = slot.output_fd = None
+
+    # -- the control socket ------------------------------------------------------------------------
+
+    def _accept(self, server: ControlServer) -> None:
+        client, refused = server.accept()
+        if refused is not None:
+            self.log.warning("control_refused", peer_pid=refused["pid"], peer_uid=refused["uid"])
+        if client is not None:
+            self.selector.register(client.fileno(), selectors.EVENT_READ, ("client", client))
+
+    def _serve(self, client: Client, mask: int) -> None:
+        if mask & selectors.EVENT_READ:
+            requests = client.read_requests()
+            if requests is None:
+                self._drop(client)
+                return
+            for request in requests:
+                client.reply(self._answer(request))
+        done = client.flush()
+        if done and client.closing:
+            self._drop(client)
+            return
+        events = selectors.EVENT_READ | (0 if done else selectors.EVENT_WRITE)
+        self.selector.modify(client.fileno(), events, ("client", client))
+
+    def _drop(self, client: Client) -> None:
+        self.selector.unregister(client.fileno())
+        client.close()
+
+    def _answer(self, request: dict[str, Any] | str) -> dict[str, Any]:
+        """The reply to one request; signals and requests lead to the same internal events."""
+        if isinstance(request, str):
+            return {"ok": False, "error": request}
+        command = request["command"]
+        if command == "status":
+            return {"ok": True, **self.status()}
+        if command == "stop":
+            self._request_stop("stop requested over the control socket")
+            return {"ok": True, "stopping": True}
+        if command == "scale":
+            return self._scale(request.get("stage"), request.get("processes"))
+        return {"ok": False, "error": "reload is not implemented yet"}
+
+    def status(self) -> dict[str, Any]:
+        """Every stage and worker as ``procd status`` shows them."""
+        now = self.clock()
+        stages = []
+        for stage in plan.topological_order(self.spec):
+            output_fds = {self.queues[r.name].slots_fd for r in self.spec.readers(stage.name)}
+            workers = []
+            for slot in (s for s in self.slots if s.stage.name == stage.name):
+                state = str(slot.state)
+                blocked = None
+                if slot.state is State.RUNNING and slot.pid is not None:
+                    blocked = procinfo.blocked_on(slot.pid, output_fds)
+                    state = "blocked" if blocked else state
+                workers.append(
+                    {
+                        "index": slot.index,
+                        "pid": slot.pid if slot.state not in TERMINAL else None,
+                        "state": state,
+                        "blocked_on": blocked,
+                        "generation": slot.generation,
+                        "restarts": slot.restarts,
+                        "uptime_s": round(now - slot.started_at, 3) if slot.state not in TERMINAL else None,
+                        "items_in": slot.counts.get("items_in", 0),
+                        "items_out": slot.counts.get("items_out", 0),
+                    }
+                )
+            queue = None
+            if stage.name in self.queues:
+                free = procinfo.eventfd_count(self.queues[stage.name].slots_fd)
+                queue = {
+                    "depth_batches": None if free is None else stage.queue.slots - free,
+                    "capacity_batches": stage.queue.slots,
+                    "maxsize": stage.queue.maxsize,
+                    "batch": stage.queue.batch,
+                }
+            stages.append(
+                {
+                    "name": stage.name,
+                    "processes": sum(1 for w in workers if w["state"] not in TERMINAL),
+                    "finished": stage.name in self.finished,
+                    "queue": queue,
+                    "workers": workers,
+                }
+            )
+        return {
+            "pipeline": self.spec.name,
+            "pid": os.getpid(),
+            "state": "stopping" if self.stopping else "running",
+            "uptime_s": round(now - self.started_at, 3),
+            "stages": stages,
+        }
+
+    def _scale(self, name: object, processes: object) -> dict[str, Any]:
+        """Start or retire only the difference; retired readers finish their batch first."""
+        names = [s.name for s in self.spec.stages]
+        if name not in names:
+            return {"ok": False, "error": f"unknown stage {name!r}; stages are {', '.join(names)}"}
+        if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+            return {"ok": False, "error": f"processes must be an integer >= 1, got {processes!r}"}
+        if self.stopping or name in self.finished:
+            return {"ok": False, "error": f"stage {name} is no longer running"}
+        live = [s for s in self.slots if s.stage.name == name and s.state not in TERMINAL and not s.retiring]
+        started, retiring = [], []
+        if processes > len(live):
+            stage = self.spec.stage(str(name))
+            used = {s.index for s in self.slots if s.stage.name == name}
+            position = max(i for i, s in enumerate(self.slots) if s.stage.name == name) + 1
+            for _ in range(processes - len(live)):
+                index = min(set(range(len(used) + 1)) - used)
+                used.add(index)
+                slot = Slot(stage, index)
+                self.slots.insert(position, slot)
+                position += 1
+                started.append(slot)
+        for slot in sorted(live, key=lambda s: s.index)[processes:]:
+            slot.retiring = True
+            retiring.append(slot)
+        self.log.info(
+            "stage_scaled",
+            stage=name,
+            processes_from=len(live),
+            processes_to=processes,
+            started=[s.index for s in started],
+            retiring=[s.index for s in retiring],
+        )
+        for slot in started:
+            self._feed(slot, StartRequested())
+        for slot in retiring:
+            self._feed(slot, StopRequested() if slot.stage.is_producer else RetireRequested())
+            if slot.state in TERMINAL:  # it had no process (waiting to restart)
+                self.slots.remove(slot)
+        return {
+            "ok": True,
+            "stage": name,
+            "processes": processes,
+            "started": [s.index for s in started],
+            "retiring": [s.index for s in retiring],
+        }
 
     # -- stages, end of stream, stop ---------------------------------------------------------------
 

@@ -36,6 +36,7 @@ class Slot:
     failure: str | None = None
     failures: int = 0  # consecutive, for the backoff; reset by a run longer than restart.within
     restarts: int = 0
+    retiring: bool = False  # scaled away: leaves the pipeline once it has exited
     counts: dict[str, int] = field(default_factory=dict)
 
     @property
