@@ -93,7 +93,12 @@ class QueueWriter:
     def send(self, items: list[Any]) -> None:
         """Send ``items`` as one message; blocks while the queue is full."""
         payload = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
-        os.eventfd_read(self._slots_fd)
+        while True:
+            try:
+                os.eventfd_read(self._slots_fd)
+                break
+            except InterruptedError:  # os.eventfd_read does not retry by itself (no PEP 475)
+                continue
         if len(payload) <= INLINE_LIMIT:
             self._sock.send(payload)
             return
