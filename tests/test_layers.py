@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "procd"
 LAYERS = {
     "interface": {"cli", "__main__"},
     "loop": {"supervisor", "control"},
-    "processes": {"worker", "spawn", "child"},
+    "processes": {"worker", "spawn", "child", "channels"},
     "os": {"signals", "reaper", "queues", "procctl", "callables", "procinfo"},
     "logging": {"log"},
     "model": {"config", "plan", "starter"},

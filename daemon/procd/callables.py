@@ -7,10 +7,13 @@ config error, exit 78), and by each worker to get the object it calls.
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import sys
 import traceback
 from typing import Any
 
+from procd import reaper
 from procd.config import PipelineSpec
 from procd.errors import Problem
 
@@ -66,3 +69,30 @@ def check_callables(spec: PipelineSpec) -> list[Problem]:
         except ResolveError as exc:
             problems.append(Problem(f"stages.{stage.name}.function", str(exc)))
     return problems
+
+
+def check_callables_apart(spec: PipelineSpec) -> list[Problem]:
+    """``check_callables`` in a forked child, so that the caller never imports user code.
+
+    The supervisor uses this: a module imported in the supervisor would be inherited by every
+    forked worker, so a reload could never load new code, and a module that starts threads at
+    import would make every later fork unsafe.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_fd)
+            problems = [[p.path, p.message] for p in check_callables(spec)]
+            os.write(write_fd, json.dumps(problems).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with open(read_fd, "rb") as fh:
+        data = fh.read()
+    status = reaper.wait_for(pid)
+    if status.code != 0 or not data:
+        return [Problem("", f"checking the stage code failed (the check process ended with {status})")]
+    return [Problem(path, message) for path, message in json.loads(data)]

@@ -72,11 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(file: str, *, imports: bool) -> config.PipelineSpec:
-    """Load and validate; with ``imports``, also import every function stage's code."""
+def _load(file: str, *, imports: bool, apart: bool = False) -> config.PipelineSpec:
+    """Load and validate; with ``imports``, also import every function stage's code (in a
+    forked child with ``apart``, so that this process stays free of user modules)."""
     spec = config.load_pipeline(file)
     if imports:
-        problems = callables.check_callables(spec)
+        problems = (callables.check_callables_apart if apart else callables.check_callables)(spec)
         if problems:
             raise ConfigError(file, problems)
     return spec
@@ -90,7 +91,7 @@ def _report(error: ConfigError) -> int:
 
 def _run(file: str, log_file: str | None, control_path: str | None) -> int:
     try:
-        spec = _load(file, imports=True)
+        spec = _load(file, imports=True, apart=True)
     except ConfigError as error:
         if log_file:
             log, writer = open_logger(os.path.splitext(os.path.basename(file))[0], log_file=log_file, stream=_Null())

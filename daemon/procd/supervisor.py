@@ -22,8 +22,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from procd import plan, procctl, procinfo, queues, reaper, signals, worker
+from procd import callables, config, plan, procctl, procinfo, reaper, signals, worker
+from procd.channels import Channel
 from procd.control import Client, ControlServer, default_path
+from procd.errors import ConfigError, Problem
 from procd.restarts import RestartHistory, backoff_delay
 from procd.child import Output
 from procd.config import PipelineSpec
@@ -57,7 +59,7 @@ from procd.worker import Slot
 TERMINAL = (State.EXITED, State.FATAL)
 _LINE_LIMIT = 4096
 
-TimerKey = tuple[str, int, Timer]
+TimerKey = tuple[Slot, Timer]
 
 
 class Supervisor:
@@ -83,11 +85,12 @@ class Supervisor:
         self.histories = {s.name: RestartHistory(s.restart.max, s.restart.within_s) for s in spec.stages}
         self.slots = [Slot(stage, i) for stage in plan.topological_order(spec) for i in range(stage.processes)]
         self.by_pid: dict[int, Slot] = {}
-        self.queues: dict[str, queues.QueueFds] = {}
-        self.writing: set[str] = set()  # queues whose writing end the supervisor still holds
+        self.channels: dict[str, Channel] = {}  # each stage's current input
+        self.retired: list[Channel] = []  # inputs replaced by a reload, still draining
         self.finished: set[str] = set()  # stages whose every process has ended
         self.timers: dict[TimerKey, float] = {}
-        self.ready: set[tuple[str, int]] = set()
+        self.ready: set[Slot] = set()
+        self.ready_logged = False
         self.stopping = False
         self.stop_deadline = 0.0
         self.failed: list[str] = []
@@ -110,8 +113,7 @@ class Supervisor:
         try:
             for stage in self.spec.stages:
                 if not stage.is_producer:
-                    self.queues[stage.name] = queues.create_queue(stage.queue.slots)
-                    self.writing.add(stage.name)
+                    self.channels[stage.name] = Channel.create(stage.name, stage.queue)
             self.log.info(
                 "pipeline_starting",
                 stages=[s.name for s in self.spec.stages],
@@ -146,8 +148,8 @@ class Supervisor:
             server.close()
             wake.close()
             self.selector.close()
-            for fds in self.queues.values():
-                queues.close_fds(fds.all())
+            for channel in [*self.channels.values(), *self.retired]:
+                channel.close()
 
     def _timeout(self) -> float | None:
         if not self.timers:
@@ -160,12 +162,8 @@ class Supervisor:
             if deadline > now or key not in self.timers:
                 continue
             del self.timers[key]
-            name, index, timer = key
-            slot = self._slot(name, index)
+            slot, timer = key
             self._feed(slot, StopTimedOut() if timer is Timer.KILL else BackoffElapsed())
-
-    def _slot(self, stage: str, index: int) -> Slot:
-        return next(s for s in self.slots if s.stage.name == stage and s.index == index)
 
     # -- state changes ----------------------------------------------------------------------------
 
@@ -173,9 +171,13 @@ class Supervisor:
         """The restart policy in force for ``slot`` now: none while stopping, none once the
         stage's input has ended (a new process would only see the end again)."""
         stage = slot.stage
-        if self.stopping or (not stage.is_producer and stage.name not in self.writing):
+        if self.stopping or slot.retiring or self._input_ended(slot):
             return Policy(Restart.NO)
         return Policy(stage.restart.policy, self.histories[stage.name].exceeded(self.clock()))
+
+    def _input_ended(self, slot: Slot) -> bool:
+        channel = slot.input or self.channels.get(slot.stage.name)
+        return channel is not None and channel.ended
 
     def _feed(self, slot: Slot, event: Event) -> None:
         transition = step(slot.state, event, self._policy(slot))
@@ -184,39 +186,36 @@ class Supervisor:
             self._do(slot, action)
 
     def _do(self, slot: Slot, action: Action) -> None:
-        key: TimerKey
         if isinstance(action, Spawn):
             self._spawn(slot)
         elif isinstance(action, Signal):
             self._signal(slot, action.signum, group=action.group)
         elif isinstance(action, ArmTimer) and action.timer is Timer.KILL:
             deadline = self.stop_deadline if self.stopping else self.clock() + self.spec.stop_timeout_s
-            self.timers[(slot.stage.name, slot.index, Timer.KILL)] = deadline
+            self.timers[(slot, Timer.KILL)] = deadline
         elif isinstance(action, ArmTimer):
             spec = slot.stage.restart
             slot.failures += 1
             delay = backoff_delay(slot.failures, spec.backoff_min_s, spec.backoff_max_s, self.rand)
-            self.timers[(slot.stage.name, slot.index, Timer.RESTART)] = self.clock() + delay
+            self.timers[(slot, Timer.RESTART)] = self.clock() + delay
             self._bound(slot).info("worker_backoff", restart_in_s=round(delay, 3), failures=slot.failures)
         elif isinstance(action, CancelTimer):
-            key = (slot.stage.name, slot.index, action.timer)
-            self.timers.pop(key, None)
+            self.timers.pop((slot, action.timer), None)
 
     def _bound(self, slot: Slot) -> Any:
         return self.log.bind(stage=slot.stage.name, worker=slot.index, pid=slot.pid, generation=slot.generation)
 
     def _spawn(self, slot: Slot) -> None:
-        outputs = tuple(
-            Output(self.queues[reader.name], reader.queue.batch) for reader in self.spec.readers(slot.stage.name)
-        )
+        slot.input = self.channels.get(slot.stage.name)
+        slot.outputs = [self.channels[reader.name] for reader in self.spec.readers(slot.stage.name)]
         try:
             pid = worker.start(
                 slot,
                 pipeline=self.spec.name,
                 base_dir=self.spec.base_dir,
                 start_method=self.spec.start_method,
-                input_fds=self.queues.get(slot.stage.name),
-                outputs=outputs,
+                input_fds=slot.input.fds if slot.input is not None else None,
+                outputs=tuple(Output(c.fds, c.spec.batch) for c in slot.outputs),
             )
         except OSError as exc:
             self._bound(slot).error("spawn_failed", errno=exc.errno, error=exc.strerror)
@@ -229,6 +228,10 @@ class Supervisor:
             slot.restarts += 1
         slot.started_at = self.clock()
         self.by_pid[pid] = slot
+        if slot.input is not None:
+            slot.input.readers.add(pid)
+        for channel in slot.outputs:
+            channel.writers.add(pid)
         assert slot.report_fd is not None and slot.output_fd is not None
         self.selector.register(slot.report_fd, selectors.EVENT_READ, ("report", slot))
         self.selector.register(slot.output_fd, selectors.EVENT_READ, ("output", slot))
@@ -265,7 +268,7 @@ class Supervisor:
             elif signum in (signal.SIGTERM, signal.SIGINT):
                 self._request_stop(signal.Signals(signum).name)
             elif signum == signal.SIGHUP:
-                self.log.warning("reload_requested", supported=False, message="reload is not implemented yet; ignored")
+                self.reload("SIGHUP")
             elif signum == signal.SIGUSR1 and self.writer is not None:
                 self.writer.reopen()
 
@@ -275,6 +278,10 @@ class Supervisor:
             self.log.info("orphan_reaped", pid=reaped.pid, code=reaped.code, signal=_signal_name(reaped.signal))
             return
         self._close_pipes(slot)
+        if slot.input is not None:
+            slot.input.readers.discard(reaped.pid)
+        for channel in slot.outputs:
+            channel.writers.discard(reaped.pid)
         event = Exited(reaped.code, reaped.signal)
         slot.last_exit = event
         cause = self._failure(slot, event)
@@ -296,7 +303,7 @@ class Supervisor:
         self._feed(slot, event)
         if slot.retiring and slot.state in TERMINAL:
             self.slots.remove(slot)
-            self.ready.discard((slot.stage.name, slot.index))
+            self.ready.discard(slot)
             return
         self._after_end(slot, cause)
 
@@ -328,7 +335,7 @@ class Supervisor:
         if slot.state is State.STOPPING and (event.ok or event.signal == signal.SIGTERM):
             return None  # it ended because we asked it to
         if event.ok:
-            if slot.stage.name in self.writing:
+            if slot.input is not None and not slot.input.ended:
                 return "exited before the end of its input"
             return None
         return slot.failure or f"exited with {event.describe()}"
@@ -343,10 +350,10 @@ class Supervisor:
                 continue
             bound = self._bound(slot)
             if kind == "ready":
-                self.ready.add((slot.stage.name, slot.index))
+                self.ready.add(slot)
                 self._feed(slot, Ready())
-                if len(self.ready) == len(self.slots):
-                    self.ready.add(("", -1))  # log it once
+                if not self.ready_logged and len(self.ready) == len(self.slots):
+                    self.ready_logged = True
                     self.log.info("pipeline_ready", workers=len(self.slots))
                     procctl.release_free_memory()  # start-up is over; a long idle may follow
             elif kind == "error":
@@ -450,14 +457,14 @@ class Supervisor:
             return {"ok": True, "stopping": True}
         if command == "scale":
             return self._scale(request.get("stage"), request.get("processes"))
-        return {"ok": False, "error": "reload is not implemented yet"}
+        return self.reload("control socket")
 
     def status(self) -> dict[str, Any]:
         """Every stage and worker as ``procd status`` shows them."""
         now = self.clock()
         stages = []
         for stage in plan.topological_order(self.spec):
-            output_fds = {self.queues[r.name].slots_fd for r in self.spec.readers(stage.name)}
+            output_fds = {self.channels[r.name].fds.slots_fd for r in self.spec.readers(stage.name)}
             workers = []
             for slot in (s for s in self.slots if s.stage.name == stage.name):
                 state = str(slot.state)
@@ -479,10 +486,9 @@ class Supervisor:
                     }
                 )
             queue = None
-            if stage.name in self.queues:
-                free = procinfo.eventfd_count(self.queues[stage.name].slots_fd)
+            if stage.name in self.channels:
                 queue = {
-                    "depth_batches": None if free is None else stage.queue.slots - free,
+                    "depth_batches": self.channels[stage.name].depth(),
                     "capacity_batches": stage.queue.slots,
                     "maxsize": stage.queue.maxsize,
                     "batch": stage.queue.batch,
@@ -566,11 +572,101 @@ class Supervisor:
                     "items_out": sum(s.counts.get("items_out", 0) for s in slots),
                 }
                 self.log.info("stage_drained", stage=stage.name, **totals)
-        for name in sorted(self.writing):
-            if all(upstream in self.finished for upstream in self.spec.stage(name).inputs):
-                self.writing.discard(name)
-                os.close(self.queues[name].write_fd)
-                self.queues[name] = queues.QueueFds(-1, self.queues[name].read_fd, self.queues[name].slots_fd)
+        for name, channel in self.channels.items():
+            if channel.writing and all(upstream in self.finished for upstream in self.spec.stage(name).inputs):
+                channel.end()
+        for channel in list(self.retired):
+            if channel.writing and not channel.writers:
+                channel.end()
+            if channel.drained():
+                channel.close()
+                self.retired.remove(channel)
+
+    def reload(self, source: str) -> dict[str, Any]:
+        """Re-read the pipeline file and apply the difference.
+
+        Stages whose effective configuration is unchanged keep their processes. A changed stage's
+        processes are replaced (readers finish their batch first); a new stage starts; a removed
+        one drains and goes. A stage's wiring is part of its configuration: a stage that gains or
+        loses a reader, or whose reader's queue is replaced, is restarted to write to the right
+        queues. An invalid file changes nothing. A finished stage is not started again.
+        """
+        self.log.info("reload_requested", source=source)
+        if self.stopping:
+            return {"ok": False, "error": "the pipeline is stopping"}
+        try:
+            new = config.load_pipeline(self.spec.file)
+            problems = callables.check_callables_apart(new)
+            if new.name != self.spec.name:
+                problems.append(Problem("pipeline.name", f'cannot change while running (it is "{self.spec.name}")'))
+            if problems:
+                raise ConfigError(self.spec.file, problems)
+        except ConfigError as error:
+            self.log.error("config_invalid", file=self.spec.file, problems=error.lines(), message="still running unchanged")
+            return {"ok": False, "error": "the pipeline file is invalid; nothing changed", "problems": error.lines()}
+        old = self.spec
+        old_names, new_names = {s.name for s in old.stages}, {s.name for s in new.stages}
+        kept = old_names & new_names
+        replaced_queues = {n for n in kept if old.stage(n).queue != new.stage(n).queue or old.stage(n).is_producer != new.stage(n).is_producer}
+
+        def wiring(spec: PipelineSpec, name: str) -> tuple[Any, ...]:
+            return (spec.stage(name), tuple(r.name for r in spec.readers(name)))
+
+        changed = {n for n in kept if wiring(old, n) != wiring(new, n)}
+        changed |= {u for n in replaced_queues for u in new.stage(n).inputs if u in kept}
+        finished = sorted(n for n in changed if n in self.finished)
+        changed -= set(finished)
+        added, removed = new_names - old_names, old_names - new_names
+
+        self.spec = new
+        for stage in new.stages:
+            self.histories.setdefault(stage.name, RestartHistory(stage.restart.max, stage.restart.within_s))
+        for name in removed | (changed & replaced_queues):
+            channel = self.channels.pop(name, None)
+            if channel is not None:
+                channel.current = False
+                self.retired.append(channel)
+        for name in added | (changed & replaced_queues):
+            if not new.stage(name).is_producer:
+                self.channels[name] = Channel.create(name, new.stage(name).queue)
+
+        leaving = [s for s in self.slots if s.stage.name in removed | changed and s.state not in TERMINAL]
+        generations = {(s.stage.name, s.index): s.generation for s in self.slots}
+        arriving = [
+            Slot(stage, i, generation=generations.get((stage.name, i), 0))
+            for stage in plan.topological_order(new)
+            if stage.name in added | changed
+            for i in range(stage.processes)
+        ]
+        self.slots = [s for s in self.slots if s.stage.name not in removed | changed or s in leaving] + arriving
+        self.finished -= changed
+        self.log.info(
+            "pipeline_reloaded",
+            changed=sorted(changed),
+            added=sorted(added),
+            removed=sorted(removed),
+            unchanged=sorted(kept - changed),
+            not_restarted_finished=finished,
+        )
+        for slot in leaving:
+            slot.retiring = True
+            if slot.stage.is_producer:
+                self._feed(slot, StopRequested())
+            elif slot.input is not None and not slot.input.current:
+                self._feed(slot, DrainRequested())  # its queue is going: read it to the end
+            else:
+                self._feed(slot, RetireRequested())  # its queue stays: the new readers go on
+            if slot.state in TERMINAL:
+                self.slots.remove(slot)
+        for slot in reversed(arriving):
+            self._feed(slot, StartRequested())
+        return {
+            "ok": True,
+            "changed": sorted(changed),
+            "added": sorted(added),
+            "removed": sorted(removed),
+            "unchanged": sorted(kept - changed),
+        }
 
     def _request_stop(self, reason: str) -> None:
         if self.stopping:

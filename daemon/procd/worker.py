@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from procd.channels import Channel
 from procd.child import Output, WorkerContext
 from procd.config import StageSpec
 from procd.lifecycle import Exited, State
@@ -17,7 +18,7 @@ from procd.queues import QueueFds
 from procd.spawn import fork_worker
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: a reload may hold two slots named alike
 class Slot:
     """The supervisor's record of one worker slot."""
 
@@ -36,7 +37,9 @@ class Slot:
     failure: str | None = None
     failures: int = 0  # consecutive, for the backoff; reset by a run longer than restart.within
     restarts: int = 0
-    retiring: bool = False  # scaled away: leaves the pipeline once it has exited
+    retiring: bool = False  # scaled away or replaced: leaves the pipeline once it has exited
+    input: Channel | None = None  # what its current process reads and writes
+    outputs: list[Channel] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
 
     @property

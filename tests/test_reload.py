@@ -1,0 +1,125 @@
+"""Reload with a real daemon: only what changed restarts, nothing is lost, a bad file changes nothing."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+from conftest import Workspace, read_records, wait_until
+
+STAGES = """
+import itertools, time
+
+def endless():
+    for n in itertools.count():
+        yield n
+        time.sleep(0.002)
+
+def tag(n, label):
+    return [label, n]
+
+class Count:
+    def __init__(self):
+        self.n = 0
+    def __call__(self, item):
+        self.n += 1
+    def close(self):
+        print("count", self.n, flush=True)
+"""
+
+BEFORE = """
+[pipeline]
+name = "{name}"
+[stages.src]
+function = "st:endless"
+[stages.keep]
+function = "st:tag"
+inputs = ["src"]
+options = { label = "k" }
+[stages.ksink]
+function = "st:Count"
+inputs = ["keep"]
+[stages.change]
+function = "st:tag"
+inputs = ["src"]
+processes = 2
+options = { label = "v1" }
+[stages.csink]
+function = "st:Count"
+inputs = ["change"]
+[stages.gone]
+function = "st:tag"
+inputs = ["src"]
+options = { label = "g" }
+"""
+
+AFTER = (
+    BEFORE.replace('label = "v1"', 'label = "v2"')
+    .replace('[stages.gone]\nfunction = "st:tag"\ninputs = ["src"]\noptions = { label = "g" }\n', "")
+    + '[stages.fresh]\nfunction = "st:tag"\ninputs = ["src"]\noptions = { label = "f" }\n'
+)
+
+
+def _pids(ws: Workspace) -> dict[str, list[int]]:
+    reply = json.loads(ws.run("status", "--json", "--control", str(ws.control)).stdout)
+    return {s["name"]: [w["pid"] for w in s["workers"] if w["pid"]] for s in reply["stages"]}
+
+
+def _start(ws: Workspace):
+    ws.write("st.py", STAGES)
+    ws.pipeline(BEFORE)
+    proc = ws.start("run", f"{ws.name}.toml", "--log-file", "log.jsonl")
+    wait_until(lambda: any(r["event"] == "pipeline_ready" for r in read_records(ws.path / "log.jsonl")), timeout=15)
+    return proc
+
+
+def test_reload_restarts_only_what_changed_and_loses_nothing(ws: Workspace) -> None:
+    proc = _start(ws)
+    try:
+        before = _pids(ws)
+        ws.pipeline(AFTER)
+        result = ws.run("reload", "--control", str(ws.control))
+        assert result.code == 0, result.stderr
+        records = wait_until(
+            lambda: [r for r in read_records(ws.path / "log.jsonl") if r["event"] == "pipeline_reloaded"]
+        )
+        assert records[0]["changed"] == ["change", "src"]  # src lost one reader and gained one
+        assert records[0]["added"] == ["fresh"] and records[0]["removed"] == ["gone"]
+        assert records[0]["unchanged"] == ["csink", "keep", "ksink"]
+        after = wait_until(lambda: (p := _pids(ws)) and "fresh" in p and len(p["change"]) == 2 and "gone" not in p and p)
+        for untouched in ("keep", "ksink", "csink"):
+            assert after[untouched] == before[untouched]
+        assert not set(after["change"]) & set(before["change"])
+        assert after["src"] != before["src"]
+        wait_until(lambda: [r for r in read_records(ws.path / "log.jsonl") if r["event"] == "worker_exited" and r["stage"] == "gone"])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    records = read_records(ws.path / "log.jsonl")
+    change_out = sum(r["items_out"] for r in records if r["event"] == "worker_exited" and r["stage"] == "change")
+    counted = [r["line"] for r in records if r["event"] == "worker_output" and r["stage"] == "csink"]
+    assert counted == [f"count {change_out}"] and change_out > 0  # old and new 'change' fed csink, nothing lost
+    gone = [r for r in records if r["event"] == "worker_exited" and r["stage"] == "gone"]
+    assert gone[0]["code"] == 0 and gone[0]["expected"]
+    spawned = [r for r in records if r["event"] == "worker_spawned" and r["stage"] == "change"]
+    assert sorted(r["generation"] for r in spawned) == [1, 1, 2, 2]
+
+
+def test_an_invalid_file_on_sighup_changes_nothing(ws: Workspace) -> None:
+    proc = _start(ws)
+    try:
+        before = _pids(ws)
+        ws.pipeline(BEFORE.replace('processes = 2', 'processes = "two"'))
+        proc.send_signal(signal.SIGHUP)
+        invalid = wait_until(lambda: [r for r in read_records(ws.path / "log.jsonl") if r["event"] == "config_invalid"])
+        assert invalid[0]["problems"] == [
+            f'{ws.name}.toml: stages.change.processes: expected an integer >= 1, got "two" (str)'
+        ]
+        reply = ws.run("reload", "--control", str(ws.control))
+        assert reply.code == 1 and reply.stderr == "procd reload: the pipeline file is invalid; nothing changed\n"
+        assert _pids(ws) == before and proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
