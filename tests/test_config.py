@@ -36,7 +36,7 @@ BAD = {
     ),
     "unknown-key-no-match": (
         OK_STAGE + "zzz = 1\n",
-        ["F: stages.a.zzz: unknown key; valid keys are function, command, inputs, processes, options, queue, restart"],
+        ["F: stages.a.zzz: unknown key; valid keys are function, command, inputs, processes, options, queue, restart, strategy"],
     ),
     "unknown-input": (
         OK_STAGE + '[stages.b]\nfunction = "m:g"\ninputs = ["aa"]\n',
@@ -118,6 +118,10 @@ BAD = {
     "restart-backoff-reversed": (
         OK_STAGE + 'restart = { backoff = "5s..1s" }\n',
         ['F: stages.a.restart.backoff: the first duration must not exceed the second, got "5s..1s" (str)'],
+    ),
+    "bad-strategy": (
+        OK_STAGE + 'strategy = "one_for_all"\n',
+        ['F: stages.a.strategy: expected one of one_for_one, rest_for_one, got "one_for_all" (str)'],
     ),
     "defaults-unknown-key": (
         '[defaults]\nrestrat = {}\n' + OK_STAGE,

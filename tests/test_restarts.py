@@ -151,3 +151,52 @@ def test_an_orphaned_grandchild_is_reaped_by_the_supervisor(ws: Workspace) -> No
     orphan = int(line.split()[1])
     (reaped,) = result.events("orphan_reaped")
     assert reaped["pid"] == orphan and reaped["code"] == 0
+
+
+def test_rest_for_one_restarts_the_stage_and_everything_downstream_in_order(ws: Workspace) -> None:
+    ws.write(
+        "st.py",
+        CRASHY
+        + """
+def once(n, marker):
+    if n == 300 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(9)
+    return n
+
+class Count:
+    def __init__(self):
+        self.n = 0
+    def __call__(self, item):
+        self.n += 1
+    def close(self):
+        print("count", self.n, flush=True)
+""",
+    )
+    ws.pipeline(
+        '[pipeline]\nname = "{name}"\nstop_timeout = "5s"\n'
+        '[stages.src]\nfunction = "st:forever"\n'
+        '[stages.mid]\nfunction = "st:once"\ninputs = ["src"]\nprocesses = 2\noptions = { marker = "crashed" }\n'
+        'queue = { maxsize = 20, batch = 1 }\n'
+        'restart = { policy = "on-failure", backoff = "50ms" }\nstrategy = "rest_for_one"\n'
+        '[stages.sink]\nfunction = "st:Count"\ninputs = ["mid"]\n'
+    )
+    proc = ws.start("run", f"{ws.name}.toml", "--log-file", "log.jsonl")
+    log = ws.path / "log.jsonl"
+    try:
+        wait_until(lambda: len([r for r in read_records(log) if r["event"] == "worker_spawned"]) >= 7, timeout=20)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    records = read_records(log)
+    (group,) = [r for r in records if r["event"] == "group_restart"]
+    crashed = [r for r in records if r["event"] == "worker_exited" and r.get("code") == 9]
+    assert len(crashed) == 1 and crashed[0]["stage"] == "mid"
+    other = f"mid[{1 - crashed[0]['worker']}]"
+    assert group["workers"] == [other, "sink[0]"]
+    respawned = [(r["stage"], r["worker"]) for r in records if r["event"] == "worker_spawned" and r["generation"] == 2]
+    assert respawned.index(("mid", 1 - crashed[0]["worker"])) < respawned.index(("sink", 0))  # upstream first
+    assert not [r for r in records if r["event"] == "worker_spawned" and r["stage"] == "src" and r["generation"] > 1]
+    retired = [r for r in records if r["event"] == "worker_exited" and r["generation"] == 1 and r["stage"] == "sink"]
+    assert retired[0]["code"] == 0 and retired[0]["expected"]  # the reader finished its batch and left
+    assert proc.returncode == 0

@@ -32,8 +32,9 @@ _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 _TOP_KEYS = ("pipeline", "defaults", "stages")
 _PIPELINE_KEYS = ("name", "start_method", "stop_timeout")
-_DEFAULTS_KEYS = ("restart",)
-_STAGE_KEYS = ("function", "command", "inputs", "processes", "options", "queue", "restart")
+_DEFAULTS_KEYS = ("restart", "strategy")
+_STAGE_KEYS = ("function", "command", "inputs", "processes", "options", "queue", "restart", "strategy")
+STRATEGIES = ("one_for_one", "rest_for_one")
 _QUEUE_KEYS = ("maxsize", "batch")
 _RESTART_KEYS = ("policy", "max", "within", "backoff")
 _POLICIES = tuple(p.value for p in Restart)
@@ -75,6 +76,7 @@ class StageSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
     queue: QueueSpec = QueueSpec()
     restart: RestartSpec = RestartSpec()
+    strategy: str = "one_for_one"
 
     @property
     def is_producer(self) -> bool:
@@ -242,12 +244,15 @@ def validate(document: Mapping[str, Any], file: str) -> PipelineSpec:
     defaults = check.table(document.get("defaults", {}), "defaults") or {}
     check.unknown_keys(defaults, _DEFAULTS_KEYS, "defaults.")
     default_restart = _restart(check, defaults.get("restart", {}), "defaults.restart", RestartSpec())
+    default_strategy = _strategy(check, defaults.get("strategy", "one_for_one"), "defaults.strategy")
 
     stages_table = check.table(document.get("stages", {}), "stages")
     if stages_table is not None and not stages_table:
         check.add("stages", "a pipeline needs at least one [stages.NAME] table")
     stages_table = stages_table or {}
-    stages = [_stage(check, name, table, default_restart) for name, table in stages_table.items()]
+    stages = [
+        _stage(check, name, table, default_restart, default_strategy) for name, table in stages_table.items()
+    ]
     _check_graph(check, stages)
 
     if check.problems:
@@ -293,7 +298,16 @@ def _restart(check: _Checker, value: object, path: str, base: RestartSpec) -> Re
     )
 
 
-def _stage(check: _Checker, name: str, value: object, default_restart: RestartSpec) -> StageSpec:
+def _strategy(check: _Checker, value: object, path: str) -> str:
+    if value in STRATEGIES:
+        return str(value)
+    check.add(path, f"expected one of {', '.join(STRATEGIES)}, {_got(value)}")
+    return "one_for_one"
+
+
+def _stage(
+    check: _Checker, name: str, value: object, default_restart: RestartSpec, default_strategy: str
+) -> StageSpec:
     prefix = f"stages.{name}"
     if not _STAGE_NAME.match(name):
         check.add(prefix, "a stage name starts with a lower-case letter and has only a-z, 0-9, '_' and '-'")
@@ -328,6 +342,7 @@ def _stage(check: _Checker, name: str, value: object, default_restart: RestartSp
         check.add(f"{prefix}.queue.batch", f"must not exceed queue.maxsize ({maxsize}), got {batch}")
 
     restart = _restart(check, table.get("restart", {}), f"{prefix}.restart", default_restart)
+    strategy = _strategy(check, table.get("strategy", default_strategy), f"{prefix}.strategy")
 
     return StageSpec(
         name=name,
@@ -338,6 +353,7 @@ def _stage(check: _Checker, name: str, value: object, default_restart: RestartSp
         options=dict(options),
         queue=queue,
         restart=restart,
+        strategy=strategy,
     )
 
 
@@ -409,6 +425,7 @@ def as_document(spec: PipelineSpec) -> dict[str, Any]:
             "within": format_duration(restart.within_s),
             "backoff": f"{format_duration(restart.backoff_min_s)}..{format_duration(restart.backoff_max_s)}",
         }
+        table["strategy"] = stage.strategy
         stages[stage.name] = table
     return {
         "pipeline": {

@@ -91,6 +91,7 @@ class Supervisor:
         self.timers: dict[TimerKey, float] = {}
         self.ready: set[Slot] = set()
         self.ready_logged = False
+        self.regrouping: list[Slot] = []  # stopped for a rest_for_one restart, started once all have ended
         self.stopping = False
         self.stop_deadline = 0.0
         self.failed: list[str] = []
@@ -124,7 +125,7 @@ class Supervisor:
             )
             for slot in reversed(self.slots):  # readers first, so no writer waits on a missing one
                 self._feed(slot, StartRequested())
-            while not all(slot.state in TERMINAL for slot in self.slots):
+            while not all(_ended(slot) for slot in self.slots):
                 for key, mask in self.selector.select(self._timeout()):
                     kind, source = key.data
                     if kind == "wake":
@@ -305,7 +306,44 @@ class Supervisor:
             self.slots.remove(slot)
             self.ready.discard(slot)
             return
+        if slot.regrouping and slot.state in TERMINAL:
+            self._restart_group_when_ended()
+            return
         self._after_end(slot, cause)
+        if slot.state is State.BACKOFF and slot.stage.strategy == "rest_for_one":
+            self._stop_group(slot)
+
+    def _stop_group(self, failed: Slot) -> None:
+        """rest_for_one: the failed stage's other workers and every stage downstream of it stop
+        (readers finish their batch) and start again, upstream first, once all have ended."""
+        stages = {failed.stage.name} | {
+            s.name for s in self.spec.stages if failed.stage.name in plan.upstream_closure(self.spec, s.name)
+        }
+        group = [
+            s for s in self.slots
+            if s.stage.name in stages and s is not failed and s.state in (State.STARTING, State.RUNNING)
+            and not s.retiring and not s.regrouping
+        ]
+        self.log.warning(
+            "group_restart",
+            stage=failed.stage.name,
+            strategy="rest_for_one",
+            workers=[s.name for s in group],
+            message=f"{failed.name} failed; restarting {', '.join(s.name for s in group) or 'nothing else'}",
+        )
+        for slot in group:
+            slot.regrouping = True
+            self.regrouping.append(slot)
+            self._feed(slot, StopRequested() if slot.stage.is_producer else RetireRequested())
+
+    def _restart_group_when_ended(self) -> None:
+        if self.stopping or any(s.state not in TERMINAL for s in self.regrouping):
+            return
+        order = {stage.name: i for i, stage in enumerate(plan.topological_order(self.spec))}
+        group, self.regrouping = self.regrouping, []
+        for member in sorted(group, key=lambda s: (order[s.stage.name], s.index)):
+            member.regrouping = False
+            self._feed(member, StartRequested())
 
     def _after_end(self, slot: Slot, cause: str | None) -> None:
         """After a process ended (or never started): a restart is on its way, or the stage gave
@@ -565,7 +603,7 @@ class Supervisor:
             if stage.name in self.finished:
                 continue
             slots = [s for s in self.slots if s.stage.name == stage.name]
-            if all(s.state in TERMINAL for s in slots):
+            if all(_ended(s) for s in slots):
                 self.finished.add(stage.name)
                 totals = {
                     "items_in": sum(s.counts.get("items_in", 0) for s in slots),
@@ -711,6 +749,11 @@ class Supervisor:
             time.sleep(0.005)
         for _ in reaper.reap():
             pass
+
+
+def _ended(slot: Slot) -> bool:
+    """No process, and none to come (a slot stopped for a group restart will start again)."""
+    return slot.state in TERMINAL and not slot.regrouping
 
 
 def _signal_name(signum: int | None) -> str | None:

@@ -38,6 +38,7 @@ class Slot:
     failures: int = 0  # consecutive, for the backoff; reset by a run longer than restart.within
     restarts: int = 0
     retiring: bool = False  # scaled away or replaced: leaves the pipeline once it has exited
+    regrouping: bool = False  # stopped for a rest_for_one restart of its group
     input: Channel | None = None  # what its current process reads and writes
     outputs: list[Channel] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
