@@ -159,7 +159,7 @@ def test_rest_for_one_restarts_the_stage_and_everything_downstream_in_order(ws: 
         CRASHY
         + """
 def once(n, marker):
-    if n == 300 and not os.path.exists(marker):
+    if n == 40 and not os.path.exists(marker):
         open(marker, "w").close()
         os._exit(9)
     return n

@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -337,7 +338,7 @@ def _run_command(ctx: WorkerContext, reporter: Reporter) -> int:
         )
         feeder.start()
     outlet = Outlet(ctx.outputs)
-    _collect(stdout_r, outlet)
+    _collect(stdout_r, outlet, lambda: reporter.send("counts", items_in=received[0], items_out=outlet.count))
     status = reaper.wait_for(pid)
     if feed_error:
         _report_error(reporter, feed_error[0])
@@ -378,9 +379,10 @@ def _feed(
         errors.append(exc)
 
 
-def _collect(stdout_r: int, outlet: Outlet) -> None:
+def _collect(stdout_r: int, outlet: Outlet, report_counts: Callable[[], None]) -> None:
     """Each stdout line → one item (JSON, or the plain string); a batch is sent when no more waits."""
     partial = b""
+    reported = time.monotonic()
     while True:
         chunk = os.read(stdout_r, 1 << 16)
         if not chunk:
@@ -392,6 +394,9 @@ def _collect(stdout_r: int, outlet: Outlet) -> None:
         ready, _, _ = select.select([stdout_r], [], [], 0)
         if not ready:
             outlet.flush()
+        if time.monotonic() - reported >= COUNTS_INTERVAL_S:
+            reported = time.monotonic()
+            report_counts()
     if partial:
         outlet.add(_parse_line(partial))
     os.close(stdout_r)
