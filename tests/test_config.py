@@ -36,7 +36,7 @@ BAD = {
     ),
     "unknown-key-no-match": (
         OK_STAGE + "zzz = 1\n",
-        ["F: stages.a.zzz: unknown key; valid keys are function, command, inputs, processes, options, queue, restart, strategy"],
+        ["F: stages.a.zzz: unknown key; valid keys are function, command, inputs, processes, options, queue, restart, strategy, max_attempts, dead_letter"],
     ),
     "unknown-input": (
         OK_STAGE + '[stages.b]\nfunction = "m:g"\ninputs = ["aa"]\n',
@@ -166,6 +166,16 @@ def test_restart_defaults_apply_key_by_key(tmp_path: Path) -> None:
     assert spec.stage("b").restart == config.RestartSpec(Restart.ON_FAILURE, 3, 60.0, 0.01, 1.0)
 
 
+def test_state_paths_are_relative_to_the_pipeline_file(tmp_path: Path) -> None:
+    file = tmp_path / "s.toml"
+    file.write_text('[pipeline]\nstate_dir = "state"\n' + OK_STAGE + '[stages.b]\nfunction = "m:g"\ndead_letter = "dl/b.jsonl"\n')
+    spec = config.load_pipeline(file)
+    assert spec.state_dir == str(tmp_path / "state")
+    assert spec.stage("a").dead_letter == str(tmp_path / "state" / "a.deadletter.jsonl")
+    assert spec.stage("b").dead_letter == str(tmp_path / "dl" / "b.jsonl")
+    assert spec.stage("a").max_attempts == 3
+
+
 def test_restart_is_off_unless_asked_for(tmp_path: Path) -> None:
     file = tmp_path / "r.toml"
     file.write_text(OK_STAGE)
@@ -210,7 +220,9 @@ def test_show_writes_back_a_file_that_loads_to_the_same_spec(tmp_path: Path) -> 
     again = tmp_path / "again.toml"
     again.write_text(tomli_w.dumps(config.as_document(spec)))
     document = tomllib.loads(again.read_text())
-    assert document["pipeline"] == {"name": "p", "start_method": "fork", "stop_timeout": "250ms"}
+    state = config.default_state_dir("p")
+    assert document["pipeline"] == {"name": "p", "start_method": "fork", "stop_timeout": "250ms", "state_dir": state}
+    assert document["stages"]["b"]["dead_letter"] == f"{state}/b.deadletter.jsonl"
     assert document["stages"]["b"]["queue"] == {"maxsize": 10_000, "batch": 256}
     reloaded = config.load_pipeline(again)
     assert reloaded.stages == spec.stages and reloaded.stop_timeout_s == spec.stop_timeout_s

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import select
 import signal
 import sys
@@ -27,8 +28,9 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from procd import callables, procctl, reaper
+from procd import callables, inflight, procctl, reaper
 from procd.config import StageSpec
+from procd.deadletters import DeadLetterFile, record
 from procd.queues import QueueFds, QueueReader, QueueWriter
 
 # Items a producer holds back at most this long before sending a part-filled batch.
@@ -59,6 +61,7 @@ class WorkerContext:
     report_fd: int
     input: QueueFds | None
     outputs: tuple[Output, ...]
+    inflight_fd: int | None = None  # the slot's in-flight memfd (function stages with an input)
 
     @property
     def title(self) -> str:
@@ -157,8 +160,7 @@ def _run_function(ctx: WorkerContext, reporter: Reporter) -> int:
         code = _produce(target, instance, stage, outlet, reporter)
         received = 0
     else:
-        assert ctx.input is not None
-        code, received = _consume(target, instance, stage, QueueReader(ctx.input), outlet, reporter)
+        code, received = _consume(target, instance, ctx, outlet, reporter)
     if code == 0 and instance is not None and hasattr(instance, "close"):
         try:
             result = instance.close()
@@ -253,26 +255,129 @@ def stop_fd_on_sigterm() -> int:
     return read_fd
 
 
-def _consume(
-    target: Any, instance: Any, stage: StageSpec, reader: QueueReader, outlet: Outlet, reporter: Reporter
-) -> tuple[int, int]:
+def _consume(target: Any, instance: Any, ctx: WorkerContext, outlet: Outlet, reporter: Reporter) -> tuple[int, int]:
+    """Process batches until the end of the input (or SIGTERM between batches).
+
+    An exception in stage code is retried, alone, up to ``max_attempts`` times, then the item
+    goes to the dead-letter file; it never ends the worker. A batch that the slot's previous
+    process held when it died is processed first, one item at a time (see ``inflight``).
+    """
+    assert ctx.input is not None
+    stage = ctx.stage
     call = instance if instance is not None else target
     options = stage.options if instance is None else {}
+    letters = DeadLetterFile(stage.dead_letter)
+    slot = inflight.Slot(ctx.inflight_fd) if ctx.inflight_fd is not None else None
+
+    def attempt(item: Any) -> None:
+        for number in range(1, stage.max_attempts + 1):
+            try:
+                _emit(call(item, **options), outlet)
+                return
+            except Exception as exc:
+                if number == stage.max_attempts:
+                    lines = traceback.format_exception(exc)
+                    _dead_letter(
+                        ctx, letters, reporter, item, type(exc).__name__, str(exc), number, "".join(lines[-6:])[-4000:]
+                    )
+
     received = 0
+    if slot is not None:
+        held = inflight.read(slot.fd)
+        if held is not None:
+            received += _redeliver(ctx, held, slot, attempt, outlet, letters, reporter)
+    reader = QueueReader(ctx.input, slot)
     reported = time.monotonic()
     for batch in reader.batches(stop_fd_on_sigterm()):
         received += len(batch)
         for item in batch:
-            try:
-                _emit(call(item, **options), outlet)
-            except Exception as exc:
-                _report_error(reporter, exc, item)
-                return 1, received
+            attempt(item)
         outlet.flush()
+        reader.done()
         if time.monotonic() - reported >= COUNTS_INTERVAL_S:
             reported = time.monotonic()
             reporter.send("counts", items_in=received, items_out=outlet.count)
     return 0, received
+
+
+def _redeliver(
+    ctx: WorkerContext,
+    held: inflight.Held,
+    slot: inflight.Slot,
+    attempt: Callable[[Any], None],
+    outlet: Outlet,
+    letters: DeadLetterFile,
+    reporter: Reporter,
+) -> int:
+    """Process the batch a dead predecessor held, item by item, flushing after each, with the
+    item in hand recorded in the slot: an item that kills processes ``max_attempts`` times in all
+    is dead-lettered instead of taking the slot down for ever."""
+    items = held.items
+    slot.hold_large(pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL), held.deliveries + 1)
+    start, crashes = 0, 0
+    if held.index >= 0:
+        crashes = held.crashes + 1
+        if crashes + 1 >= ctx.stage.max_attempts:  # the first crash, before careful mode, counts too
+            if held.last_signal >= 0:
+                how = f"killed by {_signal_name(held.last_signal)}"
+            else:
+                how = f"exited with code {held.last_code}"
+            _dead_letter(
+                ctx, letters, reporter, items[held.index], "WorkerCrashed",
+                f"the worker was {how} while processing this item", crashes + 1, "",
+            )
+            start, crashes = held.index + 1, 0
+        else:
+            start = held.index
+    for index in range(start, len(items)):
+        slot.at(index, crashes if index == held.index else 0)
+        attempt(items[index])
+        outlet.flush()
+    slot.clear()
+    return len(items) - start
+
+
+def _dead_letter(
+    ctx: WorkerContext,
+    letters: DeadLetterFile,
+    reporter: Reporter,
+    item: Any,
+    error_type: str,
+    error: str,
+    attempts: int,
+    trace: str,
+) -> None:
+    entry = record(
+        item,
+        pipeline=ctx.pipeline,
+        stage=ctx.stage.name,
+        worker=ctx.index,
+        pid=os.getpid(),
+        error_type=error_type,
+        error=error,
+        traceback=trace,
+        attempts=attempts,
+    )
+    try:
+        letters.append(entry)
+        where = letters.path
+    except OSError as exc:  # the item is at least in procd's own log then
+        where = f"(not written: {exc.strerror})"
+    reporter.send(
+        "dead_lettered",
+        error_type=error_type,
+        error=error[:1000],
+        attempts=attempts,
+        file=where,
+        item=entry.get("item_repr", repr(item))[:200],
+    )
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 # -- command stages -------------------------------------------------------------------------------

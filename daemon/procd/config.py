@@ -31,9 +31,13 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)\Z")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 _TOP_KEYS = ("pipeline", "defaults", "stages")
-_PIPELINE_KEYS = ("name", "start_method", "stop_timeout")
+_PIPELINE_KEYS = ("name", "start_method", "stop_timeout", "state_dir")
 _DEFAULTS_KEYS = ("restart", "strategy")
-_STAGE_KEYS = ("function", "command", "inputs", "processes", "options", "queue", "restart", "strategy")
+_STAGE_KEYS = (
+    "function", "command", "inputs", "processes", "options", "queue", "restart", "strategy",
+    "max_attempts", "dead_letter",
+)
+DEFAULT_MAX_ATTEMPTS = 3
 STRATEGIES = ("one_for_one", "rest_for_one")
 _QUEUE_KEYS = ("maxsize", "batch")
 _RESTART_KEYS = ("policy", "max", "within", "backoff")
@@ -77,6 +81,8 @@ class StageSpec:
     queue: QueueSpec = QueueSpec()
     restart: RestartSpec = RestartSpec()
     strategy: str = "one_for_one"
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    dead_letter: str = ""  # an absolute path once loaded
 
     @property
     def is_producer(self) -> bool:
@@ -92,6 +98,7 @@ class PipelineSpec:
     file: str
     start_method: str = "fork"
     stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
+    state_dir: str = ""  # an absolute path once loaded
     stages: tuple[StageSpec, ...] = ()
 
     @property
@@ -109,6 +116,18 @@ class PipelineSpec:
     def readers(self, name: str) -> tuple[StageSpec, ...]:
         """Return the stages that list ``name`` among their inputs (its fan-out)."""
         return tuple(s for s in self.stages if name in s.inputs)
+
+
+def default_state_dir(pipeline: str) -> str:
+    """Where dead letters and durable queues live unless the file says otherwise:
+    ``$STATE_DIRECTORY`` (set by systemd's StateDirectory=), ``/var/lib/procd/NAME`` for root,
+    else ``$XDG_STATE_HOME/procd/NAME`` (``~/.local/state/procd/NAME``)."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return os.path.join(os.environ["STATE_DIRECTORY"].split(":")[0], pipeline)
+    if os.geteuid() == 0:
+        return os.path.join("/var/lib/procd", pipeline)
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "procd", pipeline)
 
 
 def parse_duration(text: str) -> float:
@@ -250,8 +269,17 @@ def validate(document: Mapping[str, Any], file: str) -> PipelineSpec:
     if stages_table is not None and not stages_table:
         check.add("stages", "a pipeline needs at least one [stages.NAME] table")
     stages_table = stages_table or {}
+    base_dir = str(Path(file).resolve().parent)
+    state_dir = pipeline.get("state_dir")
+    if state_dir is None:
+        state_dir = default_state_dir(pipeline_name if isinstance(pipeline_name, str) else "pipeline")
+    elif not isinstance(state_dir, str) or not state_dir:
+        check.add("pipeline.state_dir", f"expected a directory path, {_got(state_dir)}")
+        state_dir = "."
+    state_dir = os.path.join(base_dir, state_dir)  # relative paths are the pipeline file's
     stages = [
-        _stage(check, name, table, default_restart, default_strategy) for name, table in stages_table.items()
+        _stage(check, name, table, default_restart, default_strategy, state_dir, base_dir)
+        for name, table in stages_table.items()
     ]
     _check_graph(check, stages)
 
@@ -262,6 +290,7 @@ def validate(document: Mapping[str, Any], file: str) -> PipelineSpec:
         file=file,
         start_method=start_method,
         stop_timeout_s=stop_timeout_s,
+        state_dir=state_dir,
         stages=tuple(stages),
     )
 
@@ -306,7 +335,13 @@ def _strategy(check: _Checker, value: object, path: str) -> str:
 
 
 def _stage(
-    check: _Checker, name: str, value: object, default_restart: RestartSpec, default_strategy: str
+    check: _Checker,
+    name: str,
+    value: object,
+    default_restart: RestartSpec,
+    default_strategy: str,
+    state_dir: str,
+    base_dir: str,
 ) -> StageSpec:
     prefix = f"stages.{name}"
     if not _STAGE_NAME.match(name):
@@ -343,6 +378,11 @@ def _stage(
 
     restart = _restart(check, table.get("restart", {}), f"{prefix}.restart", default_restart)
     strategy = _strategy(check, table.get("strategy", default_strategy), f"{prefix}.strategy")
+    max_attempts = check.integer(table.get("max_attempts", DEFAULT_MAX_ATTEMPTS), f"{prefix}.max_attempts", 1)
+    dead_letter = table.get("dead_letter", os.path.join(state_dir, f"{name}.deadletter.jsonl"))
+    if not isinstance(dead_letter, str) or not dead_letter:
+        check.add(f"{prefix}.dead_letter", f"expected a file path, {_got(dead_letter)}")
+        dead_letter = ""
 
     return StageSpec(
         name=name,
@@ -354,6 +394,8 @@ def _stage(
         queue=queue,
         restart=restart,
         strategy=strategy,
+        max_attempts=max_attempts or DEFAULT_MAX_ATTEMPTS,
+        dead_letter=os.path.join(base_dir, dead_letter) if dead_letter else "",
     )
 
 
@@ -426,12 +468,15 @@ def as_document(spec: PipelineSpec) -> dict[str, Any]:
             "backoff": f"{format_duration(restart.backoff_min_s)}..{format_duration(restart.backoff_max_s)}",
         }
         table["strategy"] = stage.strategy
+        table["max_attempts"] = stage.max_attempts
+        table["dead_letter"] = stage.dead_letter
         stages[stage.name] = table
     return {
         "pipeline": {
             "name": spec.name,
             "start_method": spec.start_method,
             "stop_timeout": format_duration(spec.stop_timeout_s),
+            "state_dir": spec.state_dir,
         },
         "stages": stages,
     }

@@ -37,6 +37,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from procd import inflight
+
 # The socket buffer (a byte bound besides the slot count): raised to this where the kernel allows
 # it (root may exceed net.core.wmem_max with SO_SNDBUFFORCE). Linux doubles the value it is given.
 _SNDBUF_BYTES = 4 * 1024 * 1024
@@ -122,13 +124,17 @@ class Interrupted(Exception):
 
 
 class QueueReader:
-    """The receiving side of one queue, used by a stage's workers."""
+    """The receiving side of one queue, used by a stage's workers.
 
-    def __init__(self, fds: QueueFds) -> None:
+    With an in-flight slot, each batch is received straight into it and stays marked held until
+    ``done``; without one (tests, tools), into a private buffer.
+    """
+
+    def __init__(self, fds: QueueFds, slot: inflight.Slot | None = None) -> None:
         self._sock = socket.socket(fileno=fds.read_fd)
         self._slots_fd = fds.slots_fd
-        self._buffer = bytearray(INLINE_LIMIT + 1)
-        self._view = memoryview(self._buffer)
+        self._slot = slot
+        self._view = slot.buffer[: INLINE_LIMIT + 1] if slot is not None else memoryview(bytearray(INLINE_LIMIT + 1))
 
     def receive(self, stop_fd: int | None = None) -> list[Any] | None:
         """Return the next batch, or None at end of stream.
@@ -138,6 +144,8 @@ class QueueReader:
                 ends and ``Interrupted`` is raised with no message taken from the queue (a
                 signal handler cannot do this safely: it may run just after a message arrived).
         """
+        if self._slot is not None:
+            self._slot.arm()
         while True:
             try:
                 size, ancdata, flags, _addr = self._sock.recvmsg_into(
@@ -160,9 +168,19 @@ class QueueReader:
             memfd = array.array("i", ancdata[0][2][: array.array("i").itemsize])[0]
             with open(memfd, "rb") as fh:
                 fh.seek(0)  # the writer's writes moved the shared file offset to the end
-                batch: list[Any] = pickle.loads(fh.read())
+                payload = fh.read()
+            if self._slot is not None:
+                self._slot.hold_large(payload)
+            batch: list[Any] = pickle.loads(payload)
             return batch
+        if self._slot is not None:
+            self._slot.hold(size)
         return pickle.loads(self._view[:size])  # type: ignore[no-any-return]
+
+    def done(self) -> None:
+        """Every output of the last batch has been handed on: it is no longer held."""
+        if self._slot is not None:
+            self._slot.clear()
 
     def __iter__(self) -> Iterator[list[Any]]:
         while (batch := self.receive()) is not None:

@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from procd import callables, config, plan, procctl, procinfo, reaper, signals, worker
+from procd import callables, config, inflight, plan, procctl, procinfo, reaper, signals, worker
+from procd.queues import INLINE_LIMIT
 from procd.channels import Channel
 from procd.control import Client, ControlServer, default_path
 from procd.errors import ConfigError, Problem
@@ -151,6 +152,9 @@ class Supervisor:
             self.selector.close()
             for channel in [*self.channels.values(), *self.retired]:
                 channel.close()
+            for slot in self.slots:
+                if slot.inflight_fd is not None:
+                    os.close(slot.inflight_fd)
 
     def _timeout(self) -> float | None:
         if not self.timers:
@@ -208,6 +212,8 @@ class Supervisor:
 
     def _spawn(self, slot: Slot) -> None:
         slot.input = self.channels.get(slot.stage.name)
+        if slot.inflight_fd is None and slot.input is not None and slot.stage.function is not None:
+            slot.inflight_fd = inflight.create(INLINE_LIMIT)
         slot.outputs = [self.channels[reader.name] for reader in self.spec.readers(slot.stage.name)]
         try:
             pid = worker.start(
@@ -302,9 +308,9 @@ class Supervisor:
         if self.clock() - slot.started_at > slot.stage.restart.within_s:
             slot.failures = 0  # it stayed up: the next backoff starts from the beginning
         self._feed(slot, event)
+        self._check_held(slot, event)
         if slot.retiring and slot.state in TERMINAL:
-            self.slots.remove(slot)
-            self.ready.discard(slot)
+            self._remove(slot)
             return
         if slot.regrouping and slot.state in TERMINAL:
             self._restart_group_when_ended()
@@ -312,6 +318,34 @@ class Supervisor:
         self._after_end(slot, cause)
         if slot.state is State.BACKOFF and slot.stage.strategy == "rest_for_one":
             self._stop_group(slot)
+
+    def _check_held(self, slot: Slot, event: Exited) -> None:
+        """A process that died holding a batch: its slot's next process will deliver it again."""
+        if slot.inflight_fd is None:
+            return
+        held = inflight.read(slot.inflight_fd)
+        if held is None:
+            return
+        inflight.note_exit(slot.inflight_fd, event.signal, event.code)
+        pending = len(held.items) - max(held.index, 0)
+        if slot.state in (State.BACKOFF, State.STARTING) or slot.regrouping:
+            self._bound(slot).warning(
+                "item_redelivered", items=pending, attempt=held.deliveries + 1, reason=event.describe()
+            )
+        else:
+            self._bound(slot).error(
+                "batch_abandoned",
+                items=pending,
+                message=f"{slot.name} died holding {pending} items and will not be restarted",
+            )
+
+    def _remove(self, slot: Slot) -> None:
+        """A retired slot leaves for good."""
+        self.slots.remove(slot)
+        self.ready.discard(slot)
+        if slot.inflight_fd is not None:
+            os.close(slot.inflight_fd)
+            slot.inflight_fd = None
 
     def _stop_group(self, failed: Slot) -> None:
         """rest_for_one: the failed stage's other workers and every stage downstream of it stop
@@ -402,6 +436,8 @@ class Supervisor:
                 bound.error("spawn_failed", **report)
             elif kind == "counts":
                 slot.counts = {k: int(v) for k, v in report.items()}
+            elif kind == "dead_lettered":
+                bound.warning("item_dead_lettered", **report)
             else:
                 bound.warning("worker_report_invalid", line=line[:_LINE_LIMIT])
 
@@ -586,7 +622,7 @@ class Supervisor:
         for slot in retiring:
             self._feed(slot, StopRequested() if slot.stage.is_producer else RetireRequested())
             if slot.state in TERMINAL:  # it had no process (waiting to restart)
-                self.slots.remove(slot)
+                self._remove(slot)
         return {
             "ok": True,
             "stage": name,
@@ -695,7 +731,7 @@ class Supervisor:
             else:
                 self._feed(slot, RetireRequested())  # its queue stays: the new readers go on
             if slot.state in TERMINAL:
-                self.slots.remove(slot)
+                self._remove(slot)
         for slot in reversed(arriving):
             self._feed(slot, StartRequested())
         return {

@@ -41,6 +41,7 @@ class Slot:
     regrouping: bool = False  # stopped for a rest_for_one restart of its group
     input: Channel | None = None  # what its current process reads and writes
     outputs: list[Channel] = field(default_factory=list)
+    inflight_fd: int | None = None  # the batch in hand, shared with every generation (inflight.py)
     counts: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -77,8 +78,9 @@ def start(
         report_fd=report_w,
         input=input_fds,
         outputs=outputs,
+        inflight_fd=slot.inflight_fd,
     )
-    keep = {report_w}
+    keep = {report_w} | ({slot.inflight_fd} if slot.inflight_fd is not None else set())
     if input_fds is not None:
         keep |= {input_fds.read_fd, input_fds.slots_fd}
     for output in outputs:
