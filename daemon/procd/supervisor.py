@@ -174,11 +174,15 @@ class Supervisor:
 
     def _policy(self, slot: Slot) -> Policy:
         """The restart policy in force for ``slot`` now: none while stopping, none once the
-        stage's input has ended (a new process would only see the end again)."""
+        stage's input has ended (a new process would only see the end again) unless the slot
+        holds a batch its next process must deliver."""
         stage = slot.stage
-        if self.stopping or slot.retiring or self._input_ended(slot):
+        if self.stopping or slot.retiring or (self._input_ended(slot) and not self._holds_batch(slot)):
             return Policy(Restart.NO)
         return Policy(stage.restart.policy, self.histories[stage.name].exceeded(self.clock()))
+
+    def _holds_batch(self, slot: Slot) -> bool:
+        return slot.inflight_fd is not None and inflight.read(slot.inflight_fd) is not None
 
     def _input_ended(self, slot: Slot) -> bool:
         channel = slot.input or self.channels.get(slot.stage.name)
