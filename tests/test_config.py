@@ -36,7 +36,7 @@ BAD = {
     ),
     "unknown-key-no-match": (
         OK_STAGE + "zzz = 1\n",
-        ["F: stages.a.zzz: unknown key; valid keys are function, command, inputs, processes, options, queue, restart, strategy, max_attempts, dead_letter"],
+        ["F: stages.a.zzz: unknown key; valid keys are function, command, inputs, processes, options, queue, restart, strategy, max_attempts, dead_letter, redeliver"],
     ),
     "unknown-input": (
         OK_STAGE + '[stages.b]\nfunction = "m:g"\ninputs = ["aa"]\n',

@@ -162,7 +162,7 @@ def test_bad_requests_get_errors_and_the_daemon_carries_on(ws: Workspace) -> Non
         assert exchange(b"not json\n") == [{"ok": False, "error": "malformed request: expected one JSON object per line"}]
         assert exchange(b'["status"]\n') == [{"ok": False, "error": 'malformed request: expected {"command": "..."}'}]
         assert exchange(b'{"command": "explode"}\n') == [
-            {"ok": False, "error": 'unknown command "explode"; commands are status, stop, reload, scale'}
+            {"ok": False, "error": 'unknown command "explode"; commands are status, stop, reload, scale, attach, replayed'}
         ]
         assert exchange(b'{"command": "scale", "stage": "nope", "processes": 2}\n') == [
             {"ok": False, "error": "unknown stage 'nope'; stages are idle"}

@@ -116,3 +116,89 @@ def test_chaos_sigkill_a_random_worker_every_50ms_loses_nothing(ws: Workspace) -
     assert len(killed) >= kills * 0.5
     assert summary["duplicates"] <= kills * batch
     assert redelivered
+
+
+FRAGILE = """
+def numbers():
+    yield from range(100)
+
+def fragile(n):
+    if n in (25, 75):
+        raise ValueError(f"cannot handle {n}")
+    return n
+
+def sleepy():
+    import time
+    while True:
+        time.sleep(3600)
+        yield None
+
+class Collect:
+    def __init__(self):
+        self.items = []
+    def __call__(self, item):
+        self.items.append(item)
+    def close(self):
+        print("collected", sorted(self.items), flush=True)
+"""
+
+
+def _make_dead_letters(ws: Workspace) -> None:
+    ws.write("st.py", FRAGILE)
+    ws.pipeline(
+        '[stages.numbers]\nfunction = "st:numbers"\n'
+        '[stages.fragile]\nfunction = "st:fragile"\ninputs = ["numbers"]\ndead_letter = "dead.jsonl"\n'
+        '[stages.collect]\nfunction = "st:Collect"\ninputs = ["fragile"]\n'
+    )
+    assert ws.run("run", f"{ws.name}.toml").code == 0
+
+
+def test_dlq_list_shows_records_and_skips_other_lines(ws: Workspace) -> None:
+    _make_dead_letters(ws)
+    with open(ws.path / "dead.jsonl", "a") as fh:
+        fh.write("this is not a record\n")
+    result = ws.run("dlq", "list", "dead.jsonl")
+    assert result.code == 0
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2
+    assert "fragile  attempts 3  ValueError: cannot handle 25  item 25" in lines[0]
+    assert result.stderr == "2 dead letters; 1 lines are not dead-letter records (skipped)\n"
+    as_json = [json.loads(line) for line in ws.run("dlq", "list", "dead.jsonl", "--json").stdout.splitlines()]
+    assert [r["item"] for r in as_json] == [25, 75]
+    missing = ws.run("dlq", "list", "nope.jsonl")
+    assert missing.code == 1 and missing.stderr == "procd dlq list: cannot read nope.jsonl: No such file or directory\n"
+
+
+def test_replay_a_fixed_item_in_a_fresh_run(ws: Workspace) -> None:
+    _make_dead_letters(ws)
+    ws.write("st.py", FRAGILE.replace("if n in (25, 75):", "if False:"))  # the fix
+    result = ws.run("dlq", "replay", "dead.jsonl", "--into", "fragile", "--pipeline", f"{ws.name}.toml")
+    assert result.code == 0, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [r["stage"] for r in records if r["event"] == "worker_spawned"] == ["collect", "fragile", "dlq-replay"]
+    lines = [r["line"] for r in records if r["event"] == "worker_output"]
+    assert lines == ["collected [25, 75]"]
+
+
+def test_replay_into_a_running_pipeline(ws: Workspace) -> None:
+    _make_dead_letters(ws)
+    ws.pipeline(
+        '[stages.idle]\nfunction = "st:sleepy"\n'
+        '[stages.collect]\nfunction = "st:Collect"\ninputs = ["idle"]\n'
+    )
+    proc = ws.start("run", f"{ws.name}.toml", "--log-file", "log.jsonl")
+    try:
+        wait_until(lambda: any(r["event"] == "pipeline_ready" for r in read_records(ws.path / "log.jsonl")))
+        result = ws.run("dlq", "replay", "dead.jsonl", "--into", "collect", "--control", str(ws.control))
+        assert result.code == 0, result.stderr
+        assert result.stdout == "replayed 2 items into collect\n"
+        refused = ws.run("dlq", "replay", "dead.jsonl", "--into", "idle", "--control", str(ws.control))
+        assert refused.code == 1 and "no stage 'idle' with an input" in refused.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    records = read_records(ws.path / "log.jsonl")
+    assert [r["line"] for r in records if r["event"] == "worker_output"] == ["collected [25, 75]"]
+    (replayed,) = [r for r in records if r["event"] == "items_replayed"]
+    assert replayed["items"] == 2 and replayed["stage"] == "collect"

@@ -7,15 +7,17 @@ Exit codes: 0 finished (or stopped on request after a clean drain), 1 runtime fa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
 import sys
 from collections.abc import Sequence
 
-from procd import __version__, callables, config, control, plan
+from procd import __version__, callables, config, control, deadletters, plan
 from procd.control import ControlError
 from procd.errors import ConfigError
+from procd.queues import QueueFds, QueueWriter
 from procd.log import open_logger
 from procd.supervisor import Supervisor
 
@@ -51,6 +53,21 @@ def _parser() -> argparse.ArgumentParser:
     reload = commands.add_parser("reload", help="re-read a running pipeline's file (the same as SIGHUP)")
     reload.add_argument("pipeline", metavar="PIPELINE", nargs="?")
     reload.add_argument("--control", metavar="PATH")
+
+    dlq = commands.add_parser("dlq", help="dead-letter files: list them, replay them")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+    dlq_list = dlq_commands.add_parser("list", help="show the records of a dead-letter file")
+    dlq_list.add_argument("file", metavar="FILE")
+    dlq_list.add_argument("--json", action="store_true", help="one JSON record per line")
+    dlq_replay = dlq_commands.add_parser("replay", help="feed the items of a dead-letter file into a stage")
+    dlq_replay.add_argument("file", metavar="FILE")
+    dlq_replay.add_argument("--into", metavar="STAGE", required=True)
+    dlq_replay.add_argument(
+        "--pipeline", metavar="PIPELINE_FILE",
+        help="run this pipeline afresh, from STAGE down, fed only by the file (else: into a running one)",
+    )
+    dlq_replay.add_argument("--name", metavar="PIPELINE", help="the running pipeline (default: the only one)")
+    dlq_replay.add_argument("--control", metavar="PATH")
 
     scale = commands.add_parser("scale", help="change the number of processes of a stage: STAGE=N")
     scale.add_argument("pipeline", metavar="PIPELINE")
@@ -200,6 +217,101 @@ def _control(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _dlq_list(file: str, as_json: bool) -> int:
+    try:
+        records = list(deadletters.read(file))
+    except OSError as exc:
+        print(f"procd dlq list: cannot read {file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
+    skipped = 0
+    for number, entry in records:
+        if entry is None:
+            skipped += 1
+        elif as_json:
+            print(json.dumps(entry))
+        else:
+            item = json.dumps(entry["item"]) if "item" in entry else entry.get("item_repr", "?")
+            error = f"{entry.get('error_type')}: {entry.get('error')}"
+            print(f"{number:>5}  {entry.get('ts', '?')}  {entry.get('stage', '?')}  attempts {entry.get('attempts', '?')}  {error}  item {item[:120]}")
+    good = len(records) - skipped
+    print(f"{good} dead letters" + (f"; {skipped} lines are not dead-letter records (skipped)" if skipped else ""), file=sys.stderr)
+    return EXIT_OK
+
+
+def _replayable(file: str) -> tuple[list, list[str]]:
+    items, refused = [], []
+    for number, entry in deadletters.read(file):
+        if entry is None:
+            refused.append(f"line {number}: not a dead-letter record")
+            continue
+        ok, value = deadletters.item_of(entry)
+        if ok:
+            items.append(value)
+        else:
+            refused.append(f"line {number}: {value}")
+    return items, refused
+
+
+def _dlq_replay(args: argparse.Namespace) -> int:
+    try:
+        items, refused = _replayable(args.file)
+    except OSError as exc:
+        print(f"procd dlq replay: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
+    for reason in refused:
+        print(f"procd dlq replay: skipped {reason}", file=sys.stderr)
+    if args.pipeline:
+        return _replay_fresh(args.pipeline, args.file, args.into)
+    try:
+        path = control.find_socket(args.name, args.control)
+        reply, fds = control.request_fds(path, {"command": "attach", "stage": args.into})
+        if not reply.get("ok"):
+            print(f"procd dlq replay: {reply.get('error')}", file=sys.stderr)
+            return EXIT_FAILURE
+        writer = QueueWriter(QueueFds(fds[0], -1, fds[1]))
+        batch = int(reply["batch"])
+        for start in range(0, len(items), batch):
+            writer.send(items[start : start + batch])
+        writer.close()
+        os.close(fds[1])
+        control.request(path, {"command": "replayed", "stage": args.into, "items": len(items), "file": args.file})
+    except ControlError as exc:
+        print(f"procd dlq replay: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"replayed {len(items)} items into {args.into}")
+    return EXIT_OK
+
+
+def _replay_fresh(pipeline_file: str, file: str, into: str) -> int:
+    """Run the pipeline from ``into`` down, fed only by the dead-letter file."""
+    try:
+        spec = _load(pipeline_file, imports=True, apart=True)
+    except ConfigError as error:
+        return _report(error)
+    names = [s.name for s in spec.stages]
+    if into not in names:
+        print(f"procd dlq replay: unknown stage {into!r}; stages are {', '.join(names)}", file=sys.stderr)
+        return EXIT_USAGE
+    keep = {into} | {s.name for s in spec.stages if into in plan.upstream_closure(spec, s.name)}
+    source = config.StageSpec(
+        name="dlq-replay", function="procd.deadletters:replay", options={"path": os.path.abspath(file)}
+    )
+    stages = [source] + [
+        dataclasses.replace(s, inputs=("dlq-replay",) if s.name == into else tuple(i for i in s.inputs if i in keep))
+        for s in spec.stages
+        if s.name in keep
+    ]
+    derived = dataclasses.replace(spec, stages=tuple(stages))
+    log, writer = open_logger(derived.name)
+    try:
+        return Supervisor(derived, log, writer, control_path=control.default_path(f"{derived.name}-replay")).run()
+    except ControlError as exc:
+        print(f"procd dlq replay: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        writer.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``procd`` command; return its exit code."""
     args = _parser().parse_args(argv)
@@ -208,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args.file, args.log_file, args.control)
         if args.command in ("status", "stop", "reload", "scale"):
             return _control(args)
+        if args.command == "dlq":
+            return _dlq_list(args.file, args.json) if args.dlq_command == "list" else _dlq_replay(args)
         if args.command == "check":
             return _check(args.files)
         if args.command == "init":

@@ -35,7 +35,7 @@ _PIPELINE_KEYS = ("name", "start_method", "stop_timeout", "state_dir")
 _DEFAULTS_KEYS = ("restart", "strategy")
 _STAGE_KEYS = (
     "function", "command", "inputs", "processes", "options", "queue", "restart", "strategy",
-    "max_attempts", "dead_letter",
+    "max_attempts", "dead_letter", "redeliver",
 )
 DEFAULT_MAX_ATTEMPTS = 3
 STRATEGIES = ("one_for_one", "rest_for_one")
@@ -83,6 +83,7 @@ class StageSpec:
     strategy: str = "one_for_one"
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     dead_letter: str = ""  # an absolute path once loaded
+    redeliver: bool = True  # track the batch in hand so a crash cannot lose it
 
     @property
     def is_producer(self) -> bool:
@@ -379,6 +380,10 @@ def _stage(
     restart = _restart(check, table.get("restart", {}), f"{prefix}.restart", default_restart)
     strategy = _strategy(check, table.get("strategy", default_strategy), f"{prefix}.strategy")
     max_attempts = check.integer(table.get("max_attempts", DEFAULT_MAX_ATTEMPTS), f"{prefix}.max_attempts", 1)
+    redeliver = table.get("redeliver", True)
+    if not isinstance(redeliver, bool):
+        check.add(f"{prefix}.redeliver", f"expected true or false, {_got(redeliver)}")
+        redeliver = True
     dead_letter = table.get("dead_letter", os.path.join(state_dir, f"{name}.deadletter.jsonl"))
     if not isinstance(dead_letter, str) or not dead_letter:
         check.add(f"{prefix}.dead_letter", f"expected a file path, {_got(dead_letter)}")
@@ -396,6 +401,7 @@ def _stage(
         strategy=strategy,
         max_attempts=max_attempts or DEFAULT_MAX_ATTEMPTS,
         dead_letter=os.path.join(base_dir, dead_letter) if dead_letter else "",
+        redeliver=redeliver,
     )
 
 
@@ -470,6 +476,7 @@ def as_document(spec: PipelineSpec) -> dict[str, Any]:
         table["strategy"] = stage.strategy
         table["max_attempts"] = stage.max_attempts
         table["dead_letter"] = stage.dead_letter
+        table["redeliver"] = stage.redeliver
         stages[stage.name] = table
     return {
         "pipeline": {

@@ -11,6 +11,7 @@ Client side (used by ``procd status``, ``stop``, ``scale``, ``reload``): one blo
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import socket
@@ -20,7 +21,7 @@ from typing import Any
 from procd.errors import ProcdError
 
 MAX_REQUEST = 64 * 1024
-COMMANDS = ("status", "stop", "reload", "scale")
+COMMANDS = ("status", "stop", "reload", "scale", "attach", "replayed")
 _CRED = struct.Struct("3i")
 
 
@@ -74,8 +75,17 @@ class Client:
             self.closing = True
         return requests
 
-    def reply(self, message: dict[str, Any]) -> None:
-        self.outbox += json.dumps(message, default=str).encode() + b"\n"
+    def reply(self, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
+        """Queue a reply; one that carries descriptors (``SCM_RIGHTS``) is sent at once."""
+        data = json.dumps(message, default=str).encode() + b"\n"
+        if not fds:
+            self.outbox += data
+            return
+        self.flush()
+        try:
+            self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+        except OSError:
+            self.closing = True
 
     def flush(self) -> bool:
         """Send what the socket takes now; True when nothing is left to send."""
@@ -210,6 +220,12 @@ def request(path: str, message: dict[str, Any], timeout_s: float = 10.0) -> dict
     Raises:
         ControlError: nothing answers at ``path``, or the reply is not JSON.
     """
+    reply, _fds = request_fds(path, message, timeout_s)
+    return reply
+
+
+def request_fds(path: str, message: dict[str, Any], timeout_s: float = 10.0) -> tuple[dict[str, Any], list[int]]:
+    """``request``, also returning the descriptors the reply carried (``attach``)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout_s)
     try:
@@ -221,8 +237,14 @@ def request(path: str, message: dict[str, Any], timeout_s: float = 10.0) -> dict
             raise ControlError(f"permission denied: {path} belongs to another user") from None
         sock.sendall(json.dumps(message).encode() + b"\n")
         data = b""
+        fds: list[int] = []
         while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
+            chunk, ancdata, _flags, _addr = sock.recvmsg(65536, socket.CMSG_SPACE(8 * 4), socket.MSG_CMSG_CLOEXEC)
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    received = array.array("i")
+                    received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
+                    fds.extend(received)
             if not chunk:
                 break
             data += chunk
@@ -234,4 +256,4 @@ def request(path: str, message: dict[str, Any], timeout_s: float = 10.0) -> dict
         reply: dict[str, Any] = json.loads(data)
     except ValueError:
         raise ControlError(f"the reply from {path} is not JSON: {data[:200]!r}") from None
-    return reply
+    return reply, fds

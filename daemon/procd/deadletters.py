@@ -75,3 +75,12 @@ def item_of(entry: dict[str, Any]) -> tuple[bool, Any]:
     if "item" in entry:
         return True, entry["item"]
     return False, entry.get("item_unpicklable") or entry.get("item_unserializable") or "the record has no item"
+
+
+def replay(path: str) -> Iterator[Any]:
+    """A producer stage for ``procd dlq replay --pipeline``: every item the file can give back."""
+    for _number, entry in read(path):
+        if entry is not None:
+            ok, item = item_of(entry)
+            if ok:
+                yield item

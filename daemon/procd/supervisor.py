@@ -216,7 +216,7 @@ class Supervisor:
 
     def _spawn(self, slot: Slot) -> None:
         slot.input = self.channels.get(slot.stage.name)
-        if slot.inflight_fd is None and slot.input is not None and slot.stage.function is not None:
+        if slot.inflight_fd is None and slot.input is not None and slot.stage.function is not None and slot.stage.redeliver:
             slot.inflight_fd = inflight.create(INLINE_LIMIT)
         slot.outputs = [self.channels[reader.name] for reader in self.spec.readers(slot.stage.name)]
         try:
@@ -511,7 +511,11 @@ class Supervisor:
                 self._drop(client)
                 return
             for request in requests:
-                client.reply(self._answer(request))
+                if isinstance(request, dict) and request["command"] == "attach":
+                    reply, fds = self._attach(request.get("stage"))
+                    client.reply(reply, fds)
+                else:
+                    client.reply(self._answer(request))
         done = client.flush()
         if done and client.closing:
             self._drop(client)
@@ -535,7 +539,25 @@ class Supervisor:
             return {"ok": True, "stopping": True}
         if command == "scale":
             return self._scale(request.get("stage"), request.get("processes"))
+        if command == "replayed":
+            self.log.info(
+                "items_replayed", stage=request.get("stage"), items=request.get("items"), file=request.get("file")
+            )
+            return {"ok": True}
         return self.reload("control socket")
+
+    def _attach(self, name: object) -> tuple[dict[str, Any], tuple[int, ...]]:
+        """Hand a client the writing end of a stage's input (``procd dlq replay``). The stage's
+        end of stream then also waits for that client to close it."""
+        channel = self.channels.get(name) if isinstance(name, str) else None
+        if channel is None:
+            readers = sorted(self.channels)
+            return {"ok": False, "error": f"no stage {name!r} with an input; stages with one are {', '.join(readers)}"}, ()
+        if not channel.writing or self.stopping:
+            return {"ok": False, "error": f"the input of stage {name} has ended; it takes no more items"}, ()
+        self.log.info("input_attached", stage=name)
+        reply = {"ok": True, "stage": name, "batch": channel.spec.batch, "slots": channel.spec.slots}
+        return reply, (channel.fds.write_fd, channel.fds.slots_fd)
 
     def status(self) -> dict[str, Any]:
         """Every stage and worker as ``procd status`` shows them."""
