@@ -71,7 +71,7 @@ def test_show_fills_in_every_default(ws: Workspace) -> None:
         "name": "fanout", "start_method": "fork", "stop_timeout": "10s", "state_dir": config.default_state_dir("fanout")
     }
     assert document["stages"]["summary"]["dead_letter"].endswith("/fanout/summary.deadletter.jsonl")
-    assert document["stages"]["summary"]["queue"] == {"maxsize": 10000, "batch": 256}
+    assert document["stages"]["summary"]["queue"] == {"maxsize": 10000, "batch": 256, "backend": "memory"}
     assert document["stages"]["errors"]["processes"] == 2
 
 

@@ -223,7 +223,7 @@ def test_show_writes_back_a_file_that_loads_to_the_same_spec(tmp_path: Path) -> 
     state = config.default_state_dir("p")
     assert document["pipeline"] == {"name": "p", "start_method": "fork", "stop_timeout": "250ms", "state_dir": state}
     assert document["stages"]["b"]["dead_letter"] == f"{state}/b.deadletter.jsonl"
-    assert document["stages"]["b"]["queue"] == {"maxsize": 10_000, "batch": 256}
+    assert document["stages"]["b"]["queue"] == {"maxsize": 10_000, "batch": 256, "backend": "memory"}
     reloaded = config.load_pipeline(again)
     assert reloaded.stages == spec.stages and reloaded.stop_timeout_s == spec.stop_timeout_s
 

@@ -14,7 +14,7 @@ LAYERS = {
     "interface": {"cli", "__main__"},
     "loop": {"supervisor", "control"},
     "processes": {"worker", "spawn", "child", "channels"},
-    "os": {"signals", "reaper", "queues", "procctl", "callables", "procinfo", "inflight", "deadletters"},
+    "os": {"signals", "reaper", "queues", "procctl", "callables", "procinfo", "inflight", "deadletters", "durable"},
     "logging": {"log"},
     "model": {"config", "plan", "starter"},
     "core": {"lifecycle", "errors", "restarts", "__init__"},

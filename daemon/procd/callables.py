@@ -53,6 +53,17 @@ def resolve(ref: str, base_dir: str) -> Any:
     return target
 
 
+def accepts(target: Any, name: str) -> bool:
+    """True if calling ``target`` (a function, or a class through its ``__init__``) takes a
+    keyword argument called ``name``."""
+    import inspect  # only producers ask, once per process
+
+    try:
+        return name in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def is_class(target: Any) -> bool:
     """Classes are instantiated once per worker; functions are called directly."""
     return isinstance(target, type)

@@ -29,7 +29,7 @@ class Channel:
 
     @classmethod
     def create(cls, stage: str, spec: QueueSpec) -> Channel:
-        return cls(stage, spec, queues.create_queue(spec.slots))
+        return cls(stage, spec, queues.create_queue(spec.slots, spec.path))
 
     @property
     def ended(self) -> bool:

@@ -62,6 +62,7 @@ class WorkerContext:
     input: QueueFds | None
     outputs: tuple[Output, ...]
     inflight_fd: int | None = None  # the slot's in-flight memfd (function stages with an input)
+    state_dir: str = ""
 
     @property
     def title(self) -> str:
@@ -107,7 +108,9 @@ class Outlet:
             self.flush()
 
     def flush(self) -> None:
-        pending, self.pending = self.pending, []
+        # emptied in place: a producer's hot loop holds on to this very list
+        pending = self.pending.copy()
+        self.pending.clear()
         self.sent += len(pending)
         for writer, batch in self._writers:
             for start in range(0, len(pending), batch):
@@ -145,19 +148,22 @@ def _report_error(reporter: Reporter, exc: BaseException, item: Any = None) -> N
 def _run_function(ctx: WorkerContext, reporter: Reporter) -> int:
     stage = ctx.stage
     assert stage.function is not None
+    outlet = Outlet(ctx.outputs)
+    options = dict(stage.options)
     try:
         target = callables.resolve(stage.function, ctx.base_dir)
-        instance = target(**stage.options) if callables.is_class(target) else None
+        if stage.is_producer and callables.accepts(target, "checkpoint"):
+            options["checkpoint"] = Checkpoint.open(ctx, outlet)
+        instance = target(**options) if callables.is_class(target) else None
     except callables.ResolveError as exc:
         reporter.send("error", error_type="ResolveError", error=str(exc), item=None, traceback="")
         return 1
     except Exception as exc:
         _report_error(reporter, exc)
         return 1
-    outlet = Outlet(ctx.outputs)
     reporter.send("ready")
     if stage.is_producer:
-        code = _produce(target, instance, stage, outlet, reporter)
+        code = _produce(target, instance, options, outlet, reporter)
         received = 0
     else:
         code, received = _consume(target, instance, ctx, outlet, reporter)
@@ -185,7 +191,44 @@ def _emit(result: Any, outlet: Outlet) -> None:
         outlet.add(result)
 
 
-def _produce(target: Any, instance: Any, stage: StageSpec, outlet: Outlet, reporter: Reporter) -> int:
+class Checkpoint:
+    """A producer's place, kept between runs (a producer asks for it with a ``checkpoint``
+    parameter). ``value`` is what the last run saved (None the first time); ``save(value)``
+    first hands every item yielded so far on to the durable queues downstream, then writes
+    ``value`` (JSON) atomically, so a restarted producer that resumes from ``value`` loses
+    nothing (and repeats at most what it yielded after its last save)."""
+
+    def __init__(self, path: str, outlet: Outlet) -> None:
+        self.path = path
+        self._outlet = outlet
+        try:
+            with open(path, encoding="utf-8") as fh:
+                self.value: Any = json.load(fh)["value"]
+        except FileNotFoundError:
+            self.value = None
+
+    @classmethod
+    def open(cls, ctx: WorkerContext, outlet: Outlet) -> Checkpoint:
+        if not ctx.outputs or any(o.fds.store_path is None for o in ctx.outputs):
+            raise ValueError(
+                f'stage {ctx.stage.name} asks for a checkpoint, so every stage reading it needs a durable queue '
+                '(queue = { backend = "sqlite" }): an item in memory could be skipped on resume'
+            )
+        return cls(os.path.join(ctx.state_dir, f"{ctx.stage.name}.checkpoint.json"), outlet)
+
+    def save(self, value: Any) -> None:
+        self._outlet.flush()
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        temporary = f"{self.path}.{os.getpid()}.tmp"
+        with open(temporary, "w", encoding="utf-8") as fh:
+            json.dump({"value": value}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temporary, self.path)
+        self.value = value
+
+
+def _produce(target: Any, instance: Any, options: dict[str, Any], outlet: Outlet, reporter: Reporter) -> int:
     stopping = False
     in_user_code = False
 
@@ -201,7 +244,7 @@ def _produce(target: Any, instance: Any, stage: StageSpec, outlet: Outlet, repor
     pending = outlet.pending
     try:
         in_user_code = True
-        source = instance if instance is not None else target(**stage.options)
+        source = instance if instance is not None else target(**options)
         next_item = iter(source if source is not None else ()).__next__
         in_user_code = False
         since = 0.0
@@ -220,7 +263,6 @@ def _produce(target: Any, instance: Any, stage: StageSpec, outlet: Outlet, repor
             size = len(pending)
             if size >= outlet.largest:
                 outlet.flush()
-                pending = outlet.pending
                 if monotonic() - reported >= COUNTS_INTERVAL_S:
                     reported = monotonic()
                     reporter.send("counts", items_in=0, items_out=outlet.count)
@@ -228,7 +270,6 @@ def _produce(target: Any, instance: Any, stage: StageSpec, outlet: Outlet, repor
                 since = monotonic()
             elif monotonic() - since >= FLUSH_INTERVAL_S:
                 outlet.flush()
-                pending = outlet.pending
     except _StopProducing:
         pass
     except Exception as exc:
@@ -282,11 +323,13 @@ def _consume(target: Any, instance: Any, ctx: WorkerContext, outlet: Outlet, rep
                     )
 
     received = 0
+    reader = QueueReader(ctx.input, slot)
     if slot is not None:
         held = inflight.read(slot.fd)
         if held is not None:
             received += _redeliver(ctx, held, slot, attempt, outlet, letters, reporter)
-    reader = QueueReader(ctx.input, slot)
+            reader.acknowledge(held.ack)
+            slot.clear()
     reported = time.monotonic()
     for batch in reader.batches(stop_fd_on_sigterm()):
         received += len(batch)
@@ -313,7 +356,7 @@ def _redeliver(
     item in hand recorded in the slot: an item that kills processes ``max_attempts`` times in all
     is dead-lettered instead of taking the slot down for ever."""
     items = held.items
-    slot.hold_large(pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL), held.deliveries + 1)
+    slot.hold_large(pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL), held.deliveries + 1, held.ack)
     start, crashes = 0, 0
     if held.index >= 0:
         crashes = held.crashes + 1
@@ -333,7 +376,6 @@ def _redeliver(
         slot.at(index, crashes if index == held.index else 0)
         attempt(items[index])
         outlet.flush()
-    slot.clear()
     return len(items) - start
 
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from procd import __version__, callables, config, control, deadletters, plan
 from procd.control import ControlError
+from procd.durable import StoreError
 from procd.errors import ConfigError
 from procd.queues import QueueFds, QueueWriter
 from procd.log import open_logger
@@ -124,6 +125,9 @@ def _run(file: str, log_file: str | None, control_path: str | None) -> int:
         return Supervisor(spec, log, writer, control_path=control_path).run()
     except ControlError as exc:
         log.error("control_unavailable", error=str(exc))
+        return EXIT_FAILURE
+    except StoreError as exc:
+        log.error("queue_unavailable", error=str(exc))
         return EXIT_FAILURE
     finally:
         writer.close()

@@ -39,7 +39,8 @@ _STAGE_KEYS = (
 )
 DEFAULT_MAX_ATTEMPTS = 3
 STRATEGIES = ("one_for_one", "rest_for_one")
-_QUEUE_KEYS = ("maxsize", "batch")
+_QUEUE_KEYS = ("maxsize", "batch", "backend", "path")
+BACKENDS = ("memory", "sqlite")
 _RESTART_KEYS = ("policy", "max", "within", "backoff")
 _POLICIES = tuple(p.value for p in Restart)
 
@@ -50,6 +51,8 @@ class QueueSpec:
 
     maxsize: int = DEFAULT_QUEUE_MAXSIZE
     batch: int = DEFAULT_QUEUE_BATCH
+    backend: str = "memory"
+    path: str | None = None  # the SQLite file of a durable queue (absolute once loaded)
 
     @property
     def slots(self) -> int:
@@ -373,7 +376,23 @@ def _stage(
     check.unknown_keys(queue_table, _QUEUE_KEYS, f"{prefix}.queue.")
     maxsize = check.integer(queue_table.get("maxsize", DEFAULT_QUEUE_MAXSIZE), f"{prefix}.queue.maxsize", 1)
     batch = check.integer(queue_table.get("batch", DEFAULT_QUEUE_BATCH), f"{prefix}.queue.batch", 1)
-    queue = QueueSpec(maxsize or DEFAULT_QUEUE_MAXSIZE, batch or DEFAULT_QUEUE_BATCH)
+    backend = queue_table.get("backend", "memory")
+    if backend not in BACKENDS:
+        check.add(f"{prefix}.queue.backend", f"expected one of {', '.join(BACKENDS)}, {_got(backend)}")
+        backend = "memory"
+    path = queue_table.get("path")
+    if path is not None and (not isinstance(path, str) or not path):
+        check.add(f"{prefix}.queue.path", f"expected a file path, {_got(path)}")
+        path = None
+    if path is not None and backend != "sqlite":
+        check.add(f"{prefix}.queue.path", 'applies to backend = "sqlite" only')
+    if backend == "sqlite":
+        path = os.path.join(base_dir, path or os.path.join(state_dir, f"{name}.queue.sqlite"))
+    else:
+        path = None
+    if backend == "sqlite" and "command" in table:
+        check.add(f"{prefix}.queue.backend", "a durable queue needs a function stage to read it")
+    queue = QueueSpec(maxsize or DEFAULT_QUEUE_MAXSIZE, batch or DEFAULT_QUEUE_BATCH, backend, path)
     if maxsize and batch and batch > maxsize:
         check.add(f"{prefix}.queue.batch", f"must not exceed queue.maxsize ({maxsize}), got {batch}")
 
@@ -465,7 +484,9 @@ def as_document(spec: PipelineSpec) -> dict[str, Any]:
         table["processes"] = stage.processes
         if stage.function is not None:
             table["options"] = dict(stage.options)
-        table["queue"] = {"maxsize": stage.queue.maxsize, "batch": stage.queue.batch}
+        table["queue"] = {"maxsize": stage.queue.maxsize, "batch": stage.queue.batch, "backend": stage.queue.backend}
+        if stage.queue.path is not None:
+            table["queue"]["path"] = stage.queue.path
         restart = stage.restart
         table["restart"] = {
             "policy": restart.policy.value,

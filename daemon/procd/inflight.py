@@ -24,8 +24,9 @@ from typing import Any
 EMPTY, RECEIVING, HELD = 0, 1, 2
 NO_INDEX = -1
 # state, payload length, index of the item in hand (careful mode), crashes on that item,
-# deliveries of this batch so far, and how the last process ended (signal, code; -1 = none)
-_HEADER = struct.Struct("<IIiIIii")
+# deliveries of this batch so far, how the last process ended (signal, code; -1 = none), and the
+# durable queue row to acknowledge when the batch is done (0 = none)
+_HEADER = struct.Struct("<IIiIIiiq")
 PAYLOAD_OFFSET = 64
 _PICKLE_START = pickle.PROTO + bytes([pickle.HIGHEST_PROTOCOL])
 
@@ -41,20 +42,21 @@ class Held:
     deliveries: int
     last_signal: int
     last_code: int
+    ack: int
 
 
 def create(inline_capacity: int) -> int:
     """A new slot memfd (supervisor side), sized for one inline batch."""
     fd = os.memfd_create("procd-inflight", os.MFD_CLOEXEC)
     os.ftruncate(fd, PAYLOAD_OFFSET + inline_capacity + 1)
-    os.pwrite(fd, _HEADER.pack(EMPTY, 0, NO_INDEX, 0, 0, -1, -1), 0)
+    os.pwrite(fd, _HEADER.pack(EMPTY, 0, NO_INDEX, 0, 0, -1, -1, 0), 0)
     return fd
 
 
 def read(fd: int) -> Held | None:
     """The batch the slot holds, or None (supervisor, or a new process of the slot)."""
     header = os.pread(fd, _HEADER.size, 0)
-    state, length, index, crashes, deliveries, last_signal, last_code = _HEADER.unpack(header)
+    state, length, index, crashes, deliveries, last_signal, last_code, ack = _HEADER.unpack(header)
     if state == EMPTY:
         return None
     if state == RECEIVING:
@@ -66,7 +68,7 @@ def read(fd: int) -> Held | None:
         items = pickle.loads(payload)
     except Exception:
         return None  # RECEIVING with a stale pickle start but no whole message: nothing was taken
-    return Held(state, items, index, crashes, deliveries, last_signal, last_code)
+    return Held(state, items, index, crashes, deliveries, last_signal, last_code, ack)
 
 
 def note_exit(fd: int, signal: int | None, code: int | None) -> None:
@@ -85,18 +87,19 @@ class Slot:
     def arm(self) -> None:
         """About to receive: any earlier pickle start is wiped first."""
         self._map[PAYLOAD_OFFSET : PAYLOAD_OFFSET + 2] = b"\0\0"
-        _HEADER.pack_into(self._map, 0, RECEIVING, 0, NO_INDEX, 0, 1, -1, -1)
+        _HEADER.pack_into(self._map, 0, RECEIVING, 0, NO_INDEX, 0, 1, -1, -1, 0)
 
     def hold(self, length: int) -> None:
         """The receive put ``length`` bytes in the buffer."""
         struct.pack_into("<II", self._map, 0, HELD, length)
 
-    def hold_large(self, payload: bytes, deliveries: int = 1) -> None:
-        """A batch too large for the mapping: written through the fd (the file grows)."""
+    def hold_large(self, payload: bytes, deliveries: int = 1, ack: int = 0) -> None:
+        """A batch written through the fd (the file grows if it must): a large one, a durable
+        queue's row (``ack``), or one being delivered again."""
         if PAYLOAD_OFFSET + len(payload) > os.fstat(self.fd).st_size:
             os.ftruncate(self.fd, PAYLOAD_OFFSET + len(payload))
         os.pwrite(self.fd, payload, PAYLOAD_OFFSET)
-        _HEADER.pack_into(self._map, 0, HELD, len(payload), NO_INDEX, 0, deliveries, -1, -1)
+        _HEADER.pack_into(self._map, 0, HELD, len(payload), NO_INDEX, 0, deliveries, -1, -1, ack)
 
     def at(self, index: int, crashes: int) -> None:
         """Careful mode: item ``index`` is in hand, having crashed a process ``crashes`` times."""

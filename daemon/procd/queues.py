@@ -33,11 +33,12 @@ import os
 import pickle
 import select
 import socket
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from procd import inflight
+from procd import durable, inflight
 
 # The socket buffer (a byte bound besides the slot count): raised to this where the kernel allows
 # it (root may exceed net.core.wmem_max with SO_SNDBUFFORCE). Linux doubles the value it is given.
@@ -45,26 +46,40 @@ _SNDBUF_BYTES = 4 * 1024 * 1024
 # Larger payloads travel in a memfd (see the module docstring).
 INLINE_LIMIT = 60 * 1024
 _FD_SPACE = socket.CMSG_SPACE(array.array("i").itemsize)
+_ROW = struct.Struct("<q")  # a durable queue's doorbell: the row id
 _SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 
 
 @dataclass(frozen=True)
 class QueueFds:
-    """The three descriptors of one local queue; picklable, so it can cross an exec."""
+    """The three descriptors of one queue, and the database of a durable one; picklable, so it
+    can cross an exec."""
 
     write_fd: int
     read_fd: int
     slots_fd: int
+    store_path: str | None = None
 
     def all(self) -> tuple[int, int, int]:
         return (self.write_fd, self.read_fd, self.slots_fd)
 
 
-def create_queue(slots: int) -> QueueFds:
-    """Create a local queue that holds at most ``slots`` messages.
+def create_queue(slots: int, store_path: str | None = None) -> QueueFds:
+    """Create a queue that holds at most ``slots`` messages (durable with ``store_path``: see
+    ``durable``; the rows an earlier run left are announced again, and count against the bound).
 
     Returns raw descriptors, close-on-exec; the caller decides who inherits which.
+
+    Raises:
+        StoreError: the durable queue's database cannot be used.
     """
+    waiting: list[int] = []
+    if store_path is not None:
+        store = durable.Store(store_path, timeout_s=2.0)
+        try:
+            waiting = store.recover()
+        finally:
+            store.close()
     writer, reader = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     for option in (_SO_SNDBUFFORCE, socket.SO_SNDBUF):
         try:
@@ -72,8 +87,10 @@ def create_queue(slots: int) -> QueueFds:
             break
         except PermissionError:
             continue
-    slots_fd = os.eventfd(slots, os.EFD_SEMAPHORE | os.EFD_CLOEXEC)
-    return QueueFds(writer.detach(), reader.detach(), slots_fd)
+    slots_fd = os.eventfd(max(0, slots - len(waiting)), os.EFD_SEMAPHORE | os.EFD_CLOEXEC)
+    for row in waiting:  # the socket buffer holds far more doorbells than a queue has slots
+        writer.send(_ROW.pack(row), socket.MSG_DONTWAIT)
+    return QueueFds(writer.detach(), reader.detach(), slots_fd, store_path)
 
 
 def close_fds(fds: tuple[int, ...]) -> None:
@@ -91,6 +108,8 @@ class QueueWriter:
     def __init__(self, fds: QueueFds) -> None:
         self._sock = socket.socket(fileno=fds.write_fd)
         self._slots_fd = fds.slots_fd
+        self._store_path = fds.store_path
+        self._store: durable.Store | None = None
 
     def send(self, items: list[Any]) -> None:
         """Send ``items`` as one message; blocks while the queue is full."""
@@ -101,6 +120,11 @@ class QueueWriter:
                 break
             except InterruptedError:  # os.eventfd_read does not retry by itself (no PEP 475)
                 continue
+        if self._store_path is not None:
+            if self._store is None:
+                self._store = durable.Store(self._store_path)
+            self._sock.send(_ROW.pack(self._store.insert(payload)))
+            return
         if len(payload) <= INLINE_LIMIT:
             self._sock.send(payload)
             return
@@ -117,6 +141,8 @@ class QueueWriter:
 
     def close(self) -> None:
         self._sock.close()
+        if self._store is not None:
+            self._store.close()
 
 
 class Interrupted(Exception):
@@ -135,6 +161,8 @@ class QueueReader:
         self._slots_fd = fds.slots_fd
         self._slot = slot
         self._view = slot.buffer[: INLINE_LIMIT + 1] if slot is not None else memoryview(bytearray(INLINE_LIMIT + 1))
+        self._store = durable.Store(fds.store_path) if fds.store_path is not None else None
+        self._row = 0  # the durable row of the batch in hand
 
     def receive(self, stop_fd: int | None = None) -> list[Any] | None:
         """Return the next batch, or None at end of stream.
@@ -144,6 +172,8 @@ class QueueReader:
                 ends and ``Interrupted`` is raised with no message taken from the queue (a
                 signal handler cannot do this safely: it may run just after a message arrived).
         """
+        if self._store is not None:
+            return self._receive_row(stop_fd)
         if self._slot is not None:
             self._slot.arm()
         while True:
@@ -177,10 +207,44 @@ class QueueReader:
             self._slot.hold(size)
         return pickle.loads(self._view[:size])  # type: ignore[no-any-return]
 
+    def _receive_row(self, stop_fd: int | None) -> list[Any] | None:
+        """Durable queue: a doorbell names a row; claim it (or skip one already taken)."""
+        assert self._store is not None
+        while True:
+            try:
+                data = self._sock.recv(_ROW.size, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                watched = [self._sock.fileno()] if stop_fd is None else [self._sock.fileno(), stop_fd]
+                ready, _, _ = select.select(watched, [], [])
+                if stop_fd in ready:
+                    raise Interrupted
+                continue
+            except ConnectionResetError:
+                return None
+            if not data:
+                return None
+            (row,) = _ROW.unpack(data)
+            payload = self._store.claim(row, os.getpid())
+            if payload is None:
+                continue  # rung twice: another reader has it, or it is done
+            if self._slot is not None:
+                self._slot.hold_large(payload, ack=row)
+            self._row = row
+            batch: list[Any] = pickle.loads(payload)
+            return batch
+
     def done(self) -> None:
         """Every output of the last batch has been handed on: it is no longer held."""
+        self.acknowledge(self._row)
         if self._slot is not None:
             self._slot.clear()
+
+    def acknowledge(self, row: int) -> None:
+        """Durable queue: delete row ``row`` and free its place in the bound."""
+        if self._store is not None and row:
+            self._store.ack(row)
+            os.eventfd_write(self._slots_fd, 1)
+            self._row = 0
 
     def __iter__(self) -> Iterator[list[Any]]:
         while (batch := self.receive()) is not None:

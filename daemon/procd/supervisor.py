@@ -26,6 +26,7 @@ from procd import callables, config, inflight, plan, procctl, procinfo, reaper, 
 from procd.queues import INLINE_LIMIT
 from procd.channels import Channel
 from procd.control import Client, ControlServer, default_path
+from procd.durable import StoreError
 from procd.errors import ConfigError, Problem
 from procd.restarts import RestartHistory, backoff_delay
 from procd.child import Output
@@ -224,6 +225,7 @@ class Supervisor:
                 slot,
                 pipeline=self.spec.name,
                 base_dir=self.spec.base_dir,
+                state_dir=self.spec.state_dir,
                 start_method=self.spec.start_method,
                 input_fds=slot.input.fds if slot.input is not None else None,
                 outputs=tuple(Output(c.fds, c.spec.batch) for c in slot.outputs),
@@ -718,6 +720,16 @@ class Supervisor:
         changed -= set(finished)
         added, removed = new_names - old_names, old_names - new_names
 
+        fresh: dict[str, Channel] = {}
+        try:
+            for name in added | (changed & replaced_queues):
+                if not new.stage(name).is_producer:
+                    fresh[name] = Channel.create(name, new.stage(name).queue)
+        except StoreError as exc:
+            for channel in fresh.values():
+                channel.close()
+            self.log.error("config_invalid", file=self.spec.file, problems=[str(exc)], message="still running unchanged")
+            return {"ok": False, "error": "a new queue cannot be made; nothing changed", "problems": [str(exc)]}
         self.spec = new
         for stage in new.stages:
             self.histories.setdefault(stage.name, RestartHistory(stage.restart.max, stage.restart.within_s))
@@ -726,9 +738,7 @@ class Supervisor:
             if channel is not None:
                 channel.current = False
                 self.retired.append(channel)
-        for name in added | (changed & replaced_queues):
-            if not new.stage(name).is_producer:
-                self.channels[name] = Channel.create(name, new.stage(name).queue)
+        self.channels.update(fresh)
 
         leaving = [s for s in self.slots if s.stage.name in removed | changed and s.state not in TERMINAL]
         generations = {(s.stage.name, s.index): s.generation for s in self.slots}

@@ -58,6 +58,7 @@ def start(
     *,
     pipeline: str,
     base_dir: str,
+    state_dir: str,
     start_method: str,
     input_fds: QueueFds | None,
     outputs: tuple[Output, ...],
@@ -79,6 +80,7 @@ def start(
         input=input_fds,
         outputs=outputs,
         inflight_fd=slot.inflight_fd,
+        state_dir=state_dir,
     )
     keep = {report_w} | ({slot.inflight_fd} if slot.inflight_fd is not None else set())
     if input_fds is not None:
