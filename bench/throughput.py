@@ -9,7 +9,8 @@ None sentinels. procd runs the same stage code from a generated pipeline file, a
 Reported: items/s end to end (process start to exit) and, for procd, inside the pipeline
 (from pipeline_starting to pipeline_stopped in its log), and the ratio procd / classic.
 The issue's target: procd at least 5x the classic pattern. procd also runs with
-``redeliver = false`` (no in-flight tracking), to show what at-least-once delivery costs.
+``redeliver = false`` (no in-flight tracking), to show what at-least-once delivery costs, and
+with durable SQLite queues (``queue = { backend = "sqlite" }``) for the transform and the sink.
 """
 
 from __future__ import annotations
@@ -66,12 +67,14 @@ function = "benchstages:transform"
 inputs = ["produce"]
 processes = 2
 redeliver = {redeliver}
+{transform_queue}
 
 [stages.sink]
 function = "benchstages:Sink"
 inputs = ["transform"]
 options = {{ count = {count} }}
 redeliver = {redeliver}
+{sink_queue}
 """
 
 
@@ -137,12 +140,21 @@ def _ts(record: dict) -> float:
     return datetime.datetime.fromisoformat(record["ts"].replace("Z", "+00:00")).timestamp()
 
 
-def run_procd(count: int, workdir: str, redeliver: bool = True) -> tuple[float, float]:
+def run_procd(count: int, workdir: str, redeliver: bool = True, sqlite: bool = False) -> tuple[float, float]:
     with open(os.path.join(workdir, "benchstages.py"), "w") as fh:
         fh.write(STAGES)
     pipeline = os.path.join(workdir, "bench.toml")
     with open(pipeline, "w") as fh:
-        fh.write(PIPELINE.format(count=count, redeliver=str(redeliver).lower()))
+        queues = {
+            f"{stage}_queue": f'queue = {{ backend = "sqlite", path = "bench-{stage}.sqlite" }}' if sqlite else ""
+            for stage in ("transform", "sink")
+        }
+        for stage in ("transform", "sink"):
+            for suffix in ("", "-wal", "-shm"):
+                path = os.path.join(workdir, f"bench-{stage}.sqlite{suffix}")
+                if os.path.exists(path):
+                    os.unlink(path)
+        fh.write(PIPELINE.format(count=count, redeliver=str(redeliver).lower(), **queues))
     log = os.path.join(workdir, "bench.log")
     if os.path.exists(log):
         os.unlink(log)
@@ -170,7 +182,7 @@ def main() -> None:
     if args.classic_only:
         print(classic_pipeline(args.items))
         return
-    runs: dict[str, list[float]] = {"ct": [], "ci": [], "pt": [], "pi": [], "nt": [], "ni": []}
+    runs: dict[str, list[float]] = {k: [] for k in ("ct", "ci", "pt", "pi", "nt", "ni", "st", "si")}
     with tempfile.TemporaryDirectory() as workdir:
         for _ in range(args.repeat):
             total, inside = run_classic(args.items)
@@ -182,13 +194,19 @@ def main() -> None:
             total, inside = run_procd(args.items, workdir, redeliver=False)
             runs["nt"].append(total)
             runs["ni"].append(inside)
+            total, inside = run_procd(args.items, workdir, sqlite=True)
+            runs["st"].append(total)
+            runs["si"].append(inside)
     n = args.items
-    ct, ci, pt, pi, nt, ni = (statistics.median(runs[k]) for k in ("ct", "ci", "pt", "pi", "nt", "ni"))
+    ct, ci, pt, pi, nt, ni, st, si = (
+        statistics.median(runs[k]) for k in ("ct", "ci", "pt", "pi", "nt", "ni", "st", "si")
+    )
     print(f"items: {n}, runs: {args.repeat} (medians), cores: {os.cpu_count()}")
     print("                                 end to end (a command, interpreter start included) | inside the pipeline")
     print(f"classic multiprocessing.Queue : {n / ct:12,.0f} items/s ({ct:.3f} s) | {n / ci:12,.0f} items/s ({ci:.3f} s)")
     print(f"procd                         : {n / pt:12,.0f} items/s ({pt:.3f} s) | {n / pi:12,.0f} items/s ({pi:.3f} s)")
     print(f"procd, redeliver = false      : {n / nt:12,.0f} items/s ({nt:.3f} s) | {n / ni:12,.0f} items/s ({ni:.3f} s)")
+    print(f"procd, sqlite queues          : {n / st:12,.0f} items/s ({st:.3f} s) | {n / si:12,.0f} items/s ({si:.3f} s)")
     print(f"ratio procd / classic         : {ct / pt:12.1f}x                  | {ci / pi:12.1f}x   (target >= 5x)")
     print(f"cost of redelivery tracking   : {(1 - nt / pt) * 100:11.1f}%                  | {(1 - ni / pi) * 100:11.1f}%   (target <= 10%)")
 
