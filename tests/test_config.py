@@ -176,10 +176,10 @@ def test_state_paths_are_relative_to_the_pipeline_file(tmp_path: Path) -> None:
     assert spec.stage("a").max_attempts == 3
 
 
-def test_restart_is_off_unless_asked_for(tmp_path: Path) -> None:
+def test_restart_defaults_to_on_failure(tmp_path: Path) -> None:
     file = tmp_path / "r.toml"
     file.write_text(OK_STAGE)
-    assert config.load_pipeline(file).stage("a").restart.policy is Restart.NO
+    assert config.load_pipeline(file).stage("a").restart == config.RestartSpec(Restart.ON_FAILURE, 5, 60.0, 0.1, 30.0)
 
 
 def test_missing_file_is_one_line(tmp_path: Path) -> None:

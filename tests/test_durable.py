@@ -108,7 +108,8 @@ def test_a_locked_queue_database_is_a_clear_error(ws: Workspace) -> None:
 
 def test_a_checkpoint_needs_durable_readers(ws: Workspace) -> None:
     ws.write("st.py", STAGES)
-    ws.pipeline('[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 10 }\n'
+    ws.pipeline('[defaults]\nrestart = { policy = "no" }\n'
+                '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 10 }\n'
                 '[stages.same]\nfunction = "st:same"\ninputs = ["numbers"]\n')
     result = ws.run("run", f"{ws.name}.toml")
     assert result.code == 1

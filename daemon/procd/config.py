@@ -64,7 +64,7 @@ class QueueSpec:
 class RestartSpec:
     """When a stage's worker is started again, how soon, and how often before the stage is fatal."""
 
-    policy: Restart = Restart.NO
+    policy: Restart = Restart.ON_FAILURE
     max: int = 5
     within_s: float = 60.0
     backoff_min_s: float = 0.1

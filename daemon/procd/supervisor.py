@@ -178,7 +178,9 @@ class Supervisor:
         stage's input has ended (a new process would only see the end again) unless the slot
         holds a batch its next process must deliver."""
         stage = slot.stage
-        if self.stopping or slot.retiring or (self._input_ended(slot) and not self._holds_batch(slot)):
+        if self.stopping or slot.retiring or slot.exec_failed:
+            return Policy(Restart.NO)  # a program that cannot be executed will not start next time
+        if self._input_ended(slot) and not self._holds_batch(slot):
             return Policy(Restart.NO)
         return Policy(stage.restart.policy, self.histories[stage.name].exceeded(self.clock()))
 
@@ -438,6 +440,7 @@ class Supervisor:
                 slot.failure = f"{report.get('error_type')}: {report.get('error')}"
                 bound.error("worker_error", **report)
             elif kind == "exec_failed":
+                slot.exec_failed = True
                 slot.failure = f"cannot execute {report.get('program')}: {report.get('error')}"
                 bound.error("spawn_failed", **report)
             elif kind == "counts":

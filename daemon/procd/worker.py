@@ -35,6 +35,7 @@ class Slot:
     last_exit: Exited | None = None
     forced: bool = False
     failure: str | None = None
+    exec_failed: bool = False
     failures: int = 0  # consecutive, for the backoff; reset by a run longer than restart.within
     restarts: int = 0
     retiring: bool = False  # scaled away or replaced: leaves the pipeline once it has exited
@@ -104,4 +105,5 @@ def start(
     slot.report_buffer = slot.output_buffer = b""
     slot.forced = False
     slot.failure = None
+    slot.exec_failed = False
     return pid
