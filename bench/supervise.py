@@ -89,7 +89,8 @@ def main() -> None:
         log = os.path.join(workdir, "log.jsonl")
         proc = subprocess.Popen(
             [sys.executable, "-m", "procd", "run", pipeline, "--log-file", log],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             _wait_for(lambda: os.path.exists(log) and any(r["event"] == "pipeline_ready" for r in _records(log)))
@@ -103,9 +104,11 @@ def main() -> None:
                 seen = len(_records(log))
                 killed_at = time.time()
                 os.kill(live[index], signal.SIGKILL)
-                new = _wait_for(
-                    lambda: [r for r in _records(log)[seen:] if r["event"] == "worker_spawned" and r["worker"] == index]
-                )[0]
+
+                def replaced(seen: int = seen, index: int = index) -> list[dict]:
+                    return [r for r in _records(log)[seen:] if r["event"] == "worker_spawned" and r["worker"] == index]
+
+                new = _wait_for(replaced)[0]
                 latencies.append((_ts(new) - killed_at) * 1000)
                 live[index] = new["pid"]
                 time.sleep(0.02)

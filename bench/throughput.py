@@ -80,9 +80,10 @@ redeliver = {redeliver}
 
 # -- the classic pattern -------------------------------------------------------------------------
 
+
 def _classic_produce(out: mp.Queue, count: int, consumers: int) -> None:
     for i in range(count):
-        out.put({"id": i, "name": "user%d" % i, "score": i % 97})
+        out.put({"id": i, "name": f"user{i}", "score": i % 97})
     for _ in range(consumers):
         out.put(None)
 
@@ -129,12 +130,16 @@ def run_classic(count: int) -> tuple[float, float]:
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, __file__, "--classic-only", "--items", str(count)],
-        capture_output=True, text=True, timeout=600, check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
     )
     return time.perf_counter() - start, float(proc.stdout.split()[-1])
 
 
 # -- procd ---------------------------------------------------------------------------------------
+
 
 def _ts(record: dict) -> float:
     return datetime.datetime.fromisoformat(record["ts"].replace("Z", "+00:00")).timestamp()
@@ -161,10 +166,14 @@ def run_procd(count: int, workdir: str, redeliver: bool = True, sqlite: bool = F
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "procd", "run", pipeline, "--log-file", log],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300, check=False,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=300,
+        check=False,
     )
     elapsed = time.perf_counter() - start
-    records = [json.loads(line) for line in open(log)]
+    with open(log) as fh:
+        records = [json.loads(line) for line in fh]
     sink = [r["line"] for r in records if r.get("event") == "worker_output" and r["line"].startswith("SINK")]
     assert proc.returncode == 0, proc.returncode
     assert sink and sink[0].endswith("True"), sink
@@ -203,12 +212,23 @@ def main() -> None:
     )
     print(f"items: {n}, runs: {args.repeat} (medians), cores: {os.cpu_count()}")
     print("                                 end to end (a command, interpreter start included) | inside the pipeline")
-    print(f"classic multiprocessing.Queue : {n / ct:12,.0f} items/s ({ct:.3f} s) | {n / ci:12,.0f} items/s ({ci:.3f} s)")
-    print(f"procd                         : {n / pt:12,.0f} items/s ({pt:.3f} s) | {n / pi:12,.0f} items/s ({pi:.3f} s)")
-    print(f"procd, redeliver = false      : {n / nt:12,.0f} items/s ({nt:.3f} s) | {n / ni:12,.0f} items/s ({ni:.3f} s)")
-    print(f"procd, sqlite queues          : {n / st:12,.0f} items/s ({st:.3f} s) | {n / si:12,.0f} items/s ({si:.3f} s)")
+    print(
+        f"classic multiprocessing.Queue : {n / ct:12,.0f} items/s ({ct:.3f} s) | {n / ci:12,.0f} items/s ({ci:.3f} s)"
+    )
+    print(
+        f"procd                         : {n / pt:12,.0f} items/s ({pt:.3f} s) | {n / pi:12,.0f} items/s ({pi:.3f} s)"
+    )
+    print(
+        f"procd, redeliver = false      : {n / nt:12,.0f} items/s ({nt:.3f} s) | {n / ni:12,.0f} items/s ({ni:.3f} s)"
+    )
+    print(
+        f"procd, sqlite queues          : {n / st:12,.0f} items/s ({st:.3f} s) | {n / si:12,.0f} items/s ({si:.3f} s)"
+    )
     print(f"ratio procd / classic         : {ct / pt:12.1f}x                  | {ci / pi:12.1f}x   (target >= 5x)")
-    print(f"cost of redelivery tracking   : {(1 - nt / pt) * 100:11.1f}%                  | {(1 - ni / pi) * 100:11.1f}%   (target <= 10%)")
+    print(
+        f"cost of redelivery tracking   : {(1 - nt / pt) * 100:11.1f}%                  | "
+        f"{(1 - ni / pi) * 100:11.1f}%   (target <= 10%)"
+    )
 
 
 if __name__ == "__main__":

@@ -58,10 +58,7 @@ class Result:
     records: list[dict[str, Any]]
 
     def events(self, name: str, **match: Any) -> list[dict[str, Any]]:
-        return [
-            r for r in self.records
-            if r.get("event") == name and all(r.get(k) == v for k, v in match.items())
-        ]
+        return [r for r in self.records if r.get("event") == name and all(r.get(k) == v for k, v in match.items())]
 
     def output_lines(self, stage: str | None = None) -> list[str]:
         return [r["line"] for r in self.events("worker_output") if stage is None or r["stage"] == stage]

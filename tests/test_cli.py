@@ -6,7 +6,6 @@ import sqlite3
 import tomllib
 
 import pytest
-
 from conftest import PIPELINES, Workspace
 from procd import __version__, config
 
@@ -68,7 +67,10 @@ def test_show_fills_in_every_default(ws: Workspace) -> None:
     assert result.code == 0
     document = tomllib.loads(result.stdout)
     assert document["pipeline"] == {
-        "name": "fanout", "start_method": "fork", "stop_timeout": "10s", "state_dir": config.default_state_dir("fanout")
+        "name": "fanout",
+        "start_method": "fork",
+        "stop_timeout": "10s",
+        "state_dir": config.default_state_dir("fanout"),
     }
     assert document["stages"]["summary"]["dead_letter"].endswith("/fanout/summary.deadletter.jsonl")
     assert document["stages"]["summary"]["queue"] == {"maxsize": 10000, "batch": 256, "backend": "memory"}

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-
 from procd import config, plan
 from procd.errors import ConfigError
 from procd.lifecycle import Restart
@@ -21,7 +20,10 @@ BAD = {
         ['F: stages.a.processes: expected an integer >= 1, got "four" (str)'],
     ),
     "processes-zero": (OK_STAGE + "processes = 0\n", ["F: stages.a.processes: expected an integer >= 1, got 0 (int)"]),
-    "processes-bool": (OK_STAGE + "processes = true\n", ["F: stages.a.processes: expected an integer >= 1, got True (bool)"]),
+    "processes-bool": (
+        OK_STAGE + "processes = true\n",
+        ["F: stages.a.processes: expected an integer >= 1, got True (bool)"],
+    ),
     "unknown-stage-key": (
         OK_STAGE + "proceses = 2\n",
         ['F: stages.a.proceses: unknown key; did you mean "processes"?'],
@@ -36,7 +38,9 @@ BAD = {
     ),
     "unknown-key-no-match": (
         OK_STAGE + "zzz = 1\n",
-        ["F: stages.a.zzz: unknown key; valid keys are function, command, inputs, processes, options, queue, restart, strategy, max_attempts, dead_letter, redeliver"],
+        [
+            "F: stages.a.zzz: unknown key; valid keys are function, command, inputs, processes, options, queue, restart, strategy, max_attempts, dead_letter, redeliver"
+        ],
     ),
     "unknown-input": (
         OK_STAGE + '[stages.b]\nfunction = "m:g"\ninputs = ["aa"]\n',
@@ -124,7 +128,7 @@ BAD = {
         ['F: stages.a.strategy: expected one of one_for_one, rest_for_one, got "one_for_all" (str)'],
     ),
     "defaults-unknown-key": (
-        '[defaults]\nrestrat = {}\n' + OK_STAGE,
+        "[defaults]\nrestrat = {}\n" + OK_STAGE,
         ['F: defaults.restrat: unknown key; did you mean "restart"?'],
     ),
     "restart-max-negative": (
@@ -159,7 +163,8 @@ def test_restart_defaults_apply_key_by_key(tmp_path: Path) -> None:
     file = tmp_path / "r.toml"
     file.write_text(
         '[defaults]\nrestart = { policy = "on-failure", max = 3, backoff = "10ms..1s" }\n'
-        + OK_STAGE + 'restart = { max = 7 }\n[stages.b]\nfunction = "m:g"\ninputs = ["a"]\n'
+        + OK_STAGE
+        + 'restart = { max = 7 }\n[stages.b]\nfunction = "m:g"\ninputs = ["a"]\n'
     )
     spec = config.load_pipeline(file)
     assert spec.stage("a").restart == config.RestartSpec(Restart.ON_FAILURE, 7, 60.0, 0.01, 1.0)
@@ -168,7 +173,9 @@ def test_restart_defaults_apply_key_by_key(tmp_path: Path) -> None:
 
 def test_state_paths_are_relative_to_the_pipeline_file(tmp_path: Path) -> None:
     file = tmp_path / "s.toml"
-    file.write_text('[pipeline]\nstate_dir = "state"\n' + OK_STAGE + '[stages.b]\nfunction = "m:g"\ndead_letter = "dl/b.jsonl"\n')
+    file.write_text(
+        '[pipeline]\nstate_dir = "state"\n' + OK_STAGE + '[stages.b]\nfunction = "m:g"\ndead_letter = "dl/b.jsonl"\n'
+    )
     spec = config.load_pipeline(file)
     assert spec.state_dir == str(tmp_path / "state")
     assert spec.stage("a").dead_letter == str(tmp_path / "state" / "a.deadletter.jsonl")
@@ -213,7 +220,7 @@ def test_durations(text: str, seconds: float) -> None:
 def test_show_writes_back_a_file_that_loads_to_the_same_spec(tmp_path: Path) -> None:
     file = tmp_path / "p.toml"
     file.write_text(
-        '[pipeline]\nstop_timeout = "250ms"\n' + OK_STAGE + 'options = { n = 3 }\n'
+        '[pipeline]\nstop_timeout = "250ms"\n' + OK_STAGE + "options = { n = 3 }\n"
         '[stages.b]\ncommand = ["cat"]\ninputs = ["a"]\nprocesses = 2\n'
     )
     spec = config.load_pipeline(file)

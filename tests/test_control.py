@@ -6,7 +6,6 @@ import ctypes
 import json
 import os
 import socket
-import time
 
 from conftest import Workspace, parse_records, read_records, wait_until
 
@@ -69,6 +68,7 @@ def test_status_shows_every_worker_and_blocked_states(ws: Workspace) -> None:
         '[stages.waiting]\nfunction = "st:same"\ninputs = ["idle"]\n',
     )
     try:
+
         def status() -> dict:
             result = _ask(ws, "status", "--json")
             assert result.code == 0, result.stderr
@@ -80,10 +80,12 @@ def test_status_shows_every_worker_and_blocked_states(ws: Workspace) -> None:
         # the producer outruns its 2 slow readers and waits on their full queue; the reader of a
         # producer that never yields waits on its empty input
         reply = wait_until(
-            lambda: (r := status())
-            and by_stage(r)["fast"]["workers"][0]["blocked_on"] == "output"
-            and by_stage(r)["waiting"]["workers"][0]["blocked_on"] == "input"
-            and r
+            lambda: (
+                (r := status())
+                and by_stage(r)["fast"]["workers"][0]["blocked_on"] == "output"
+                and by_stage(r)["waiting"]["workers"][0]["blocked_on"] == "input"
+                and r
+            )
         )
         stages = by_stage(reply)
         assert reply["pipeline"] == ws.name and reply["pid"] == proc.pid and reply["state"] == "running"
@@ -96,7 +98,16 @@ def test_status_shows_every_worker_and_blocked_states(ws: Workspace) -> None:
         wait_until(lambda: by_stage(status())["slow"]["workers"][0]["items_in"] > 0, timeout=5)
         table = _ask(ws, "status").stdout
         assert table.splitlines()[1].split() == [
-            "STAGE", "WORKER", "PID", "STATE", "GEN", "RESTARTS", "UPTIME", "IN", "OUT", "QUEUE"
+            "STAGE",
+            "WORKER",
+            "PID",
+            "STATE",
+            "GEN",
+            "RESTARTS",
+            "UPTIME",
+            "IN",
+            "OUT",
+            "QUEUE",
         ]
         # the depth moves as the readers work; the capacity does not
         assert any(line.split()[:2] == ["slow", "1"] and line.split()[-1].endswith("/2") for line in table.splitlines())
@@ -105,7 +116,9 @@ def test_status_shows_every_worker_and_blocked_states(ws: Workspace) -> None:
         proc.communicate(timeout=20)
     assert proc.returncode == 0
     records = read_records(ws.path / "log.jsonl")
-    assert [r["reason"] for r in records if r["event"] == "stop_requested"] == ["stop requested over the control socket"]
+    assert [r["reason"] for r in records if r["event"] == "stop_requested"] == [
+        "stop requested over the control socket"
+    ]
 
 
 def test_scale_up_and_down_keeps_siblings_and_loses_nothing(ws: Workspace) -> None:
@@ -146,6 +159,7 @@ def test_scale_up_and_down_keeps_siblings_and_loses_nothing(ws: Workspace) -> No
 def test_bad_requests_get_errors_and_the_daemon_carries_on(ws: Workspace) -> None:
     proc = _start(ws, '[stages.idle]\nfunction = "st:sleepy"\n')
     try:
+
         def exchange(payload: bytes) -> list[dict]:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(5)
@@ -159,10 +173,15 @@ def test_bad_requests_get_errors_and_the_daemon_carries_on(ws: Workspace) -> Non
                     data += chunk
             return [json.loads(line) for line in data.splitlines()]
 
-        assert exchange(b"not json\n") == [{"ok": False, "error": "malformed request: expected one JSON object per line"}]
+        assert exchange(b"not json\n") == [
+            {"ok": False, "error": "malformed request: expected one JSON object per line"}
+        ]
         assert exchange(b'["status"]\n') == [{"ok": False, "error": 'malformed request: expected {"command": "..."}'}]
         assert exchange(b'{"command": "explode"}\n') == [
-            {"ok": False, "error": 'unknown command "explode"; commands are status, stop, reload, scale, attach, replayed'}
+            {
+                "ok": False,
+                "error": 'unknown command "explode"; commands are status, stop, reload, scale, attach, replayed',
+            }
         ]
         assert exchange(b'{"command": "scale", "stage": "nope", "processes": 2}\n') == [
             {"ok": False, "error": "unknown stage 'nope'; stages are idle"}
@@ -233,4 +252,7 @@ def test_a_second_daemon_for_the_same_socket_is_refused_and_default_path(ws: Wor
         proc.communicate(timeout=20)
     missing = ws.run("status", "no-such-pipeline")
     assert missing.code == 1
-    assert missing.stderr == "procd status: no pipeline is running with the control socket /run/procd/no-such-pipeline.sock\n"
+    assert (
+        missing.stderr
+        == "procd status: no pipeline is running with the control socket /run/procd/no-such-pipeline.sock\n"
+    )

@@ -73,7 +73,7 @@ def test_chaos_sigkill_a_random_worker_every_50ms_loses_nothing(ws: Workspace) -
         f'[pipeline]\nname = "{ws.name}"\nstop_timeout = "20s"\n'
         f'[stages.numbers]\nfunction = "st:numbers"\noptions = {{ count = {count} }}\n'
         f'[stages.transform]\nfunction = "st:busy"\ninputs = ["numbers"]\nprocesses = 4\n'
-        f'queue = {{ maxsize = 1024, batch = {batch} }}\n'
+        f"queue = {{ maxsize = 1024, batch = {batch} }}\n"
         f'restart = {{ policy = "on-failure", backoff = "0s", max = 10000 }}\n'
         f'[stages.check]\nfunction = "st:Check"\ninputs = ["transform"]\noptions = {{ count = {count} }}\n'
     )
@@ -90,9 +90,12 @@ def test_chaos_sigkill_a_random_worker_every_50ms_loses_nothing(ws: Workspace) -
             for r in records:
                 if r.get("stage") == "transform" and r["event"] == "worker_spawned":
                     live[r["worker"]] = r["pid"]
-                elif r.get("stage") == "transform" and r["event"] == "worker_exited":
-                    if live.get(r["worker"]) == r["pid"]:
-                        del live[r["worker"]]
+                elif (
+                    r.get("stage") == "transform"
+                    and r["event"] == "worker_exited"
+                    and live.get(r["worker"]) == r["pid"]
+                ):
+                    del live[r["worker"]]
             if live:
                 try:
                     os.kill(rng.choice(sorted(live.values())), signal.SIGKILL)
@@ -182,10 +185,7 @@ def test_replay_a_fixed_item_in_a_fresh_run(ws: Workspace) -> None:
 
 def test_replay_into_a_running_pipeline(ws: Workspace) -> None:
     _make_dead_letters(ws)
-    ws.pipeline(
-        '[stages.idle]\nfunction = "st:sleepy"\n'
-        '[stages.collect]\nfunction = "st:Collect"\ninputs = ["idle"]\n'
-    )
+    ws.pipeline('[stages.idle]\nfunction = "st:sleepy"\n[stages.collect]\nfunction = "st:Collect"\ninputs = ["idle"]\n')
     proc = ws.start("run", f"{ws.name}.toml", "--log-file", "log.jsonl")
     try:
         wait_until(lambda: any(r["event"] == "pipeline_ready" for r in read_records(ws.path / "log.jsonl")))

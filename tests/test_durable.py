@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 
-from conftest import Workspace, processes_titled, read_records, wait_until
+from conftest import Workspace, processes_titled, wait_until
 
 STAGES = """
 import os, time
@@ -108,11 +107,15 @@ def test_a_locked_queue_database_is_a_clear_error(ws: Workspace) -> None:
 
 def test_a_checkpoint_needs_durable_readers(ws: Workspace) -> None:
     ws.write("st.py", STAGES)
-    ws.pipeline('[defaults]\nrestart = { policy = "no" }\n'
-                '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 10 }\n'
-                '[stages.same]\nfunction = "st:same"\ninputs = ["numbers"]\n')
+    ws.pipeline(
+        '[defaults]\nrestart = { policy = "no" }\n'
+        '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 10 }\n'
+        '[stages.same]\nfunction = "st:same"\ninputs = ["numbers"]\n'
+    )
     result = ws.run("run", f"{ws.name}.toml")
     assert result.code == 1
     (error,) = result.events("worker_error", stage="numbers")
     assert error["error_type"] == "ValueError"
-    assert error["error"].startswith("stage numbers asks for a checkpoint, so every stage reading it needs a durable queue")
+    assert error["error"].startswith(
+        "stage numbers asks for a checkpoint, so every stage reading it needs a durable queue"
+    )

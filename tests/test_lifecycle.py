@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 
 import pytest
-
 from procd.errors import TransitionError
 from procd.lifecycle import (
     ArmTimer,

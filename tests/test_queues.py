@@ -21,10 +21,9 @@ def _fork_reader(fds: queues.QueueFds, report_w: int, delay: float = 0.0) -> int
         try:
             os.close(fds.write_fd)
             reader = queues.QueueReader(fds)
-            batches = items = 0
+            items = 0
             for batch in reader:
                 assert batch == list(range(batch[0], batch[0] + 100)), "a batch arrived cut or mixed"
-                batches += 1
                 items += len(batch)
                 os.write(report_w, json.dumps({"pid": os.getpid(), "tick": 1}).encode() + b"\n")
                 time.sleep(delay)

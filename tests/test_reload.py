@@ -54,8 +54,9 @@ options = { label = "g" }
 """
 
 AFTER = (
-    BEFORE.replace('label = "v1"', 'label = "v2"')
-    .replace('[stages.gone]\nfunction = "st:tag"\ninputs = ["src"]\noptions = { label = "g" }\n', "")
+    BEFORE.replace('label = "v1"', 'label = "v2"').replace(
+        '[stages.gone]\nfunction = "st:tag"\ninputs = ["src"]\noptions = { label = "g" }\n', ""
+    )
     + '[stages.fresh]\nfunction = "st:tag"\ninputs = ["src"]\noptions = { label = "f" }\n'
 )
 
@@ -86,12 +87,18 @@ def test_reload_restarts_only_what_changed_and_loses_nothing(ws: Workspace) -> N
         assert records[0]["changed"] == ["change", "src"]  # src lost one reader and gained one
         assert records[0]["added"] == ["fresh"] and records[0]["removed"] == ["gone"]
         assert records[0]["unchanged"] == ["csink", "keep", "ksink"]
-        after = wait_until(lambda: (p := _pids(ws)) and "fresh" in p and len(p["change"]) == 2 and "gone" not in p and p)
+        after = wait_until(
+            lambda: (p := _pids(ws)) and "fresh" in p and len(p["change"]) == 2 and "gone" not in p and p
+        )
         for untouched in ("keep", "ksink", "csink"):
             assert after[untouched] == before[untouched]
         assert not set(after["change"]) & set(before["change"])
         assert after["src"] != before["src"]
-        wait_until(lambda: [r for r in read_records(ws.path / "log.jsonl") if r["event"] == "worker_exited" and r["stage"] == "gone"])
+        wait_until(
+            lambda: [
+                r for r in read_records(ws.path / "log.jsonl") if r["event"] == "worker_exited" and r["stage"] == "gone"
+            ]
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
@@ -110,7 +117,7 @@ def test_an_invalid_file_on_sighup_changes_nothing(ws: Workspace) -> None:
     proc = _start(ws)
     try:
         before = _pids(ws)
-        ws.pipeline(BEFORE.replace('processes = 2', 'processes = "two"'))
+        ws.pipeline(BEFORE.replace("processes = 2", 'processes = "two"'))
         proc.send_signal(signal.SIGHUP)
         invalid = wait_until(lambda: [r for r in read_records(ws.path / "log.jsonl") if r["event"] == "config_invalid"])
         assert invalid[0]["problems"] == [

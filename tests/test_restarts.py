@@ -3,20 +3,25 @@ crashing workers restarted by a real supervisor."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import time
 
 import pytest
-
 from conftest import Workspace, parse_records, read_records, wait_until
 from procd.restarts import RestartHistory, backoff_delay
 
 
 @pytest.mark.parametrize(
     ("failures", "rand", "expected"),
-    [(1, 0.0, 0.05), (1, 0.999999, 0.1), (2, 0.0, 0.1), (3, 0.0, 0.2), (4, 0.5, 0.6), (20, 0.0, 15.0), (500, 0.0, 15.0)],
+    [
+        (1, 0.0, 0.05),
+        (1, 0.999999, 0.1),
+        (2, 0.0, 0.1),
+        (3, 0.0, 0.2),
+        (4, 0.5, 0.6),
+        (20, 0.0, 15.0),
+        (500, 0.0, 15.0),
+    ],
 )
 def test_backoff_is_exponential_capped_and_jittered(failures: int, rand: float, expected: float) -> None:
     assert backoff_delay(failures, 0.1, 30.0, lambda: rand) == pytest.approx(expected, rel=1e-5)
@@ -115,6 +120,7 @@ def test_always_restarts_a_producer_that_ends_and_sigkill_gets_a_new_pid(ws: Wor
     proc = ws.start("run", f"{ws.name}.toml", "--log-file", "log.jsonl")
     log = ws.path / "log.jsonl"
     try:
+
         def spawned(stage: str) -> list[dict]:
             return [r for r in read_records(log) if r["event"] == "worker_spawned" and r["stage"] == stage]
 
@@ -177,7 +183,7 @@ class Count:
         '[pipeline]\nname = "{name}"\nstop_timeout = "5s"\n'
         '[stages.src]\nfunction = "st:forever"\n'
         '[stages.mid]\nfunction = "st:once"\ninputs = ["src"]\nprocesses = 2\noptions = { marker = "crashed" }\n'
-        'queue = { maxsize = 20, batch = 1 }\n'
+        "queue = { maxsize = 20, batch = 1 }\n"
         'restart = { policy = "on-failure", backoff = "50ms" }\nstrategy = "rest_for_one"\n'
         '[stages.sink]\nfunction = "st:Count"\ninputs = ["mid"]\n'
     )

@@ -8,10 +8,8 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 import pytest
-
 from conftest import Workspace, parse_records, processes_titled, wait_until
 
 PY = sys.executable
@@ -348,7 +346,7 @@ def test_worker_that_ignores_sigterm_is_killed_and_run_exits_1(ws: Workspace) ->
     )
     (exited,) = [r for r in records if r["event"] == "worker_exited" and r["stage"] == "stubborn"]
     assert exited["signal"] == "SIGKILL" and exited["expected"] is False
-    assert [r for r in records if r["event"] == "pipeline_stopped"][0]["forced"] == ["stubborn[0]", "count[0]"]
+    assert next(r for r in records if r["event"] == "pipeline_stopped")["forced"] == ["stubborn[0]", "count[0]"]
 
 
 def test_process_titles_process_groups_and_worker_records(ws: Workspace) -> None:
@@ -380,7 +378,9 @@ def test_process_titles_process_groups_and_worker_records(ws: Workspace) -> None
     assert proc.returncode == 0
 
 
-@pytest.mark.parametrize(("program", "number"), [("./does-not-exist", errno.ENOENT), ("./not-executable", errno.EACCES)])
+@pytest.mark.parametrize(
+    ("program", "number"), [("./does-not-exist", errno.ENOENT), ("./not-executable", errno.EACCES)]
+)
 def test_exec_failure_is_reported_with_its_errno(ws: Workspace, program: str, number: int) -> None:
     ws.write("not-executable", "#!/bin/sh\necho hi\n")
     ws.pipeline(f'[stages.p]\ncommand = ["{program}"]\n')
@@ -434,10 +434,31 @@ def test_bad_config_exits_78_before_any_process_starts(ws: Workspace) -> None:
     result = ws.run("run", f"{ws.name}.toml")
     assert result.code == 78
     assert result.stderr.splitlines() == [
-        f"{ws.name}.toml: stages.a.function: cannot import module \"nosuchmodule\": "
+        f'{ws.name}.toml: stages.a.function: cannot import module "nosuchmodule": '
         "ModuleNotFoundError: No module named 'nosuchmodule'",
         f'{ws.name}.toml: stages.b.function: module "st" has no attribute "nope"',
     ]
     result = ws.run("run", "missing.toml")
     assert result.code == 78
     assert result.stderr == "missing.toml: cannot read the file: No such file or directory\n"
+
+
+def test_a_second_sigterm_kills_at_once(ws: Workspace) -> None:
+    ws.write("st.py", ENDLESS)
+    ws.pipeline(
+        '[pipeline]\nname = "{name}"\nstop_timeout = "30s"\n'
+        '[stages.stubborn]\nfunction = "st:stubborn"\n'
+        '[stages.count]\nfunction = "st:Count"\ninputs = ["stubborn"]\n'
+    )
+    proc, logfile = _start_and_wait_ready(ws)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: '"stop_requested"' in logfile.read_text())
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=20)
+    assert proc.returncode == 1
+    assert time.monotonic() - started < 10  # not the 30 s stop timeout
+    records = parse_records(logfile.read_text())
+    messages = [r.get("message") for r in records if r["event"] == "stop_requested"]
+    assert messages == [None, "second stop request; killing every worker now"]
+    assert [r["stage"] for r in records if r["event"] == "stop_escalated"] == ["stubborn", "count"]

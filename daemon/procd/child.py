@@ -211,7 +211,7 @@ class Checkpoint:
     def open(cls, ctx: WorkerContext, outlet: Outlet) -> Checkpoint:
         if not ctx.outputs or any(o.fds.store_path is None for o in ctx.outputs):
             raise ValueError(
-                f'stage {ctx.stage.name} asks for a checkpoint, so every stage reading it needs a durable queue '
+                f"stage {ctx.stage.name} asks for a checkpoint, so every stage reading it needs a durable queue "
                 '(queue = { backend = "sqlite" }): an item in memory could be skipped on resume'
             )
         return cls(os.path.join(ctx.state_dir, f"{ctx.stage.name}.checkpoint.json"), outlet)
@@ -366,8 +366,14 @@ def _redeliver(
             else:
                 how = f"exited with code {held.last_code}"
             _dead_letter(
-                ctx, letters, reporter, items[held.index], "WorkerCrashed",
-                f"the worker was {how} while processing this item", crashes + 1, "",
+                ctx,
+                letters,
+                reporter,
+                items[held.index],
+                "WorkerCrashed",
+                f"the worker was {how} while processing this item",
+                crashes + 1,
+                "",
             )
             start, crashes = held.index + 1, 0
         else:
@@ -509,9 +515,7 @@ def _die_like(signum: int) -> None:
     os._exit(128 + signum)  # reached only for a signal whose default action is not to end
 
 
-def _feed(
-    reader: QueueReader, stop_fd: int, stdin_w: int, received: list[int], errors: list[BaseException]
-) -> None:
+def _feed(reader: QueueReader, stop_fd: int, stdin_w: int, received: list[int], errors: list[BaseException]) -> None:
     """Thread: queue batches → JSON lines on the program's stdin; closes it at end of stream."""
     try:
         with open(stdin_w, "wb", buffering=1 << 16) as stdin:

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from procd import __version__, callables, config, control, deadletters, plan
 from procd.control import ControlError
 from procd.durable import StoreError
 from procd.errors import ConfigError
-from procd.queues import QueueFds, QueueWriter
 from procd.log import open_logger
+from procd.queues import QueueFds, QueueWriter
 from procd.supervisor import Supervisor
 
 EXIT_OK = 0
@@ -40,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a pipeline until it finishes or is stopped")
     run.add_argument("file", metavar="FILE")
     run.add_argument("--log-file", metavar="PATH", help="also append every record to PATH")
-    run.add_argument("--control", metavar="PATH", help="the control socket (default: under $XDG_RUNTIME_DIR/procd or /run/procd)")
+    run.add_argument(
+        "--control", metavar="PATH", help="the control socket (default: under $XDG_RUNTIME_DIR/procd or /run/procd)"
+    )
 
     status = commands.add_parser("status", help="every stage and worker of a running pipeline")
     status.add_argument("pipeline", metavar="PIPELINE", nargs="?")
@@ -64,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     dlq_replay.add_argument("file", metavar="FILE")
     dlq_replay.add_argument("--into", metavar="STAGE", required=True)
     dlq_replay.add_argument(
-        "--pipeline", metavar="PIPELINE_FILE",
+        "--pipeline",
+        metavar="PIPELINE_FILE",
         help="run this pipeline afresh, from STAGE down, fed only by the file (else: into a running one)",
     )
     dlq_replay.add_argument("--name", metavar="PIPELINE", help="the running pipeline (default: the only one)")
@@ -112,7 +117,8 @@ def _run(file: str, log_file: str | None, control_path: str | None) -> int:
         spec = _load(file, imports=True, apart=True)
     except ConfigError as error:
         if log_file:
-            log, writer = open_logger(os.path.splitext(os.path.basename(file))[0], log_file=log_file, stream=_Null())
+            name = os.path.splitext(os.path.basename(file))[0]
+            log, writer = open_logger(name, log_file=log_file, stream=io.StringIO())
             log.error("config_invalid", file=file, problems=error.lines())
             writer.close()
         return _report(error)
@@ -133,19 +139,6 @@ def _run(file: str, log_file: str | None, control_path: str | None) -> int:
         writer.close()
 
 
-class _Null:
-    """A stream that shows nothing (for a record that goes to the log file only)."""
-
-    def write(self, _text: str) -> int:
-        return 0
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False
-
-
 def _check(files: Sequence[str]) -> int:
     code = EXIT_OK
     for file in files:
@@ -161,7 +154,9 @@ def _check(files: Sequence[str]) -> int:
 
 def _init(name: str, directory: str) -> int:
     if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
-        print(f"procd init: NAME must start with a-z and have only a-z, 0-9, '_' and '-', got {name!r}", file=sys.stderr)
+        print(
+            f"procd init: NAME must start with a-z and have only a-z, 0-9, '_' and '-', got {name!r}", file=sys.stderr
+        )
         return EXIT_USAGE
     from procd import starter  # only this command needs it
 
@@ -177,7 +172,7 @@ def _init(name: str, directory: str) -> int:
     return EXIT_OK
 
 
-def _format_status(reply: dict) -> str:
+def _format_status(reply: dict[str, Any]) -> str:
     """The human table of ``procd status``."""
     lines = [f"pipeline {reply['pipeline']}  pid {reply['pid']}  {reply['state']}  up {reply['uptime_s']:.1f}s"]
     header = ("STAGE", "WORKER", "PID", "STATE", "GEN", "RESTARTS", "UPTIME", "IN", "OUT", "QUEUE")
@@ -188,17 +183,27 @@ def _format_status(reply: dict) -> str:
         for w in stage["workers"]:
             uptime = "-" if w["uptime_s"] is None else f"{w['uptime_s']:.1f}s"
             rows.append(
-                (stage["name"], str(w["index"]), str(w["pid"] or "-"), w["state"], str(w["generation"]),
-                 str(w["restarts"]), uptime, str(w["items_in"]), str(w["items_out"]), depth)
+                (
+                    stage["name"],
+                    str(w["index"]),
+                    str(w["pid"] or "-"),
+                    w["state"],
+                    str(w["generation"]),
+                    str(w["restarts"]),
+                    uptime,
+                    str(w["items_in"]),
+                    str(w["items_out"]),
+                    depth,
+                )
             )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip() for row in rows]
     return "\n".join(lines) + "\n"
 
 
 def _control(args: argparse.Namespace) -> int:
     """status, stop, reload and scale: one request to a running pipeline's control socket."""
-    message: dict = {"command": args.command}
+    message: dict[str, Any] = {"command": args.command}
     if args.command == "scale":
         stage, _, count = args.assignment.partition("=")
         if not stage or not count.isdigit():
@@ -217,7 +222,10 @@ def _control(args: argparse.Namespace) -> int:
     if args.command == "status":
         sys.stdout.write(json.dumps(reply, indent=2) + "\n" if args.json else _format_status(reply))
     elif args.command == "scale":
-        print(f"{reply['stage']}: {reply['processes']} processes (started {reply['started']}, retiring {reply['retiring']})")
+        print(
+            f"{reply['stage']}: {reply['processes']} processes "
+            f"(started {reply['started']}, retiring {reply['retiring']})"
+        )
     return EXIT_OK
 
 
@@ -236,14 +244,21 @@ def _dlq_list(file: str, as_json: bool) -> int:
         else:
             item = json.dumps(entry["item"]) if "item" in entry else entry.get("item_repr", "?")
             error = f"{entry.get('error_type')}: {entry.get('error')}"
-            print(f"{number:>5}  {entry.get('ts', '?')}  {entry.get('stage', '?')}  attempts {entry.get('attempts', '?')}  {error}  item {item[:120]}")
+            print(
+                f"{number:>5}  {entry.get('ts', '?')}  {entry.get('stage', '?')}  "
+                f"attempts {entry.get('attempts', '?')}  {error}  item {item[:120]}"
+            )
     good = len(records) - skipped
-    print(f"{good} dead letters" + (f"; {skipped} lines are not dead-letter records (skipped)" if skipped else ""), file=sys.stderr)
+    print(
+        f"{good} dead letters" + (f"; {skipped} lines are not dead-letter records (skipped)" if skipped else ""),
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 
-def _replayable(file: str) -> tuple[list, list[str]]:
-    items, refused = [], []
+def _replayable(file: str) -> tuple[list[Any], list[str]]:
+    items: list[Any] = []
+    refused: list[str] = []
     for number, entry in deadletters.read(file):
         if entry is None:
             refused.append(f"line {number}: not a dead-letter record")

@@ -34,8 +34,17 @@ _TOP_KEYS = ("pipeline", "defaults", "stages")
 _PIPELINE_KEYS = ("name", "start_method", "stop_timeout", "state_dir")
 _DEFAULTS_KEYS = ("restart", "strategy")
 _STAGE_KEYS = (
-    "function", "command", "inputs", "processes", "options", "queue", "restart", "strategy",
-    "max_attempts", "dead_letter", "redeliver",
+    "function",
+    "command",
+    "inputs",
+    "processes",
+    "options",
+    "queue",
+    "restart",
+    "strategy",
+    "max_attempts",
+    "dead_letter",
+    "redeliver",
 )
 DEFAULT_MAX_ATTEMPTS = 3
 STRATEGIES = ("one_for_one", "rest_for_one")
@@ -254,8 +263,7 @@ def validate(document: Mapping[str, Any], file: str) -> PipelineSpec:
     if not isinstance(pipeline_name, str) or not _PIPELINE_NAME.match(pipeline_name):
         check.add(
             "pipeline.name",
-            f"expected letters, digits, '.', '_' or '-', starting with a letter or digit, "
-            f"{_got(pipeline_name)}",
+            f"expected letters, digits, '.', '_' or '-', starting with a letter or digit, {_got(pipeline_name)}",
         )
     start_method = pipeline.get("start_method", "fork")
     if start_method not in START_METHODS:
@@ -452,7 +460,7 @@ def find_cycle(inputs: Mapping[str, list[str]]) -> list[str] | None:
 
     def visit(node: str) -> list[str] | None:
         if node in path:
-            return path[path.index(node):] + [node]
+            return [*path[path.index(node) :], node]
         if node in done:
             return None
         path.append(node)

@@ -40,9 +40,3 @@ class ConfigError(ProcdError):
 
 class TransitionError(ProcdError):
     """The lifecycle table has no entry for a (state, event) pair: a bug in the supervisor."""
-
-
-class QueueClosed(ProcdError):
-    """Every writer of a queue has gone: the end of the stream."""
-
-

@@ -281,8 +281,7 @@ def step(state: State, event: Event, policy: Policy = Policy()) -> Transition:
     if handler is None:
         allowed = sorted(e.__name__ for (s, e) in _TABLE if s is state)
         raise TransitionError(
-            f"no transition for event {type(event).__name__} in state {state}; "
-            f"that state accepts {', '.join(allowed)}"
+            f"no transition for event {type(event).__name__} in state {state}; that state accepts {', '.join(allowed)}"
         )
     return handler(state, event, policy)
 

@@ -18,7 +18,6 @@ import structlog
 from structlog.typing import EventDict, WrappedLogger
 
 
-
 def _to_json(record: EventDict) -> str:
     return json.dumps(record, default=repr, separators=(",", ":"), ensure_ascii=False)
 

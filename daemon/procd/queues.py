@@ -186,7 +186,7 @@ class QueueReader:
                 watched = [self._sock.fileno()] if stop_fd is None else [self._sock.fileno(), stop_fd]
                 ready, _, _ = select.select(watched, [], [])
                 if stop_fd in ready:
-                    raise Interrupted
+                    raise Interrupted from None
             except ConnectionResetError:
                 return None
         if size == 0:
@@ -217,7 +217,7 @@ class QueueReader:
                 watched = [self._sock.fileno()] if stop_fd is None else [self._sock.fileno(), stop_fd]
                 ready, _, _ = select.select(watched, [], [])
                 if stop_fd in ready:
-                    raise Interrupted
+                    raise Interrupted from None
                 continue
             except ConnectionResetError:
                 return None

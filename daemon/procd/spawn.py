@@ -23,6 +23,7 @@ import setproctitle
 from procd import procctl, signals
 from procd.child import EXEC_FAILED, Reporter, WorkerContext, run
 
+
 def set_title(title: str) -> None:
     """Name this process as ``ps`` and ``/proc/PID/cmdline`` show it."""
     setproctitle.setproctitle(title)
@@ -30,7 +31,7 @@ def set_title(title: str) -> None:
 
 def _close_all_but(keep: set[int]) -> None:
     previous = -1
-    for fd in sorted(keep) + [os.sysconf("SC_OPEN_MAX")]:
+    for fd in [*sorted(keep), os.sysconf("SC_OPEN_MAX")]:
         if fd > previous + 1:
             os.closerange(previous + 1, fd)
         previous = fd

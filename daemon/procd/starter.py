@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-PIPELINE = '''\
+PIPELINE = """\
 # A procd pipeline. Run it with:  procd run {name}.toml
 # Every key is described in the README ("The pipeline file").
 
@@ -29,7 +29,7 @@ queue = {{ maxsize = 10000, batch = 256 }}
 [stages.total]
 function = "{module}:Total"
 inputs = ["square"]
-'''
+"""
 
 MODULE = '''\
 """Stage code for the {name} pipeline."""

@@ -23,14 +23,12 @@ from collections.abc import Callable
 from typing import Any
 
 from procd import callables, config, inflight, plan, procctl, procinfo, reaper, signals, worker
-from procd.queues import INLINE_LIMIT
 from procd.channels import Channel
+from procd.child import Output
+from procd.config import PipelineSpec
 from procd.control import Client, ControlServer, default_path
 from procd.durable import StoreError
 from procd.errors import ConfigError, Problem
-from procd.restarts import RestartHistory, backoff_delay
-from procd.child import Output
-from procd.config import PipelineSpec
 from procd.lifecycle import (
     Action,
     ArmTimer,
@@ -45,8 +43,8 @@ from procd.lifecycle import (
     RetireRequested,
     Signal,
     Spawn,
-    SpawnFailed,
     Spawned,
+    SpawnFailed,
     StartRequested,
     State,
     StopRequested,
@@ -55,6 +53,8 @@ from procd.lifecycle import (
     step,
 )
 from procd.log import RecordWriter
+from procd.queues import INLINE_LIMIT
+from procd.restarts import RestartHistory, backoff_delay
 from procd.spawn import set_title
 from procd.worker import Slot
 
@@ -219,7 +219,12 @@ class Supervisor:
 
     def _spawn(self, slot: Slot) -> None:
         slot.input = self.channels.get(slot.stage.name)
-        if slot.inflight_fd is None and slot.input is not None and slot.stage.function is not None and slot.stage.redeliver:
+        if (
+            slot.inflight_fd is None
+            and slot.input is not None
+            and slot.stage.function is not None
+            and slot.stage.redeliver
+        ):
             slot.inflight_fd = inflight.create(INLINE_LIMIT)
         slot.outputs = [self.channels[reader.name] for reader in self.spec.readers(slot.stage.name)]
         try:
@@ -362,9 +367,13 @@ class Supervisor:
             s.name for s in self.spec.stages if failed.stage.name in plan.upstream_closure(self.spec, s.name)
         }
         group = [
-            s for s in self.slots
-            if s.stage.name in stages and s is not failed and s.state in (State.STARTING, State.RUNNING)
-            and not s.retiring and not s.regrouping
+            s
+            for s in self.slots
+            if s.stage.name in stages
+            and s is not failed
+            and s.state in (State.STARTING, State.RUNNING)
+            and not s.retiring
+            and not s.regrouping
         ]
         self.log.warning(
             "group_restart",
@@ -401,7 +410,10 @@ class Supervisor:
                 restarts=restarts,
                 max=spec.max,
                 within_s=spec.within_s,
-                message=f"{slot.stage.name} restarted {restarts} times within {spec.within_s:g}s (max {spec.max}); giving up",
+                message=(
+                    f"{slot.stage.name} restarted {restarts} times within {spec.within_s:g}s "
+                    f"(max {spec.max}); giving up"
+                ),
             )
             cause = f"stage {slot.stage.name} is fatal after {restarts} restarts within {spec.within_s:g}s"
         if cause is not None:
@@ -557,7 +569,10 @@ class Supervisor:
         channel = self.channels.get(name) if isinstance(name, str) else None
         if channel is None:
             readers = sorted(self.channels)
-            return {"ok": False, "error": f"no stage {name!r} with an input; stages with one are {', '.join(readers)}"}, ()
+            return {
+                "ok": False,
+                "error": f"no stage {name!r} with an input; stages with one are {', '.join(readers)}",
+            }, ()
         if not channel.writing or self.stopping:
             return {"ok": False, "error": f"the input of stage {name} has ended; it takes no more items"}, ()
         self.log.info("input_attached", stage=name)
@@ -707,12 +722,18 @@ class Supervisor:
             if problems:
                 raise ConfigError(self.spec.file, problems)
         except ConfigError as error:
-            self.log.error("config_invalid", file=self.spec.file, problems=error.lines(), message="still running unchanged")
+            self.log.error(
+                "config_invalid", file=self.spec.file, problems=error.lines(), message="still running unchanged"
+            )
             return {"ok": False, "error": "the pipeline file is invalid; nothing changed", "problems": error.lines()}
         old = self.spec
         old_names, new_names = {s.name for s in old.stages}, {s.name for s in new.stages}
         kept = old_names & new_names
-        replaced_queues = {n for n in kept if old.stage(n).queue != new.stage(n).queue or old.stage(n).is_producer != new.stage(n).is_producer}
+        replaced_queues = {
+            n
+            for n in kept
+            if old.stage(n).queue != new.stage(n).queue or old.stage(n).is_producer != new.stage(n).is_producer
+        }
 
         def wiring(spec: PipelineSpec, name: str) -> tuple[Any, ...]:
             return (spec.stage(name), tuple(r.name for r in spec.readers(name)))
@@ -731,16 +752,18 @@ class Supervisor:
         except StoreError as exc:
             for channel in fresh.values():
                 channel.close()
-            self.log.error("config_invalid", file=self.spec.file, problems=[str(exc)], message="still running unchanged")
+            self.log.error(
+                "config_invalid", file=self.spec.file, problems=[str(exc)], message="still running unchanged"
+            )
             return {"ok": False, "error": "a new queue cannot be made; nothing changed", "problems": [str(exc)]}
         self.spec = new
         for stage in new.stages:
             self.histories.setdefault(stage.name, RestartHistory(stage.restart.max, stage.restart.within_s))
         for name in removed | (changed & replaced_queues):
-            channel = self.channels.pop(name, None)
-            if channel is not None:
-                channel.current = False
-                self.retired.append(channel)
+            leaving_channel = self.channels.pop(name) if name in self.channels else None
+            if leaving_channel is not None:
+                leaving_channel.current = False
+                self.retired.append(leaving_channel)
         self.channels.update(fresh)
 
         leaving = [s for s in self.slots if s.stage.name in removed | changed and s.state not in TERMINAL]
@@ -784,10 +807,12 @@ class Supervisor:
     def _request_stop(self, reason: str) -> None:
         if self.stopping:
             if reason in ("SIGTERM", "SIGINT"):
-                self.log.warning("stop_requested", reason=reason, message="second stop request; killing every worker now")
+                self.log.warning(
+                    "stop_requested", reason=reason, message="second stop request; killing every worker now"
+                )
                 self.stop_deadline = self.clock()
                 for key in list(self.timers):
-                    if key[2] is Timer.KILL:
+                    if key[1] is Timer.KILL:
                         self.timers[key] = self.stop_deadline
             return
         self.stopping = True
@@ -838,4 +863,3 @@ def _signal_name(signum: int | None) -> str | None:
         return signal.Signals(signum).name
     except ValueError:
         return str(signum)
-

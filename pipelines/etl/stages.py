@@ -12,8 +12,15 @@ import sqlite3
 from pathlib import Path
 
 COUNTRIES = {
-    "BR": "Brazil", "DE": "Germany", "FR": "France", "GB": "United Kingdom", "IN": "India",
-    "JP": "Japan", "NL": "Netherlands", "SE": "Sweden", "US": "United States",
+    "BR": "Brazil",
+    "DE": "Germany",
+    "FR": "France",
+    "GB": "United Kingdom",
+    "IN": "India",
+    "JP": "Japan",
+    "NL": "Netherlands",
+    "SE": "Sweden",
+    "US": "United States",
 }
 FIELDS = ("id", "name", "email", "country", "signup_date", "amount")
 
@@ -49,7 +56,7 @@ class Transform:
     def parse(self, fields):
         if len(fields) != len(FIELDS):
             raise ValueError(f"expected {len(FIELDS)} fields, got {len(fields)}")
-        values = dict(zip(FIELDS, (f.strip() for f in fields)))
+        values = dict(zip(FIELDS, (f.strip() for f in fields), strict=False))
         user, at, domain = values["email"].partition("@")
         if not at or not user or "." not in domain or " " in values["email"]:
             raise ValueError(f"bad email {values['email']!r}")
