@@ -21,6 +21,7 @@ from procd.control import ControlError
 from procd.durable import StoreError
 from procd.errors import ConfigError
 from procd.log import open_logger
+from procd.notify import Notifier
 from procd.queues import QueueFds, QueueWriter
 from procd.supervisor import Supervisor
 
@@ -128,7 +129,8 @@ def _run(file: str, log_file: str | None, control_path: str | None) -> int:
         print(f"procd: cannot open the log file {log_file}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return Supervisor(spec, log, writer, control_path=control_path).run()
+        notifier = Notifier.from_environ()
+        return Supervisor(spec, log, writer, control_path=control_path, notifier=notifier).run()
     except ControlError as exc:
         log.error("control_unavailable", error=str(exc))
         return EXIT_FAILURE

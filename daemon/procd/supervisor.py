@@ -53,6 +53,7 @@ from procd.lifecycle import (
     step,
 )
 from procd.log import RecordWriter
+from procd.notify import Notifier
 from procd.queues import INLINE_LIMIT
 from procd.restarts import RestartHistory, backoff_delay
 from procd.spawn import set_title
@@ -74,6 +75,7 @@ class Supervisor:
         writer: RecordWriter | None = None,
         *,
         control_path: str | None = None,
+        notifier: Notifier | None = None,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:
@@ -94,6 +96,11 @@ class Supervisor:
         self.ready: set[Slot] = set()
         self.ready_logged = False
         self.regrouping: list[Slot] = []  # stopped for a rest_for_one restart, started once all have ended
+        self.notifier = notifier or Notifier(None, None)
+        self.deadlines: dict[str, float] = {}  # the loop's own: "watchdog", "status"
+        self.status_sent = ("", 0.0)  # the last STATUS= line and when it went
+        self.progress = (0, 0.0, 0.0)  # items seen, when, the rate then (for STATUS=)
+        self.notify_failed = False
         self.stopping = False
         self.stop_deadline = 0.0
         self.failed: list[str] = []
@@ -125,6 +132,8 @@ class Supervisor:
                 supervisor_pid=os.getpid(),
                 control=self.control_path,
             )
+            if self.notifier.watchdog_interval_s:
+                self.deadlines["watchdog"] = self.clock()
             for slot in reversed(self.slots):  # readers first, so no writer waits on a missing one
                 self._feed(slot, StartRequested())
             while not all(_ended(slot) for slot in self.slots):
@@ -142,6 +151,7 @@ class Supervisor:
                         self._serve(source, mask)
                 self._fire_timers()
                 self._update_stages()
+                self._update_status()
             return self._finish()
         finally:
             self._sweep()
@@ -158,12 +168,20 @@ class Supervisor:
                     os.close(slot.inflight_fd)
 
     def _timeout(self) -> float | None:
-        if not self.timers:
+        deadlines = [*self.timers.values(), *self.deadlines.values()]
+        if not deadlines:
             return None
-        return max(0.0, min(self.timers.values()) - self.clock())
+        return max(0.0, min(deadlines) - self.clock())
 
     def _fire_timers(self) -> None:
         now = self.clock()
+        if self.deadlines.get("watchdog", now + 1) <= now:
+            self._notify(WATCHDOG=1)  # sent from the loop itself: a stuck loop sends nothing
+            assert self.notifier.watchdog_interval_s is not None
+            self.deadlines["watchdog"] = now + self.notifier.watchdog_interval_s
+        if self.deadlines.get("status", now + 1) <= now:
+            del self.deadlines["status"]
+            self._update_status()
         for key, deadline in sorted(self.timers.items(), key=lambda kv: kv[1]):
             if deadline > now or key not in self.timers:
                 continue
@@ -447,6 +465,7 @@ class Supervisor:
                 if not self.ready_logged and len(self.ready) == len(self.slots):
                     self.ready_logged = True
                     self.log.info("pipeline_ready", workers=len(self.slots))
+                    self._notify(READY=1, STATUS=self._status_line())
                     procctl.release_free_memory()  # start-up is over; a long idle may follow
             elif kind == "error":
                 slot.failure = f"{report.get('error_type')}: {report.get('error')}"
@@ -511,6 +530,55 @@ class Supervisor:
                 self.selector.unregister(fd)
                 os.close(fd)
         slot.report_fd = slot.output_fd = None
+
+    # -- the service manager (sd_notify) ------------------------------------------------------------
+
+    def _notify(self, **fields: str | int) -> None:
+        try:
+            self.notifier.send(**fields)
+        except OSError as exc:
+            self._notify_failed(exc)
+
+    def _notify_reloading(self) -> None:
+        try:
+            self.notifier.reloading()
+        except OSError as exc:
+            self._notify_failed(exc)
+
+    def _notify_failed(self, exc: OSError) -> None:
+        if not self.notify_failed:  # once: the service manager may simply be gone
+            self.notify_failed = True
+            self.log.warning("notify_failed", error=exc.strerror, socket=self.notifier.address)
+
+    def _status_line(self) -> str:
+        """One line for ``systemctl status``: stages, workers, items/s, restarts."""
+        now = self.clock()
+        seen = sum(s.counts.get("items_in", 0) + s.counts.get("items_out", 0) for s in self.slots)
+        before, then, rate = self.progress
+        if now - then >= 1.0:
+            rate = (seen - before) / (now - then) if then else 0.0
+            self.progress = (seen, now, rate)
+        running = sum(1 for s in self.slots if s.state is State.RUNNING)
+        restarts = sum(s.restarts for s in self.slots)
+        return (
+            f"{len(self.spec.stages)} stages, {running}/{len(self.slots)} workers running, "
+            f"{rate:,.0f} items/s, {restarts} restarts"
+        )
+
+    def _update_status(self) -> None:
+        """Send STATUS= when the line changed, at most once a second."""
+        if not self.notifier.enabled or not self.ready_logged or self.stopping:
+            return
+        line = self._status_line()
+        last, when = self.status_sent
+        if line == last:
+            return
+        now = self.clock()
+        if now - when < 1.0:
+            self.deadlines.setdefault("status", when + 1.0)
+            return
+        self.status_sent = (line, now)
+        self._notify(STATUS=line)
 
     # -- the control socket ------------------------------------------------------------------------
 
@@ -714,6 +782,13 @@ class Supervisor:
         self.log.info("reload_requested", source=source)
         if self.stopping:
             return {"ok": False, "error": "the pipeline is stopping"}
+        self._notify_reloading()
+        try:
+            return self._reload()
+        finally:
+            self._notify(READY=1, STATUS=self._status_line())
+
+    def _reload(self) -> dict[str, Any]:
         try:
             new = config.load_pipeline(self.spec.file)
             problems = callables.check_callables_apart(new)
@@ -816,6 +891,7 @@ class Supervisor:
                         self.timers[key] = self.stop_deadline
             return
         self.stopping = True
+        self._notify(STOPPING=1, STATUS=f"stopping: {reason}")
         self.stop_deadline = self.clock() + self.spec.stop_timeout_s
         self.log.info("stop_requested", reason=reason, stop_timeout_s=self.spec.stop_timeout_s)
         for slot in self.slots:

@@ -1,0 +1,115 @@
+"""sd_notify with a real receiver: an AF_UNIX datagram socket with SO_PASSCRED checks every
+message and the pid that sent it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import Workspace, read_records, wait_until
+from procd.notify import Notifier
+
+STAGES = """
+import itertools, time
+def ticks():
+    for n in itertools.count():
+        yield n
+        time.sleep(0.001)
+def same(n):
+    return n
+"""
+
+
+class Receiver:
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.settimeout(0.05)
+        self.messages: list[tuple[int, dict[str, str]]] = []
+
+    def drain(self) -> list[tuple[int, dict[str, str]]]:
+        while True:
+            try:
+                data, ancdata, _flags, _addr = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+            except TimeoutError:
+                return self.messages
+            pid = next(
+                struct.unpack("3i", payload[:12])[0]
+                for level, kind, payload in ancdata
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+            )
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.messages.append((pid, fields))
+
+    def keys(self) -> list[str]:
+        return [key for _pid, fields in self.drain() for key in fields if key != "STATUS"]
+
+
+def test_ready_status_watchdog_reloading_stopping(ws: Workspace) -> None:
+    receiver = Receiver(ws.path / "notify.sock")
+    ws.write("st.py", STAGES)
+    ws.pipeline('[stages.ticks]\nfunction = "st:ticks"\n[stages.same]\nfunction = "st:same"\ninputs = ["ticks"]\n')
+    env = {**os.environ, "NOTIFY_SOCKET": str(ws.path / "notify.sock"), "WATCHDOG_USEC": "200000"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "procd",
+            "run",
+            f"{ws.name}.toml",
+            "--log-file",
+            "log.jsonl",
+            "--control",
+            str(ws.control),
+        ],
+        cwd=ws.path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: "READY" in receiver.keys(), timeout=15)
+        ready_at = next(i for i, (_p, f) in enumerate(receiver.messages) if "READY" in f)
+        records = read_records(ws.path / "log.jsonl")
+        assert any(r["event"] == "pipeline_ready" for r in records)  # READY=1 came after every worker ran
+        _pid, ready = receiver.messages[ready_at]
+        assert ready["STATUS"].startswith("2 stages, 2/2 workers running, ")
+        time.sleep(0.5)
+        watchdogs = [f for _p, f in receiver.drain() if "WATCHDOG" in f]
+        assert 3 <= len(watchdogs) <= 8  # every 100 ms: half of WATCHDOG_USEC
+        statuses = [f["STATUS"] for _p, f in receiver.drain() if "STATUS" in f]
+        assert len(statuses) >= 1 and statuses[-1].endswith(" restarts")
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: any("RELOADING" in f for _p, f in receiver.drain()), timeout=10)
+        reloading = next(f for _p, f in receiver.messages if "RELOADING" in f)
+        assert int(reloading["MONOTONIC_USEC"]) > 0
+        wait_until(lambda: any("READY" in f for _p, f in receiver.drain()[ready_at + 1 :]), timeout=10)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        receiver.drain()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    assert {pid for pid, _f in receiver.messages} == {proc.pid}  # only the supervisor speaks
+    keys = [key for _pid, fields in receiver.messages for key in fields if key not in ("STATUS", "WATCHDOG")]
+    assert keys == ["READY", "RELOADING", "MONOTONIC_USEC", "READY", "STOPPING"]
+
+
+def test_without_notify_socket_nothing_happens_and_children_do_not_inherit_it() -> None:
+    environ = {"NOTIFY_SOCKET": "@procd-test", "WATCHDOG_USEC": "5000000", "WATCHDOG_PID": str(os.getpid())}
+    notifier = Notifier.from_environ(environ)
+    assert environ == {}  # removed, so workers never speak for procd
+    assert notifier.address == "\0procd-test" and notifier.watchdog_interval_s == 2.5
+    assert not Notifier.from_environ({}).enabled
+    Notifier.from_environ({}).send(READY=1)  # a no-op, no error
+    other = Notifier.from_environ({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"})
+    assert other.watchdog_interval_s is None  # the watchdog is someone else's
