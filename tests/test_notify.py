@@ -48,7 +48,7 @@ class Receiver:
             fields = dict(line.split("=", 1) for line in data.decode().splitlines())
             self.messages.append((pid, fields))
 
-    def keys(self) -> list[str]:
+    def sent_keys(self) -> list[str]:
         return [key for _pid, fields in self.drain() for key in fields if key != "STATUS"]
 
 
@@ -75,7 +75,7 @@ def test_ready_status_watchdog_reloading_stopping(ws: Workspace) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_until(lambda: "READY" in receiver.keys(), timeout=15)
+        wait_until(lambda: "READY" in receiver.sent_keys(), timeout=15)
         ready_at = next(i for i, (_p, f) in enumerate(receiver.messages) if "READY" in f)
         records = read_records(ws.path / "log.jsonl")
         assert any(r["event"] == "pipeline_ready" for r in records)  # READY=1 came after every worker ran
