@@ -26,7 +26,7 @@ LAYERS = {
         "durable",
         "notify",
     },
-    "logging": {"log"},
+    "logging": {"log", "events"},
     "model": {"config", "plan", "starter"},
     "core": {"lifecycle", "errors", "restarts", "__init__"},
 }

@@ -13,10 +13,11 @@ import json
 import os
 import re
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from procd import __version__, callables, config, control, deadletters, plan
+from procd import __version__, callables, config, control, deadletters, events, plan
 from procd.control import ControlError
 from procd.durable import StoreError
 from procd.errors import ConfigError
@@ -59,6 +60,20 @@ def _parser() -> argparse.ArgumentParser:
     reload = commands.add_parser("reload", help="re-read a running pipeline's file (the same as SIGHUP)")
     reload.add_argument("pipeline", metavar="PIPELINE", nargs="?")
     reload.add_argument("--control", metavar="PATH")
+
+    logs = commands.add_parser("logs", help="read procd's records from a log file or standard input")
+    logs.add_argument("file", metavar="FILE", nargs="?", default="-", help="a --log-file, or - for stdin (default)")
+    logs.add_argument("--stage")
+    logs.add_argument("--worker", type=int)
+    logs.add_argument("--event", action="append", default=[], help="repeat, or separate with commas")
+    logs.add_argument("--level", choices=events.LEVELS, help="this level and above")
+    logs.add_argument("--pid", type=int)
+    logs.add_argument("--since", metavar="WHEN", help="a duration ago (10m, 2h) or an ISO time")
+    logs.add_argument("--until", metavar="WHEN")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep reading as records are appended")
+    logs.add_argument("--json", action="store_true", help="print the records as JSON lines")
+    logs.add_argument("--summary", action="store_true", help="per stage: spawns, exits, restarts, items")
+    logs.add_argument("--timeline", metavar="STAGE[INDEX]", help="one worker slot, generation by generation")
 
     dlq = commands.add_parser("dlq", help="dead-letter files: list them, replay them")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
@@ -333,6 +348,108 @@ def _replay_fresh(pipeline_file: str, file: str, into: str) -> int:
         writer.close()
 
 
+def _logs(args: argparse.Namespace) -> int:
+    now = time.time()
+    try:
+        keep = events.Filter(
+            stage=args.stage,
+            worker=args.worker,
+            events=frozenset(e.strip() for group in args.event for e in group.split(",") if e.strip()),
+            level=args.level,
+            pid=args.pid,
+            since=events.parse_when(args.since, now) if args.since else None,
+            until=events.parse_when(args.until, now) if args.until else None,
+        )
+    except ValueError as exc:
+        print(f"procd logs: --since/--until take a duration (10m) or an ISO time: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    timeline = None
+    if args.timeline:
+        match = re.fullmatch(r"([a-z][a-z0-9_-]*)\[(\d+)\]", args.timeline)
+        if not match:
+            print(
+                f"procd logs: --timeline takes STAGE[INDEX], such as transform[2], got {args.timeline!r}",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        timeline = (match.group(1), int(match.group(2)))
+    try:
+        source = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8", errors="replace")  # noqa: SIM115
+    except OSError as exc:
+        print(f"procd logs: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
+    reader = events.Reader()
+    with source:
+        if args.summary or timeline:
+            records = list(reader.records(source))
+            sys.stdout.write(_summary(records) if args.summary else _timeline(records, *timeline))  # type: ignore[misc]
+        else:
+            color = sys.stdout.isatty() and not args.json
+            try:
+                for record in reader.records(_lines(source, args.follow)):
+                    if keep.keeps(record):
+                        print(
+                            json.dumps(record) if args.json else events.render(record, color=color), flush=args.follow
+                        )
+            except KeyboardInterrupt:
+                pass
+    if reader.skipped:
+        print(f"procd logs: {reader.skipped} lines were not procd records (skipped)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _lines(source: Any, follow: bool) -> Iterator[str]:
+    """Every complete line; with ``follow``, wait for more (a half-written line is held back)."""
+    partial = ""
+    while True:
+        line = source.readline()
+        if line.endswith("\n"):
+            yield partial + line
+            partial = ""
+        elif line:
+            partial += line
+        elif not follow:
+            if partial:
+                yield partial
+            return
+        else:
+            time.sleep(0.2)
+
+
+def _summary(records: list[dict[str, Any]]) -> str:
+    rows = [("STAGE", "SPAWNS", "RESTARTS", "EXITS", "REDELIVERED", "DEAD_LETTERS", "IN", "OUT", "FIRST", "LAST")]
+    for name, s in events.summarize(records).items():
+        exits = ", ".join(f"{cause}: {n}" for cause, n in sorted(s.exits.items())) or "-"
+        rows.append(
+            (
+                name,
+                str(s.spawns),
+                str(s.restarts),
+                exits,
+                str(s.redelivered),
+                str(s.dead_letters),
+                str(s.items_in),
+                str(s.items_out),
+                s.first,
+                s.last,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in rows)
+
+
+def _timeline(records: list[dict[str, Any]], stage: str, worker: int) -> str:
+    lines = [f"{stage}[{worker}]"]
+    for g in events.timeline(records, stage, worker):
+        ended = f"ended {g.ended} with {g.how} after {g.runtime_s}s" if g.ended else "still running"
+        verdict = "" if g.expected is None else (" (expected)" if g.expected else f" (failure: {g.cause})")
+        lines.append(f"  generation {g.generation}  pid {g.pid}  spawned {g.spawned}  {ended}{verdict}")
+        lines += [f"    {note}" for note in g.notes]
+    if len(lines) == 1:
+        lines.append("  no records for this worker slot")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``procd`` command; return its exit code."""
     args = _parser().parse_args(argv)
@@ -341,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args.file, args.log_file, args.control)
         if args.command in ("status", "stop", "reload", "scale"):
             return _control(args)
+        if args.command == "logs":
+            return _logs(args)
         if args.command == "dlq":
             return _dlq_list(args.file, args.json) if args.dlq_command == "list" else _dlq_replay(args)
         if args.command == "check":

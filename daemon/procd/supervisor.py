@@ -553,7 +553,7 @@ class Supervisor:
     def _status_line(self) -> str:
         """One line for ``systemctl status``: stages, workers, items/s, restarts."""
         now = self.clock()
-        seen = sum(s.counts.get("items_in", 0) + s.counts.get("items_out", 0) for s in self.slots)
+        seen = sum(s.total("items_in") + s.total("items_out") for s in self.slots)
         before, then, rate = self.progress
         if now - then >= 1.0:
             rate = (seen - before) / (now - then) if then else 0.0
@@ -669,8 +669,8 @@ class Supervisor:
                         "generation": slot.generation,
                         "restarts": slot.restarts,
                         "uptime_s": round(now - slot.started_at, 3) if slot.state not in TERMINAL else None,
-                        "items_in": slot.counts.get("items_in", 0),
-                        "items_out": slot.counts.get("items_out", 0),
+                        "items_in": slot.total("items_in"),
+                        "items_out": slot.total("items_out"),
                     }
                 )
             queue = None
@@ -756,8 +756,8 @@ class Supervisor:
             if all(_ended(s) for s in slots):
                 self.finished.add(stage.name)
                 totals = {
-                    "items_in": sum(s.counts.get("items_in", 0) for s in slots),
-                    "items_out": sum(s.counts.get("items_out", 0) for s in slots),
+                    "items_in": sum(s.total("items_in") for s in slots),
+                    "items_out": sum(s.total("items_out") for s in slots),
                 }
                 self.log.info("stage_drained", stage=stage.name, **totals)
         for name, channel in self.channels.items():

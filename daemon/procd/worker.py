@@ -43,7 +43,12 @@ class Slot:
     input: Channel | None = None  # what its current process reads and writes
     outputs: list[Channel] = field(default_factory=list)
     inflight_fd: int | None = None  # the batch in hand, shared with every generation (inflight.py)
-    counts: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # the current process's, as last reported
+    carried: dict[str, int] = field(default_factory=dict)  # the slot's earlier processes', summed
+
+    def total(self, key: str) -> int:
+        """Items in or out over every process of the slot (a redelivered batch counts twice)."""
+        return self.carried.get(key, 0) + self.counts.get(key, 0)
 
     @property
     def name(self) -> str:
@@ -101,6 +106,9 @@ def start(
     os.set_blocking(output_r, False)
     slot.pid = pid
     slot.generation += 1
+    for key, value in slot.counts.items():
+        slot.carried[key] = slot.carried.get(key, 0) + value
+    slot.counts = {}
     slot.report_fd, slot.output_fd = report_r, output_r
     slot.report_buffer = slot.output_buffer = b""
     slot.forced = False
