@@ -11,7 +11,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "procd"
 
 LAYERS = {
-    "interface": {"cli", "__main__"},
+    "interface": {"cli", "__main__", "top"},
     "loop": {"supervisor", "control"},
     "processes": {"worker", "spawn", "child", "channels"},
     "os": {

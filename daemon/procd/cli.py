@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the reply as JSON")
     status.add_argument("--control", metavar="PATH")
 
+    top = commands.add_parser("top", help="a live view of a running pipeline (q quits)")
+    top.add_argument("pipeline", metavar="PIPELINE", nargs="?")
+    top.add_argument("--control", metavar="PATH")
+
     stop = commands.add_parser("stop", help="stop a running pipeline (the same as SIGTERM)")
     stop.add_argument("pipeline", metavar="PIPELINE", nargs="?")
     stop.add_argument("--control", metavar="PATH")
@@ -348,6 +352,30 @@ def _replay_fresh(pipeline_file: str, file: str, into: str) -> int:
         writer.close()
 
 
+def _top(args: argparse.Namespace) -> int:
+    from procd import top  # only this command draws
+
+    try:
+        path = control.find_socket(args.pipeline, args.control)
+
+        def fetch() -> dict[str, Any]:
+            reply = control.request(path, {"command": "status"})
+            if not reply.get("ok"):
+                raise ControlError(str(reply.get("error")))
+            return reply
+
+        if sys.stdin.isatty() and sys.stdout.isatty():
+            top.live(fetch, sys.stdout)
+        else:
+            top.snapshot(fetch, sys.stdout)
+    except ControlError as exc:
+        print(f"procd top: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
 def _logs(args: argparse.Namespace) -> int:
     now = time.time()
     try:
@@ -458,6 +486,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args.file, args.log_file, args.control)
         if args.command in ("status", "stop", "reload", "scale"):
             return _control(args)
+        if args.command == "top":
+            return _top(args)
         if args.command == "logs":
             return _logs(args)
         if args.command == "dlq":

@@ -101,6 +101,7 @@ class Supervisor:
         self.status_sent = ("", 0.0)  # the last STATUS= line and when it went
         self.progress = (0, 0.0, 0.0)  # items seen, when, the rate then (for STATUS=)
         self.notify_failed = False
+        self.dead_letters: dict[str, int] = {}
         self.stopping = False
         self.stop_deadline = 0.0
         self.failed: list[str] = []
@@ -477,6 +478,7 @@ class Supervisor:
             elif kind == "counts":
                 slot.counts = {k: int(v) for k, v in report.items()}
             elif kind == "dead_lettered":
+                self.dead_letters[slot.stage.name] = self.dead_letters.get(slot.stage.name, 0) + 1
                 bound.warning("item_dead_lettered", **report)
             else:
                 bound.warning("worker_report_invalid", line=line[:_LINE_LIMIT])
@@ -653,8 +655,9 @@ class Supervisor:
         stages = []
         for stage in plan.topological_order(self.spec):
             output_fds = {self.channels[r.name].fds.slots_fd for r in self.spec.readers(stage.name)}
-            workers = []
-            for slot in (s for s in self.slots if s.stage.name == stage.name):
+            workers: list[dict[str, Any]] = []
+            slots = [s for s in self.slots if s.stage.name == stage.name]
+            for slot in slots:
                 state = str(slot.state)
                 blocked = None
                 if slot.state is State.RUNNING and slot.pid is not None:
@@ -686,6 +689,10 @@ class Supervisor:
                     "name": stage.name,
                     "processes": sum(1 for w in workers if w["state"] not in TERMINAL),
                     "finished": stage.name in self.finished,
+                    "dead_letters": self.dead_letters.get(stage.name, 0),
+                    "restarts": sum(s.restarts for s in slots),
+                    "items_in": sum(s.total("items_in") for s in slots),
+                    "items_out": sum(s.total("items_out") for s in slots),
                     "queue": queue,
                     "workers": workers,
                 }
