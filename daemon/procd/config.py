@@ -31,7 +31,7 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)\Z")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 _TOP_KEYS = ("pipeline", "defaults", "stages")
-_PIPELINE_KEYS = ("name", "start_method", "stop_timeout", "state_dir")
+_PIPELINE_KEYS = ("name", "start_method", "stop_timeout", "state_dir", "metrics")
 _DEFAULTS_KEYS = ("restart", "strategy")
 _STAGE_KEYS = (
     "function",
@@ -112,6 +112,7 @@ class PipelineSpec:
     start_method: str = "fork"
     stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
     state_dir: str = ""  # an absolute path once loaded
+    metrics: tuple[str, int] | None = None  # where the Prometheus endpoint listens
     stages: tuple[StageSpec, ...] = ()
 
     @property
@@ -141,6 +142,11 @@ def default_state_dir(pipeline: str) -> str:
         return os.path.join("/var/lib/procd", pipeline)
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return os.path.join(base, "procd", pipeline)
+
+
+def format_address(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_duration(text: str) -> float:
@@ -277,6 +283,21 @@ def validate(document: Mapping[str, Any], file: str) -> PipelineSpec:
     default_restart = _restart(check, defaults.get("restart", {}), "defaults.restart", RestartSpec())
     default_strategy = _strategy(check, defaults.get("strategy", "one_for_one"), "defaults.strategy")
 
+    metrics = None
+    if "metrics" in pipeline:
+        raw = pipeline["metrics"]
+        try:
+            if not isinstance(raw, str):
+                raise ValueError(raw)
+            host, port = raw.rpartition(":")[0].strip("[]") or "127.0.0.1", raw.rpartition(":")[2]
+            if not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(raw)
+            metrics = (host, int(port))
+        except ValueError:
+            check.add(
+                "pipeline.metrics", f'expected "HOST:PORT" or "PORT" (loopback), such as "127.0.0.1:9464", {_got(raw)}'
+            )
+
     stages_table = check.table(document.get("stages", {}), "stages")
     if stages_table is not None and not stages_table:
         check.add("stages", "a pipeline needs at least one [stages.NAME] table")
@@ -303,6 +324,7 @@ def validate(document: Mapping[str, Any], file: str) -> PipelineSpec:
         start_method=start_method,
         stop_timeout_s=stop_timeout_s,
         state_dir=state_dir,
+        metrics=metrics,
         stages=tuple(stages),
     )
 
@@ -513,6 +535,7 @@ def as_document(spec: PipelineSpec) -> dict[str, Any]:
             "start_method": spec.start_method,
             "stop_timeout": format_duration(spec.stop_timeout_s),
             "state_dir": spec.state_dir,
+            **({"metrics": format_address(spec.metrics)} if spec.metrics else {}),
         },
         "stages": stages,
     }

@@ -26,7 +26,7 @@ from procd import callables, config, inflight, plan, procctl, procinfo, reaper, 
 from procd.channels import Channel
 from procd.child import Output
 from procd.config import PipelineSpec
-from procd.control import Client, ControlServer, default_path
+from procd.control import Client, ControlError, ControlServer, default_path
 from procd.durable import StoreError
 from procd.errors import ConfigError, Problem
 from procd.lifecycle import (
@@ -53,6 +53,7 @@ from procd.lifecycle import (
     step,
 )
 from procd.log import RecordWriter
+from procd.metrics import HttpClient, MetricsServer
 from procd.notify import Notifier
 from procd.queues import INLINE_LIMIT
 from procd.restarts import RestartHistory, backoff_delay
@@ -116,11 +117,19 @@ class Supervisor:
             ControlError: the control socket cannot be created (another procd runs this pipeline).
         """
         server = ControlServer(self.control_path)
+        try:
+            metrics = MetricsServer(*self.spec.metrics) if self.spec.metrics else None
+        except OSError as exc:
+            server.close()
+            address = config.format_address(self.spec.metrics) if self.spec.metrics else "?"
+            raise ControlError(f"cannot listen for metrics on {address}: {exc.strerror}") from None
         set_title(f"procd: {self.spec.name} supervisor")
         procctl.become_subreaper()
         wake = signals.open_wakeup()
         self.selector.register(wake.read_fd, selectors.EVENT_READ, ("wake", None))
         self.selector.register(server.fileno(), selectors.EVENT_READ, ("control", server))
+        if metrics is not None:
+            self.selector.register(metrics.fileno(), selectors.EVENT_READ, ("metrics", metrics))
         try:
             for stage in self.spec.stages:
                 if not stage.is_producer:
@@ -148,6 +157,10 @@ class Supervisor:
                         self._read_output(source)
                     elif kind == "control":
                         self._accept(source)
+                    elif kind == "metrics":
+                        self._accept_http(source)
+                    elif kind == "http":
+                        self._serve_http(source, mask)
                     else:
                         self._serve(source, mask)
                 self._fire_timers()
@@ -157,9 +170,11 @@ class Supervisor:
         finally:
             self._sweep()
             for key in list(self.selector.get_map().values()):
-                if key.data[0] == "client":
+                if key.data[0] in ("client", "http"):
                     key.data[1].close()
             server.close()
+            if metrics is not None:
+                metrics.close()
             wake.close()
             self.selector.close()
             for channel in [*self.channels.values(), *self.retired]:
@@ -609,6 +624,27 @@ class Supervisor:
             return
         events = selectors.EVENT_READ | (0 if done else selectors.EVENT_WRITE)
         self.selector.modify(client.fileno(), events, ("client", client))
+
+    def _accept_http(self, server: MetricsServer) -> None:
+        client = server.accept()
+        if client is not None:
+            self.selector.register(client.fileno(), selectors.EVENT_READ, ("http", client))
+
+    def _serve_http(self, client: HttpClient, mask: int) -> None:
+        if mask & selectors.EVENT_READ and not client.outbox:
+            path = client.read_request()
+            if path is None:
+                self.selector.unregister(client.fileno())
+                client.close()
+                return
+            if path:
+                client.respond(path, self.status())
+        if client.outbox:
+            if client.flush():
+                self.selector.unregister(client.fileno())
+                client.close()
+            else:
+                self.selector.modify(client.fileno(), selectors.EVENT_WRITE, ("http", client))
 
     def _drop(self, client: Client) -> None:
         self.selector.unregister(client.fileno())

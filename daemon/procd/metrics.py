@@ -1,0 +1,129 @@
+"""An optional Prometheus endpoint: the pipeline's status in the text exposition format,
+served over plain HTTP by the supervisor's own loop (no thread).
+
+The format is a handful of lines (``# HELP``, ``# TYPE``, ``name{labels} value``), so it is
+written here rather than pulled in with a client library and its registry.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+MAX_REQUEST = 8192
+_STAGE_METRICS = (
+    ("procd_stage_processes", "gauge", "Processes of the stage that are running or starting.", "processes"),
+    ("procd_stage_items_in_total", "counter", "Items the stage's processes have taken in.", "items_in"),
+    ("procd_stage_items_out_total", "counter", "Items the stage's processes have handed on.", "items_out"),
+    ("procd_stage_restarts_total", "counter", "Restarts of the stage's processes.", "restarts"),
+    ("procd_stage_dead_letters_total", "counter", "Items the stage gave up on.", "dead_letters"),
+)
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render(status: dict[str, Any]) -> str:
+    """The exposition of one ``Supervisor.status()`` reply."""
+    pipeline = _label(status["pipeline"])
+    lines = [
+        "# HELP procd_up 1 while the supervisor runs.",
+        "# TYPE procd_up gauge",
+        f'procd_up{{pipeline="{pipeline}"}} 1',
+        "# HELP procd_uptime_seconds Seconds since the supervisor started.",
+        "# TYPE procd_uptime_seconds gauge",
+        f'procd_uptime_seconds{{pipeline="{pipeline}"}} {status["uptime_s"]}',
+    ]
+    for name, kind, help_text, key in _STAGE_METRICS:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for stage in status["stages"]:
+            lines.append(f'{name}{{pipeline="{pipeline}",stage="{_label(stage["name"])}"}} {stage[key]}')
+    lines += [
+        "# HELP procd_stage_queue_depth_batches Batches waiting in the stage's input.",
+        "# TYPE procd_stage_queue_depth_batches gauge",
+    ]
+    for stage in status["stages"]:
+        queue = stage["queue"]
+        if queue is not None and queue["depth_batches"] is not None:
+            labels = f'pipeline="{pipeline}",stage="{_label(stage["name"])}"'
+            lines.append(f"procd_stage_queue_depth_batches{{{labels}}} {queue['depth_batches']}")
+    return "\n".join(lines) + "\n"
+
+
+class HttpClient:
+    """One connection: reads a request head, answers once, closes."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.inbox = b""
+        self.outbox = b""
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read_request(self) -> str | None:
+        """The request path once the head is complete; "" while incomplete; None on EOF/error."""
+        try:
+            chunk = self.sock.recv(4096)
+        except BlockingIOError:
+            return ""
+        except OSError:
+            return None
+        if not chunk:
+            return None
+        self.inbox += chunk
+        if b"\r\n\r\n" not in self.inbox and b"\n\n" not in self.inbox:
+            return None if len(self.inbox) > MAX_REQUEST else ""
+        parts = self.inbox.split(b"\r\n", 1)[0].split()
+        return parts[1].decode(errors="replace") if len(parts) >= 2 and parts[0] == b"GET" else "?"
+
+    def respond(self, path: str, status: dict[str, Any]) -> None:
+        if path.split("?")[0] == "/metrics":
+            code, body, kind = "200 OK", render(status), "text/plain; version=0.0.4; charset=utf-8"
+        else:
+            code, body, kind = "404 Not Found", "procd serves /metrics only\n", "text/plain; charset=utf-8"
+        data = body.encode()
+        head = f"HTTP/1.0 {code}\r\nContent-Type: {kind}\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+        self.outbox = head.encode() + data
+
+    def flush(self) -> bool:
+        """Send what the socket takes; True when done (or the peer is gone)."""
+        while self.outbox:
+            try:
+                sent = self.sock.send(self.outbox)
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+            self.outbox = self.outbox[sent:]
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class MetricsServer:
+    """The listening TCP socket."""
+
+    def __init__(self, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(16)
+        self.sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self) -> HttpClient | None:
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        conn.setblocking(False)
+        return HttpClient(conn)
+
+    def close(self) -> None:
+        self.sock.close()
