@@ -6,6 +6,7 @@ import sqlite3
 import tomllib
 
 import pytest
+
 from conftest import PIPELINES, Workspace
 from procd import __version__, config
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+
 from procd import config, plan
 from procd.errors import ConfigError
 from procd.lifecycle import Restart

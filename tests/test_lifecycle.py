@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 
 import pytest
+
 from procd.errors import TransitionError
 from procd.lifecycle import (
     ArmTimer,

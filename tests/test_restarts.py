@@ -7,6 +7,7 @@ import os
 import signal
 
 import pytest
+
 from conftest import Workspace, parse_records, read_records, wait_until
 from procd.restarts import RestartHistory, backoff_delay
 

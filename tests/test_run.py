@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+
 from conftest import Workspace, parse_records, processes_titled, wait_until
 
 PY = sys.executable
