@@ -25,6 +25,7 @@ LAYERS = {
         "deadletters",
         "durable",
         "notify",
+        "metrics",
     },
     "logging": {"log", "events"},
     "model": {"config", "plan", "starter"},
