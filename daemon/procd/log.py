@@ -30,6 +30,19 @@ class RecordWriter:
         self._log_file = log_file
         self._fd = self._open(log_file) if log_file else None
         self._console = structlog.dev.ConsoleRenderer(colors=True) if console else None
+        self._footer = ""  # a progress line kept under the records, on a terminal only
+
+    @property
+    def on_terminal(self) -> bool:
+        return self._console is not None
+
+    def progress(self, line: str) -> None:
+        """Show ``line`` under the records, redrawn in place (a terminal only; never logged)."""
+        if self._console is None or line == self._footer:
+            return
+        self._footer = line
+        self._stream.write(f"\r\033[K{line}")
+        self._stream.flush()
 
     @staticmethod
     def _open(path: str) -> int:
@@ -50,12 +63,15 @@ class RecordWriter:
             os.write(self._fd, line.encode())
         if self._console is not None:
             text = self._console(None, "", dict(record))
-            self._stream.write(str(text) + "\n")
+            self._stream.write(f"\r\033[K{text}\n{self._footer}")
         else:
             self._stream.write(line)
         self._stream.flush()
 
     def close(self) -> None:
+        if self._footer:
+            self._stream.write("\n")  # the last progress line stays, with the totals
+            self._footer = ""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

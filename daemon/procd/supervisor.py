@@ -492,6 +492,7 @@ class Supervisor:
                 bound.error("spawn_failed", **report)
             elif kind == "counts":
                 slot.counts = {k: int(v) for k, v in report.items()}
+                self._show_progress()
             elif kind == "dead_lettered":
                 self.dead_letters[slot.stage.name] = self.dead_letters.get(slot.stage.name, 0) + 1
                 bound.warning("item_dead_lettered", **report)
@@ -581,6 +582,18 @@ class Supervisor:
             f"{len(self.spec.stages)} stages, {running}/{len(self.slots)} workers running, "
             f"{rate:,.0f} items/s, {restarts} restarts"
         )
+
+    def _show_progress(self) -> None:
+        """On a terminal: items through each stage, and the rate, under the records."""
+        if self.writer is None or not self.writer.on_terminal:
+            return
+        parts = []
+        for stage in plan.topological_order(self.spec):
+            slots = [s for s in self.slots if s.stage.name == stage.name]
+            key = "items_in" if not self.spec.readers(stage.name) else "items_out"
+            parts.append(f"{stage.name} {sum(s.total(key) for s in slots):,}")
+        rate = self._status_line().split(", ")[2]
+        self.writer.progress(" → ".join(parts) + f"  ({rate})")
 
     def _update_status(self) -> None:
         """Send STATUS= when the line changed, at most once a second."""
