@@ -144,7 +144,10 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, StageSummary]:
     stages: dict[str, StageSummary] = {}
     drained: dict[str, dict[str, Any]] = {}
     exited_items: dict[str, list[int]] = {}
+    order: list[str] = []
     for record in records:
+        if record.get("event") == "pipeline_starting" and isinstance(record.get("stages"), list):
+            order = [str(s) for s in record["stages"]]  # the file's order, upstream first
         name = record.get("stage")
         if not isinstance(name, str):
             continue
@@ -175,7 +178,8 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, StageSummary]:
             summary.items_out = int(drained[name].get("items_out", 0))
         elif name in exited_items:
             summary.items_in, summary.items_out = exited_items[name]
-    return stages
+    ranked = {name: i for i, name in enumerate(order)}
+    return dict(sorted(stages.items(), key=lambda item: ranked.get(item[0], len(ranked))))
 
 
 @dataclass
