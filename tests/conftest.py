@@ -117,6 +117,17 @@ class Workspace:
         records = parse_records(proc.stderr) if args[:1] == ("run",) and proc.returncode != 78 else []
         return Result(proc.returncode, proc.stdout, proc.stderr, records)
 
+    def start_ready(self, log: str = "log.jsonl", timeout: float = 15.0) -> subprocess.Popen[str]:
+        """``procd run`` this workspace's pipeline with a log file; return once it is ready."""
+        proc = self.start("run", f"{self.name}.toml", "--log-file", log)
+        try:
+            wait_until(lambda: any(r["event"] == "pipeline_ready" for r in read_records(self.path / log)), timeout)
+        except AssertionError:
+            proc.kill()
+            proc.communicate()
+            raise
+        return proc
+
     def start(self, *args: str) -> subprocess.Popen[str]:
         args = self._with_control(args)
         return subprocess.Popen(

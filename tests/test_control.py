@@ -50,9 +50,7 @@ class Count:
 def _start(ws: Workspace, pipeline: str):
     ws.write("st.py", STAGES)
     ws.pipeline(pipeline)
-    proc = ws.start("run", f"{ws.name}.toml", "--log-file", "log.jsonl")
-    wait_until(lambda: any(r["event"] == "pipeline_ready" for r in read_records(ws.path / "log.jsonl")), timeout=15)
-    return proc
+    return ws.start_ready()
 
 
 def _ask(ws: Workspace, *args: str):

@@ -186,9 +186,8 @@ def test_replay_a_fixed_item_in_a_fresh_run(ws: Workspace) -> None:
 def test_replay_into_a_running_pipeline(ws: Workspace) -> None:
     _make_dead_letters(ws)
     ws.pipeline('[stages.idle]\nfunction = "st:sleepy"\n[stages.collect]\nfunction = "st:Collect"\ninputs = ["idle"]\n')
-    proc = ws.start("run", f"{ws.name}.toml", "--log-file", "log.jsonl")
+    proc = ws.start_ready()
     try:
-        wait_until(lambda: any(r["event"] == "pipeline_ready" for r in read_records(ws.path / "log.jsonl")))
         result = ws.run("dlq", "replay", "dead.jsonl", "--into", "collect", "--control", str(ws.control))
         assert result.code == 0, result.stderr
         assert result.stdout == "replayed 2 items into collect\n"

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from conftest import Workspace, read_records, wait_until
+from conftest import Workspace, wait_until
 
 STAGES = """
 import itertools, time
@@ -44,9 +44,8 @@ def test_metrics_endpoint(ws: Workspace) -> None:
         '[stages.ticks]\nfunction = "st:ticks"\n'
         '[stages.same]\nfunction = "st:same"\ninputs = ["ticks"]\nprocesses = 2\n'
     )
-    proc = ws.start("run", f"{ws.name}.toml", "--log-file", "log.jsonl")
+    proc = ws.start_ready()
     try:
-        wait_until(lambda: any(r["event"] == "pipeline_ready" for r in read_records(ws.path / "log.jsonl")))
 
         def scrape() -> dict[str, float]:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:

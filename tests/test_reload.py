@@ -69,9 +69,7 @@ def _pids(ws: Workspace) -> dict[str, list[int]]:
 def _start(ws: Workspace):
     ws.write("st.py", STAGES)
     ws.pipeline(BEFORE)
-    proc = ws.start("run", f"{ws.name}.toml", "--log-file", "log.jsonl")
-    wait_until(lambda: any(r["event"] == "pipeline_ready" for r in read_records(ws.path / "log.jsonl")), timeout=15)
-    return proc
+    return ws.start_ready()
 
 
 def test_reload_restarts_only_what_changed_and_loses_nothing(ws: Workspace) -> None:

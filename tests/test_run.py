@@ -291,15 +291,8 @@ class Count:
 """
 
 
-def _start_and_wait_ready(ws: Workspace, log: str = "log.jsonl"):
-    proc = ws.start("run", f"{ws.name}.toml", "--log-file", log)
-    logfile = ws.path / log
-
-    def ready() -> bool:
-        return logfile.exists() and '"pipeline_ready"' in logfile.read_text()
-
-    wait_until(ready, timeout=15)
-    return proc, logfile
+def _start_and_wait_ready(ws: Workspace):
+    return ws.start_ready(), ws.path / "log.jsonl"
 
 
 def test_sigterm_mid_run_drains_cleanly_and_exits_0(ws: Workspace) -> None:

@@ -84,7 +84,14 @@ processes = 2
 
 
 def _host_state() -> tuple[str, list[str], list[str]]:
-    cgroups = sorted(p.name for p in (_cgroup2() or Path("/")).iterdir() if p.is_dir())
+    """The host's mounts (as this process sees them), /tmp's entries, and the cgroups beside
+    ours (another test session's own test cgroup aside)."""
+    own = f"procd-test-{os.getpid()}"
+    cgroups = sorted(
+        p.name
+        for p in (_cgroup2() or Path("/")).iterdir()
+        if p.is_dir() and (p.name == own or not re.fullmatch(r"procd-test-\d+", p.name))
+    )
     tmp = sorted(os.listdir("/tmp"))
     return Path("/proc/self/mountinfo").read_text(), tmp, cgroups
 

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import time
 
-from conftest import Workspace, procd_command, read_records, wait_until
+from conftest import Workspace, procd_command
 
 STAGES = """
 import itertools, time
@@ -29,9 +29,7 @@ def _start(ws: Workspace) -> subprocess.Popen[str]:
         '[stages.ticks]\nfunction = "st:ticks"\n'
         '[stages.same]\nfunction = "st:same"\ninputs = ["ticks"]\nprocesses = 2\n'
     )
-    proc = ws.start("run", f"{ws.name}.toml", "--log-file", "log.jsonl")
-    wait_until(lambda: any(r["event"] == "pipeline_ready" for r in read_records(ws.path / "log.jsonl")))
-    return proc
+    return ws.start_ready()
 
 
 def test_top_without_a_terminal_prints_one_snapshot(ws: Workspace) -> None:
