@@ -251,3 +251,36 @@ def test_order_and_graph(tmp_path: Path) -> None:
     assert dot.startswith('digraph "g" {')
     assert '"src" -> "left";' in dot and '"right" -> "sink";' in dot and '"left" -> "sink";' in dot
     assert '[shape=component, label="right\\ncat\\nx1"]' in dot
+
+
+def _spec(tmp_path: Path, name: str, text: str) -> config.PipelineSpec:
+    file = tmp_path / f"{name}.toml"
+    file.write_text('[pipeline]\nname = "p"\n' + text)
+    return config.load_pipeline(file)
+
+
+def test_reload_plan_counts_wiring_as_configuration(tmp_path: Path) -> None:
+    base = (
+        '[stages.src]\nfunction = "m:p"\n'
+        '[stages.a]\nfunction = "m:a"\ninputs = ["src"]\n'
+        '[stages.b]\nfunction = "m:b"\ninputs = ["a"]\n'
+        '[stages.gone]\nfunction = "m:g"\ninputs = ["src"]\n'
+    )
+    old = _spec(tmp_path, "old", base)
+    new = _spec(
+        tmp_path,
+        "new",
+        base.replace('[stages.gone]\nfunction = "m:g"\ninputs = ["src"]\n', "").replace(
+            'function = "m:b"\ninputs = ["a"]\n',
+            'function = "m:b"\ninputs = ["a"]\nqueue = { maxsize = 20, batch = 10 }\n',
+        )
+        + '[stages.fresh]\ncommand = ["cat"]\ninputs = ["b"]\n',
+    )
+    diff = plan.reload_plan(old, new, finished=set())
+    assert diff.removed == {"gone"} and diff.added == {"fresh"}
+    assert diff.replaced_queues == {"b"}  # b's queue changed: a, which writes to it, restarts too
+    assert diff.changed == {"src", "a", "b"}  # src lost a reader; b gained one
+    assert diff.unchanged == frozenset()
+    assert plan.reload_plan(old, old, finished=set()).unchanged == {"src", "a", "b", "gone"}
+    finished = plan.reload_plan(old, new, finished={"src"})
+    assert finished.finished == {"src"} and "src" not in finished.changed

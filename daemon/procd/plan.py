@@ -5,6 +5,10 @@ Pure: works on ``config`` specs only. Also renders the stage graph as DOT for ``
 
 from __future__ import annotations
 
+from collections.abc import Set
+from dataclasses import dataclass
+from typing import Any
+
 from procd.config import PipelineSpec, StageSpec
 
 
@@ -47,6 +51,50 @@ def upstream_closure(spec: PipelineSpec, name: str) -> set[str]:
             seen.add(current)
             todo.extend(spec.stage(current).inputs)
     return seen
+
+
+@dataclass(frozen=True)
+class ReloadPlan:
+    """What a reload does, stage by stage."""
+
+    changed: frozenset[str]  # restart: its configuration or its wiring changed
+    added: frozenset[str]
+    removed: frozenset[str]
+    unchanged: frozenset[str]  # keep their processes
+    replaced_queues: frozenset[str]  # a new input queue (the old one drains and goes)
+    finished: frozenset[str]  # changed, but already finished: not started again
+
+
+def reload_plan(old: PipelineSpec, new: PipelineSpec, finished: Set[str]) -> ReloadPlan:
+    """Compare two versions of a pipeline.
+
+    A stage's wiring is part of its configuration: a stage that gains or loses a reader, or one
+    of whose readers gets a new queue, is restarted, since its processes hold the queues they
+    write to from the moment they start.
+    """
+    old_names, new_names = {s.name for s in old.stages}, {s.name for s in new.stages}
+    kept = old_names & new_names
+    replaced = {
+        n
+        for n in kept
+        if old.stage(n).queue != new.stage(n).queue or old.stage(n).is_producer != new.stage(n).is_producer
+    }
+
+    def wiring(spec: PipelineSpec, name: str) -> tuple[Any, ...]:
+        return (spec.stage(name), tuple(r.name for r in spec.readers(name)))
+
+    changed = {n for n in kept if wiring(old, n) != wiring(new, n)}
+    changed |= {upstream for n in replaced for upstream in new.stage(n).inputs if upstream in kept}
+    done = {n for n in changed if n in finished}
+    changed -= done
+    return ReloadPlan(
+        changed=frozenset(changed),
+        added=frozenset(new_names - old_names),
+        removed=frozenset(old_names - new_names),
+        unchanged=frozenset(kept - changed - done),
+        replaced_queues=frozenset(replaced),
+        finished=frozenset(done),
+    )
 
 
 def to_dot(spec: PipelineSpec) -> str:

@@ -857,23 +857,8 @@ class Supervisor:
                 "config_invalid", file=self.spec.file, problems=error.lines(), message="still running unchanged"
             )
             return {"ok": False, "error": "the pipeline file is invalid; nothing changed", "problems": error.lines()}
-        old = self.spec
-        old_names, new_names = {s.name for s in old.stages}, {s.name for s in new.stages}
-        kept = old_names & new_names
-        replaced_queues = {
-            n
-            for n in kept
-            if old.stage(n).queue != new.stage(n).queue or old.stage(n).is_producer != new.stage(n).is_producer
-        }
-
-        def wiring(spec: PipelineSpec, name: str) -> tuple[Any, ...]:
-            return (spec.stage(name), tuple(r.name for r in spec.readers(name)))
-
-        changed = {n for n in kept if wiring(old, n) != wiring(new, n)}
-        changed |= {u for n in replaced_queues for u in new.stage(n).inputs if u in kept}
-        finished = sorted(n for n in changed if n in self.finished)
-        changed -= set(finished)
-        added, removed = new_names - old_names, old_names - new_names
+        diff = plan.reload_plan(self.spec, new, self.finished)
+        changed, added, removed, replaced_queues = diff.changed, diff.added, diff.removed, diff.replaced_queues
 
         fresh: dict[str, Channel] = {}
         try:
@@ -912,8 +897,8 @@ class Supervisor:
             changed=sorted(changed),
             added=sorted(added),
             removed=sorted(removed),
-            unchanged=sorted(kept - changed),
-            not_restarted_finished=finished,
+            unchanged=sorted(diff.unchanged),
+            not_restarted_finished=sorted(diff.finished),
         )
         for slot in leaving:
             slot.retiring = True
@@ -932,7 +917,7 @@ class Supervisor:
             "changed": sorted(changed),
             "added": sorted(added),
             "removed": sorted(removed),
-            "unchanged": sorted(kept - changed),
+            "unchanged": sorted(diff.unchanged),
         }
 
     def _request_stop(self, reason: str) -> None:
