@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -210,7 +211,7 @@ def test_spawn_start_method_runs_a_fresh_interpreter(ws: Workspace) -> None:
             return n
         """,
     )
-    for method in ("spawn", "fork"):
+    for method in ("spawn", "forkserver", "fork"):
         ws.pipeline(
             f'[pipeline]\nname = "{ws.name}"\nstart_method = "{method}"\n'
             '[stages.numbers]\nfunction = "st:numbers"\n'
@@ -218,7 +219,7 @@ def test_spawn_start_method_runs_a_fresh_interpreter(ws: Workspace) -> None:
         )
         result = ws.run("run", f"{ws.name}.toml")
         assert result.code == 0, result.stderr
-        assert result.output_lines("numbers") == ["fresh" if method == "spawn" else "forked"]
+        assert result.output_lines("numbers") == ["forked" if method == "fork" else "fresh"]
         assert drained(result, "show")["items_in"] == 10
 
 
@@ -456,3 +457,34 @@ def test_a_second_sigterm_kills_at_once(ws: Workspace) -> None:
     messages = [r.get("message") for r in records if r["event"] == "stop_requested"]
     assert messages == [None, "second stop request; killing every worker now"]
     assert [r["stage"] for r in records if r["event"] == "stop_escalated"] == ["stubborn", "count"]
+
+
+def test_forkserver_workers_are_the_supervisor_s_children(ws: Workspace) -> None:
+    ws.write("st.py", ENDLESS)
+    ws.pipeline(
+        '[pipeline]\nname = "{name}"\nstart_method = "forkserver"\n'
+        '[stages.endless]\nfunction = "st:endless"\n'
+        '[stages.slow]\nfunction = "st:slow"\ninputs = ["endless"]\nprocesses = 2\n'
+    )
+    proc, logfile = _start_and_wait_ready(ws)
+    try:
+
+        def parent(pid: int) -> int:
+            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+        titles = processes_titled(f"procd: {ws.name}")
+        (server,) = [pid for pid, title in titles.items() if title == f"procd: {ws.name} forkserver"]
+        workers = [pid for pid, title in titles.items() if "/" in title]
+        assert len(workers) == 3
+        assert all(parent(pid) == proc.pid for pid in workers)  # re-parented to the supervisor
+        assert parent(server) == proc.pid
+        os.kill(workers[0], signal.SIGKILL)
+        wait_until(lambda: len([p for p, t in processes_titled(f"procd: {ws.name}/").items() if p != workers[0]]) == 3)
+        assert all(parent(pid) == proc.pid for pid in processes_titled(f"procd: {ws.name}/"))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    records = parse_records(logfile.read_text())
+    assert [r["event"] for r in records].count("forkserver_started") == 1
+    assert not [r for r in records if r["event"] == "orphan_reaped"]

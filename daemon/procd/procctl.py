@@ -5,13 +5,16 @@
 - ``PR_SET_PDEATHSIG``: the kernel signals a worker when the thread that forked it exits. It is
   armed in the child, so the child must then check that its parent is still the one it expects.
 
-Also ``malloc_trim(3)``, to hand the heap that start-up freed back to the kernel before a long idle.
+Also ``malloc_trim(3)``, to hand the heap that start-up freed back to the kernel before a long idle,
+the process title (setproctitle), and closing every descriptor but a few after ``fork``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+
+import setproctitle
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -45,3 +48,17 @@ def release_free_memory() -> None:
     trim = getattr(_libc, "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+def set_title(title: str) -> None:
+    """Name this process as ``ps`` and ``/proc/PID/cmdline`` show it."""
+    setproctitle.setproctitle(title)
+
+
+def close_all_but(keep: set[int]) -> None:
+    """Close every descriptor of this process except ``keep``."""
+    previous = -1
+    for fd in [*sorted(keep), os.sysconf("SC_OPEN_MAX")]:
+        if fd > previous + 1:
+            os.closerange(previous + 1, fd)
+        previous = fd

@@ -15,26 +15,13 @@ import base64
 import os
 import pickle
 import signal
+import socket
 import sys
 import traceback
 
-import setproctitle
-
 from procd import procctl, signals
 from procd.child import EXEC_FAILED, Reporter, WorkerContext, run
-
-
-def set_title(title: str) -> None:
-    """Name this process as ``ps`` and ``/proc/PID/cmdline`` show it."""
-    setproctitle.setproctitle(title)
-
-
-def _close_all_but(keep: set[int]) -> None:
-    previous = -1
-    for fd in [*sorted(keep), os.sysconf("SC_OPEN_MAX")]:
-        if fd > previous + 1:
-            os.closerange(previous + 1, fd)
-        previous = fd
+from procd.forkserver import ForkServer
 
 
 def _exec_fresh(ctx: WorkerContext) -> None:
@@ -52,7 +39,7 @@ def run_spawned(payload: str) -> None:
     ctx: WorkerContext = pickle.loads(base64.b64decode(payload))
     code = 1
     try:
-        set_title(ctx.title)
+        procctl.set_title(ctx.title)
         code = run(ctx)
     except BaseException:
         traceback.print_exc()
@@ -62,18 +49,58 @@ def run_spawned(payload: str) -> None:
         os._exit(code)
 
 
-def fork_worker(ctx: WorkerContext, *, output_fd: int, keep: set[int], start_method: str) -> int:
+def start_forkserver(title: str) -> ForkServer:
+    """Start the fork server (a fresh ``sys.executable``), a child of this process.
+
+    Raises:
+        OSError: it could not be started.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    supervisor = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        pid = os.fork()
+    except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
+    if pid == 0:
+        try:
+            signals.reset_in_child()
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            os.setpgid(0, 0)
+            fd = theirs.fileno()
+            procctl.close_all_but({0, 1, 2, fd})
+            os.set_inheritable(fd, True)
+            package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+            code = "import sys, procd.forkserver as f; f.serve(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])"
+            os.execve(sys.executable, [sys.executable, "-c", code, str(fd), str(supervisor), title], env)
+        finally:
+            os._exit(EXEC_FAILED)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    theirs.close()
+    return ForkServer(pid, ours)
+
+
+def fork_worker(
+    ctx: WorkerContext, *, output_fd: int, keep: set[int], start_method: str, server: ForkServer | None = None
+) -> int:
     """Fork one worker and return its pid.
 
     Args:
         ctx: what the worker runs.
         output_fd: becomes the child's stdout and stderr (the supervisor logs each line).
         keep: descriptors the child keeps open (its queues and report pipe); all others close.
-        start_method: ``fork``, ``spawn`` or ``forkserver``.
+        start_method: ``fork``, ``spawn`` or ``forkserver`` (then ``server`` forks it).
 
     Raises:
         OSError: fork failed (EAGAIN, ENOMEM); no process exists.
     """
+    if start_method == "forkserver" and server is not None:
+        return server.launch(ctx, output_fd, keep)
     parent = os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -94,12 +121,12 @@ def fork_worker(ctx: WorkerContext, *, output_fd: int, keep: set[int], start_met
             os.dup2(null, 0)
             os.dup2(output_fd, 1)
             os.dup2(output_fd, 2)
-            _close_all_but({0, 1, 2} | keep)
+            procctl.close_all_but({0, 1, 2} | keep)
             for stream in (sys.stdout, sys.stderr):
                 if hasattr(stream, "reconfigure"):
                     stream.reconfigure(line_buffering=True)
             if start_method == "fork":
-                set_title(ctx.title)
+                procctl.set_title(ctx.title)
                 code = run(ctx)
             else:
                 for fd in keep:

@@ -29,6 +29,7 @@ from procd.config import PipelineSpec
 from procd.control import Client, ControlError, ControlServer, default_path
 from procd.durable import StoreError
 from procd.errors import ConfigError, Problem
+from procd.forkserver import ForkServer
 from procd.lifecycle import (
     Action,
     ArmTimer,
@@ -57,7 +58,7 @@ from procd.metrics import HttpClient, MetricsServer
 from procd.notify import Notifier
 from procd.queues import INLINE_LIMIT
 from procd.restarts import RestartHistory, backoff_delay
-from procd.spawn import set_title
+from procd.spawn import start_forkserver
 from procd.worker import Slot
 
 TERMINAL = (State.EXITED, State.FATAL)
@@ -103,6 +104,7 @@ class Supervisor:
         self.progress = (0, 0.0, 0.0)  # items seen, when, the rate then (for STATUS=)
         self.notify_failed = False
         self.dead_letters: dict[str, int] = {}
+        self.forkserver: ForkServer | None = None  # started on first need (start_method = "forkserver")
         self.stopping = False
         self.stop_deadline = 0.0
         self.failed: list[str] = []
@@ -123,7 +125,7 @@ class Supervisor:
             server.close()
             address = config.format_address(self.spec.metrics) if self.spec.metrics else "?"
             raise ControlError(f"cannot listen for metrics on {address}: {exc.strerror}") from None
-        set_title(f"procd: {self.spec.name} supervisor")
+        procctl.set_title(f"procd: {self.spec.name} supervisor")
         procctl.become_subreaper()
         wake = signals.open_wakeup()
         self.selector.register(wake.read_fd, selectors.EVENT_READ, ("wake", None))
@@ -262,8 +264,12 @@ class Supervisor:
             slot.inflight_fd = inflight.create(INLINE_LIMIT)
         slot.outputs = [self.channels[reader.name] for reader in self.spec.readers(slot.stage.name)]
         try:
+            if self.spec.start_method == "forkserver" and self.forkserver is None:
+                self.forkserver = start_forkserver(f"procd: {self.spec.name} forkserver")
+                self.log.info("forkserver_started", pid=self.forkserver.pid)
             pid = worker.start(
                 slot,
+                server=self.forkserver,
                 pipeline=self.spec.name,
                 base_dir=self.spec.base_dir,
                 state_dir=self.spec.state_dir,
@@ -327,6 +333,14 @@ class Supervisor:
                 self.writer.reopen()
 
     def _on_exit(self, reaped: reaper.Reaped) -> None:
+        if self.forkserver is not None and reaped.pid == self.forkserver.pid:
+            self.forkserver.close()
+            self.forkserver = None
+            if not self.stopping:
+                self.log.error("forkserver_died", pid=reaped.pid, code=reaped.code, signal=_signal_name(reaped.signal))
+                self.failed.append(f"the fork server died ({_signal_name(reaped.signal) or reaped.code})")
+                self._request_stop("the fork server died")
+            return
         slot = self.by_pid.pop(reaped.pid, None)
         if slot is None:
             self.log.info("orphan_reaped", pid=reaped.pid, code=reaped.code, signal=_signal_name(reaped.signal))
@@ -953,6 +967,10 @@ class Supervisor:
     def _sweep(self) -> None:
         """Nothing left running: SIGKILL any process group of ours that still has a member, and
         reap what that frees."""
+        waiting = set(self.by_pid)
+        if self.forkserver is not None:
+            self.forkserver.close()  # the server ends when its socket does
+            waiting.add(self.forkserver.pid)
         for slot in self.slots:
             if slot.pid is not None:
                 try:
@@ -960,9 +978,9 @@ class Supervisor:
                 except (ProcessLookupError, PermissionError):
                     continue
         deadline = time.monotonic() + 1.0
-        while self.by_pid and time.monotonic() < deadline:
+        while waiting and time.monotonic() < deadline:
             for reaped in reaper.reap():
-                self.by_pid.pop(reaped.pid, None)
+                waiting.discard(reaped.pid)
             time.sleep(0.005)
         for _ in reaper.reap():
             pass

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from procd.channels import Channel
 from procd.child import Output, WorkerContext
 from procd.config import StageSpec
+from procd.forkserver import ForkServer
 from procd.lifecycle import Exited, State
 from procd.queues import QueueFds
 from procd.spawn import fork_worker
@@ -68,6 +69,7 @@ def start(
     start_method: str,
     input_fds: QueueFds | None,
     outputs: tuple[Output, ...],
+    server: ForkServer | None = None,
 ) -> int:
     """Fork the slot's next process; return its pid and record the supervisor's pipe ends.
 
@@ -94,7 +96,7 @@ def start(
     for output in outputs:
         keep |= {output.fds.write_fd, output.fds.slots_fd}
     try:
-        pid = fork_worker(ctx, output_fd=output_w, keep=keep, start_method=start_method)
+        pid = fork_worker(ctx, output_fd=output_w, keep=keep, start_method=start_method, server=server)
     except OSError:
         for fd in (report_r, output_r):
             os.close(fd)

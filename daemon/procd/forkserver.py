@@ -1,0 +1,140 @@
+"""``start_method = "forkserver"``: workers forked from a small, fresh server process.
+
+Discussion. A forked worker inherits everything the supervisor has (its imports, its memory);
+a spawned one pays for a new interpreter and its imports every time. A fork server is a fresh
+``sys.executable`` that has imported procd once and forks each worker on request. But a worker
+must be the supervisor's own child, so that the one reaper collects it and ``PDEATHSIG`` ties it
+to the supervisor. The server therefore double-forks: its short-lived middle child forks the
+worker and exits at once, and the orphaned worker is re-parented by the kernel to the nearest
+subreaper above it, which is the supervisor (``procctl.become_subreaper``). The worker waits for
+that before it arms ``PDEATHSIG``.
+
+Requests travel on a ``SOCK_SEQPACKET`` pair: a pickled ``WorkerContext`` with the numbers its
+descriptors must have, and the descriptors themselves (``SCM_RIGHTS``); the reply is the worker's
+pid. The worker puts each descriptor back at the number the supervisor gave it, so the context
+needs no translation.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+
+from procd import procctl, reaper
+from procd.child import WorkerContext, run
+
+_PID = struct.Struct("<i")
+_MAX_FDS = 64
+_REPARENT_TIMEOUT_S = 5.0
+
+
+def serve(sock_fd: int, supervisor: int, title: str) -> None:
+    """The server's main loop: one worker per request, until the supervisor closes the socket."""
+    procctl.set_title(title)
+    procctl.die_with_parent(signal.SIGKILL, supervisor)
+    sock = socket.socket(fileno=sock_fd)
+    while True:
+        try:
+            message, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, _MAX_FDS)
+        except ConnectionResetError:
+            return
+        if not message:
+            return
+        ctx, targets = pickle.loads(message)
+        try:
+            pid = _launch(ctx, fds, targets, supervisor)
+        except OSError:
+            pid = -1
+        finally:
+            for fd in fds:
+                os.close(fd)
+        sock.send(_PID.pack(pid))
+
+
+def _launch(ctx: WorkerContext, fds: list[int], targets: list[int], supervisor: int) -> int:
+    read_fd, write_fd = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            worker = os.fork()
+            if worker == 0:
+                os.close(read_fd)
+                os.close(write_fd)
+                _become_worker(ctx, fds, targets, supervisor)
+            os.write(write_fd, _PID.pack(worker))
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    data = os.read(read_fd, _PID.size)
+    os.close(read_fd)
+    reaper.wait_for(middle)
+    return _PID.unpack(data)[0] if len(data) == _PID.size else -1
+
+
+def _become_worker(ctx: WorkerContext, fds: list[int], targets: list[int], supervisor: int) -> None:
+    """In the worker: wait to be the supervisor's child, put the descriptors in place, run."""
+    code = 1
+    try:
+        os.setpgid(0, 0)
+        deadline = time.monotonic() + _REPARENT_TIMEOUT_S
+        while os.getppid() != supervisor:  # the middle process is exiting right now
+            if time.monotonic() > deadline:
+                os._exit(1)
+            time.sleep(0.0002)
+        procctl.die_with_parent(signal.SIGKILL, supervisor)
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1024) for fd in fds]
+        output, *keep = targets
+        for source, target in zip(high, targets, strict=True):
+            os.dup2(source, target)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(output, 1)
+        os.dup2(output, 2)
+        procctl.close_all_but({0, 1, 2, *keep})
+        for stream in (sys.stdout, sys.stderr):
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(line_buffering=True)
+        procctl.set_title(ctx.title)
+        code = run(ctx)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+class ForkServer:
+    """The supervisor's handle on its fork server."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self._sock = sock
+
+    def launch(self, ctx: WorkerContext, output_fd: int, keep: set[int]) -> int:
+        """Have the server start one worker; return its pid (the supervisor's child).
+
+        Raises:
+            OSError: the server is gone, or could not fork.
+        """
+        targets = [output_fd, *sorted(keep)]
+        socket.send_fds(self._sock, [pickle.dumps((ctx, targets))], targets)
+        reply = self._sock.recv(_PID.size)
+        if len(reply) != _PID.size:
+            raise OSError(0, "the fork server has gone")
+        pid = int(_PID.unpack(reply)[0])
+        if pid < 0:
+            raise OSError(0, "the fork server could not fork")
+        return pid
+
+    def close(self) -> None:
+        self._sock.close()
