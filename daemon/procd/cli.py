@@ -17,11 +17,10 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from procd import __version__, callables, config, control, deadletters, events, plan
+from procd import __version__, callables, config, control, plan
 from procd.control import ControlError
-from procd.durable import StoreError
-from procd.errors import ConfigError
-from procd.log import open_logger
+from procd.errors import ConfigError, StoreError
+from procd.log import LEVELS, open_logger
 from procd.notify import Notifier
 from procd.queues import QueueFds, QueueWriter
 from procd.supervisor import Supervisor
@@ -70,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--stage")
     logs.add_argument("--worker", type=int)
     logs.add_argument("--event", action="append", default=[], help="repeat, or separate with commas")
-    logs.add_argument("--level", choices=events.LEVELS, help="this level and above")
+    logs.add_argument("--level", choices=LEVELS, help="this level and above")
     logs.add_argument("--pid", type=int)
     logs.add_argument("--since", metavar="WHEN", help="a duration ago (10m, 2h) or an ISO time")
     logs.add_argument("--until", metavar="WHEN")
@@ -251,6 +250,8 @@ def _control(args: argparse.Namespace) -> int:
 
 
 def _dlq_list(file: str, as_json: bool) -> int:
+    from procd import deadletters
+
     try:
         records = list(deadletters.read(file))
     except OSError as exc:
@@ -278,6 +279,8 @@ def _dlq_list(file: str, as_json: bool) -> int:
 
 
 def _replayable(file: str) -> tuple[list[Any], list[str]]:
+    from procd import deadletters
+
     items: list[Any] = []
     refused: list[str] = []
     for number, entry in deadletters.read(file):
@@ -377,6 +380,8 @@ def _top(args: argparse.Namespace) -> int:
 
 
 def _logs(args: argparse.Namespace) -> int:
+    from procd import events  # only this command reads records back
+
     now = time.time()
     try:
         keep = events.Filter(
@@ -445,6 +450,8 @@ def _lines(source: Any, follow: bool) -> Iterator[str]:
 
 
 def _summary(records: list[dict[str, Any]]) -> str:
+    from procd import events
+
     rows = [("STAGE", "SPAWNS", "RESTARTS", "EXITS", "REDELIVERED", "DEAD_LETTERS", "IN", "OUT", "FIRST", "LAST")]
     for name, s in events.summarize(records).items():
         exits = ", ".join(f"{cause}: {n}" for cause, n in sorted(s.exits.items())) or "-"
@@ -467,6 +474,8 @@ def _summary(records: list[dict[str, Any]]) -> str:
 
 
 def _timeline(records: list[dict[str, Any]], stage: str, worker: int) -> str:
+    from procd import events
+
     lines = [f"{stage}[{worker}]"]
     for g in events.timeline(records, stage, worker):
         ended = f"ended {g.ended} with {g.how} after {g.runtime_s}s" if g.ended else "still running"

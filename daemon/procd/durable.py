@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sqlite3
 
-from procd.errors import ProcdError
+from procd.errors import StoreError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -27,10 +27,6 @@ CREATE TABLE IF NOT EXISTS batches (
     created REAL NOT NULL DEFAULT (julianday('now'))
 )
 """
-
-
-class StoreError(ProcdError):
-    """A durable queue's database cannot be used; the message names the file and the reason."""
 
 
 class Store:

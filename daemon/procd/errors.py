@@ -38,5 +38,9 @@ class ConfigError(ProcdError):
         return [p.render(self.file) for p in self.problems]
 
 
+class StoreError(ProcdError):
+    """A durable queue's database cannot be used; the message names the file and the reason."""
+
+
 class TransitionError(ProcdError):
     """The lifecycle table has no entry for a (state, event) pair: a bug in the supervisor."""

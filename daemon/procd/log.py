@@ -17,6 +17,8 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
 
 def _to_json(record: EventDict) -> str:
     return json.dumps(record, default=repr, separators=(",", ":"), ensure_ascii=False)

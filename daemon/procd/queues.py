@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from procd import durable, inflight
+from procd import inflight
 
 # The socket buffer (a byte bound besides the slot count): raised to this where the kernel allows
 # it (root may exceed net.core.wmem_max with SO_SNDBUFFORCE). Linux doubles the value it is given.
@@ -75,6 +75,8 @@ def create_queue(slots: int, store_path: str | None = None) -> QueueFds:
     """
     waiting: list[int] = []
     if store_path is not None:
+        from procd import durable  # sqlite3 costs memory: only durable queues pay for it
+
         store = durable.Store(store_path, timeout_s=2.0)
         try:
             waiting = store.recover()
@@ -109,7 +111,7 @@ class QueueWriter:
         self._sock = socket.socket(fileno=fds.write_fd)
         self._slots_fd = fds.slots_fd
         self._store_path = fds.store_path
-        self._store: durable.Store | None = None
+        self._store: Any = None  # a durable.Store, opened on first send
 
     def send(self, items: list[Any]) -> None:
         """Send ``items`` as one message; blocks while the queue is full."""
@@ -122,6 +124,8 @@ class QueueWriter:
                 continue
         if self._store_path is not None:
             if self._store is None:
+                from procd import durable
+
                 self._store = durable.Store(self._store_path)
             self._sock.send(_ROW.pack(self._store.insert(payload)))
             return
@@ -161,7 +165,11 @@ class QueueReader:
         self._slots_fd = fds.slots_fd
         self._slot = slot
         self._view = slot.buffer[: INLINE_LIMIT + 1] if slot is not None else memoryview(bytearray(INLINE_LIMIT + 1))
-        self._store = durable.Store(fds.store_path) if fds.store_path is not None else None
+        self._store: Any = None  # a durable.Store for a durable queue
+        if fds.store_path is not None:
+            from procd import durable
+
+            self._store = durable.Store(fds.store_path)
         self._row = 0  # the durable row of the batch in hand
 
     def receive(self, stop_fd: int | None = None) -> list[Any] | None:

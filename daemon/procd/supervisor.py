@@ -27,8 +27,7 @@ from procd.channels import Channel
 from procd.child import Output
 from procd.config import PipelineSpec
 from procd.control import Client, ControlError, ControlServer, default_path
-from procd.durable import StoreError
-from procd.errors import ConfigError, Problem
+from procd.errors import ConfigError, Problem, StoreError
 from procd.forkserver import ForkServer
 from procd.lifecycle import (
     Action,
@@ -54,7 +53,6 @@ from procd.lifecycle import (
     step,
 )
 from procd.log import RecordWriter
-from procd.metrics import HttpClient, MetricsServer
 from procd.notify import Notifier
 from procd.queues import INLINE_LIMIT
 from procd.restarts import RestartHistory, backoff_delay
@@ -120,7 +118,11 @@ class Supervisor:
         """
         server = ControlServer(self.control_path)
         try:
-            metrics = MetricsServer(*self.spec.metrics) if self.spec.metrics else None
+            metrics = None
+            if self.spec.metrics:
+                from procd.metrics import MetricsServer  # only a pipeline that asks serves metrics
+
+                metrics = MetricsServer(*self.spec.metrics)
         except OSError as exc:
             server.close()
             address = config.format_address(self.spec.metrics) if self.spec.metrics else "?"
@@ -652,12 +654,12 @@ class Supervisor:
         events = selectors.EVENT_READ | (0 if done else selectors.EVENT_WRITE)
         self.selector.modify(client.fileno(), events, ("client", client))
 
-    def _accept_http(self, server: MetricsServer) -> None:
+    def _accept_http(self, server: Any) -> None:
         client = server.accept()
         if client is not None:
             self.selector.register(client.fileno(), selectors.EVENT_READ, ("http", client))
 
-    def _serve_http(self, client: HttpClient, mask: int) -> None:
+    def _serve_http(self, client: Any, mask: int) -> None:
         if mask & selectors.EVENT_READ and not client.outbox:
             path = client.read_request()
             if path is None:
