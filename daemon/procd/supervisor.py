@@ -150,8 +150,16 @@ class Supervisor:
                 self.deadlines["watchdog"] = self.clock()
             for slot in reversed(self.slots):  # readers first, so no writer waits on a missing one
                 self._feed(slot, StartRequested())
+            trim_due = True
             while not all(_ended(slot) for slot in self.slots):
-                for key, mask in self.selector.select(self._timeout()):
+                timeout = self._timeout()
+                if timeout is None and trim_due:
+                    # about to sleep with nothing scheduled: give the heap that the last burst
+                    # of work freed back to the kernel (about 16 us; an idle supervisor stays small)
+                    procctl.release_free_memory()
+                    trim_due = False
+                for key, mask in self.selector.select(timeout):
+                    trim_due = True
                     kind, source = key.data
                     if kind == "wake":
                         self._on_signals(wake.drain())
@@ -498,7 +506,6 @@ class Supervisor:
                     self.ready_logged = True
                     self.log.info("pipeline_ready", workers=len(self.slots))
                     self._notify(READY=1, STATUS=self._status_line())
-                    procctl.release_free_memory()  # start-up is over; a long idle may follow
             elif kind == "error":
                 slot.failure = f"{report.get('error_type')}: {report.get('error')}"
                 bound.error("worker_error", **report)
