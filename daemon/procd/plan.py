@@ -31,11 +31,6 @@ def topological_order(spec: PipelineSpec) -> tuple[StageSpec, ...]:
     return tuple(placed)
 
 
-def stop_order(spec: PipelineSpec) -> tuple[StageSpec, ...]:
-    """Producers are stopped first, then each stage drains once its inputs have ended."""
-    return topological_order(spec)
-
-
 def outputs(spec: PipelineSpec, stage: StageSpec) -> tuple[str, ...]:
     """Names of the stages whose input queues ``stage`` writes to (empty for a sink)."""
     return tuple(s.name for s in spec.readers(stage.name))

@@ -60,9 +60,6 @@ class QueueFds:
     slots_fd: int
     store_path: str | None = None
 
-    def all(self) -> tuple[int, int, int]:
-        return (self.write_fd, self.read_fd, self.slots_fd)
-
 
 def create_queue(slots: int, store_path: str | None = None) -> QueueFds:
     """Create a queue that holds at most ``slots`` messages (durable with ``store_path``: see
