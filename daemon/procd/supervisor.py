@@ -9,6 +9,10 @@ End of stream: the supervisor holds a copy of each queue's writing end until eve
 feeds the queue has finished (all its processes exited); dropping that copy is what lets the
 readers see the end of their input. A stop sends SIGTERM to the producers and lets every other
 stage drain in the same way; whatever is still there at the stop deadline gets SIGKILL.
+
+The same loop answers the control socket (status, stop, scale, reload, attach), serves the
+optional metrics endpoint, and tells the service manager what happens (sd_notify). Signals and
+control requests lead to the same internal events.
 """
 
 from __future__ import annotations
