@@ -201,3 +201,42 @@ def test_replay_into_a_running_pipeline(ws: Workspace) -> None:
     assert [r["line"] for r in records if r["event"] == "worker_output"] == ["collected [25, 75]"]
     (replayed,) = [r for r in records if r["event"] == "items_replayed"]
     assert replayed["items"] == 2 and replayed["stage"] == "collect"
+
+
+def test_an_item_json_cannot_hold_is_kept_by_repr_and_pickle_and_replays_exactly(ws: Workspace) -> None:
+    ws.write(
+        "st.py",
+        """
+def sets():
+    yield {1, 2}
+    yield {3}
+
+def picky(item):
+    if 1 in item:
+        raise KeyError("no ones")
+    return item
+
+class Show:
+    def __init__(self):
+        self.items = []
+    def __call__(self, item):
+        self.items.append(sorted(item))
+    def close(self):
+        print("got", self.items, type(self.items and self.items[0]).__name__, flush=True)
+""",
+    )
+    ws.pipeline(
+        '[stages.sets]\nfunction = "st:sets"\n'
+        '[stages.picky]\nfunction = "st:picky"\ninputs = ["sets"]\ndead_letter = "dead.jsonl"\nmax_attempts = 1\n'
+        '[stages.show]\nfunction = "st:Show"\ninputs = ["picky"]\n'
+    )
+    assert ws.run("run", f"{ws.name}.toml").code == 0
+    (entry,) = [json.loads(line) for line in (ws.path / "dead.jsonl").read_text().splitlines()]
+    assert "item" not in entry and entry["item_repr"] == "{1, 2}"
+    assert entry["item_unserializable"].startswith("not JSON: Object of type set")
+    assert entry["first_failed_at"] and entry["ts"] >= entry["first_failed_at"]
+    ws.write("st.py", (ws.path / "st.py").read_text().replace('raise KeyError("no ones")', "pass"))
+    replay = ws.run("dlq", "replay", "dead.jsonl", "--into", "picky", "--pipeline", f"{ws.name}.toml")
+    assert replay.code == 0, replay.stderr
+    lines = [json.loads(line).get("line") for line in replay.stderr.splitlines()]
+    assert "got [[1, 2]] list" in lines  # the set itself came back, through its pickle

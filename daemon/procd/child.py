@@ -30,7 +30,7 @@ from typing import Any
 
 from procd import callables, inflight, procctl, reaper
 from procd.config import StageSpec
-from procd.deadletters import DeadLetterFile, record
+from procd.deadletters import DeadLetterFile, now_iso, record
 from procd.queues import QueueFds, QueueReader, QueueWriter
 
 # Items a producer holds back at most this long before sending a part-filled batch.
@@ -311,15 +311,18 @@ def _consume(target: Any, instance: Any, ctx: WorkerContext, outlet: Outlet, rep
     slot = inflight.Slot(ctx.inflight_fd) if ctx.inflight_fd is not None else None
 
     def attempt(item: Any) -> None:
+        first_failed_at = None
         for number in range(1, stage.max_attempts + 1):
             try:
                 _emit(call(item, **options), outlet)
                 return
             except Exception as exc:
+                first_failed_at = first_failed_at or now_iso()
                 if number == stage.max_attempts:
                     lines = traceback.format_exception(exc)
+                    trace = "".join(lines[-6:])[-4000:]
                     _dead_letter(
-                        ctx, letters, reporter, item, type(exc).__name__, str(exc), number, "".join(lines[-6:])[-4000:]
+                        ctx, letters, reporter, item, type(exc).__name__, str(exc), number, trace, first_failed_at
                     )
 
     received = 0
@@ -394,6 +397,7 @@ def _dead_letter(
     error: str,
     attempts: int,
     trace: str,
+    first_failed_at: str | None = None,
 ) -> None:
     entry = record(
         item,
@@ -405,6 +409,7 @@ def _dead_letter(
         error=error,
         traceback=trace,
         attempts=attempts,
+        first_failed_at=first_failed_at,
     )
     try:
         letters.append(entry)

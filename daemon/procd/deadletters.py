@@ -18,13 +18,14 @@ from collections.abc import Iterator
 from typing import Any
 
 
-def _now() -> str:
+def now_iso() -> str:
+    """The current UTC time as the records write it."""
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def record(item: Any, **fields: Any) -> dict[str, Any]:
     """A dead-letter record for ``item``; ``fields`` add the stage, error and attempts."""
-    entry: dict[str, Any] = {"ts": _now(), **fields}
+    entry: dict[str, Any] = {"ts": now_iso(), **fields}
     try:
         json.dumps(item)
         entry["item"] = item
