@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from procd import callables, config, inflight, plan, procctl, procinfo, reaper, signals, worker
+from procd import callables, config, inflight, plan, procctl, reaper, signals, status, worker
 from procd.channels import Channel
 from procd.child import Output
 from procd.config import PipelineSpec
@@ -103,7 +103,7 @@ class Supervisor:
         self.notifier = notifier or Notifier(None, None)
         self.deadlines: dict[str, float] = {}  # the loop's own: "watchdog", "status"
         self.status_sent = ("", 0.0)  # the last STATUS= line and when it went
-        self.progress = (0, 0.0, 0.0)  # items seen, when, the rate then (for STATUS=)
+        self.rate = status.Rate()  # items/s, for STATUS= and the progress line
         self.notify_failed = False
         self.dead_letters: dict[str, int] = {}
         self.forkserver: ForkServer | None = None  # started on first need (start_method = "forkserver")
@@ -597,30 +597,14 @@ class Supervisor:
 
     def _status_line(self) -> str:
         """One line for ``systemctl status``: stages, workers, items/s, restarts."""
-        now = self.clock()
-        seen = sum(s.total("items_in") + s.total("items_out") for s in self.slots)
-        before, then, rate = self.progress
-        if now - then >= 1.0:
-            rate = (seen - before) / (now - then) if then else 0.0
-            self.progress = (seen, now, rate)
-        running = sum(1 for s in self.slots if s.state is State.RUNNING)
-        restarts = sum(s.restarts for s in self.slots)
-        return (
-            f"{len(self.spec.stages)} stages, {running}/{len(self.slots)} workers running, "
-            f"{rate:,.0f} items/s, {restarts} restarts"
-        )
+        per_s = self.rate.update(status.items_seen(self.slots), self.clock())
+        return status.summary_line(self.spec, self.slots, per_s)
 
     def _show_progress(self) -> None:
         """On a terminal: items through each stage, and the rate, under the records."""
-        if self.writer is None or not self.writer.on_terminal:
-            return
-        parts = []
-        for stage in plan.topological_order(self.spec):
-            slots = [s for s in self.slots if s.stage.name == stage.name]
-            key = "items_in" if not self.spec.readers(stage.name) else "items_out"
-            parts.append(f"{stage.name} {sum(s.total(key) for s in slots):,}")
-        rate = self._status_line().split(", ")[2]
-        self.writer.progress(" → ".join(parts) + f"  ({rate})")
+        if self.writer is not None and self.writer.on_terminal:
+            per_s = self.rate.update(status.items_seen(self.slots), self.clock())
+            self.writer.progress(status.progress_line(self.spec, self.slots, per_s))
 
     def _update_status(self) -> None:
         """Send STATUS= when the line changed, at most once a second."""
@@ -728,58 +712,16 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         """Every stage and worker as ``procd status`` shows them."""
         now = self.clock()
-        stages = []
-        for stage in plan.topological_order(self.spec):
-            output_fds = {self.channels[r.name].fds.slots_fd for r in self.spec.readers(stage.name)}
-            workers: list[dict[str, Any]] = []
-            slots = [s for s in self.slots if s.stage.name == stage.name]
-            for slot in slots:
-                state = str(slot.state)
-                blocked = None
-                if slot.state is State.RUNNING and slot.pid is not None:
-                    blocked = procinfo.blocked_on(slot.pid, output_fds)
-                    state = "blocked" if blocked else state
-                workers.append(
-                    {
-                        "index": slot.index,
-                        "pid": slot.pid if slot.state not in TERMINAL else None,
-                        "state": state,
-                        "blocked_on": blocked,
-                        "generation": slot.generation,
-                        "restarts": slot.restarts,
-                        "uptime_s": round(now - slot.started_at, 3) if slot.state not in TERMINAL else None,
-                        "items_in": slot.total("items_in"),
-                        "items_out": slot.total("items_out"),
-                    }
-                )
-            queue = None
-            if stage.name in self.channels:
-                queue = {
-                    "depth_batches": self.channels[stage.name].depth(),
-                    "capacity_batches": stage.queue.slots,
-                    "maxsize": stage.queue.maxsize,
-                    "batch": stage.queue.batch,
-                }
-            stages.append(
-                {
-                    "name": stage.name,
-                    "processes": sum(1 for w in workers if w["state"] not in TERMINAL),
-                    "finished": stage.name in self.finished,
-                    "dead_letters": self.dead_letters.get(stage.name, 0),
-                    "restarts": sum(s.restarts for s in slots),
-                    "items_in": sum(s.total("items_in") for s in slots),
-                    "items_out": sum(s.total("items_out") for s in slots),
-                    "queue": queue,
-                    "workers": workers,
-                }
-            )
-        return {
-            "pipeline": self.spec.name,
-            "pid": os.getpid(),
-            "state": "stopping" if self.stopping else "running",
-            "uptime_s": round(now - self.started_at, 3),
-            "stages": stages,
-        }
+        return status.snapshot(
+            self.spec,
+            self.slots,
+            self.channels,
+            finished=self.finished,
+            dead_letters=self.dead_letters,
+            stopping=self.stopping,
+            uptime_s=now - self.started_at,
+            now=now,
+        )
 
     def _scale(self, name: object, processes: object) -> dict[str, Any]:
         """Start or retire only the difference; retired readers finish their batch first."""
