@@ -81,9 +81,11 @@ def test_ready_status_watchdog_reloading_stopping(ws: Workspace) -> None:
         assert any(r["event"] == "pipeline_ready" for r in records)  # READY=1 came after every worker ran
         _pid, ready = receiver.messages[ready_at]
         assert ready["STATUS"].startswith("2 stages, 2/2 workers running, ")
-        time.sleep(0.5)
-        watchdogs = [f for _p, f in receiver.drain() if "WATCHDOG" in f]
-        assert 3 <= len(watchdogs) <= 8  # every 100 ms: half of WATCHDOG_USEC
+        before = len([f for _p, f in receiver.drain() if "WATCHDOG" in f])
+        time.sleep(1.0)
+        pings = len([f for _p, f in receiver.drain() if "WATCHDOG" in f]) - before
+        # every 100 ms (half of WATCHDOG_USEC), loosely: a loaded machine may delay some
+        assert 4 <= pings <= 12
         statuses = [f["STATUS"] for _p, f in receiver.drain() if "STATUS" in f]
         assert len(statuses) >= 1 and statuses[-1].endswith(" restarts")
         proc.send_signal(signal.SIGHUP)
