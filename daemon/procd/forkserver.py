@@ -93,14 +93,7 @@ def _become_worker(ctx: WorkerContext, fds: list[int], targets: list[int], super
         output, *keep = targets
         for source, target in zip(high, targets, strict=True):
             os.dup2(source, target)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(output, 1)
-        os.dup2(output, 2)
-        procctl.close_all_but({0, 1, 2, *keep})
-        for stream in (sys.stdout, sys.stderr):
-            if hasattr(stream, "reconfigure"):
-                stream.reconfigure(line_buffering=True)
+        procctl.wire_worker_stdio(output, set(keep))
         procctl.set_title(ctx.title)
         code = run(ctx)
     except BaseException:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
+import sys
 
 import setproctitle
 
@@ -62,3 +64,37 @@ def close_all_but(keep: set[int]) -> None:
         if fd > previous + 1:
             os.closerange(previous + 1, fd)
         previous = fd
+
+
+def fork_blocked() -> tuple[int, set[int | signal.Signals]]:
+    """``fork`` with every signal blocked, so no handler of this process runs in the child before
+    the child has reset them. Returns the pid and the mask to restore; the parent's is restored
+    already, the child must restore it itself once its handlers are reset.
+
+    Raises:
+        OSError: fork failed.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        pid = os.fork()
+    except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
+    if pid != 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    return pid, mask
+
+
+def wire_worker_stdio(output_fd: int, keep: set[int]) -> None:
+    """In a new worker: stdin from /dev/null, stdout and stderr to ``output_fd`` (line-buffered,
+    the supervisor logs each line), every other descriptor but ``keep`` closed."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(output_fd, 1)
+    os.dup2(output_fd, 2)
+    close_all_but({0, 1, 2} | keep)
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)

@@ -57,14 +57,7 @@ def start_forkserver(title: str) -> ForkServer:
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     supervisor = os.getpid()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-    try:
-        pid = os.fork()
-    except OSError:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        raise
+    pid, mask = procctl.fork_blocked()
     if pid == 0:
         try:
             signals.reset_in_child()
@@ -80,7 +73,6 @@ def start_forkserver(title: str) -> ForkServer:
             os.execve(sys.executable, [sys.executable, "-c", code, str(fd), str(supervisor), title], env)
         finally:
             os._exit(EXEC_FAILED)
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     theirs.close()
     return ForkServer(pid, ours)
 
@@ -102,14 +94,7 @@ def fork_worker(
     if start_method == "forkserver" and server is not None:
         return server.launch(ctx, output_fd, keep)
     parent = os.getpid()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-    try:
-        pid = os.fork()
-    except OSError:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        raise
+    pid, mask = procctl.fork_blocked()
     if pid == 0:
         code = 1
         try:
@@ -117,14 +102,7 @@ def fork_worker(
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.setpgid(0, 0)
             procctl.die_with_parent(signal.SIGKILL, parent)
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            os.dup2(output_fd, 1)
-            os.dup2(output_fd, 2)
-            procctl.close_all_but({0, 1, 2} | keep)
-            for stream in (sys.stdout, sys.stderr):
-                if hasattr(stream, "reconfigure"):
-                    stream.reconfigure(line_buffering=True)
+            procctl.wire_worker_stdio(output_fd, keep)
             if start_method == "fork":
                 procctl.set_title(ctx.title)
                 code = run(ctx)
@@ -146,7 +124,6 @@ def fork_worker(
                 sys.stderr.flush()
             finally:
                 os._exit(code)
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     try:
         os.setpgid(pid, pid)  # also here, so a killpg right after fork cannot miss the child
     except OSError:
