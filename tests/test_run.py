@@ -488,3 +488,16 @@ def test_forkserver_workers_are_the_supervisor_s_children(ws: Workspace) -> None
     records = parse_records(logfile.read_text())
     assert [r["event"] for r in records].count("forkserver_started") == 1
     assert not [r for r in records if r["event"] == "orphan_reaped"]
+
+
+def test_output_without_line_ends_is_cut_into_bounded_records(ws: Workspace) -> None:
+    ws.write(
+        "st.py",
+        "import sys\ndef shout():\n    sys.stdout.write('x' * 200_000)\n    sys.stdout.flush()\n    yield 1\n",
+    )
+    ws.pipeline('[stages.shout]\nfunction = "st:shout"\n')
+    result = ws.run("run", f"{ws.name}.toml")
+    assert result.code == 0, result.stderr[-500:]
+    lines = result.output_lines("shout")
+    assert sum(len(line) for line in lines) == 200_000  # nothing lost
+    assert max(len(line) for line in lines) <= 4096  # and no record is unbounded

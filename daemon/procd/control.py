@@ -155,7 +155,7 @@ class ControlServer:
         (None, None) when there was nothing to accept."""
         try:
             conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
+        except OSError:  # nothing to accept, or no descriptor left for it (EMFILE): not fatal
             return None, None
         conn.setblocking(False)
         pid, uid, _gid = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))

@@ -20,6 +20,15 @@ from structlog.typing import EventDict, WrappedLogger
 LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """``write(2)`` until every byte is out. A write to a pipe that a signal interrupts can return
+    early; Python's buffered stderr was seen to drop the rest of such a record (a SIGCHLD arriving
+    while a 4 KiB record went to a full pipe), so records bypass it."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def _to_json(record: EventDict) -> str:
     return json.dumps(record, default=repr, separators=(",", ":"), ensure_ascii=False)
 
@@ -43,8 +52,7 @@ class RecordWriter:
         if self._console is None or line == self._footer:
             return
         self._footer = line
-        self._stream.write(f"\r\033[K{line}")
-        self._stream.flush()
+        self._show(f"\r\033[K{line}")
 
     @staticmethod
     def _open(path: str) -> int:
@@ -62,17 +70,27 @@ class RecordWriter:
     def write(self, record: EventDict) -> None:
         line = _to_json(record) + "\n"
         if self._fd is not None:
-            os.write(self._fd, line.encode())
+            _write_all(self._fd, line.encode())
         if self._console is not None:
             text = self._console(None, "", dict(record))
-            self._stream.write(f"\r\033[K{text}\n{self._footer}")
+            self._show(f"\r\033[K{text}\n{self._footer}")
         else:
-            self._stream.write(line)
+            self._show(line)
+
+    def _show(self, text: str) -> None:
+        """To the stream: its own descriptor when it has one (see ``_write_all``)."""
+        try:
+            fd = self._stream.fileno()
+        except (AttributeError, OSError, ValueError):  # a stream with no descriptor (tests)
+            self._stream.write(text)
+            self._stream.flush()
+            return
         self._stream.flush()
+        _write_all(fd, text.encode(errors="backslashreplace"))
 
     def close(self) -> None:
         if self._footer:
-            self._stream.write("\n")  # the last progress line stays, with the totals
+            self._show("\n")  # the last progress line stays, with the totals
             self._footer = ""
         if self._fd is not None:
             os.close(self._fd)

@@ -120,7 +120,7 @@ class MetricsServer:
     def accept(self) -> HttpClient | None:
         try:
             conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
+        except OSError:  # nothing to accept, or no descriptor left for it (EMFILE): not fatal
             return None
         conn.setblocking(False)
         return HttpClient(conn)

@@ -548,6 +548,9 @@ class Supervisor:
                 break
             buffer += chunk
         *lines, rest = buffer.split(b"\n")
+        while len(rest) > _LINE_LIMIT:  # a line without an end must not grow for ever: cut it
+            lines.append(rest[:_LINE_LIMIT])
+            rest = rest[_LINE_LIMIT:]
         if eof and rest:
             lines.append(rest)
             rest = b""
