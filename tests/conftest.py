@@ -114,7 +114,7 @@ class Workspace:
         proc = subprocess.run(
             procd_command(*args), cwd=self.path, capture_output=True, text=True, timeout=timeout, check=False
         )
-        records = parse_records(proc.stderr) if args[:1] == ("run",) and proc.returncode != 78 else []
+        records = parse_records(proc.stderr) if args[:1] == ("run",) and proc.returncode in (0, 1) else []
         return Result(proc.returncode, proc.stdout, proc.stderr, records)
 
     def start_ready(self, log: str = "log.jsonl", timeout: float = 15.0) -> subprocess.Popen[str]:

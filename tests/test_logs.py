@@ -162,3 +162,35 @@ def test_on_a_terminal_run_shows_a_progress_line_that_never_reaches_the_log(ws: 
     assert "\x1b[32m" in text  # records are drawn in colour on a terminal
     assert "→" not in (ws.path / "log.jsonl").read_text()
     assert all(json.loads(line) for line in (ws.path / "log.jsonl").read_text().splitlines())
+
+
+def test_sigusr1_reopens_the_log_file_for_logrotate(ws: Workspace) -> None:
+    import signal as signals
+
+    ws.write(
+        "st.py",
+        "import itertools, time\ndef ticks():\n    for n in itertools.count():\n        yield n\n        time.sleep(0.01)\n",
+    )
+    ws.pipeline('[stages.ticks]\nfunction = "st:ticks"\n')
+    proc = ws.start_ready()
+    try:
+        (ws.path / "log.jsonl").rename(ws.path / "log.jsonl.1")  # what logrotate does
+        proc.send_signal(signals.SIGUSR1)
+        wait_until(lambda: (ws.path / "log.jsonl").exists())
+        proc.send_signal(signals.SIGTERM)
+        proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    rotated = [json.loads(line)["event"] for line in (ws.path / "log.jsonl.1").read_text().splitlines()]
+    fresh = [json.loads(line)["event"] for line in (ws.path / "log.jsonl").read_text().splitlines()]
+    assert rotated[0] == "pipeline_starting" and "pipeline_stopped" not in rotated
+    assert fresh[-1] == "pipeline_stopped" and "stop_requested" in fresh
+
+
+def test_a_log_file_that_cannot_be_opened_is_a_usage_error(ws: Workspace) -> None:
+    ws.pipeline('[stages.a]\ncommand = ["true"]\n')
+    result = ws.run("run", f"{ws.name}.toml", "--log-file", "no/such/dir/log.jsonl")
+    assert result.code == 2
+    assert result.stderr == "procd: cannot open the log file no/such/dir/log.jsonl: No such file or directory\n"
