@@ -1,7 +1,5 @@
 """``python -m procd``: the same as the ``procd`` command."""
 
-import sys
+from procd.cli import entry
 
-from procd.cli import main
-
-sys.exit(main())
+entry()

@@ -517,3 +517,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report(error)
     except BrokenPipeError:
         return EXIT_OK
+
+
+def entry() -> None:
+    """The ``procd`` command: ``main``, then leave without tearing the interpreter down.
+
+    Everything procd opened is closed by then, and the supervisor never imports stage code, so
+    there is nothing left to finalize; skipping the teardown saves a ``procd run`` about 15 ms.
+    """
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:
+        pass
+    os._exit(code)
