@@ -23,9 +23,7 @@ import pickle
 import signal
 import socket
 import struct
-import sys
 import time
-import traceback
 
 from procd import procctl, reaper
 from procd.child import WorkerContext, run
@@ -80,8 +78,8 @@ def _launch(ctx: WorkerContext, fds: list[int], targets: list[int], supervisor: 
 
 def _become_worker(ctx: WorkerContext, fds: list[int], targets: list[int], supervisor: int) -> None:
     """In the worker: wait to be the supervisor's child, put the descriptors in place, run."""
-    code = 1
-    try:
+
+    def body() -> int:
         os.setpgid(0, 0)
         deadline = time.monotonic() + _REPARENT_TIMEOUT_S
         while os.getppid() != supervisor:  # the middle process is exiting right now
@@ -95,15 +93,9 @@ def _become_worker(ctx: WorkerContext, fds: list[int], targets: list[int], super
             os.dup2(source, target)
         procctl.wire_worker_stdio(output, set(keep))
         procctl.set_title(ctx.title)
-        code = run(ctx)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        return run(ctx)
+
+    procctl.run_and_exit(body)
 
 
 class ForkServer:

@@ -15,6 +15,9 @@ import ctypes
 import os
 import signal
 import sys
+import traceback
+from collections.abc import Callable
+from typing import NoReturn
 
 import setproctitle
 
@@ -98,3 +101,23 @@ def wire_worker_stdio(output_fd: int, keep: set[int]) -> None:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True)
+
+
+def run_and_exit(body: Callable[[], int]) -> NoReturn:
+    """In a child process: run ``body`` and ``_exit`` with its code, whatever happens.
+
+    The child can never return into its parent's code (a forked copy would otherwise carry on
+    as a second supervisor); an exception is printed (to the worker's output, so it is logged)
+    and the exit code is 1.
+    """
+    code = 1
+    try:
+        code = body()
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)

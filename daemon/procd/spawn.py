@@ -17,7 +17,6 @@ import pickle
 import signal
 import socket
 import sys
-import traceback
 
 from procd import procctl, signals
 from procd.child import EXEC_FAILED, Reporter, WorkerContext, run
@@ -37,16 +36,12 @@ def _exec_fresh(ctx: WorkerContext) -> None:
 def run_spawned(payload: str) -> None:
     """Entry point of a spawned worker's fresh interpreter."""
     ctx: WorkerContext = pickle.loads(base64.b64decode(payload))
-    code = 1
-    try:
+
+    def body() -> int:
         procctl.set_title(ctx.title)
-        code = run(ctx)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        return run(ctx)
+
+    procctl.run_and_exit(body)
 
 
 def start_forkserver(title: str) -> ForkServer:
@@ -96,8 +91,8 @@ def fork_worker(
     parent = os.getpid()
     pid, mask = procctl.fork_blocked()
     if pid == 0:
-        code = 1
-        try:
+
+        def body() -> int:
             signals.reset_in_child()
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.setpgid(0, 0)
@@ -105,25 +100,16 @@ def fork_worker(
             procctl.wire_worker_stdio(output_fd, keep)
             if start_method == "fork":
                 procctl.set_title(ctx.title)
-                code = run(ctx)
-            else:
-                for fd in keep:
-                    os.set_inheritable(fd, True)
-                try:
-                    _exec_fresh(ctx)
-                except OSError as exc:
-                    Reporter(ctx.report_fd).send(
-                        "exec_failed", errno=exc.errno, error=exc.strerror, program=sys.executable
-                    )
-                    code = EXEC_FAILED
-        except BaseException:
-            traceback.print_exc()
-        finally:
+                return run(ctx)
+            for fd in keep:
+                os.set_inheritable(fd, True)
             try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
+                _exec_fresh(ctx)
+            except OSError as exc:
+                Reporter(ctx.report_fd).send("exec_failed", errno=exc.errno, error=exc.strerror, program=sys.executable)
+            return EXEC_FAILED
+
+        procctl.run_and_exit(body)
     try:
         os.setpgid(pid, pid)  # also here, so a killpg right after fork cannot miss the child
     except OSError:
