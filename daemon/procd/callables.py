@@ -14,7 +14,7 @@ import traceback
 from typing import Any
 
 from procd import reaper
-from procd.config import PipelineSpec
+from procd.config import PipelineSpec, load_pipeline
 from procd.errors import Problem
 
 
@@ -80,6 +80,20 @@ def check_callables(spec: PipelineSpec) -> list[Problem]:
         except ResolveError as exc:
             problems.append(Problem(f"stages.{stage.name}.function", str(exc)))
     return problems
+
+
+def load_and_check(file: str, *, apart: bool) -> tuple[PipelineSpec, list[Problem]]:
+    """Load a pipeline file and import its stage code; return it with the import problems.
+
+    Args:
+        file: the pipeline file.
+        apart: import in a forked child (``check_callables_apart``), not in this process.
+
+    Raises:
+        ConfigError: the file cannot be read or is invalid (before any import is tried).
+    """
+    spec = load_pipeline(file)
+    return spec, (check_callables_apart if apart else check_callables)(spec)
 
 
 def check_callables_apart(spec: PipelineSpec) -> list[Problem]:

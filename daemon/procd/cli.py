@@ -117,11 +117,11 @@ def _parser() -> argparse.ArgumentParser:
 def _load(file: str, *, imports: bool, apart: bool = False) -> config.PipelineSpec:
     """Load and validate; with ``imports``, also import every function stage's code (in a
     forked child with ``apart``, so that this process stays free of user modules)."""
-    spec = config.load_pipeline(file)
-    if imports:
-        problems = (callables.check_callables_apart if apart else callables.check_callables)(spec)
-        if problems:
-            raise ConfigError(file, problems)
+    if not imports:
+        return config.load_pipeline(file)
+    spec, problems = callables.load_and_check(file, apart=apart)
+    if problems:
+        raise ConfigError(file, problems)
     return spec
 
 

@@ -365,7 +365,6 @@ class Supervisor:
         for channel in slot.outputs:
             channel.writers.discard(reaped.pid)
         event = Exited(reaped.code, reaped.signal)
-        slot.last_exit = event
         cause = self._failure(slot, event)
         fields: dict[str, Any] = {
             "runtime_s": round(self.clock() - slot.started_at, 3),
@@ -818,8 +817,7 @@ class Supervisor:
 
     def _reload(self) -> dict[str, Any]:
         try:
-            new = config.load_pipeline(self.spec.file)
-            problems = callables.check_callables_apart(new)
+            new, problems = callables.load_and_check(self.spec.file, apart=True)
             if new.name != self.spec.name:
                 problems.append(Problem("pipeline.name", f'cannot change while running (it is "{self.spec.name}")'))
             if problems:

@@ -14,7 +14,7 @@ from procd.channels import Channel
 from procd.child import Output, WorkerContext
 from procd.config import StageSpec
 from procd.forkserver import ForkServer
-from procd.lifecycle import Exited, State
+from procd.lifecycle import State
 from procd.queues import QueueFds
 from procd.spawn import fork_worker
 
@@ -33,7 +33,6 @@ class Slot:
     output_fd: int | None = None
     report_buffer: bytes = b""
     output_buffer: bytes = b""
-    last_exit: Exited | None = None
     forced: bool = False
     failure: str | None = None
     exec_failed: bool = False
