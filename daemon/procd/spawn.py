@@ -6,36 +6,37 @@ before the child has reset them. Each worker leads its own process group (so one
 reaches it and whatever it started) and asks the kernel for SIGKILL when the supervisor dies.
 
 ``start_method = "fork"`` runs the worker in the forked copy; ``"spawn"`` and ``"forkserver"``
-exec a fresh ``sys.executable`` that rebuilds the worker from a pickled ``WorkerContext``.
+exec a fresh ``sys.executable`` that rebuilds the worker from a pickled ``WorkerContext``. The
+context reaches it in an inherited memfd whose number is the one argument: in ``argv`` itself a
+large ``options`` table would exceed the kernel's limit of 128 KiB per argument (E2BIG).
 """
 
 from __future__ import annotations
 
-import base64
 import os
-import pickle
 import signal
 import socket
 import sys
 
 from procd import procctl, signals
 from procd.child import EXEC_FAILED, Reporter, WorkerContext, run
-from procd.forkserver import ForkServer
+from procd.forkserver import ForkServer, context_memfd, read_context
 
 
 def _exec_fresh(ctx: WorkerContext) -> None:
     """Replace this child with a fresh interpreter that runs ``ctx``. Returns only on failure."""
-    payload = base64.b64encode(pickle.dumps(ctx)).decode()
+    context_fd = context_memfd(ctx)
+    os.set_inheritable(context_fd, True)
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    code = "import sys, procd.spawn as s; s.run_spawned(sys.argv[1])"
-    os.execve(sys.executable, [sys.executable, "-c", code, payload], env)
+    code = "import sys, procd.spawn as s; s.run_spawned(int(sys.argv[1]))"
+    os.execve(sys.executable, [sys.executable, "-c", code, str(context_fd)], env)
 
 
-def run_spawned(payload: str) -> None:
-    """Entry point of a spawned worker's fresh interpreter."""
-    ctx: WorkerContext = pickle.loads(base64.b64decode(payload))
+def run_spawned(context_fd: int) -> None:
+    """Entry point of a spawned worker's fresh interpreter: ``context_fd`` holds its context."""
+    ctx = read_context(context_fd)
 
     def body() -> int:
         procctl.set_title(ctx.title)
