@@ -17,8 +17,9 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from procd import __version__, callables, config, control, plan
+from procd import __version__, callables, config, control, environment, plan
 from procd.control import ControlError
+from procd.environment import BuildError, Environment
 from procd.errors import ConfigError, StoreError
 from procd.log import LEVELS, open_logger
 from procd.notify import Notifier
@@ -102,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate pipeline files (exit 0 or 78)")
     check.add_argument("files", metavar="FILE", nargs="+")
 
+    build = commands.add_parser("build", help="build and install a pipeline's packages into its environment")
+    build.add_argument("file", metavar="FILE")
+
     graph = commands.add_parser("graph", help="print the stage graph in Graphviz DOT")
     graph.add_argument("file", metavar="FILE")
 
@@ -131,24 +135,72 @@ def _report(error: ConfigError) -> int:
     return EXIT_CONFIG
 
 
+def _prepare(file: str) -> tuple[config.PipelineSpec, Environment | None]:
+    """Load and validate, build the pipeline's environment if it has one (reusing it when nothing
+    changed), and import every function stage's code: in the environment's interpreter, or in a
+    forked child, so that this process stays free of user modules.
+
+    Raises:
+        ConfigError: the file is invalid, or stage code cannot be imported.
+        BuildError: the environment cannot be built.
+    """
+    spec, env, problems = environment.load_and_check(file, apart=True)
+    if problems:
+        if env is not None:
+            env.release()
+        raise ConfigError(file, problems)
+    return spec, env
+
+
+def _report_build(error: BuildError, command: str) -> int:
+    print(f"procd {command}: {error}; nothing was started", file=sys.stderr)
+    if error.tail:
+        print("the last lines of its output:", file=sys.stderr)
+        print("\n".join(f"    {line}" for line in error.tail.splitlines()), file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _log_to_file_only(file: str, log_file: str, event: str, **fields: Any) -> None:
+    """One error record in the log file, for a run that ends before its logger exists."""
+    name = os.path.splitext(os.path.basename(file))[0]
+    log, writer = open_logger(name, log_file=log_file, stream=io.StringIO())
+    log.error(event, file=file, **fields)
+    writer.close()
+
+
 def _run(file: str, log_file: str | None, control_path: str | None) -> int:
     try:
-        spec = _load(file, imports=True, apart=True)
+        spec, env = _prepare(file)
     except ConfigError as error:
         if log_file:
-            name = os.path.splitext(os.path.basename(file))[0]
-            log, writer = open_logger(name, log_file=log_file, stream=io.StringIO())
-            log.error("config_invalid", file=file, problems=error.lines())
-            writer.close()
+            _log_to_file_only(file, log_file, "config_invalid", problems=error.lines())
         return _report(error)
+    except BuildError as error:
+        if log_file:
+            _log_to_file_only(
+                file,
+                log_file,
+                "environment_build_failed",
+                project=error.project,
+                error=str(error),
+                output_tail=error.tail,
+            )
+        return _report_build(error, "run")
     try:
         log, writer = open_logger(spec.name, log_file=log_file)
     except OSError as exc:
         print(f"procd: cannot open the log file {log_file}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
     try:
+        if env is not None:
+            log.info(
+                "environment_built" if env.built else "environment_reused",
+                path=env.path,
+                projects=[b.project for b in env.projects],
+                seconds=round(env.seconds, 3),
+            )
         notifier = Notifier.from_environ()
-        return Supervisor(spec, log, writer, control_path=control_path, notifier=notifier).run()
+        return Supervisor(spec, log, writer, control_path=control_path, notifier=notifier, environment=env).run()
     except ControlError as exc:
         log.error("control_unavailable", error=str(exc))
         return EXIT_FAILURE
@@ -163,13 +215,41 @@ def _check(files: Sequence[str]) -> int:
     code = EXIT_OK
     for file in files:
         try:
-            spec = _load(file, imports=True)
+            spec, env, problems = environment.load_and_check(file, apart=False)
+            if env is not None:
+                env.release()
+            if problems:
+                raise ConfigError(file, problems)
         except ConfigError as error:
             code = _report(error)
             continue
+        except BuildError as error:
+            code = _report_build(error, "check")
+            continue
         workers = sum(s.processes for s in spec.stages)
-        print(f"{file}: ok ({len(spec.stages)} stages, {workers} processes)")
+        where = f"; environment {env.path}" if env is not None else ""
+        print(f"{file}: ok ({len(spec.stages)} stages, {workers} processes{where})")
     return code
+
+
+def _build(file: str) -> int:
+    """Build a pipeline's environment (or find it up to date) and say what and where."""
+    spec = config.load_pipeline(file)
+    if not spec.has_environment:
+        print(f"{file}: no packages or requirements; its workers run in procd's own interpreter")
+        return EXIT_OK
+    try:
+        env = environment.prepare(spec, progress=print)
+    except BuildError as error:
+        print(f"procd build: {error}", file=sys.stderr)
+        if error.tail:
+            print("the last lines of its output:", file=sys.stderr)
+            print("\n".join(f"    {line}" for line in error.tail.splitlines()), file=sys.stderr)
+        return EXIT_FAILURE
+    env.release()
+    how = "built" if env.built else "up to date, reused"
+    print(f"environment {env.path}: {how} in {env.seconds:.2f}s; workers run {env.python}")
+    return EXIT_OK
 
 
 def _init(name: str, directory: str) -> int:
@@ -328,9 +408,11 @@ def _dlq_replay(args: argparse.Namespace) -> int:
 def _replay_fresh(pipeline_file: str, file: str, into: str) -> int:
     """Run the pipeline from ``into`` down, fed only by the dead-letter file."""
     try:
-        spec = _load(pipeline_file, imports=True, apart=True)
+        spec, env = _prepare(pipeline_file)
     except ConfigError as error:
         return _report(error)
+    except BuildError as error:
+        return _report_build(error, "dlq replay")
     names = [s.name for s in spec.stages]
     if into not in names:
         print(f"procd dlq replay: unknown stage {into!r}; stages are {', '.join(names)}", file=sys.stderr)
@@ -347,7 +429,9 @@ def _replay_fresh(pipeline_file: str, file: str, into: str) -> int:
     derived = dataclasses.replace(spec, stages=tuple(stages))
     log, writer = open_logger(derived.name)
     try:
-        return Supervisor(derived, log, writer, control_path=control.default_path(f"{derived.name}-replay")).run()
+        return Supervisor(
+            derived, log, writer, control_path=control.default_path(f"{derived.name}-replay"), environment=env
+        ).run()
     except ControlError as exc:
         print(f"procd dlq replay: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -505,6 +589,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args.files)
         if args.command == "init":
             return _init(args.name, args.dir)
+        if args.command == "build":
+            return _build(args.file)
         spec = _load(args.file, imports=False)
         if args.command == "graph":
             sys.stdout.write(plan.to_dot(spec))

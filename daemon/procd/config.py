@@ -31,7 +31,7 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)\Z")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 _TOP_KEYS = ("pipeline", "defaults", "stages")
-_PIPELINE_KEYS = ("name", "start_method", "stop_timeout", "state_dir", "metrics")
+_PIPELINE_KEYS = ("name", "start_method", "stop_timeout", "state_dir", "metrics", "packages", "requirements")
 _DEFAULTS_KEYS = ("restart", "strategy")
 _STAGE_KEYS = (
     "function",
@@ -114,6 +114,13 @@ class PipelineSpec:
     state_dir: str = ""  # an absolute path once loaded
     metrics: tuple[str, int] | None = None  # where the Prometheus endpoint listens
     stages: tuple[StageSpec, ...] = ()
+    packages: tuple[str, ...] = ()  # project directories (absolute once loaded) built into the environment
+    requirements: tuple[str, ...] = ()  # more distributions for the environment, as pip takes them
+
+    @property
+    def has_environment(self) -> bool:
+        """True when the pipeline runs in its own virtual environment (``environment.py``)."""
+        return bool(self.packages or self.requirements)
 
     @property
     def base_dir(self) -> str:
@@ -315,6 +322,7 @@ def validate(document: Mapping[str, Any], file: str) -> PipelineSpec:
         for name, table in stages_table.items()
     ]
     _check_graph(check, stages)
+    packages, requirements = _environment(check, pipeline, base_dir, start_method)
 
     if check.problems:
         raise ConfigError(file, check.problems)
@@ -326,7 +334,42 @@ def validate(document: Mapping[str, Any], file: str) -> PipelineSpec:
         state_dir=state_dir,
         metrics=metrics,
         stages=tuple(stages),
+        packages=packages,
+        requirements=requirements,
     )
+
+
+def _environment(
+    check: _Checker, pipeline: Mapping[str, Any], base_dir: str, start_method: object
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``packages`` (project directories, made absolute) and ``requirements`` of ``[pipeline]``."""
+    packages = check.string_list(pipeline.get("packages", []), "pipeline.packages", non_empty=False) or ()
+    resolved = []
+    for index, package in enumerate(packages):
+        directory = os.path.normpath(os.path.join(base_dir, package))
+        if not os.path.isfile(os.path.join(directory, "pyproject.toml")):
+            check.add(
+                f"pipeline.packages[{index}]",
+                "expected a project directory with a pyproject.toml, relative to the pipeline file; "
+                f'"{directory}" has none',
+            )
+        resolved.append(directory)
+    requirements = check.string_list(pipeline.get("requirements", []), "pipeline.requirements", non_empty=False) or ()
+    for index, requirement in enumerate(requirements):
+        if not requirement.strip() or requirement.lstrip().startswith("-"):
+            check.add(
+                f"pipeline.requirements[{index}]",
+                f'expected a requirement such as "orjson>=3.9" (pip options are not allowed), {_got(requirement)}',
+            )
+    if (packages or requirements) and start_method == "fork":
+        key = "packages" if packages else "requirements"
+        check.add(
+            "pipeline.start_method",
+            f'"fork" (the default) cannot run stage code from the pipeline\'s environment, which "{key}" asks for: '
+            "a forked worker is a copy of procd's own interpreter, which does not have the environment's "
+            'packages; set start_method = "forkserver" (fast restarts) or "spawn"',
+        )
+    return tuple(resolved), requirements
 
 
 def _restart(check: _Checker, value: object, path: str, base: RestartSpec) -> RestartSpec:
@@ -536,6 +579,8 @@ def as_document(spec: PipelineSpec) -> dict[str, Any]:
             "stop_timeout": format_duration(spec.stop_timeout_s),
             "state_dir": spec.state_dir,
             **({"metrics": format_address(spec.metrics)} if spec.metrics else {}),
+            **({"packages": list(spec.packages)} if spec.packages else {}),
+            **({"requirements": list(spec.requirements)} if spec.requirements else {}),
         },
         "stages": stages,
     }

@@ -60,12 +60,15 @@ class ReloadPlan:
     finished: frozenset[str]  # changed, but already finished: not started again
 
 
-def reload_plan(old: PipelineSpec, new: PipelineSpec, finished: Set[str]) -> ReloadPlan:
+def reload_plan(
+    old: PipelineSpec, new: PipelineSpec, finished: Set[str], code_changed: Set[str] = frozenset()
+) -> ReloadPlan:
     """Compare two versions of a pipeline.
 
     A stage's wiring is part of its configuration: a stage that gains or loses a reader, or one
     of whose readers gets a new queue, is restarted, since its processes hold the queues they
-    write to from the moment they start.
+    write to from the moment they start. ``code_changed`` names stages whose code changed although
+    their configuration did not (their environment was rebuilt): they count as changed.
     """
     old_names, new_names = {s.name for s in old.stages}, {s.name for s in new.stages}
     kept = old_names & new_names
@@ -78,7 +81,7 @@ def reload_plan(old: PipelineSpec, new: PipelineSpec, finished: Set[str]) -> Rel
     def wiring(spec: PipelineSpec, name: str) -> tuple[Any, ...]:
         return (spec.stage(name), tuple(r.name for r in spec.readers(name)))
 
-    changed = {n for n in kept if wiring(old, n) != wiring(new, n)}
+    changed = {n for n in kept if wiring(old, n) != wiring(new, n) or n in code_changed}
     changed |= {upstream for n in replaced for upstream in new.stage(n).inputs if upstream in kept}
     done = {n for n in changed if n in finished}
     changed -= done

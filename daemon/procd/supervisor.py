@@ -26,11 +26,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from procd import callables, config, inflight, plan, procctl, reaper, signals, status, worker
+from procd import config, environment, inflight, plan, procctl, reaper, signals, status, worker
 from procd.channels import Channel
 from procd.child import Output
 from procd.config import PipelineSpec
 from procd.control import Client, ControlError, ControlServer, default_path
+from procd.environment import BuildError, Environment
 from procd.errors import ConfigError, Problem, StoreError
 from procd.forkserver import ForkServer
 from procd.lifecycle import (
@@ -82,8 +83,12 @@ class Supervisor:
         notifier: Notifier | None = None,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
+        environment: Environment | None = None,
     ) -> None:
         self.spec = spec
+        self.environment = environment  # where function-stage workers run (a pipeline with packages)
+        self.env_of: dict[int, Environment] = {}  # pid -> the environment it was started in
+        self.retired_envs: list[Environment] = []  # replaced by a reload; held while workers run in them
         self.control_path = control_path or default_path(spec.name)
         self.started_at = clock()
         self.log = log
@@ -181,6 +186,8 @@ class Supervisor:
                         self._serve(source, mask)
                 self._fire_timers()
                 self._update_stages()
+                if self.retired_envs:
+                    self._release_environments()
                 self._update_status()
             return self._finish()
         finally:
@@ -278,16 +285,21 @@ class Supervisor:
             slot.inflight_fd = inflight.create(INLINE_LIMIT)
         slot.outputs = [self.channels[reader.name] for reader in self.spec.readers(slot.stage.name)]
         try:
-            if self.spec.start_method == "forkserver" and self.forkserver is None:
-                self.forkserver = start_forkserver(f"procd: {self.spec.name} forkserver")
+            python = self.environment.python if self.environment is not None else None
+            start_method = self.spec.start_method
+            if python is not None and slot.stage.function is None:
+                start_method = "fork"  # a command stage's bridge is procd's code alone: no environment
+            if start_method == "forkserver" and self.forkserver is None:
+                self.forkserver = start_forkserver(f"procd: {self.spec.name} forkserver", python)
                 self.log.info("forkserver_started", pid=self.forkserver.pid)
             pid = worker.start(
                 slot,
                 server=self.forkserver,
+                python=python,
                 pipeline=self.spec.name,
                 base_dir=self.spec.base_dir,
                 state_dir=self.spec.state_dir,
-                start_method=self.spec.start_method,
+                start_method=start_method,
                 input_fds=slot.input.fds if slot.input is not None else None,
                 outputs=tuple(Output(c.fds, c.spec.batch) for c in slot.outputs),
             )
@@ -302,6 +314,8 @@ class Supervisor:
             slot.restarts += 1
         slot.started_at = self.clock()
         self.by_pid[pid] = slot
+        if self.environment is not None and slot.stage.function is not None:
+            self.env_of[pid] = self.environment
         if slot.input is not None:
             slot.input.readers.add(pid)
         for channel in slot.outputs:
@@ -816,18 +830,31 @@ class Supervisor:
             self._notify(READY=1, STATUS=self._status_line())
 
     def _reload(self) -> dict[str, Any]:
+        new_env = None
         try:
-            new, problems = callables.load_and_check(self.spec.file, apart=True)
+            new, new_env, problems = environment.load_and_check(self.spec.file, apart=True)
             if new.name != self.spec.name:
                 problems.append(Problem("pipeline.name", f'cannot change while running (it is "{self.spec.name}")'))
             if problems:
                 raise ConfigError(self.spec.file, problems)
         except ConfigError as error:
+            if new_env is not None:
+                new_env.release()
             self.log.error(
                 "config_invalid", file=self.spec.file, problems=error.lines(), message="still running unchanged"
             )
             return {"ok": False, "error": "the pipeline file is invalid; nothing changed", "problems": error.lines()}
-        diff = plan.reload_plan(self.spec, new, self.finished)
+        except BuildError as error:
+            self.log.error(
+                "environment_build_failed",
+                project=error.project,
+                error=str(error),
+                output_tail=error.tail,
+                message="still running unchanged",
+            )
+            return {"ok": False, "error": f"{error}; nothing changed", "output_tail": error.tail}
+        code_changed = self._switch_environment(new_env)
+        diff = plan.reload_plan(self.spec, new, self.finished, code_changed)
         changed, added, removed, replaced_queues = diff.changed, diff.added, diff.removed, diff.replaced_queues
 
         fresh: dict[str, Channel] = {}
@@ -889,6 +916,41 @@ class Supervisor:
             "removed": sorted(removed),
             "unchanged": sorted(diff.unchanged),
         }
+
+    def _switch_environment(self, new: Environment | None) -> set[str]:
+        """Make ``new`` the environment of the workers started from now on; return the function
+        stages whose code comes from the old one if it changed (they restart). The old one is kept
+        until no worker runs in it (``_release_environments``)."""
+        old = self.environment
+        if (old.key if old else None) == (new.key if new else None):
+            if new is not None:
+                new.release()  # the same environment: one claim on it is enough
+            return set()
+        if new is not None:
+            self.log.info(
+                "environment_built" if new.built else "environment_reused",
+                path=new.path,
+                projects=[b.project for b in new.projects],
+                seconds=round(new.seconds, 3),
+            )
+        if old is not None:
+            self.retired_envs.append(old)
+        self.environment = new
+        if self.forkserver is not None:
+            self.forkserver.close()  # it forks from the old interpreter; the next spawn starts another
+            self.forkserver = None
+        return {s.name for s in self.spec.stages if s.function is not None}
+
+    def _release_environments(self) -> None:
+        """Give up every replaced environment no worker runs in any more, and remove it."""
+        self.env_of = {pid: env for pid, env in self.env_of.items() if pid in self.by_pid}
+        in_use = {id(env) for env in self.env_of.values()}
+        for env in [e for e in self.retired_envs if id(e) not in in_use]:
+            self.retired_envs.remove(env)
+            env.release()
+            keep = self.environment.key if self.environment is not None else ""
+            for path in environment.remove_unused(self.spec, keep=keep):
+                self.log.info("environment_removed", path=path)
 
     def _request_stop(self, reason: str) -> None:
         if self.stopping:

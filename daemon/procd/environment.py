@@ -1,0 +1,438 @@
+"""The pipeline's own virtual environment: its projects built with PEP 517, installed, reused.
+
+``[pipeline] packages`` names project directories (each with a ``pyproject.toml``) and
+``requirements`` more distributions. procd is the build frontend: for each project it makes an
+isolated build environment, installs the ``[build-system] requires`` there, asks the project's
+backend (through ``pyproject_hooks.BuildBackendHookCaller``, honouring ``backend-path``) for more
+(``get_requires_for_build_wheel``), installs those, and has the backend build a wheel. The wheels
+and the requirements are then installed into a fresh virtual environment under the state
+directory, ``STATE_DIR/envs/KEY``, whose interpreter runs the function-stage workers.
+
+``KEY`` is a hash of everything the environment is made of: each project's source files, the
+requirements, procd's version and the Python version. A start whose key names a complete
+environment reuses it and builds nothing; a change of any of those makes a new one.
+
+Discussion.
+
+- *Installing.* pip does the installing (``pip --python ENV install``), run from procd's own
+  interpreter, so the environments themselves carry no pip (a virtual environment without pip is
+  made in 40 ms, with it in seconds). Where pip looks is pip's own configuration: ``PIP_INDEX_URL``,
+  ``PIP_FIND_LINKS``, ``PIP_NO_INDEX`` and pip.conf apply as they would to ``pip install``.
+- *procd inside.* A worker runs procd's worker code in the environment's interpreter. The
+  environment gets a directory of links to procd's package and to the one distribution the worker
+  runtime imports (setproctitle), listed by a ``.pth`` file: ``.pth`` entries come after
+  site-packages, so the user's own distributions always win, and nothing else of procd's
+  interpreter is visible to stage code.
+- *In use, then removed.* Every environment has a lock file beside it. A process that runs
+  workers in it holds a shared ``flock`` on it for as long as it does; a builder holds it
+  exclusively while it builds. After a build, every other environment whose lock can be had
+  exclusively (nothing runs in it) is removed. Builds write into the source tree as pip's do
+  (setuptools leaves ``build/`` and ``*.egg-info``); those are left out of the hash.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from procd import __version__, callables, config
+from procd.config import PipelineSpec
+from procd.errors import Problem
+
+ENVS_DIR = "envs"
+_COMPLETE = "procd-environment.json"  # written last: its presence means the environment is whole
+_RUNTIME_DIR = "procd-runtime"
+# What a worker imports from outside the standard library: procd and its worker runtime's one
+# dependency. Keep in step with the imports of child.py and what it pulls in.
+_WORKER_IMPORTS = ("procd", "setproctitle")
+_SKIPPED_DIRS = frozenset({"__pycache__", "node_modules"})
+_SKIPPED_TOP = frozenset({"build", "dist"})  # a build's output, at a project's top only
+_TAIL_LINES = 25
+# PEP 517: a project without [build-system] is built as setuptools' legacy backend would.
+_DEFAULT_REQUIRES = ("setuptools>=40.8.0",)
+_DEFAULT_BACKEND = "setuptools.build_meta:__legacy__"
+
+
+class BuildError(Exception):
+    """A project could not be built or the environment could not be made.
+
+    The message names the project and what failed; ``tail`` holds the last lines of the output
+    of the backend (or of pip) that failed.
+    """
+
+    def __init__(self, project: str, what: str, output: str) -> None:
+        self.project = project
+        self.what = what
+        lines = output.rstrip().splitlines()
+        self.tail = "\n".join(lines[-_TAIL_LINES:])
+        super().__init__(f"cannot build {project}: {what}")
+
+
+@dataclass(frozen=True)
+class Built:
+    """One project, built into a wheel."""
+
+    project: str  # its directory
+    backend: str
+    wheel: str  # the wheel's file name
+
+
+@dataclass
+class Environment:
+    """A complete environment, and this process's shared lock on it while in use."""
+
+    path: str
+    key: str
+    built: bool  # True if this call built it; False if it was reused
+    seconds: float  # how long preparing it took
+    projects: tuple[Built, ...] = ()
+    lock_fd: int | None = field(default=None, repr=False)
+
+    @property
+    def python(self) -> str:
+        """The environment's interpreter: what function-stage workers run in."""
+        return os.path.join(self.path, "bin", "python")
+
+    def release(self) -> None:
+        """Drop this process's claim on the environment (it may then be removed)."""
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+def environment_key(spec: PipelineSpec) -> str:
+    """A hash of what the environment is made of; equal keys mean an equal environment.
+
+    Raises:
+        OSError: a project's files cannot be read.
+    """
+    digest = hashlib.sha256()
+
+    def add(*parts: str | bytes) -> None:
+        for part in parts:
+            data = part.encode() if isinstance(part, str) else part
+            digest.update(len(data).to_bytes(8, "little") + data)
+
+    add("procd", __version__, sys.implementation.cache_tag or "", sys.version)
+    for requirement in spec.requirements:
+        add("requirement", requirement)
+    for project in spec.packages:
+        add("project", project)
+        for relative in _source_files(project):
+            with open(os.path.join(project, relative), "rb") as fh:
+                add(relative, hashlib.sha256(fh.read()).digest())
+    return digest.hexdigest()[:16]
+
+
+def _source_files(project: str) -> list[str]:
+    """A project's files, relative and sorted, without what builds and tools leave there."""
+    found = []
+    for root, dirs, files in os.walk(project):
+        top = root == project
+        dirs[:] = [
+            d
+            for d in dirs
+            if not d.startswith(".")
+            and d not in _SKIPPED_DIRS
+            and not d.endswith(".egg-info")
+            and not (top and d in _SKIPPED_TOP)
+        ]
+        for name in files:
+            if not name.endswith((".pyc", ".pyo")):
+                found.append(os.path.relpath(os.path.join(root, name), project))
+    return sorted(found)
+
+
+def envs_dir(spec: PipelineSpec) -> str:
+    """Where a pipeline's environments live."""
+    return os.path.join(spec.state_dir, ENVS_DIR)
+
+
+def prepare(spec: PipelineSpec, *, progress: Any = None) -> Environment:
+    """Return the pipeline's environment, built if there is none for its current key, and hold a
+    shared lock on it (``Environment.release`` drops it). Other environments that nothing runs in
+    are removed after a build.
+
+    Args:
+        spec: a pipeline with ``packages`` or ``requirements``.
+        progress: called with one line of text per step (``procd build`` prints them).
+
+    Raises:
+        BuildError: a project cannot be built, or an install fails; nothing is left half made.
+    """
+    started = time.monotonic()
+    directory = envs_dir(spec)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        key = environment_key(spec)
+    except OSError as exc:
+        raise BuildError(spec.name, f"cannot read or write {exc.filename}: {exc.strerror}", "") from None
+    path = os.path.join(directory, key)
+    lock_path = path + ".lock"
+    while True:
+        lock_fd = _lock(lock_path, fcntl.LOCK_SH)
+        try:
+            built: tuple[Built, ...] = ()
+            if not os.path.exists(os.path.join(path, _COMPLETE)):
+                # flock converts a lock by dropping it first: in between, a remover may take the
+                # file away; then start again on the new one
+                fcntl.flock(lock_fd, fcntl.LOCK_EX)  # wait for another builder of the same key
+                if _is_current(lock_fd, lock_path) and not os.path.exists(os.path.join(path, _COMPLETE)):
+                    built = _build(spec, path, key, progress or (lambda line: None))
+                fcntl.flock(lock_fd, fcntl.LOCK_SH)
+                if not (_is_current(lock_fd, lock_path) and os.path.exists(os.path.join(path, _COMPLETE))):
+                    os.close(lock_fd)
+                    continue
+            _link_runtime(path)  # procd may have moved since (a new checkout, another install)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        break
+    env = Environment(path, key, bool(built), time.monotonic() - started, built, lock_fd)
+    if built:
+        remove_unused(spec, keep=key)
+    return env
+
+
+def _lock(lock_path: str, how: int) -> int:
+    """Open and ``flock`` a lock file, making sure it is still the one on disk afterwards (a
+    remover may unlink it between our ``open`` and our lock)."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, how)
+        if _is_current(fd, lock_path):
+            return fd
+        os.close(fd)
+
+
+def _is_current(fd: int, lock_path: str) -> bool:
+    try:
+        return os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def remove_unused(spec: PipelineSpec, *, keep: str) -> list[str]:
+    """Remove every environment of the pipeline but ``keep`` that no process holds; return their
+    paths."""
+    directory = envs_dir(spec)
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith(".lock") or name == f"{keep}.lock":
+            continue
+        lock_path = os.path.join(directory, name)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # something runs in it (or builds it)
+        try:
+            shutil.rmtree(lock_path[: -len(".lock")], ignore_errors=True)
+            os.unlink(lock_path)
+            removed.append(lock_path[: -len(".lock")])
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _build(spec: PipelineSpec, path: str, key: str, progress: Any) -> tuple[Built, ...]:
+    """Build every project and install the wheels and requirements into a new environment at
+    ``path`` (whatever a failed earlier attempt left there is removed first)."""
+    shutil.rmtree(path, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=os.path.dirname(path)) as scratch:
+        wheels_dir = os.path.join(scratch, "wheels")
+        os.mkdir(wheels_dir)
+        built = []
+        for index, project in enumerate(spec.packages):
+            built.append(_build_wheel(project, os.path.join(scratch, f"build-env-{index}"), wheels_dir))
+            progress(f"built {built[-1].wheel} from {project} ({built[-1].backend})")
+        try:
+            _make_venv(path)
+            wheels = [os.path.join(wheels_dir, b.wheel) for b in built]
+            _pip_install(path, [*wheels, *spec.requirements], spec.name, "installing the wheels and requirements")
+            _link_runtime(path)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+    record = {
+        "key": key,
+        "projects": [{"project": b.project, "backend": b.backend, "wheel": b.wheel} for b in built],
+        "requirements": list(spec.requirements),
+        "procd": __version__,
+        "built_at": time.time(),
+    }
+    with open(os.path.join(path, _COMPLETE), "w", encoding="utf-8") as fh:
+        json.dump(record, fh, indent=2)
+    progress(f"installed into {path}")
+    return tuple(built)
+
+
+def _build_system(project: str) -> tuple[list[str], str, list[str] | None]:
+    """``[build-system]``: requires, build-backend and backend-path, with PEP 517's defaults."""
+    try:
+        with open(os.path.join(project, "pyproject.toml"), "rb") as fh:
+            document = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BuildError(project, f"cannot read its pyproject.toml: {exc}", "") from None
+    table = document.get("build-system", {})
+    requires = table.get("requires", list(_DEFAULT_REQUIRES) if "build-backend" not in table else [])
+    backend = table.get("build-backend", _DEFAULT_BACKEND)
+    backend_path = table.get("backend-path")
+    if not (isinstance(requires, list) and all(isinstance(r, str) for r in requires)):
+        raise BuildError(project, "[build-system] requires must be a list of strings", "")
+    if not isinstance(backend, str) or not backend:
+        raise BuildError(project, "[build-system] build-backend must be a string such as setuptools.build_meta", "")
+    if backend_path is not None and not (
+        isinstance(backend_path, list) and all(isinstance(p, str) for p in backend_path)
+    ):
+        raise BuildError(project, "[build-system] backend-path must be a list of directories", "")
+    return requires, backend, backend_path
+
+
+def _build_wheel(project: str, build_env: str, wheels_dir: str) -> Built:
+    """Build one project into ``wheels_dir`` inside a fresh, isolated build environment."""
+    import pyproject_hooks  # only a build needs it
+
+    requires, backend, backend_path = _build_system(project)
+    output: list[str] = []
+
+    def runner(cmd: Sequence[str], cwd: str | None = None, extra_environ: Any = None) -> None:
+        env = {**os.environ, **(extra_environ or {})}
+        env.pop("PYTHONPATH", None)  # the build sees its own environment only
+        done = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+        output.append(done.stdout.decode(errors="replace"))
+        if done.returncode != 0:
+            raise subprocess.CalledProcessError(done.returncode, cmd)
+
+    _make_venv(build_env)
+    if requires:
+        _pip_install(build_env, requires, project, "installing its build requirements")
+    hooks = pyproject_hooks.BuildBackendHookCaller(
+        project, backend, backend_path, runner=runner, python_executable=os.path.join(build_env, "bin", "python")
+    )
+    try:
+        extra = [r for r in hooks.get_requires_for_build_wheel() if r not in requires]
+        if extra:
+            _pip_install(build_env, extra, project, "installing what its backend asked for")
+        wheel = hooks.build_wheel(wheels_dir)
+    except pyproject_hooks.BackendUnavailable as exc:
+        what = f"its build backend {backend} cannot be imported (is it in [build-system] requires?)"
+        raise BuildError(project, what, "".join(output) + (exc.traceback or "")) from None
+    except pyproject_hooks.HookMissing as exc:
+        raise BuildError(project, f"its build backend {backend} has no {exc.hook_name} hook", "".join(output)) from None
+    except subprocess.CalledProcessError:
+        raise BuildError(project, f"its build backend {backend} failed", "".join(output)) from None
+    except Exception as exc:  # anything else the hooks raise: a broken backend
+        raise BuildError(project, f"its build backend {backend} failed: {exc}", "".join(output)) from None
+    return Built(project, backend, wheel)
+
+
+def _make_venv(path: str) -> None:
+    import venv  # only a build needs it
+
+    try:
+        venv.EnvBuilder(with_pip=False, symlinks=True, clear=True).create(path)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise BuildError(path, f"cannot make a virtual environment there: {exc}", "") from None
+
+
+def _pip_install(env: str, what: Sequence[str], project: str, doing: str) -> None:
+    """``pip install`` into the environment at ``env``, with pip from procd's own interpreter."""
+    if importlib.util.find_spec("pip") is None:
+        raise BuildError(project, f"{doing}: procd's interpreter ({sys.executable}) has no pip", "")
+    argv = [sys.executable, "-m", "pip", "--python", os.path.join(env, "bin", "python"), "install"]
+    argv += ["--disable-pip-version-check", "--no-input", "--progress-bar", "off", *what]
+    env_vars = dict(os.environ)
+    env_vars.pop("PYTHONPATH", None)
+    done = subprocess.run(argv, env=env_vars, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        raise BuildError(
+            project, f"{doing} failed (pip exited with {done.returncode})", done.stdout.decode(errors="replace")
+        )
+
+
+def _site_packages(env: str) -> str:
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    return os.path.join(env, "lib", version, "site-packages")
+
+
+def _link_runtime(env: str) -> None:
+    """Make procd's worker code importable in the environment (see the module's Discussion)."""
+    runtime = os.path.join(env, _RUNTIME_DIR)
+    os.makedirs(runtime, exist_ok=True)
+    for name in _WORKER_IMPORTS:
+        found = importlib.util.find_spec(name)
+        if found is None or found.origin is None:
+            raise BuildError(env, f"procd's interpreter cannot find {name}, which its workers import", "")
+        source = os.path.dirname(found.origin) if found.submodule_search_locations else found.origin
+        link = os.path.join(runtime, os.path.basename(source))
+        if os.path.islink(link) and os.readlink(link) == source:
+            continue
+        temporary = f"{link}.{os.getpid()}"
+        os.symlink(source, temporary)
+        os.replace(temporary, link)  # atomic: a worker starting now sees the old link or the new
+    pth = os.path.join(_site_packages(env), "_procd_runtime.pth")
+    if not os.path.exists(pth):
+        with open(pth, "w", encoding="utf-8") as fh:
+            fh.write(runtime + "\n")
+
+
+def check_callables(spec: PipelineSpec, env: Environment) -> list[Problem]:
+    """Import every function stage's code in the environment's interpreter; return one problem
+    per stage that fails (procd's own interpreter never imports it)."""
+    code = (
+        "import json, pickle, sys; from procd import callables; "
+        "problems = callables.check_callables(pickle.load(sys.stdin.buffer)); "
+        "sys.stdout.write(json.dumps([[p.path, p.message] for p in problems]))"
+    )
+    env_vars = dict(os.environ)
+    env_vars.pop("PYTHONPATH", None)
+    done = subprocess.run(
+        [env.python, "-c", code],
+        input=pickle.dumps(spec),
+        capture_output=True,
+        env=env_vars,
+        cwd=spec.base_dir,
+        check=False,
+    )
+    try:
+        return [Problem(path, message) for path, message in json.loads(done.stdout)]
+    except ValueError:
+        tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        return [Problem("", f"checking the stage code in {env.path} failed (exit {done.returncode}): {tail[0]}")]
+
+
+def load_and_check(file: str, *, apart: bool) -> tuple[PipelineSpec, Environment | None, list[Problem]]:
+    """Load a pipeline file, prepare its environment if it has one, and import its stage code
+    (in the environment's interpreter, or as ``callables.load_and_check`` does).
+
+    Raises:
+        ConfigError: the file cannot be read or is invalid.
+        BuildError: its environment cannot be built.
+    """
+    spec = config.load_pipeline(file)
+    if not spec.has_environment:
+        return spec, None, (callables.check_callables_apart if apart else callables.check_callables)(spec)
+    env = prepare(spec)
+    try:
+        return spec, env, check_callables(spec, env)
+    except BaseException:
+        env.release()
+        raise
