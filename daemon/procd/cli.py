@@ -153,54 +153,42 @@ def _prepare(file: str) -> tuple[config.PipelineSpec, Environment | None]:
 
 
 def _report_build(error: BuildError, command: str) -> int:
-    print(f"procd {command}: {error}; nothing was started", file=sys.stderr)
+    print(f"procd {command}: {error}", file=sys.stderr)
     if error.tail:
         print("the last lines of its output:", file=sys.stderr)
         print("\n".join(f"    {line}" for line in error.tail.splitlines()), file=sys.stderr)
     return EXIT_FAILURE
 
 
-def _log_to_file_only(file: str, log_file: str, event: str, **fields: Any) -> None:
-    """One error record in the log file, for a run that ends before its logger exists."""
-    name = os.path.splitext(os.path.basename(file))[0]
-    log, writer = open_logger(name, log_file=log_file, stream=io.StringIO())
-    log.error(event, file=file, **fields)
-    writer.close()
-
-
 def _run(file: str, log_file: str | None, control_path: str | None) -> int:
     try:
-        spec, env = _prepare(file)
+        spec = config.load_pipeline(file)
+        problems = [] if spec.has_environment else callables.check_callables_apart(spec)  # else in the environment
+        if problems:
+            raise ConfigError(file, problems)
     except ConfigError as error:
         if log_file:
-            _log_to_file_only(file, log_file, "config_invalid", problems=error.lines())
+            name = os.path.splitext(os.path.basename(file))[0]
+            log, writer = open_logger(name, log_file=log_file, stream=io.StringIO())
+            log.error("config_invalid", file=file, problems=error.lines())
+            writer.close()
         return _report(error)
-    except BuildError as error:
-        if log_file:
-            _log_to_file_only(
-                file,
-                log_file,
-                "environment_build_failed",
-                project=error.project,
-                error=str(error),
-                output_tail=error.tail,
-            )
-        return _report_build(error, "run")
     try:
         log, writer = open_logger(spec.name, log_file=log_file)
     except OSError as exc:
         print(f"procd: cannot open the log file {log_file}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        if env is not None:
-            log.info(
-                "environment_built" if env.built else "environment_reused",
-                path=env.path,
-                projects=[b.project for b in env.projects],
-                seconds=round(env.seconds, 3),
-            )
+        env = None
+        if spec.has_environment:
+            env = _prepare_logged(spec, log)
+            if env is None:
+                return EXIT_FAILURE
         notifier = Notifier.from_environ()
         return Supervisor(spec, log, writer, control_path=control_path, notifier=notifier, environment=env).run()
+    except ConfigError as error:
+        log.error("config_invalid", file=file, problems=error.lines())
+        return EXIT_CONFIG
     except ControlError as exc:
         log.error("control_unavailable", error=str(exc))
         return EXIT_FAILURE
@@ -209,6 +197,37 @@ def _run(file: str, log_file: str | None, control_path: str | None) -> int:
         return EXIT_FAILURE
     finally:
         writer.close()
+
+
+def _prepare_logged(spec: config.PipelineSpec, log: Any) -> Environment | None:
+    """Build (or reuse) the pipeline's environment and import its stage code there, with a record
+    of either; None if the build failed (its record names the project and shows the output's tail).
+
+    Raises:
+        ConfigError: stage code cannot be imported in the environment.
+    """
+    try:
+        env = environment.prepare(spec)
+    except BuildError as error:
+        log.error(
+            "environment_build_failed",
+            project=error.project,
+            error=str(error),
+            output_tail=error.tail,
+            message="nothing was started",
+        )
+        return None
+    log.info(
+        "environment_built" if env.built else "environment_reused",
+        path=env.path,
+        projects=[b.project for b in env.projects],
+        seconds=round(env.seconds, 3),
+    )
+    problems = environment.check_callables(spec, env)
+    if problems:
+        env.release()
+        raise ConfigError(spec.file, problems)
+    return env
 
 
 def _check(files: Sequence[str]) -> int:
@@ -241,11 +260,7 @@ def _build(file: str) -> int:
     try:
         env = environment.prepare(spec, progress=print)
     except BuildError as error:
-        print(f"procd build: {error}", file=sys.stderr)
-        if error.tail:
-            print("the last lines of its output:", file=sys.stderr)
-            print("\n".join(f"    {line}" for line in error.tail.splitlines()), file=sys.stderr)
-        return EXIT_FAILURE
+        return _report_build(error, "build")
     env.release()
     how = "built" if env.built else "up to date, reused"
     print(f"environment {env.path}: {how} in {env.seconds:.2f}s; workers run {env.python}")
