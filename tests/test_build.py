@@ -17,39 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Workspace, read_records, wait_until
+from conftest import PIPELINES, WHEELHOUSE, Workspace, read_records, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
-WHEELHOUSE = REPO / ".wheelhouse"
-# What the tests build with: a backend, and a small pure-Python distribution procd does not have.
-WHEELS = ("setuptools", "wheel", "six")
-
-
-@pytest.fixture(scope="session")
-def wheelhouse() -> Path:
-    missing = [name for name in WHEELS if not list(WHEELHOUSE.glob(f"{name}-*.whl"))]
-    if missing:
-        done = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--dest", str(WHEELHOUSE), *WHEELS],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            pytest.fail(
-                f"the wheelhouse {WHEELHOUSE} lacks {', '.join(missing)} and pip could not download them "
-                f"(run .ci/run, or: pip download --dest .wheelhouse {' '.join(WHEELS)}):\n{done.stderr[-2000:]}"
-            )
-    return WHEELHOUSE
-
 
 @pytest.fixture(autouse=True)
-def offline(wheelhouse: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """procd's pip (and so every build) finds distributions in the wheelhouse only."""
-    monkeypatch.setenv("PIP_NO_INDEX", "1")
-    monkeypatch.setenv("PIP_FIND_LINKS", str(wheelhouse))
-    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+def offline(offline_pip: None) -> None:
+    """Every build here installs from the wheelhouse only."""
 
 
 def setuptools_project(ws: Workspace, directory: str, version: str, *, dependencies: str = '["six"]') -> None:
@@ -403,3 +378,11 @@ def test_a_pipeline_without_packages_has_nothing_to_build(ws: Workspace) -> None
     result = ws.run("build", f"{ws.name}.toml")
     assert result.code == 0
     assert result.stdout == f"{ws.name}.toml: no packages or requirements; its workers run in procd's own interpreter\n"
+
+
+def test_the_example_stage_project_runs(ws: Workspace) -> None:
+    result = ws.run("run", str(PIPELINES / "textstats.toml"), timeout=180)
+    assert result.code == 0, result.stderr[-3000:]
+    assert result.output_lines("count") == [
+        "textstats 1.0.0: 11200 words; most common: a 1000, the 600, is 400, stage 400, with 400"
+    ]
