@@ -386,3 +386,15 @@ def test_the_example_stage_project_runs(ws: Workspace) -> None:
     assert result.output_lines("count") == [
         "textstats 1.0.0: 11200 words; most common: a 1000, the 600, is 400, stage 400, with 400"
     ]
+
+
+def test_a_run_imports_the_stage_code_again_when_the_functions_change(ws: Workspace) -> None:
+    setuptools_project(ws, "stages", "1.0")
+    path = pipeline(ws, '["stages"]')
+    assert ws.run("run", path.name, timeout=180).code == 0
+    # the second run reuses the check made in this environment; a new function name is checked
+    path.write_text(path.read_text().replace("stagepkg:show", "stagepkg:missing"))
+    result = ws.run("run", path.name, "--log-file", "log.jsonl", timeout=60)
+    assert result.code == 78
+    (invalid,) = [r for r in read_records(ws.path / "log.jsonl") if r["event"] == "config_invalid"]
+    assert invalid["problems"] == [f'{path.name}: stages.show.function: module "stagepkg" has no attribute "missing"']

@@ -144,7 +144,7 @@ def _prepare(file: str) -> tuple[config.PipelineSpec, Environment | None]:
         ConfigError: the file is invalid, or stage code cannot be imported.
         BuildError: the environment cannot be built.
     """
-    spec, env, problems = environment.load_and_check(file, apart=True)
+    spec, env, problems = environment.load_and_check(file, apart=True, reuse=True)
     if problems:
         if env is not None:
             env.release()
@@ -223,7 +223,7 @@ def _prepare_logged(spec: config.PipelineSpec, log: Any) -> Environment | None:
         projects=[b.project for b in env.projects],
         seconds=round(env.seconds, 3),
     )
-    problems = environment.check_callables(spec, env)
+    problems = environment.check_callables(spec, env, reuse=True)
     if problems:
         env.release()
         raise ConfigError(spec.file, problems)

@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.machinery
 import importlib.util
 import json
 import os
 import pickle
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import tomllib
 from collections.abc import Sequence
@@ -228,6 +227,8 @@ def _is_current(fd: int, lock_path: str) -> bool:
 def remove_unused(spec: PipelineSpec, *, keep: str) -> list[str]:
     """Remove every environment of the pipeline but ``keep`` that no process holds; return their
     paths."""
+    import shutil  # only a removal needs it
+
     directory = envs_dir(spec)
     removed = []
     for name in sorted(os.listdir(directory)):
@@ -255,6 +256,9 @@ def remove_unused(spec: PipelineSpec, *, keep: str) -> list[str]:
 def _build(spec: PipelineSpec, path: str, key: str, progress: Any) -> tuple[Built, ...]:
     """Build every project and install the wheels and requirements into a new environment at
     ``path`` (whatever a failed earlier attempt left there is removed first)."""
+    import shutil  # only a build needs these
+    import tempfile
+
     shutil.rmtree(path, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=".build-", dir=os.path.dirname(path)) as scratch:
         wheels_dir = os.path.join(scratch, "wheels")
@@ -394,18 +398,27 @@ def _link_runtime(env: str) -> None:
             fh.write(runtime + "\n")
 
 
-def check_callables(spec: PipelineSpec, env: Environment) -> list[Problem]:
+def check_callables(spec: PipelineSpec, env: Environment, *, reuse: bool = False) -> list[Problem]:
     """Import every function stage's code in the environment's interpreter; return one problem
-    per stage that fails (procd's own interpreter never imports it)."""
-    code = (
-        "import json, pickle, sys; from procd import callables; "
-        "problems = callables.check_callables(pickle.load(sys.stdin.buffer)); "
-        "sys.stdout.write(json.dumps([[p.path, p.message] for p in problems]))"
+    per stage that fails (procd's own interpreter never imports it).
+
+    With ``reuse``, a check that passed before in this environment for the same stage functions
+    is not repeated (a fresh interpreter costs a start tens of milliseconds): code that comes
+    from the environment cannot change without a new environment. It is repeated whenever a
+    stage's module comes from elsewhere (beside the pipeline file), or something there now has
+    the name of a stage's top-level module.
+    """
+    refs = sorted({s.function for s in spec.stages if s.function is not None})
+    tops = {ref.partition(":")[0].split(".")[0] for ref in refs}
+    mark = os.path.join(
+        env.path, "procd-checked", hashlib.sha256(repr((spec.base_dir, refs)).encode()).hexdigest()[:16]
     )
+    if reuse and os.path.exists(mark) and not _shadowed(spec.base_dir, tops):
+        return []
     env_vars = dict(os.environ)
     env_vars.pop("PYTHONPATH", None)
     done = subprocess.run(
-        [env.python, "-c", code],
+        [env.python, "-c", "from procd import environment; environment.report_check()"],
         input=pickle.dumps(spec),
         capture_output=True,
         env=env_vars,
@@ -413,15 +426,52 @@ def check_callables(spec: PipelineSpec, env: Environment) -> list[Problem]:
         check=False,
     )
     try:
-        return [Problem(path, message) for path, message in json.loads(done.stdout)]
+        report = json.loads(done.stdout)
     except ValueError:
         tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
         return [Problem("", f"checking the stage code in {env.path} failed (exit {done.returncode}): {tail[0]}")]
+    problems = [Problem(path, message) for path, message in report["problems"]]
+    inside = all(
+        origin and (origin.startswith(env.path + os.sep) or not origin.startswith(spec.base_dir + os.sep))
+        for origin in report["origins"].values()
+    )
+    if not problems and inside:
+        os.makedirs(os.path.dirname(mark), exist_ok=True)
+        with open(mark, "w", encoding="utf-8") as fh:
+            json.dump(report["origins"], fh)
+    return problems
 
 
-def load_and_check(file: str, *, apart: bool) -> tuple[PipelineSpec, Environment | None, list[Problem]]:
+def _shadowed(base_dir: str, tops: set[str]) -> bool:
+    """True if the pipeline's directory holds something importable under one of ``tops``."""
+    suffixes = tuple(importlib.machinery.all_suffixes())
+    try:
+        names = os.listdir(base_dir)
+    except OSError:
+        return True
+    return any(name in tops or (name.endswith(suffixes) and name.partition(".")[0] in tops) for name in names)
+
+
+def report_check() -> None:
+    """In the environment's interpreter: import the stage code of the pickled ``PipelineSpec`` on
+    standard input; write the problems, and the file each stage's top-level module came from, as
+    JSON on standard output."""
+    spec: PipelineSpec = pickle.load(sys.stdin.buffer)
+    problems = callables.check_callables(spec)
+    origins = {}
+    for stage in spec.stages:
+        if stage.function is not None:
+            top = stage.function.partition(":")[0].split(".")[0]
+            origins[top] = getattr(sys.modules.get(top), "__file__", None) or ""
+    json.dump({"problems": [[p.path, p.message] for p in problems], "origins": origins}, sys.stdout)
+
+
+def load_and_check(
+    file: str, *, apart: bool, reuse: bool = False
+) -> tuple[PipelineSpec, Environment | None, list[Problem]]:
     """Load a pipeline file, prepare its environment if it has one, and import its stage code
-    (in the environment's interpreter, or as ``callables.load_and_check`` does).
+    (in the environment's interpreter, or as ``callables.load_and_check`` does; ``reuse`` as
+    ``check_callables`` takes it).
 
     Raises:
         ConfigError: the file cannot be read or is invalid.
@@ -432,7 +482,7 @@ def load_and_check(file: str, *, apart: bool) -> tuple[PipelineSpec, Environment
         return spec, None, (callables.check_callables_apart if apart else callables.check_callables)(spec)
     env = prepare(spec)
     try:
-        return spec, env, check_callables(spec, env)
+        return spec, env, check_callables(spec, env, reuse=reuse)
     except BaseException:
         env.release()
         raise

@@ -832,7 +832,7 @@ class Supervisor:
     def _reload(self) -> dict[str, Any]:
         new_env = None
         try:
-            new, new_env, problems = environment.load_and_check(self.spec.file, apart=True)
+            new, new_env, problems = environment.load_and_check(self.spec.file, apart=True, reuse=True)
             if new.name != self.spec.name:
                 problems.append(Problem("pipeline.name", f'cannot change while running (it is "{self.spec.name}")'))
             if problems:
