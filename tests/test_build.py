@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -398,3 +399,73 @@ def test_a_run_imports_the_stage_code_again_when_the_functions_change(ws: Worksp
     assert result.code == 78
     (invalid,) = [r for r in read_records(ws.path / "log.jsonl") if r["event"] == "config_invalid"]
     assert invalid["problems"] == [f'{path.name}: stages.show.function: module "stagepkg" has no attribute "missing"']
+
+
+SLOW_BACKEND = """
+import os, time, zipfile
+
+def get_requires_for_build_wheel(config_settings=None):
+    return []
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    if os.path.exists("slow"):
+        time.sleep(3)
+    name = "slowpkg-1.0-py3-none-any.whl"
+    source = open("slowpkg.py").read()
+    with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as wheel:
+        wheel.writestr("slowpkg.py", source)
+        wheel.writestr("slowpkg-1.0.dist-info/METADATA", "Metadata-Version: 2.1\\nName: slowpkg\\nVersion: 1.0\\n")
+        wheel.writestr("slowpkg-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n")
+        wheel.writestr("slowpkg-1.0.dist-info/RECORD", "")
+    return name
+"""
+
+
+def test_a_reload_that_builds_keeps_the_watchdog_fed(ws: Workspace) -> None:
+    from test_notify import Receiver
+
+    receiver = Receiver(ws.path / "notify.sock")
+    ws.write("slow/pyproject.toml", '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n')
+    ws.write("slow/backend.py", SLOW_BACKEND)
+    ws.write(
+        "slow/slowpkg.py",
+        "import time\ndef ticks():\n    while True:\n        yield 1\n        time.sleep(0.05)\ndef same(n):\n    return n\n",
+    )
+    ws.pipeline(
+        f'[pipeline]\nname = "{ws.name}"\nstart_method = "spawn"\nstate_dir = "state"\npackages = ["slow"]\n'
+        '[stages.ticks]\nfunction = "slowpkg:ticks"\n[stages.same]\nfunction = "slowpkg:same"\ninputs = ["ticks"]\n'
+    )
+    env = {**os.environ, "NOTIFY_SOCKET": str(ws.path / "notify.sock"), "WATCHDOG_USEC": "2000000"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "procd",
+            "run",
+            f"{ws.name}.toml",
+            "--control",
+            str(ws.control),
+            "--log-file",
+            "log.jsonl",
+        ],
+        cwd=ws.path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: "READY" in receiver.sent_keys(), timeout=120)
+        (ws.path / "slow" / "slow").touch()
+        (ws.path / "slow" / "slowpkg.py").write_text((ws.path / "slow" / "slowpkg.py").read_text() + "# changed\n")
+        os.kill(proc.pid, signal.SIGHUP)
+        wait_until(
+            lambda: [r for r in read_records(ws.path / "log.jsonl") if r["event"] == "pipeline_reloaded"], timeout=60
+        )
+        keys = receiver.sent_keys()
+        during = keys[keys.index("RELOADING") : keys.index("READY", keys.index("RELOADING"))]
+        # the loop was blocked by the 3 s build for longer than the 2 s watchdog; it still pinged
+        assert during.count("WATCHDOG") >= 2, keys
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0

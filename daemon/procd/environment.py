@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +63,7 @@ _TAIL_LINES = 25
 # PEP 517: a project without [build-system] is built as setuptools' legacy backend would.
 _DEFAULT_REQUIRES = ("setuptools>=40.8.0",)
 _DEFAULT_BACKEND = "setuptools.build_meta:__legacy__"
+_TICK_S = 1.0  # while a step runs, the caller's tick is called this often (the watchdog)
 
 
 class BuildError(Exception):
@@ -160,7 +161,9 @@ def envs_dir(spec: PipelineSpec) -> str:
     return os.path.join(spec.state_dir, ENVS_DIR)
 
 
-def prepare(spec: PipelineSpec, *, progress: Any = None) -> Environment:
+def prepare(
+    spec: PipelineSpec, *, progress: Callable[[str], None] | None = None, tick: Callable[[], None] | None = None
+) -> Environment:
     """Return the pipeline's environment, built if there is none for its current key, and hold a
     shared lock on it (``Environment.release`` drops it). Other environments that nothing runs in
     are removed after a build.
@@ -168,6 +171,8 @@ def prepare(spec: PipelineSpec, *, progress: Any = None) -> Environment:
     Args:
         spec: a pipeline with ``packages`` or ``requirements``.
         progress: called with one line of text per step (``procd build`` prints them).
+        tick: called about every second while a step runs (the supervisor pings its watchdog:
+            a reload that builds must not look like a hung procd to systemd).
 
     Raises:
         BuildError: a project cannot be built, or an install fails; nothing is left half made.
@@ -181,6 +186,7 @@ def prepare(spec: PipelineSpec, *, progress: Any = None) -> Environment:
         raise BuildError(spec.name, f"cannot read or write {exc.filename}: {exc.strerror}", "") from None
     path = os.path.join(directory, key)
     lock_path = path + ".lock"
+    steps = _Steps(progress or (lambda line: None), tick or (lambda: None))
     while True:
         lock_fd = _lock(lock_path, fcntl.LOCK_SH)
         try:
@@ -188,9 +194,9 @@ def prepare(spec: PipelineSpec, *, progress: Any = None) -> Environment:
             if not os.path.exists(os.path.join(path, _COMPLETE)):
                 # flock converts a lock by dropping it first: in between, a remover may take the
                 # file away; then start again on the new one
-                fcntl.flock(lock_fd, fcntl.LOCK_EX)  # wait for another builder of the same key
+                steps.wait_for_lock(lock_fd)  # another builder of the same key may hold it
                 if _is_current(lock_fd, lock_path) and not os.path.exists(os.path.join(path, _COMPLETE)):
-                    built = _build(spec, path, key, progress or (lambda line: None))
+                    built = _build(spec, path, key, steps)
                 fcntl.flock(lock_fd, fcntl.LOCK_SH)
                 if not (_is_current(lock_fd, lock_path) and os.path.exists(os.path.join(path, _COMPLETE))):
                     os.close(lock_fd)
@@ -253,7 +259,46 @@ def remove_unused(spec: PipelineSpec, *, keep: str) -> list[str]:
     return removed
 
 
-def _build(spec: PipelineSpec, path: str, key: str, progress: Any) -> tuple[Built, ...]:
+@dataclass(frozen=True)
+class _Steps:
+    """How a build reports: a line per step, and a tick while a step takes time."""
+
+    progress: Callable[[str], None]
+    tick: Callable[[], None]
+
+    def run(
+        self, argv: Sequence[str], *, cwd: str | None = None, env: dict[str, str] | None = None, data: bytes = b""
+    ) -> tuple[int, bytes, bytes]:
+        """Run a program to its end, ticking meanwhile; return its exit code, stdout and stderr.
+        With ``data`` (fed to its stdin), stderr is kept apart; without, it joins stdout."""
+        proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.PIPE if data else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE if data else subprocess.STDOUT,
+        )
+        while True:
+            try:
+                out, err = proc.communicate(data or None, timeout=_TICK_S)
+            except subprocess.TimeoutExpired:
+                self.tick()  # communicate() may be called again; nothing it read is lost
+                continue
+            return proc.returncode, out, err or b""
+
+    def wait_for_lock(self, fd: int) -> None:
+        """``flock(LOCK_EX)``, ticking while another process holds the lock."""
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                self.tick()
+                time.sleep(0.1)
+
+
+def _build(spec: PipelineSpec, path: str, key: str, steps: _Steps) -> tuple[Built, ...]:
     """Build every project and install the wheels and requirements into a new environment at
     ``path`` (whatever a failed earlier attempt left there is removed first)."""
     import shutil  # only a build needs these
@@ -265,12 +310,14 @@ def _build(spec: PipelineSpec, path: str, key: str, progress: Any) -> tuple[Buil
         os.mkdir(wheels_dir)
         built = []
         for index, project in enumerate(spec.packages):
-            built.append(_build_wheel(project, os.path.join(scratch, f"build-env-{index}"), wheels_dir))
-            progress(f"built {built[-1].wheel} from {project} ({built[-1].backend})")
+            built.append(_build_wheel(project, os.path.join(scratch, f"build-env-{index}"), wheels_dir, steps))
+            steps.progress(f"built {built[-1].wheel} from {project} ({built[-1].backend})")
         try:
             _make_venv(path)
             wheels = [os.path.join(wheels_dir, b.wheel) for b in built]
-            _pip_install(path, [*wheels, *spec.requirements], spec.name, "installing the wheels and requirements")
+            _pip_install(
+                path, [*wheels, *spec.requirements], spec.name, "installing the wheels and requirements", steps
+            )
             _link_runtime(path)
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
@@ -284,7 +331,7 @@ def _build(spec: PipelineSpec, path: str, key: str, progress: Any) -> tuple[Buil
     }
     with open(os.path.join(path, _COMPLETE), "w", encoding="utf-8") as fh:
         json.dump(record, fh, indent=2)
-    progress(f"installed into {path}")
+    steps.progress(f"installed into {path}")
     return tuple(built)
 
 
@@ -310,7 +357,7 @@ def _build_system(project: str) -> tuple[list[str], str, list[str] | None]:
     return requires, backend, backend_path
 
 
-def _build_wheel(project: str, build_env: str, wheels_dir: str) -> Built:
+def _build_wheel(project: str, build_env: str, wheels_dir: str, steps: _Steps) -> Built:
     """Build one project into ``wheels_dir`` inside a fresh, isolated build environment."""
     import pyproject_hooks  # only a build needs it
 
@@ -320,21 +367,21 @@ def _build_wheel(project: str, build_env: str, wheels_dir: str) -> Built:
     def runner(cmd: Sequence[str], cwd: str | None = None, extra_environ: Any = None) -> None:
         env = {**os.environ, **(extra_environ or {})}
         env.pop("PYTHONPATH", None)  # the build sees its own environment only
-        done = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
-        output.append(done.stdout.decode(errors="replace"))
-        if done.returncode != 0:
-            raise subprocess.CalledProcessError(done.returncode, cmd)
+        code, out, _ = steps.run(cmd, cwd=cwd, env=env)
+        output.append(out.decode(errors="replace"))
+        if code != 0:
+            raise subprocess.CalledProcessError(code, cmd)
 
     _make_venv(build_env)
     if requires:
-        _pip_install(build_env, requires, project, "installing its build requirements")
+        _pip_install(build_env, requires, project, "installing its build requirements", steps)
     hooks = pyproject_hooks.BuildBackendHookCaller(
         project, backend, backend_path, runner=runner, python_executable=os.path.join(build_env, "bin", "python")
     )
     try:
         extra = [r for r in hooks.get_requires_for_build_wheel() if r not in requires]
         if extra:
-            _pip_install(build_env, extra, project, "installing what its backend asked for")
+            _pip_install(build_env, extra, project, "installing what its backend asked for", steps)
         wheel = hooks.build_wheel(wheels_dir)
     except pyproject_hooks.BackendUnavailable as exc:
         what = f"its build backend {backend} cannot be imported (is it in [build-system] requires?)"
@@ -357,7 +404,7 @@ def _make_venv(path: str) -> None:
         raise BuildError(path, f"cannot make a virtual environment there: {exc}", "") from None
 
 
-def _pip_install(env: str, what: Sequence[str], project: str, doing: str) -> None:
+def _pip_install(env: str, what: Sequence[str], project: str, doing: str, steps: _Steps) -> None:
     """``pip install`` into the environment at ``env``, with pip from procd's own interpreter."""
     if importlib.util.find_spec("pip") is None:
         raise BuildError(project, f"{doing}: procd's interpreter ({sys.executable}) has no pip", "")
@@ -365,11 +412,9 @@ def _pip_install(env: str, what: Sequence[str], project: str, doing: str) -> Non
     argv += ["--disable-pip-version-check", "--no-input", "--progress-bar", "off", *what]
     env_vars = dict(os.environ)
     env_vars.pop("PYTHONPATH", None)
-    done = subprocess.run(argv, env=env_vars, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
-    if done.returncode != 0:
-        raise BuildError(
-            project, f"{doing} failed (pip exited with {done.returncode})", done.stdout.decode(errors="replace")
-        )
+    code, out, _ = steps.run(argv, env=env_vars)
+    if code != 0:
+        raise BuildError(project, f"{doing} failed (pip exited with {code})", out.decode(errors="replace"))
 
 
 def _site_packages(env: str) -> str:
@@ -398,7 +443,9 @@ def _link_runtime(env: str) -> None:
             fh.write(runtime + "\n")
 
 
-def check_callables(spec: PipelineSpec, env: Environment, *, reuse: bool = False) -> list[Problem]:
+def check_callables(
+    spec: PipelineSpec, env: Environment, *, reuse: bool = False, tick: Callable[[], None] | None = None
+) -> list[Problem]:
     """Import every function stage's code in the environment's interpreter; return one problem
     per stage that fails (procd's own interpreter never imports it).
 
@@ -417,19 +464,17 @@ def check_callables(spec: PipelineSpec, env: Environment, *, reuse: bool = False
         return []
     env_vars = dict(os.environ)
     env_vars.pop("PYTHONPATH", None)
-    done = subprocess.run(
+    code, out, err = _Steps(lambda line: None, tick or (lambda: None)).run(
         [env.python, "-c", "from procd import environment; environment.report_check()"],
-        input=pickle.dumps(spec),
-        capture_output=True,
-        env=env_vars,
         cwd=spec.base_dir,
-        check=False,
+        env=env_vars,
+        data=pickle.dumps(spec),
     )
     try:
-        report = json.loads(done.stdout)
+        report = json.loads(out)
     except ValueError:
-        tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        return [Problem("", f"checking the stage code in {env.path} failed (exit {done.returncode}): {tail[0]}")]
+        tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        return [Problem("", f"checking the stage code in {env.path} failed (exit {code}): {tail[0]}")]
     problems = [Problem(path, message) for path, message in report["problems"]]
     inside = all(
         origin and (origin.startswith(env.path + os.sep) or not origin.startswith(spec.base_dir + os.sep))
@@ -467,11 +512,11 @@ def report_check() -> None:
 
 
 def load_and_check(
-    file: str, *, apart: bool, reuse: bool = False
+    file: str, *, apart: bool, reuse: bool = False, tick: Callable[[], None] | None = None
 ) -> tuple[PipelineSpec, Environment | None, list[Problem]]:
     """Load a pipeline file, prepare its environment if it has one, and import its stage code
     (in the environment's interpreter, or as ``callables.load_and_check`` does; ``reuse`` as
-    ``check_callables`` takes it).
+    ``check_callables`` takes it, ``tick`` as ``prepare`` does).
 
     Raises:
         ConfigError: the file cannot be read or is invalid.
@@ -480,9 +525,9 @@ def load_and_check(
     spec = config.load_pipeline(file)
     if not spec.has_environment:
         return spec, None, (callables.check_callables_apart if apart else callables.check_callables)(spec)
-    env = prepare(spec)
+    env = prepare(spec, tick=tick)
     try:
-        return spec, env, check_callables(spec, env, reuse=reuse)
+        return spec, env, check_callables(spec, env, reuse=reuse, tick=tick)
     except BaseException:
         env.release()
         raise

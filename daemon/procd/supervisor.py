@@ -832,7 +832,9 @@ class Supervisor:
     def _reload(self) -> dict[str, Any]:
         new_env = None
         try:
-            new, new_env, problems = environment.load_and_check(self.spec.file, apart=True, reuse=True)
+            new, new_env, problems = environment.load_and_check(
+                self.spec.file, apart=True, reuse=True, tick=self._ping_while_blocked
+            )
             if new.name != self.spec.name:
                 problems.append(Problem("pipeline.name", f'cannot change while running (it is "{self.spec.name}")'))
             if problems:
@@ -916,6 +918,12 @@ class Supervisor:
             "removed": sorted(removed),
             "unchanged": sorted(diff.unchanged),
         }
+
+    def _ping_while_blocked(self) -> None:
+        """A reload that builds blocks the loop for seconds; the service manager's watchdog must
+        still hear from procd. (A build that hangs keeps procd in its reload; pip's own timeouts apply.)"""
+        if self.notifier.watchdog_interval_s:
+            self._notify(WATCHDOG=1)
 
     def _switch_environment(self, new: Environment | None) -> set[str]:
         """Make ``new`` the environment of the workers started from now on; return the function
