@@ -185,12 +185,26 @@ def prepare(
     except OSError as exc:
         raise BuildError(spec.name, f"cannot read or write {exc.filename}: {exc.strerror}", "") from None
     path = os.path.join(directory, key)
-    lock_path = path + ".lock"
     steps = _Steps(progress or (lambda line: None), tick or (lambda: None))
+    try:
+        lock_fd, built = _claim(spec, path, key, steps)
+    except OSError as exc:  # the state directory is not ours to write, the disk is full, ...
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise BuildError(spec.name, f"cannot make its environment in {directory}: {where}{exc.strerror}", "") from None
+    env = Environment(path, key, bool(built), time.monotonic() - started, built, lock_fd)
+    if built:
+        remove_unused(spec, keep=key)
+    return env
+
+
+def _claim(spec: PipelineSpec, path: str, key: str, steps: _Steps) -> tuple[int, tuple[Built, ...]]:
+    """Hold a shared lock on the complete environment at ``path``, building it first if it is not
+    complete; return the lock's descriptor and what was built."""
+    lock_path = path + ".lock"
     while True:
         lock_fd = _lock(lock_path, fcntl.LOCK_SH)
+        built: tuple[Built, ...] = ()
         try:
-            built: tuple[Built, ...] = ()
             if not os.path.exists(os.path.join(path, _COMPLETE)):
                 # flock converts a lock by dropping it first: in between, a remover may take the
                 # file away; then start again on the new one
@@ -205,11 +219,7 @@ def prepare(
         except BaseException:
             os.close(lock_fd)
             raise
-        break
-    env = Environment(path, key, bool(built), time.monotonic() - started, built, lock_fd)
-    if built:
-        remove_unused(spec, keep=key)
-    return env
+        return lock_fd, built
 
 
 def _lock(lock_path: str, how: int) -> int:
@@ -236,8 +246,12 @@ def remove_unused(spec: PipelineSpec, *, keep: str) -> list[str]:
     import shutil  # only a removal needs it
 
     directory = envs_dir(spec)
-    removed = []
-    for name in sorted(os.listdir(directory)):
+    removed: list[str] = []
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return removed
+    for name in names:
         if not name.endswith(".lock") or name == f"{keep}.lock":
             continue
         lock_path = os.path.join(directory, name)
@@ -254,6 +268,8 @@ def remove_unused(spec: PipelineSpec, *, keep: str) -> list[str]:
             shutil.rmtree(lock_path[: -len(".lock")], ignore_errors=True)
             os.unlink(lock_path)
             removed.append(lock_path[: -len(".lock")])
+        except OSError:
+            pass  # left for a later removal to try again; nothing depends on it going now
         finally:
             os.close(fd)
     return removed
