@@ -421,7 +421,7 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
 """
 
 
-def test_a_reload_that_builds_keeps_the_watchdog_fed(ws: Workspace) -> None:
+def test_a_reload_that_builds_keeps_the_watchdog_fed(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
     from test_notify import Receiver
 
     receiver = Receiver(ws.path / "notify.sock")
@@ -435,24 +435,9 @@ def test_a_reload_that_builds_keeps_the_watchdog_fed(ws: Workspace) -> None:
         f'[pipeline]\nname = "{ws.name}"\nstart_method = "spawn"\nstate_dir = "state"\npackages = ["slow"]\n'
         '[stages.ticks]\nfunction = "slowpkg:ticks"\n[stages.same]\nfunction = "slowpkg:same"\ninputs = ["ticks"]\n'
     )
-    env = {**os.environ, "NOTIFY_SOCKET": str(ws.path / "notify.sock"), "WATCHDOG_USEC": "2000000"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "procd",
-            "run",
-            f"{ws.name}.toml",
-            "--control",
-            str(ws.control),
-            "--log-file",
-            "log.jsonl",
-        ],
-        cwd=ws.path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    monkeypatch.setenv("NOTIFY_SOCKET", str(ws.path / "notify.sock"))
+    monkeypatch.setenv("WATCHDOG_USEC", "2000000")
+    proc = ws.start("run", f"{ws.name}.toml", "--log-file", "log.jsonl")
     try:
         wait_until(lambda: "READY" in receiver.sent_keys(), timeout=120)
         (ws.path / "slow" / "slow").touch()
@@ -467,5 +452,5 @@ def test_a_reload_that_builds_keeps_the_watchdog_fed(ws: Workspace) -> None:
         assert during.count("WATCHDOG") >= 2, keys
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        proc.communicate(timeout=60)
     assert proc.returncode == 0
