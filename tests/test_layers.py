@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "procd"
 
 LAYERS = {
     "interface": {"cli", "__main__", "top"},
-    "loop": {"supervisor", "control", "status"},
+    "loop": {"supervisor", "control", "status", "loop"},
     "processes": {"worker", "spawn", "child", "channels", "forkserver"},
     "os": {
         "signals",
