@@ -30,6 +30,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_CONFIG = 78
+# While procd run builds, each tick (about a second apart) asks systemd for this much more time to start.
+_BUILD_TICK_EXTENSION_USEC = 5_000_000
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -180,11 +182,11 @@ def _run(file: str, log_file: str | None, control_path: str | None) -> int:
         return EXIT_USAGE
     try:
         env = None
+        notifier = Notifier.from_environ()
         if spec.has_environment:
-            env = _prepare_logged(spec, log)
+            env = _prepare_logged(spec, log, notifier)
             if env is None:
                 return EXIT_FAILURE
-        notifier = Notifier.from_environ()
         return Supervisor(spec, log, writer, control_path=control_path, notifier=notifier, environment=env).run()
     except ConfigError as error:
         log.error("config_invalid", file=file, problems=error.lines())
@@ -199,15 +201,23 @@ def _run(file: str, log_file: str | None, control_path: str | None) -> int:
         writer.close()
 
 
-def _prepare_logged(spec: config.PipelineSpec, log: Any) -> Environment | None:
+def _prepare_logged(spec: config.PipelineSpec, log: Any, notifier: Notifier) -> Environment | None:
     """Build (or reuse) the pipeline's environment and import its stage code there, with a record
     of either; None if the build failed (its record names the project and shows the output's tail).
+    While a build runs, the service manager's start timeout is pushed back each second.
 
     Raises:
         ConfigError: stage code cannot be imported in the environment.
     """
+
+    def extend_start_timeout() -> None:
+        try:
+            notifier.send(EXTEND_TIMEOUT_USEC=_BUILD_TICK_EXTENSION_USEC, STATUS="building the pipeline's environment")
+        except OSError:
+            pass  # the supervisor reports a service manager that does not listen, once
+
     try:
-        env = environment.prepare(spec)
+        env = environment.prepare(spec, tick=extend_start_timeout)
     except BuildError as error:
         log.error(
             "environment_build_failed",
@@ -223,7 +233,7 @@ def _prepare_logged(spec: config.PipelineSpec, log: Any) -> Environment | None:
         projects=[b.project for b in env.projects],
         seconds=round(env.seconds, 3),
     )
-    problems = environment.check_callables(spec, env, reuse=True)
+    problems = environment.check_callables(spec, env, reuse=True, tick=extend_start_timeout)
     if problems:
         env.release()
         raise ConfigError(spec.file, problems)
