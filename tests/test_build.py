@@ -458,3 +458,16 @@ def test_a_build_keeps_the_service_manager_waiting_and_the_watchdog_fed(
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     assert proc.returncode == 0
+
+
+def test_a_state_directory_inside_the_project_is_not_part_of_it(ws: Workspace) -> None:
+    setuptools_project(ws, ".", "1.0", dependencies="[]")
+    ws.write(
+        "pyproject.toml", (ws.path / "pyproject.toml").read_text() + '\n[tool.setuptools]\npackages = ["stagepkg"]\n'
+    )
+    pipeline(ws, '["."]')  # the pipeline's directory is the project; its state directory is inside
+    first = ws.run("build", f"{ws.name}.toml", timeout=180)
+    assert first.code == 0, first.stderr
+    second = ws.run("build", f"{ws.name}.toml", timeout=60)
+    assert second.code == 0, second.stderr
+    assert ": up to date, reused in " in second.stdout

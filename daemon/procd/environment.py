@@ -27,7 +27,15 @@ Discussion.
   workers in it holds a shared ``flock`` on it for as long as it does; a builder holds it
   exclusively while it builds. After a build, every other environment whose lock can be had
   exclusively (nothing runs in it) is removed. Builds write into the source tree as pip's do
-  (setuptools leaves ``build/`` and ``*.egg-info``); those are left out of the hash.
+  (setuptools leaves ``build/`` and ``*.egg-info``); those are left out of the hash, and so are
+  the state directory and any virtual environment inside a project.
+- *Time.* A build takes seconds and runs in the caller: ``procd run`` before it starts anything,
+  and the supervisor's reload, whose loop waits meanwhile (each step ticks about once a second,
+  so the supervisor keeps systemd's watchdog fed). ``procd build`` before ``procd reload`` leaves
+  the reload only a hash of the sources to make.
+- *The import check* runs in the environment's interpreter, a fresh process that costs a start;
+  ``procd run`` skips it when the same stage functions passed it before in the same environment
+  and all come from the environment, whose code cannot change without a new key.
 """
 
 from __future__ import annotations
@@ -131,14 +139,16 @@ def environment_key(spec: PipelineSpec) -> str:
         add("requirement", requirement)
     for project in spec.packages:
         add("project", project)
-        for relative in _source_files(project):
+        for relative in _source_files(project, skip=spec.state_dir):
             with open(os.path.join(project, relative), "rb") as fh:
                 add(relative, hashlib.sha256(fh.read()).digest())
     return digest.hexdigest()[:16]
 
 
-def _source_files(project: str) -> list[str]:
-    """A project's files, relative and sorted, without what builds and tools leave there."""
+def _source_files(project: str, *, skip: str) -> list[str]:
+    """A project's files, relative and sorted, without what builds and tools leave there, the
+    directory ``skip`` (the state directory, which holds the environments) and virtual
+    environments."""
     found = []
     for root, dirs, files in os.walk(project):
         top = root == project
@@ -149,6 +159,8 @@ def _source_files(project: str) -> list[str]:
             and d not in _SKIPPED_DIRS
             and not d.endswith(".egg-info")
             and not (top and d in _SKIPPED_TOP)
+            and os.path.join(root, d) != skip
+            and not os.path.exists(os.path.join(root, d, "pyvenv.cfg"))
         ]
         for name in files:
             if not name.endswith((".pyc", ".pyo")):
