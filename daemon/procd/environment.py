@@ -403,9 +403,12 @@ def _build_wheel(project: str, build_env: str, wheels_dir: str, steps: _Steps) -
     _make_venv(build_env)
     if requires:
         _pip_install(build_env, requires, project, "installing its build requirements", steps)
-    hooks = pyproject_hooks.BuildBackendHookCaller(
-        project, backend, backend_path, runner=runner, python_executable=os.path.join(build_env, "bin", "python")
-    )
+    try:
+        hooks = pyproject_hooks.BuildBackendHookCaller(
+            project, backend, backend_path, runner=runner, python_executable=os.path.join(build_env, "bin", "python")
+        )
+    except ValueError as exc:  # a backend-path outside the project
+        raise BuildError(project, f"[build-system] backend-path: {exc}", "") from None
     try:
         extra = [r for r in hooks.get_requires_for_build_wheel() if r not in requires]
         if extra:
@@ -418,6 +421,8 @@ def _build_wheel(project: str, build_env: str, wheels_dir: str, steps: _Steps) -
         raise BuildError(project, f"its build backend {backend} has no {exc.hook_name} hook", "".join(output)) from None
     except subprocess.CalledProcessError:
         raise BuildError(project, f"its build backend {backend} failed", "".join(output)) from None
+    except BuildError:
+        raise  # pip could not install what the backend asked for
     except Exception as exc:  # anything else the hooks raise: a broken backend
         raise BuildError(project, f"its build backend {backend} failed: {exc}", "".join(output)) from None
     return Built(project, backend, wheel)
