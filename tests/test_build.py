@@ -211,6 +211,16 @@ def test_two_pipelines_pin_two_versions_of_one_stage_project_side_by_side(ws: Wo
     assert [proc.returncode for proc in procs.values()] == [0, 0]
 
 
+def reload(ws: Workspace) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "procd", "reload", "--control", str(ws.control)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
 def test_a_changed_project_is_rebuilt_on_reload_and_only_its_stages_restart(ws: Workspace) -> None:
     setuptools_project(ws, "stages", "1.0")
     pipeline(
@@ -229,15 +239,10 @@ def test_a_changed_project_is_rebuilt_on_reload_and_only_its_stages_restart(ws: 
             lambda: [r for r in read_records(log) if r["event"] == "worker_output" and r["line"].startswith("1.0 ")]
         )
         (old_env,) = environments(ws)
+        assert reload(ws).returncode == 0  # nothing changed: nothing restarts
         source = ws.path / "stages" / "stagepkg" / "__init__.py"
         source.write_text(source.read_text().replace('VERSION = "1.0"', 'VERSION = "2.0"'))
-        reply = subprocess.run(
-            [sys.executable, "-m", "procd", "reload", "--control", str(ws.control)],
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
+        reply = reload(ws)
         assert reply.returncode == 0, reply.stderr
         wait_until(
             lambda: [r for r in read_records(log) if r["event"] == "worker_output" and r["line"].startswith("2.0 ")],
@@ -245,16 +250,25 @@ def test_a_changed_project_is_rebuilt_on_reload_and_only_its_stages_restart(ws: 
         )
         # the old environment goes once its last worker has exited
         wait_until(lambda: not old_env.exists(), timeout=30)
+        # a build that fails changes nothing
+        pyproject = ws.path / "stages" / "pyproject.toml"
+        pyproject.write_text(pyproject.read_text().replace('requires = ["setuptools>=64"]', "requires = []"))
+        failed = reload(ws)
+        assert failed.returncode == 1
+        assert failed.stderr.startswith(f"procd reload: cannot build {ws.path / 'stages'}: its build backend")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     assert proc.returncode == 0
     records = read_records(log)
-    (reloaded,) = [r for r in records if r["event"] == "pipeline_reloaded"]
+    unchanged, reloaded = [r for r in records if r["event"] == "pipeline_reloaded"]
+    assert unchanged["changed"] == [] and unchanged["unchanged"] == ["idle", "show", "source"]
     assert reloaded["changed"] == ["show", "source"] and reloaded["unchanged"] == ["idle"]
+    (build_failed,) = [r for r in records if r["event"] == "environment_build_failed"]
+    assert build_failed["project"] == str(ws.path / "stages")
     assert [r["path"] for r in records if r["event"] == "environment_removed"] == [str(old_env)]
     spawned = [(r["stage"], r["generation"]) for r in records if r["event"] == "worker_spawned"]
-    assert spawned.count(("idle", 1)) == 1 and ("idle", 2) not in spawned  # kept its pid
+    assert sorted(spawned) == [("idle", 1), ("show", 1), ("show", 2), ("source", 1), ("source", 2)]
     (new_env,) = environments(ws)
     assert new_env != old_env
     new_lines = [r["line"] for r in records if r["event"] == "worker_output" and r["line"].startswith("2.0 ")]
