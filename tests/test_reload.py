@@ -6,6 +6,7 @@ import json
 import signal
 
 from conftest import Workspace, read_records, wait_until
+from procd import config
 
 STAGES = """
 import itertools, time
@@ -119,7 +120,7 @@ def test_an_invalid_file_on_sighup_changes_nothing(ws: Workspace) -> None:
         proc.send_signal(signal.SIGHUP)
         invalid = wait_until(lambda: [r for r in read_records(ws.path / "log.jsonl") if r["event"] == "config_invalid"])
         assert invalid[0]["problems"] == [
-            f'{ws.name}.toml: stages.change.processes: expected an integer >= 1, got "two" (str)'
+            f'{ws.name}.toml: stages.change.processes: expected an integer from 1 to {config.default_max_processes()}, got "two" (str)'
         ]
         reply = ws.run("reload", "--control", str(ws.control))
         assert reply.code == 1 and reply.stderr == "procd reload: the pipeline file is invalid; nothing changed\n"

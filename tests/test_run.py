@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Workspace, parse_records, processes_titled, wait_until
+from procd import config
 
 PY = sys.executable
 
@@ -422,7 +423,7 @@ def test_bad_config_exits_78_before_any_process_starts(ws: Workspace) -> None:
     result = ws.run("run", f"{ws.name}.toml")
     assert result.code == 78
     assert result.stderr.splitlines() == [
-        f'{ws.name}.toml: stages.a.processes: expected an integer >= 1, got "four" (str)'
+        f'{ws.name}.toml: stages.a.processes: expected an integer from 1 to {config.default_max_processes()}, got "four" (str)'
     ]
     ws.pipeline('[stages.a]\nfunction = "nosuchmodule:f"\n[stages.b]\nfunction = "st:nope"\ninputs = ["a"]\n')
     ws.write("st.py", "def yes(x):\n    return x\n")
