@@ -118,6 +118,9 @@ class StageSpec:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     dead_letter: str = ""  # an absolute path once loaded
     redeliver: bool = True  # track the batch in hand so a crash cannot lose it
+    # Found by checking the stage's code (``callables.load_and_check``), not read from the file:
+    code_hash: str = ""  # a digest of the modules it imports from the pipeline's directory
+    shardable: bool = False  # a producer that accepts ``shard``, so may run in several processes
 
     @property
     def is_producer(self) -> bool:
@@ -208,14 +211,14 @@ def format_duration(seconds: float) -> str:
     return f"{round(seconds * 1000, 3):g}ms"
 
 
-def _close_matches(word: str, choices: Sequence[str]) -> list[str]:
+def close_matches(word: str, choices: Sequence[str]) -> list[str]:
     """The one closest valid choice, for a did-you-mean (difflib is imported only on error)."""
     import difflib
 
     return difflib.get_close_matches(word, choices, n=1)
 
 
-def _got(value: object) -> str:
+def describe(value: object) -> str:
     """Describe a wrong value the way every message does: ``"four" (str)``; long values are cut,
     control characters escaped, and nesting shown only a few levels deep."""
     if isinstance(value, str):
@@ -243,21 +246,21 @@ class _Checker:
         for key in table:
             if key in allowed:
                 continue
-            close = _close_matches(key, allowed)
+            close = close_matches(key, allowed)
             hint = f'; did you mean "{close[0]}"?' if close else f"; valid keys are {', '.join(allowed)}"
             self.add(f"{prefix}{key}", f"unknown key{hint}")
 
     def table(self, value: object, path: str) -> Mapping[str, Any] | None:
         if isinstance(value, dict):
             return value
-        self.add(path, f"expected a table, {_got(value)}")
+        self.add(path, f"expected a table, {describe(value)}")
         return None
 
     def integer(self, value: object, path: str, bounds: tuple[int, int]) -> int | None:
         low, high = bounds
         if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
             return value
-        self.add(path, f"expected an integer from {low} to {high}, {_got(value)}")
+        self.add(path, f"expected an integer from {low} to {high}, {describe(value)}")
         return None
 
     def duration(self, value: object, path: str, bounds: tuple[float, float]) -> float | None:
@@ -270,9 +273,9 @@ class _Checker:
                 if bounds[0] <= seconds <= bounds[1]:
                     return seconds
                 low, high = (format_duration(b) for b in bounds)
-                self.add(path, f"expected a duration from {low} to {high}, {_got(value)}")
+                self.add(path, f"expected a duration from {low} to {high}, {describe(value)}")
                 return None
-        self.add(path, f'expected a duration such as "250ms", "10s" or "5m", {_got(value)}')
+        self.add(path, f'expected a duration such as "250ms", "10s" or "5m", {describe(value)}')
         return None
 
     def name(self, value: str, path: str) -> bool:
@@ -286,10 +289,10 @@ class _Checker:
         """A path from the file, made absolute against ``base_dir``: a non-empty string with no
         NUL, short enough for the kernel."""
         if not isinstance(value, str) or not value:
-            self.add(key, f"expected a {what} path, {_got(value)}")
+            self.add(key, f"expected a {what} path, {describe(value)}")
             return None
         if "\0" in value:
-            self.add(key, f"expected a {what} path without NUL characters, {_got(value)}")
+            self.add(key, f"expected a {what} path without NUL characters, {describe(value)}")
             return None
         absolute = os.path.join(base_dir, value)
         size = len(os.fsencode(absolute))
@@ -304,7 +307,7 @@ class _Checker:
                 self.add(path, "expected a non-empty list of strings, got an empty list")
                 return None
             return tuple(value)
-        self.add(path, f"expected a list of strings, {_got(value)}")
+        self.add(path, f"expected a list of strings, {describe(value)}")
         return None
 
 
@@ -319,6 +322,19 @@ def load_pipeline(file: str | os.PathLike[str]) -> PipelineSpec:
 
     Raises:
         ConfigError: the file cannot be read, is not TOML, or has problems (all of them listed).
+    """
+    spec, problems = read_pipeline(file)
+    if problems:
+        raise ConfigError(spec.file, problems)
+    return spec
+
+
+def read_pipeline(file: str | os.PathLike[str]) -> tuple[PipelineSpec, list[Problem]]:
+    """Read a pipeline file as far as it can be read: the pipeline (a wrong value replaced by its
+    default) and every problem found, so that a caller can check the rest before reporting.
+
+    Raises:
+        ConfigError: the file cannot be read or is not TOML (nothing else can be checked).
     """
     name = os.fspath(file)
     try:
@@ -342,8 +358,8 @@ def load_pipeline(file: str | os.PathLike[str]) -> PipelineSpec:
     return validate(document, name)
 
 
-def validate(document: Mapping[str, Any], file: str) -> PipelineSpec:
-    """Validate a parsed TOML document (see ``load_pipeline``)."""
+def validate(document: Mapping[str, Any], file: str) -> tuple[PipelineSpec, list[Problem]]:
+    """Validate a parsed TOML document (see ``read_pipeline``)."""
     check = _Checker()
     check.unknown_keys(document, _TOP_KEYS, "")
 
@@ -355,11 +371,11 @@ def validate(document: Mapping[str, Any], file: str) -> PipelineSpec:
     elif not isinstance(pipeline_name, str) or not _PIPELINE_NAME.match(pipeline_name):
         check.add(
             "pipeline.name",
-            f"expected letters, digits, '.', '_' or '-', starting with a letter or digit, {_got(pipeline_name)}",
+            f"expected letters, digits, '.', '_' or '-', starting with a letter or digit, {describe(pipeline_name)}",
         )
     start_method = pipeline.get("start_method", "fork")
     if start_method not in START_METHODS:
-        check.add("pipeline.start_method", f"expected one of {', '.join(START_METHODS)}, {_got(start_method)}")
+        check.add("pipeline.start_method", f"expected one of {', '.join(START_METHODS)}, {describe(start_method)}")
     stop_timeout_s = DEFAULT_STOP_TIMEOUT_S
     if "stop_timeout" in pipeline:
         raw_timeout = pipeline["stop_timeout"]
@@ -400,18 +416,17 @@ def validate(document: Mapping[str, Any], file: str) -> PipelineSpec:
             "raise pipeline.max_processes to run more",
         )
 
-    if check.problems:
-        raise ConfigError(file, check.problems)
-    return PipelineSpec(
-        name=pipeline_name,
+    spec = PipelineSpec(
+        name=pipeline_name if isinstance(pipeline_name, str) else "pipeline",
         file=file,
-        start_method=start_method,
+        start_method=start_method if start_method in START_METHODS else "fork",
         stop_timeout_s=stop_timeout_s,
         state_dir=state_dir,
         metrics=metrics,
         stages=tuple(stages),
         max_processes=max_processes,
     )
+    return spec, check.problems
 
 
 def _metrics(check: _Checker, raw: object) -> tuple[str, int] | None:
@@ -429,7 +444,7 @@ def _metrics(check: _Checker, raw: object) -> tuple[str, int] | None:
     check.add(
         "pipeline.metrics",
         'expected "HOST:PORT" or "PORT" with an IP address (or localhost) and a port from '
-        f'{METRICS_PORTS[0]} to {METRICS_PORTS[1]}, such as "127.0.0.1:9464", {_got(raw)}',
+        f'{METRICS_PORTS[0]} to {METRICS_PORTS[1]}, such as "127.0.0.1:9464", {describe(raw)}',
     )
     return None
 
@@ -440,7 +455,7 @@ def _restart(check: _Checker, value: object, path: str, base: RestartSpec) -> Re
     check.unknown_keys(table, _RESTART_KEYS, f"{path}.")
     policy = table.get("policy", base.policy.value)
     if policy not in _POLICIES:
-        check.add(f"{path}.policy", f"expected one of {', '.join(_POLICIES)}, {_got(policy)}")
+        check.add(f"{path}.policy", f"expected one of {', '.join(_POLICIES)}, {describe(policy)}")
         policy = base.policy.value
     maximum = check.integer(table["max"], f"{path}.max", RESTART_MAX_RANGE) if "max" in table else base.max
     within: float | None = base.within_s
@@ -455,14 +470,14 @@ def _restart(check: _Checker, value: object, path: str, base: RestartSpec) -> Re
                 raise ValueError(raw)
             low, high = parse_duration(parts[0]), parse_duration(parts[-1])
         except ValueError:
-            check.add(f"{path}.backoff", f'expected "MIN..MAX" durations such as "100ms..30s", {_got(raw)}')
+            check.add(f"{path}.backoff", f'expected "MIN..MAX" durations such as "100ms..30s", {describe(raw)}')
         else:
             if not (BACKOFF_RANGE_S[0] <= low and high <= BACKOFF_RANGE_S[1]):
                 shown = " to ".join(format_duration(b) for b in BACKOFF_RANGE_S)
-                check.add(f"{path}.backoff", f"expected durations from {shown}, {_got(raw)}")
+                check.add(f"{path}.backoff", f"expected durations from {shown}, {describe(raw)}")
                 low, high = base.backoff_min_s, base.backoff_max_s
             elif low > high:
-                check.add(f"{path}.backoff", f"the first duration must not exceed the second, {_got(raw)}")
+                check.add(f"{path}.backoff", f"the first duration must not exceed the second, {describe(raw)}")
     return RestartSpec(
         policy=Restart(policy),
         max=maximum if maximum is not None else base.max,
@@ -475,7 +490,7 @@ def _restart(check: _Checker, value: object, path: str, base: RestartSpec) -> Re
 def _strategy(check: _Checker, value: object, path: str) -> str:
     if value in STRATEGIES:
         return str(value)
-    check.add(path, f"expected one of {', '.join(STRATEGIES)}, {_got(value)}")
+    check.add(path, f"expected one of {', '.join(STRATEGIES)}, {describe(value)}")
     return "one_for_one"
 
 
@@ -507,14 +522,14 @@ def _stage(
         check.add(f"{prefix}.function", f"expected at most {MAX_FUNCTION_REF} characters, got {len(function)}")
         function = None
     elif function is not None and (not isinstance(function, str) or not _FUNCTION_REF.match(function)):
-        check.add(f"{prefix}.function", f'expected "module:attr", such as "etl.stages:transform", {_got(function)}')
+        check.add(f"{prefix}.function", f'expected "module:attr", such as "etl.stages:transform", {describe(function)}')
         function = None
     if "command" in table:
         command = check.string_list(table["command"], f"{prefix}.command", non_empty=True)
         for index, argument in enumerate(command or ()):
             if "\0" in argument:
                 check.add(
-                    f"{prefix}.command[{index}]", f"expected an argument without NUL characters, {_got(argument)}"
+                    f"{prefix}.command[{index}]", f"expected an argument without NUL characters, {describe(argument)}"
                 )
                 command = None
             elif len(os.fsencode(argument)) >= MAX_ARGUMENT_BYTES:
@@ -534,7 +549,7 @@ def _stage(
     batch = check.integer(queue_table.get("batch", DEFAULT_QUEUE_BATCH), f"{prefix}.queue.batch", BATCH_RANGE)
     backend = queue_table.get("backend", "memory")
     if backend not in BACKENDS:
-        check.add(f"{prefix}.queue.backend", f"expected one of {', '.join(BACKENDS)}, {_got(backend)}")
+        check.add(f"{prefix}.queue.backend", f"expected one of {', '.join(BACKENDS)}, {describe(backend)}")
         backend = "memory"
     path = queue_table.get("path")
     if path is not None:
@@ -555,7 +570,7 @@ def _stage(
     )
     redeliver = table.get("redeliver", True)
     if not isinstance(redeliver, bool):
-        check.add(f"{prefix}.redeliver", f"expected true or false, {_got(redeliver)}")
+        check.add(f"{prefix}.redeliver", f"expected true or false, {describe(redeliver)}")
         redeliver = True
     dead_letter = table.get("dead_letter", os.path.join(state_dir, f"{name}.deadletter.jsonl"))
     dead_letter = check.path(dead_letter, f"{prefix}.dead_letter", "file", base_dir) or ""
@@ -586,7 +601,7 @@ def _check_graph(check: _Checker, stages: list[StageSpec]) -> None:
             if upstream == stage.name:
                 check.add(path, "a stage cannot read its own output")
             elif upstream not in names:
-                close = _close_matches(upstream, names)
+                close = close_matches(upstream, names)
                 hint = f'; did you mean "{close[0]}"?' if close else f"; stages are {', '.join(names)}"
                 check.add(path, f'unknown stage "{upstream}"{hint}')
             elif upstream in seen:
