@@ -143,3 +143,36 @@ def test_check_passes_a_good_file(ws: Workspace) -> None:
     ws.pipeline('[stages.a]\nfunction = "st:f"\nprocesses = 2\n[stages.b]\nfunction = "st:g"\ninputs = ["a"]\n')
     result = ws.run("check", f"{ws.name}.toml")
     assert (result.code, result.stdout) == (0, f"{ws.name}.toml: ok (2 stages, 3 processes)\n")
+
+
+def test_path_options_are_relative_to_the_pipeline_file(ws: Workspace) -> None:
+    # only an option whose parameter is annotated pathlib.Path is a path; any other is passed as written
+    ws.write("p/data/in.txt", "one\ntwo\n")
+    ws.write(
+        "p/st.py",
+        """
+        from pathlib import Path
+
+        def read(path: Path, note: str):
+            print("note", note, flush=True)
+            yield from path.read_text().split()
+
+        def show(line):
+            print("got", line, flush=True)
+        """,
+    )
+    ws.write(
+        "p/paths.toml",
+        '[stages.read]\nfunction = "st:read"\noptions = { path = "data/in.txt", note = "data/in.txt" }\n'
+        '[stages.show]\nfunction = "st:show"\ninputs = ["read"]\n',
+    )
+    result = ws.run("run", "p/paths.toml")  # from the directory above the file's
+    assert result.code == 0, result.stderr
+    assert result.output_lines("read") == ["note data/in.txt"]
+    assert result.output_lines("show") == ["got one", "got two"]
+    ws.write("p/bad.toml", '[stages.read]\nfunction = "st:read"\noptions = { path = 3, note = "x" }\n')
+    bad = ws.run("check", "p/bad.toml")
+    assert (bad.code, bad.stderr) == (
+        78,
+        "p/bad.toml: stages.read.options.path: expected a path (the parameter is a Path), got 3 (int)\n",
+    )
