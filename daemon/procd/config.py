@@ -248,7 +248,8 @@ class _Checker:
                 continue
             close = close_matches(key, allowed)
             hint = f'; did you mean "{close[0]}"?' if close else f"; valid keys are {', '.join(allowed)}"
-            self.add(f"{prefix}{key}", f"unknown key{hint}")
+            shown = key if len(key) <= MAX_NAME else key[: MAX_NAME - 1] + "…"
+            self.add(f"{prefix}{shown}", f"unknown key{hint}")
 
     def table(self, value: object, path: str) -> Mapping[str, Any] | None:
         if isinstance(value, dict):
@@ -603,7 +604,7 @@ def _check_graph(check: _Checker, stages: list[StageSpec]) -> None:
             elif upstream not in names:
                 close = close_matches(upstream, names)
                 hint = f'; did you mean "{close[0]}"?' if close else f"; stages are {', '.join(names)}"
-                check.add(path, f'unknown stage "{upstream}"{hint}')
+                check.add(path, f"unknown stage {json.dumps(upstream[:MAX_NAME], ensure_ascii=False)}{hint}")
             elif upstream in seen:
                 check.add(path, f'"{upstream}" is listed twice')
             seen.add(upstream)
