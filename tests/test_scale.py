@@ -44,19 +44,24 @@ def _workers(ws: Workspace, stage: str, *, up: bool = False) -> list[dict]:
     return [w for w in found["workers"] if not up or w["state"] in ("running", "blocked")]
 
 
-def _stop(proc) -> list[dict]:
+def _stop(proc) -> None:
     proc.terminate()
     proc.communicate(timeout=30)
     assert proc.returncode == 0
-    return proc
+
+
+def _start_work(ws: Workspace, max_processes: int, processes: int):
+    """An endless producer feeding the stage "work"."""
+    return _start(
+        ws,
+        f"max_processes = {max_processes}\n"
+        '[stages.src]\nfunction = "st:endless"\n'
+        f'[stages.work]\nfunction = "st:same"\ninputs = ["src"]\nprocesses = {processes}\n',
+    )
 
 
 def test_scale_beyond_the_ceiling_is_an_error_at_once(ws: Workspace) -> None:
-    proc = _start(
-        ws,
-        "max_processes = 4\n"
-        '[stages.src]\nfunction = "st:endless"\n[stages.work]\nfunction = "st:same"\ninputs = ["src"]\nprocesses = 2\n',
-    )
+    proc = _start_work(ws, max_processes=4, processes=2)
     try:
         huge = _ask(ws, "scale", ws.name, "work=" + "9" * 50)
         assert huge.code == 1
@@ -80,11 +85,7 @@ def test_scale_beyond_the_ceiling_is_an_error_at_once(ws: Workspace) -> None:
 
 
 def test_a_large_scale_starts_its_processes_at_a_pace(ws: Workspace) -> None:
-    proc = _start(
-        ws,
-        "max_processes = 40\n"
-        '[stages.src]\nfunction = "st:endless"\n[stages.work]\nfunction = "st:same"\ninputs = ["src"]\n',
-    )
+    proc = _start_work(ws, max_processes=40, processes=1)
     try:
         up = _ask(ws, "scale", ws.name, "work=30")
         assert up.code == 0, up.stderr

@@ -297,6 +297,8 @@ def _own_modules(base_dir: str) -> dict[str, str]:
     """Modules loaded from the pipeline's directory (a virtual environment inside it aside)."""
     found = {}
     for name, module in list(sys.modules.items()):
+        if name == "procd" or name.startswith("procd."):  # procd's own, in a source checkout
+            continue
         file = getattr(module, "__file__", None)
         if not isinstance(file, str):
             continue
