@@ -8,7 +8,8 @@ import os
 import pytest
 
 from conftest import Workspace
-from procd import config
+from procd import callables, config
+from procd.errors import Problem
 
 STAGE = '[stages.a]\nfunction = "st:f"\n'
 
@@ -176,3 +177,24 @@ def test_path_options_are_relative_to_the_pipeline_file(ws: Workspace) -> None:
         78,
         "p/bad.toml: stages.read.options.path: expected a path (the parameter is a Path), got 3 (int)\n",
     )
+
+
+def test_an_import_that_never_ends_is_stopped_and_reported(ws: Workspace) -> None:
+    ws.write("st.py", "import time\nwhile True:\n    time.sleep(1)\n")
+    ws.write("quick.py", "import os\ndef g(item):\n    return item\ndef h(item, n):\n    return item\n")
+    ws.write("leaves.py", "import os\nos._exit(9)\n")
+    file = ws.pipeline(
+        '[stages.a]\ncommand = ["cat"]\n'
+        '[stages.b]\nfunction = "leaves:g"\ninputs = ["a"]\n'
+        '[stages.c]\nfunction = "quick:h"\ninputs = ["a"]\n'  # checked after b ended its child
+        '[stages.d]\nfunction = "st:f"\ninputs = ["a"]\n'
+        '[stages.e]\nfunction = "quick:g"\ninputs = ["a"]\n'
+    )
+    codes = callables.check_callables_apart(config.load_pipeline(file), timeout_s=2)
+    assert {name: code.problems for name, code in codes.items()} == {
+        "a": (),
+        "b": (Problem("stages.b.function", 'importing "leaves:g" ended the check process (exit code 9)'),),
+        "c": (Problem("stages.c.options", 'missing required option "n"'),),
+        "d": (Problem("stages.d.function", 'importing "st:f" did not finish within 2s'),),
+        "e": (Problem("stages.e", "not checked: the check of the stage code did not finish within 2s"),),
+    }

@@ -369,13 +369,42 @@ def check_callables(spec: PipelineSpec) -> dict[str, StageCode]:
 
 
 def check_callables_apart(spec: PipelineSpec, timeout_s: float = IMPORT_TIMEOUT_S) -> dict[str, StageCode]:
-    """``check_callables`` in a forked child, so that the caller never imports user code.
+    """``check_callables`` in forked children, so that the caller never imports user code.
 
     The supervisor uses this: a module imported in the supervisor would be inherited by every
     forked worker, so a reload could never load new code, and a module that starts threads at
     import would make every later fork unsafe. ``procd check`` uses it too: whatever a module does
     (``os._exit``, a signal, an endless loop at import) ends only the child, and is reported as
-    a problem of the stage being imported.
+    a problem of the stage being imported; a new child checks the stages after it. The whole
+    check takes at most ``timeout_s``; a stage not reached by then is reported as not checked.
+    """
+    deadline = time.monotonic() + timeout_s
+    codes: dict[str, StageCode] = {}
+    remaining = list(spec.stages)
+    while remaining:
+        found, importing, ended, timed_out = _check_in_child(spec, remaining, deadline)
+        codes.update(found)
+        how = f"did not finish within {timeout_s:g}s" if timed_out else f"ended the check process ({ended})"
+        if importing is not None:
+            ref = spec.stage(importing).function
+            codes[importing] = StageCode((Problem(f"stages.{importing}.function", f'importing "{ref}" {how}'),))
+        if timed_out or importing is None:  # out of time, or the child ended between two stages
+            for stage in remaining:
+                if stage.name not in codes:
+                    problem = Problem(f"stages.{stage.name}", f"not checked: the check of the stage code {how}")
+                    codes[stage.name] = StageCode((problem,))
+        remaining = [s for s in remaining if s.name not in codes]
+    return codes
+
+
+def _check_in_child(
+    spec: PipelineSpec, stages: list[StageSpec], deadline: float
+) -> tuple[dict[str, StageCode], str | None, str, bool]:
+    """Check ``stages`` in one forked child until it ends or ``deadline`` passes.
+
+    Returns:
+        What it found, the stage it was importing when it ended (None if it was not), how it
+        ended, and whether the deadline passed.
     """
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -385,18 +414,18 @@ def check_callables_apart(spec: PipelineSpec, timeout_s: float = IMPORT_TIMEOUT_
             signal.set_wakeup_fd(-1)  # the supervisor's: a signal to this child is not the supervisor's
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
                 signal.signal(signum, signal.SIG_DFL)
-            for stage in spec.stages:
+            for stage in stages:
                 os.write(write_fd, json.dumps({"importing": stage.name}).encode() + b"\n")
                 code = check_callables(dataclasses.replace(spec, stages=(stage,)))[stage.name]
                 os.write(write_fd, json.dumps({"stage": stage.name, **_as_json(code)}).encode() + b"\n")
         finally:
             os._exit(0)
     os.close(write_fd)
-    data, timed_out = _read_all(read_fd, time.monotonic() + timeout_s)
+    data, timed_out = _read_all(read_fd, deadline)
     if timed_out:
         os.kill(pid, signal.SIGKILL)
     status = reaper.wait_for(pid)
-    codes: dict[str, StageCode] = {}
+    found: dict[str, StageCode] = {}
     importing = None
     for line in data.splitlines():
         try:
@@ -406,14 +435,10 @@ def check_callables_apart(spec: PipelineSpec, timeout_s: float = IMPORT_TIMEOUT_
         if "importing" in message:
             importing = message["importing"]
         else:
-            codes[message.pop("stage")] = _from_json(message)
+            found[message.pop("stage")] = _from_json(message)
             importing = None
-    if importing is not None:
-        ended = f"exit code {status.code}" if status.signal is None else _signal_name(status.signal)
-        how = f"did not finish within {timeout_s:g}s" if timed_out else f"ended the check process ({ended})"
-        ref = spec.stage(importing).function
-        codes[importing] = StageCode((Problem(f"stages.{importing}.function", f'importing "{ref}" {how}'),))
-    return codes
+    ended = f"exit code {status.code}" if status.signal is None else _signal_name(status.signal)
+    return found, importing, ended, timed_out
 
 
 def _signal_name(signum: int) -> str:
