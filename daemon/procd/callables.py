@@ -482,7 +482,9 @@ def _read_all(fd: int, deadline: float) -> tuple[bytes, bool]:
         os.close(fd)
 
 
-def load_and_check(file: str, *, apart: bool) -> tuple[PipelineSpec, list[Problem]]:
+def load_and_check(
+    file: str, *, apart: bool, timeout_s: float = IMPORT_TIMEOUT_S
+) -> tuple[PipelineSpec, list[Problem]]:
     """Load a pipeline file and check its stage code; return it with every problem found.
 
     The stage code is checked even when the file has other problems (so that every problem is
@@ -492,12 +494,13 @@ def load_and_check(file: str, *, apart: bool) -> tuple[PipelineSpec, list[Proble
     Args:
         file: the pipeline file.
         apart: check in a forked child (``check_callables_apart``), not in this process.
+        timeout_s: with ``apart``, how long the stage code may take to check.
 
     Raises:
         ConfigError: the file cannot be read or parsed at all.
     """
     spec, problems = config.read_pipeline(file)
-    codes = (check_callables_apart if apart else check_callables)(spec)
+    codes = check_callables_apart(spec, timeout_s) if apart else check_callables(spec)
     stages = []
     for stage in spec.stages:
         code = codes.get(stage.name, StageCode())

@@ -910,7 +910,11 @@ class Supervisor:
 
     def _reload(self) -> dict[str, Any]:
         try:
-            new, problems = callables.load_and_check(self.spec.file, apart=True)
+            # the loop waits for the check: under a watchdog, ping first and wait at most one interval
+            timeout_s = self.notifier.watchdog_interval_s or callables.IMPORT_TIMEOUT_S
+            if self.notifier.watchdog_interval_s:
+                self._notify(WATCHDOG=1)
+            new, problems = callables.load_and_check(self.spec.file, apart=True, timeout_s=timeout_s)
             if new.name != self.spec.name:
                 problems.append(Problem("pipeline.name", f'cannot change while running (it is "{self.spec.name}")'))
             if problems:
