@@ -249,6 +249,10 @@ BAD = {
         '[stages.a]\nfunction = "m:' + "f" * 300 + '"\n',
         ["F: stages.a.function: expected at most 256 characters, got 302"],
     ),
+    "command-too-long": (
+        "[stages.a]\ncommand = [" + ", ".join(['"' + "a" * 99 + '"'] * 20000) + "]\n",
+        ["F: stages.a.command: expected at most 1048576 bytes of arguments in all, got 2000000"],
+    ),
     "nul-in-command": (
         '[stages.a]\ncommand = ["cat", "a\\u0000"]\n',
         ['F: stages.a.command[1]: expected an argument without NUL characters, got "a\\u0000" (str)'],

@@ -33,6 +33,7 @@ MAX_NAME = 64  # a pipeline or stage name: process titles, socket paths, record 
 MAX_FUNCTION_REF = 256
 MAX_PATH_BYTES = 4095  # PATH_MAX less the terminating NUL
 MAX_ARGUMENT_BYTES = 131_072  # MAX_ARG_STRLEN: the kernel's limit on one argv string
+MAX_COMMAND_BYTES = 1 << 20  # half of the usual ARG_MAX, the rest for the environment
 MAX_FILE_BYTES = 16 << 20  # a pipeline file larger than this is not one
 MAX_PROCESSES_LIMIT = 100_000  # the highest pipeline.max_processes may go
 PROCESSES_PER_CPU = 32  # the default ceiling: this many processes per CPU procd may use
@@ -536,6 +537,12 @@ def _stage(
             elif len(os.fsencode(argument)) >= MAX_ARGUMENT_BYTES:
                 check.add(f"{prefix}.command[{index}]", f"expected at most {MAX_ARGUMENT_BYTES - 1} bytes")
                 command = None
+        total = sum(len(os.fsencode(a)) + 1 for a in command or ())
+        if total > MAX_COMMAND_BYTES:
+            check.add(
+                f"{prefix}.command", f"expected at most {MAX_COMMAND_BYTES} bytes of arguments in all, got {total}"
+            )
+            command = None
 
     inputs = check.string_list(table.get("inputs", []), f"{prefix}.inputs", non_empty=False) or ()
     processes = check.integer(table.get("processes", 1), f"{prefix}.processes", (1, ceiling)) or 1
