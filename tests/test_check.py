@@ -37,6 +37,14 @@ def _check(ws: Workspace, module: str, pipeline: str = STAGE) -> tuple[int, list
         ),
         ("import os\nos._exit(5)\n", 'stages.a.function: importing "st:f" ended the check process (exit code 5)'),
         (
+            # a process forked at import outlives the check and holds its pipe: the check goes on
+            # (until the procd check that started it has gone)
+            "import os, time\ncheck = os.getppid()\nif os.fork() == 0:\n"
+            "    os.closerange(0, 3)\n"  # not the test's: only the check's pipe stays open
+            "    while os.path.exists(f'/proc/{check}'):\n        time.sleep(0.05)\n    os._exit(0)\n",
+            'stages.a.function: module "st" has no attribute "f"',
+        ),
+        (
             "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
             'stages.a.function: importing "st:f" ended the check process (SIGKILL)',
         ),

@@ -421,7 +421,7 @@ def _check_in_child(
         finally:
             os._exit(0)
     os.close(write_fd)
-    data, timed_out = _read_all(read_fd, deadline)
+    data, timed_out = _read_all(read_fd, pid, deadline)
     if timed_out:
         os.kill(pid, signal.SIGKILL)
     status = reaper.wait_for(pid)
@@ -466,20 +466,37 @@ def _from_json(message: dict[str, Any]) -> StageCode:
     )
 
 
-def _read_all(fd: int, deadline: float) -> tuple[bytes, bool]:
-    """Read ``fd`` to its end or until ``deadline``; return the bytes and whether time ran out."""
+def _read_all(fd: int, pid: int, deadline: float) -> tuple[bytes, bool]:
+    """Read what child ``pid`` writes to ``fd`` until it exits or ``deadline`` passes; return the
+    bytes and whether time ran out. The child's exit ends the reading, not the end of the pipe:
+    a process the stage code forked at import may hold the pipe open for ever."""
     chunks: list[bytes] = []
+    pidfd = os.pidfd_open(pid)
     try:
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            ready = select.select([fd, pidfd], [], [], max(left, 0))[0] if left > 0 else []
+            if not ready:
                 return b"".join(chunks), True
+            if pidfd in ready:  # it has exited: what it wrote is all in the pipe
+                os.set_blocking(fd, False)
+                while chunk := _read_some(fd):
+                    chunks.append(chunk)
+                return b"".join(chunks), False
             chunk = os.read(fd, 1 << 16)
             if not chunk:
                 return b"".join(chunks), False
             chunks.append(chunk)
     finally:
+        os.close(pidfd)
         os.close(fd)
+
+
+def _read_some(fd: int) -> bytes:
+    try:
+        return os.read(fd, 1 << 16)
+    except BlockingIOError:
+        return b""
 
 
 def load_and_check(
