@@ -130,11 +130,13 @@ def test_a_producer_in_several_processes_must_declare_its_shard(ws: Workspace) -
     module = (
         "def f():\n    yield 1\n"
         "def sharded(shard, count=10):\n    index, total = shard\n    yield from range(index, count, total)\n"
+        "def kept(shard, checkpoint):\n    yield 1\n"
     )
     pipeline = (
         '[stages.a]\nfunction = "st:f"\nprocesses = 2\n'
         '[stages.b]\nfunction = "st:sharded"\nprocesses = 3\n'
         '[stages.c]\ncommand = ["seq", "3"]\nprocesses = 2\n'
+        '[stages.d]\nfunction = "st:kept"\nprocesses = 2\n'
     )
     assert _check(ws, module, pipeline) == (
         78,
@@ -143,6 +145,7 @@ def test_a_producer_in_several_processes_must_declare_its_shard(ws: Workspace) -
             "parameter to split its work (see the README), or set processes = 1",
             "stages.c.processes: a producing command in 2 processes runs 2 times and yields every item as often; "
             "set processes = 1",
+            "stages.d.processes: a producer in several processes cannot keep a checkpoint (its processes would share one)",
         ],
     )
 

@@ -108,7 +108,7 @@ def test_a_producer_grows_only_if_it_takes_a_shard(ws: Workspace) -> None:
         assert refused.code == 1
         assert refused.stderr == (
             "procd scale: stage plain is a producer: another process would yield every item again; "
-            'a producer that accepts a "shard" parameter can be scaled (see the README)\n'
+            'a producer that accepts a "shard" parameter and keeps no checkpoint can be scaled (see the README)\n'
         )
         old = [w["pid"] for w in _workers(ws, "split")]
         grown = _ask(ws, "scale", ws.name, "split=3")

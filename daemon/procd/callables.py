@@ -252,20 +252,21 @@ def _bind_options(stage: StageSpec, target: Any) -> tuple[list[Problem], tuple[s
 
 def _producer_problems(stage: StageSpec, target: Any) -> tuple[list[Problem], bool]:
     """A producer in several processes must split its work: it says so with a ``shard`` parameter."""
-    shardable = accepts(target, "shard")
+    # several processes of a producer that keeps a checkpoint would share one
+    shardable = accepts(target, "shard") and not accepts(target, "checkpoint")
     if stage.processes == 1:
         return [], shardable
     path = f"stages.{stage.name}.processes"
-    if not shardable:
+    if not accepts(target, "shard"):
         message = (
             f"a producer in {stage.processes} processes yields every item {stage.processes} times; give "
             f'{stage.function} a "shard" parameter to split its work (see the README), or set processes = 1'
         )
         return [Problem(path, message)], False
-    if accepts(target, "checkpoint"):
+    if not shardable:
         message = "a producer in several processes cannot keep a checkpoint (its processes would share one)"
-        return [Problem(path, message)], shardable
-    return [], shardable
+        return [Problem(path, message)], False
+    return [], True
 
 
 def find_program(program: str) -> str:

@@ -810,7 +810,7 @@ class Supervisor:
                 "ok": False,
                 "error": (
                     f"stage {stage.name} is a producer: another process would yield every item again; "
-                    'a producer that accepts a "shard" parameter can be scaled (see the README)'
+                    'a producer that accepts a "shard" parameter and keeps no checkpoint can be scaled (see the README)'
                 ),
             }
         if processes == len(live):
