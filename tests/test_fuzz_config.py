@@ -20,7 +20,7 @@ from procd.errors import ConfigError
 
 FUZZ = settings(
     max_examples=200,
-    deadline=2000,  # ms per example: a check forks a child that imports the stage code
+    deadline=5000,  # ms per example (generous on a loaded machine: a check forks and imports)
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
