@@ -184,14 +184,36 @@ def test_bad_requests_get_errors_and_the_daemon_carries_on(ws: Workspace) -> Non
         assert exchange(b'{"command": "scale", "stage": "nope", "processes": 2}\n') == [
             {"ok": False, "error": "unknown stage 'nope'; stages are idle"}
         ]
+        # the command table checks every field: none missing, none unknown, each of its type
+        assert exchange(b'{"command": "scale", "stage": "idle"}\n') == [
+            {"ok": False, "error": 'scale needs "processes" (an integer)'}
+        ]
+        assert exchange(b'{"command": "scale", "stage": "idle", "processes": "2"}\n') == [
+            {"ok": False, "error": "scale: \"processes\" must be an integer, got '2'"}
+        ]
+        assert exchange(b'{"command": "status", "verbose": true}\n') == [
+            {"ok": False, "error": 'unknown field "verbose" for status; it takes no fields'}
+        ]
+        # nesting deeper than the JSON parser's recursion limit killed the supervisor
+        assert exchange(b"[" * 60_000 + b"\n") == [
+            {"ok": False, "error": "malformed request: expected one JSON object per line"}
+        ]
+        assert exchange(b'{"command": ' + b"[" * 60_000 + b"\n") == [
+            {"ok": False, "error": "malformed request: expected one JSON object per line"}
+        ]
+        assert exchange(b"\xff\xfe\n") == [
+            {"ok": False, "error": "malformed request: expected one JSON object per line"}
+        ]
         assert exchange(b"x" * 70_000) == [{"ok": False, "error": "request longer than 65536 bytes"}]
         two = exchange(b'{"command": "status"}\n{"command": "status"}\n')
         assert [r["ok"] for r in two] == [True, True]
         assert _ask(ws, "scale", ws.name, "idle=0").stderr == "procd scale: processes must be an integer >= 1, got 0\n"
+        assert proc.poll() is None
     finally:
         _ask(ws, "stop")
         proc.communicate(timeout=20)
     assert proc.returncode == 0
+    assert not [r for r in read_records(ws.path / "log.jsonl") if r["event"] == "control_failed"]
 
 
 def test_a_client_of_another_user_is_refused(ws: Workspace) -> None:
@@ -250,7 +272,80 @@ def test_a_second_daemon_for_the_same_socket_is_refused_and_default_path(ws: Wor
         proc.communicate(timeout=20)
     missing = ws.run("status", "no-such-pipeline")
     assert missing.code == 1
-    assert (
-        missing.stderr
-        == "procd status: no pipeline is running with the control socket /run/procd/no-such-pipeline.sock\n"
+    assert missing.stderr == (
+        "procd status: no pipeline named no-such-pipeline is running (looked for no-such-pipeline.sock in /run/procd)\n"
     )
+
+
+def test_the_command_table_is_the_one_source_of_verbs_and_requests() -> None:
+    from procd import cli, control
+
+    verbs = {name for name, command in control.COMMANDS.items() if command.verb}
+    assert verbs == set(cli._VERBS) == {"status", "stop", "reload", "scale"}
+    parser_verbs = set(cli._parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    assert verbs <= parser_verbs
+    assert control.encode("scale", stage="a", processes=2) == b'{"command": "scale", "stage": "a", "processes": 2}\n'
+    for name, args, error in (
+        ("explode", {}, 'unknown command "explode"; commands are status, stop, reload, scale, attach, replayed'),
+        ("scale", {"stage": "a"}, 'scale needs "processes" (an integer)'),
+        ("scale", {"stage": "a", "processes": True}, 'scale: "processes" must be an integer, got True'),
+    ):
+        try:
+            control.encode(name, **args)
+        except control.ControlError as exc:
+            assert str(exc) == error
+        else:
+            raise AssertionError(f"{name} {args} was encoded")
+    assert isinstance(control.parse(b'{"command": "reload"}'), control.Request)
+    try:
+        control.check_handlers({"status": lambda _r: {}})
+    except ValueError as exc:
+        assert "missing ['attach', 'reload', 'replayed', 'scale', 'stop']" in str(exc)
+    else:
+        raise AssertionError("a handler table without most commands was accepted")
+
+
+def test_stop_ends_with_outcome_stopped_and_exit_0(ws: Workspace) -> None:
+    proc = _start(ws, '[stages.idle]\nfunction = "st:sleepy"\n')
+    stopped = _ask(ws, "stop")
+    assert stopped.code == 0 and stopped.stdout == ""
+    proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    (record,) = [r for r in read_records(ws.path / "log.jsonl") if r["event"] == "pipeline_stopped"]
+    assert record["outcome"] == "stopped" and record["exit_code"] == 0
+    assert record["stop_reason"] == "stop requested over the control socket"
+
+
+def test_a_client_that_never_reads_is_dropped_and_others_are_served(ws: Workspace) -> None:
+    proc = _start(ws, '[stages.idle]\nfunction = "st:sleepy"\n')
+    try:
+        greedy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        greedy.connect(str(ws.control))
+        greedy.setblocking(False)
+        request = b'{"command": "status"}\n'
+        sent = 0
+        for _ in range(200_000):  # until the supervisor stops taking requests: its outbox is full
+            try:
+                sent += greedy.send(request * 100)
+            except BlockingIOError:
+                break
+        assert sent < 200_000 * 100 * len(request)
+        # the supervisor stays free for everyone else meanwhile
+        status = _ask(ws, "status", "--json")
+        assert status.code == 0 and json.loads(status.stdout)["pid"] == proc.pid
+        dropped = wait_until(
+            lambda: [r for r in read_records(ws.path / "log.jsonl") if r["event"] == "connection_dropped"],
+            timeout=20,
+        )
+        assert dropped[0]["endpoint"] == "control" and 0 < dropped[0]["unsent_bytes"] < 1024 * 1024
+        greedy.setblocking(True)
+        greedy.settimeout(10)
+        while greedy.recv(1 << 20):  # what was sent, then the end: the supervisor closed it
+            pass
+        greedy.close()
+        assert _ask(ws, "status").code == 0
+    finally:
+        _ask(ws, "stop")
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
