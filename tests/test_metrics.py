@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import signal
 import socket
+import time
+import traceback
 import urllib.error
 import urllib.request
 
 import pytest
 
-from conftest import Workspace, wait_until
+from conftest import Workspace, processes_titled, read_records, wait_until
+from procd.metrics import MAX_SCRAPERS
 
 STAGES = """
 import itertools, time
@@ -81,3 +86,95 @@ def test_a_bad_metrics_address_is_a_config_error(ws: Workspace) -> None:
         f'{ws.name}.toml: pipeline.metrics: expected "HOST:PORT" or "PORT" (loopback), '
         'such as "127.0.0.1:9464", got "localhost:http" (str)\n'
     )
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_connections_cannot_starve_the_supervisor(ws: Workspace) -> None:
+    port = _free_port()
+    ws.write("st.py", STAGES)
+    ws.pipeline(
+        f'[pipeline]\nname = "{ws.name}"\nmetrics = "{port}"\n'
+        '[stages.ticks]\nfunction = "st:ticks"\n'
+        '[stages.same]\nfunction = "st:same"\ninputs = ["ticks"]\nprocesses = 2\n'
+    )
+    proc = ws.start_ready()
+    idle: list[socket.socket] = []
+    try:
+        baseline = len(os.listdir(f"/proc/{proc.pid}/fd"))
+        for _ in range(300):  # idle loopback connections that never send a request
+            sock = socket.socket()
+            sock.setblocking(False)
+            try:
+                sock.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            idle.append(sock)
+        wait_until(lambda: len(os.listdir(f"/proc/{proc.pid}/fd")) >= baseline + 8)
+        # at most MAX_SCRAPERS of them hold a descriptor of the supervisor's; the rest wait
+        assert len(os.listdir(f"/proc/{proc.pid}/fd")) <= baseline + MAX_SCRAPERS
+        before = _cpu_s(proc.pid)
+        time.sleep(1.0)  # measuring: the loop must not spin while it cannot accept
+        assert _cpu_s(proc.pid) - before < 0.5
+        # a killed worker is restarted, the control socket answers, and a scrape gets through
+        # once the idle connections ahead of it have been dropped
+        victim = next(pid for pid, title in processes_titled(f"procd: {ws.name}/same[").items())
+        os.kill(victim, signal.SIGKILL)
+        wait_until(
+            lambda: any(
+                r["event"] == "worker_spawned" and r["stage"] == "same" and r["generation"] == 2
+                for r in read_records(ws.path / "log.jsonl")
+            )
+        )
+        assert ws.run("status", "--control", str(ws.control)).code == 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+            assert f'procd_up{{pipeline="{ws.name}"}} 1' in response.read().decode()
+        records = read_records(ws.path / "log.jsonl")
+        assert not [r for r in records if r["event"] == "spawn_failed"]
+        assert [r for r in records if r["event"] == "connection_dropped" and r["endpoint"] == "metrics"]
+    finally:
+        for sock in idle:
+            sock.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
+
+
+def test_a_listener_keeps_descriptors_in_reserve_and_pauses_instead_of_spinning() -> None:
+    from procd.connections import PAUSE_S, RESERVE_FDS, Listener
+
+    pid = os.fork()
+    if pid == 0:  # in a child: the descriptor limit changes
+        code = 1
+        try:
+            server = socket.socket()
+            server.bind(("127.0.0.1", 0))
+            server.listen(64)
+            listener = Listener(server, max_connections=1000)
+            highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+            fillers = [os.open("/dev/null", os.O_RDONLY) for _ in range(highest)]  # no hole below
+            highest = max(fillers)
+            limit = highest + 1 + RESERVE_FDS + 10  # room for about 10 connections (and the peers' ends)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+            peers = [socket.create_connection(server.getsockname()) for _ in range(4)]
+            taken = [listener.take(now=100.0) for _ in range(4)]
+            more = [socket.create_connection(server.getsockname()) for _ in range(8)]
+            taken += [listener.take(now=100.0) for _ in range(8)]
+            accepted = [c for c in taken if c is not None]
+            assert 0 < len(accepted) < 12, len(accepted)
+            assert all(c.fileno() < limit - RESERVE_FDS for c in accepted)
+            # paused: not watched, and nothing taken, until PAUSE_S has passed
+            assert listener.paused_until == 100.0 + PAUSE_S and not listener.accepting(100.5)
+            assert listener.take(now=100.5) is None and listener.accepting(100.0 + PAUSE_S)
+            for sock in accepted + peers + more:
+                sock.close()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
