@@ -5,9 +5,19 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
+import shutil
+import signal
 import socket
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 from conftest import Workspace, parse_records, read_records, wait_until
+from procd import cli
 
 STAGES = """
 import itertools, time
@@ -231,7 +241,10 @@ def test_a_client_of_another_user_is_refused(ws: Workspace) -> None:
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                     sock.settimeout(5)
                     sock.connect(str(ws.control))
-                    sock.sendall(b'{"command": "stop"}\n')
+                    try:
+                        sock.sendall(b'{"command": "stop"}\n')
+                    except BrokenPipeError:
+                        pass  # refused before the request went: the reply waits all the same
                     os.write(write_fd, sock.recv(4096))
                 code = 0
             finally:
@@ -349,3 +362,148 @@ def test_a_client_that_never_reads_is_dropped_and_others_are_served(ws: Workspac
         _ask(ws, "stop")
         proc.communicate(timeout=20)
     assert proc.returncode == 0
+
+
+VICTIM, ATTACKER = 65533, 65534  # two real uids other than ours (root)
+VICTIM_DIR = f"/tmp/procd-{VICTIM}"  # the victim has no XDG_RUNTIME_DIR
+
+
+def _victim(argv: list[str], cwd: str, output: tuple[int, int] | None = None) -> int:
+    """Fork a child that runs ``procd ARGV`` in-process as the victim's uid (its interpreter
+    under /root is out of that uid's reach), stdout and stderr to ``output`` (else /dev/null);
+    return its pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 70
+        try:
+            out, err = output or (os.open(os.devnull, os.O_WRONLY),) * 2
+            os.dup2(out, 1)
+            os.dup2(err, 2)
+            sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)  # noqa: SIM115
+            for name in ("XDG_RUNTIME_DIR", "RUNTIME_DIRECTORY"):
+                os.environ.pop(name, None)
+            os.setgroups([])
+            os.setresgid(VICTIM, VICTIM, VICTIM)
+            os.setresuid(VICTIM, VICTIM, VICTIM)
+            os.chdir(cwd)
+            code = cli.main(argv)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _as_victim(*argv: str, cwd: str) -> subprocess.CompletedProcess[str]:
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = _victim(list(argv), cwd, (out_w, err_w))
+    os.close(out_w)
+    os.close(err_w)
+    with open(out_r) as out, open(err_r) as err:
+        stdout, stderr = out.read(), err.read()
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return subprocess.CompletedProcess(list(argv), code, stdout, stderr)
+
+
+def _as_attacker(work: Callable[[], None]) -> int:
+    """Fork a child that runs ``work`` as the attacker's uid; return its pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setresgid(ATTACKER, ATTACKER, ATTACKER)
+            os.setresuid(ATTACKER, ATTACKER, ATTACKER)
+            os.umask(0)
+            work()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _world_readable_dir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="procd-victim-"))
+    path.chmod(0o755)
+    return path
+
+
+def test_another_user_cannot_take_the_control_directory(ws: Workspace) -> None:
+    shutil.rmtree(VICTIM_DIR, ignore_errors=True)
+    home = _world_readable_dir()
+    try:
+        (home / "v.toml").write_text('[pipeline]\nname = "v"\n[stages.idle]\ncommand = ["sleep", "3600"]\n')
+        (home / "v.toml").chmod(0o644)
+
+        pid = _as_attacker(lambda: os.mkdir(VICTIM_DIR, 0o777))  # made first, open to all
+        assert os.waitpid(pid, 0)[1] == 0
+        refused = _as_victim("run", "v.toml", cwd=str(home))
+        assert refused.returncode == 1
+        (record,) = [r for r in parse_records(refused.stderr) if r["event"] == "control_unavailable"]
+        assert record["error"] == (
+            f"refusing the control directory {VICTIM_DIR}: it belongs to uid {ATTACKER}, not to uid {VICTIM}; "
+            "another user may have made it. Remove it, or choose another place with --control."
+        )
+        os.rmdir(VICTIM_DIR)
+
+        pid = _as_attacker(lambda: Path(VICTIM_DIR).write_text("x"))  # a plain file in its place
+        assert os.waitpid(pid, 0)[1] == 0
+        refused = _as_victim("run", "v.toml", cwd=str(home))
+        (record,) = [r for r in parse_records(refused.stderr) if r["event"] == "control_unavailable"]
+        assert record["error"].startswith(f"refusing the control directory {VICTIM_DIR}: it is not a directory;")
+        os.unlink(VICTIM_DIR)
+
+        # with the place free, the victim's procd makes it: its own, 0700
+        victim = _victim(["run", "v.toml"], str(home))
+        try:
+            wait_until(lambda: os.path.exists(f"{VICTIM_DIR}/v.sock"))
+            info = os.lstat(VICTIM_DIR)
+            assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (VICTIM, 0o700)
+            assert _as_victim("status", cwd=str(home)).returncode == 0  # found in /tmp/procd-UID
+            assert _as_victim("stop", "v", cwd=str(home)).returncode == 0
+        finally:
+            if _as_victim("status", "v", cwd=str(home)).returncode == 0:
+                _as_victim("stop", "v", cwd=str(home))
+            assert os.waitstatus_to_exitcode(os.waitpid(victim, 0)[1]) == 0
+    finally:
+        shutil.rmtree(home)
+        shutil.rmtree(VICTIM_DIR, ignore_errors=True)
+
+
+def test_a_client_does_not_believe_a_server_of_another_user(ws: Workspace) -> None:
+    shutil.rmtree(VICTIM_DIR, ignore_errors=True)
+    ready_r, ready_w = os.pipe()
+
+    def forge() -> None:  # the attacker's stand-in for the victim's pipeline "v"
+        os.mkdir(VICTIM_DIR, 0o777)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            server.bind(f"{VICTIM_DIR}/v.sock")
+            server.listen(8)
+            os.write(ready_w, b"1")
+            while True:
+                conn, _ = server.accept()
+                try:
+                    conn.sendall(b'{"ok": true, "stopping": true, "pipeline": "v", "pid": 1, "state": "running"}\n')
+                except OSError:
+                    pass  # a probe that has gone
+                conn.close()
+
+    attacker = _as_attacker(forge)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        for verb in ("stop", "status"):
+            result = _as_victim(verb, "v", cwd="/")
+            assert result.returncode == 1 and result.stdout == ""
+            assert re.fullmatch(
+                rf"procd {verb}: refusing {VICTIM_DIR}/v.sock: the process answering there \(pid {attacker}\) runs "
+                rf"as uid {ATTACKER}, not as uid {VICTIM} or root; another user may have taken the place of the "
+                r"pipeline's control socket\n",
+                result.stderr,
+            ), result.stderr
+    finally:
+        os.close(ready_r)
+        os.kill(attacker, signal.SIGKILL)
+        os.waitpid(attacker, 0)
+        shutil.rmtree(VICTIM_DIR, ignore_errors=True)
