@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -178,3 +179,56 @@ def test_a_listener_keeps_descriptors_in_reserve_and_pauses_instead_of_spinning(
         finally:
             os._exit(code)
     assert os.waitpid(pid, 0)[1] == 0
+
+
+def test_stage_totals_never_go_backwards_across_scale_restart_and_reload(ws: Workspace) -> None:
+    port = _free_port()
+    ws.write("st.py", STAGES)
+    text = (
+        f'[pipeline]\nname = "{ws.name}"\nmetrics = "{port}"\n'
+        '[stages.ticks]\nfunction = "st:ticks"\n'
+        '[stages.same]\nfunction = "st:same"\ninputs = ["ticks"]\nprocesses = 4\nqueue = { batch = 1 }\n'
+    )
+    ws.pipeline(text)
+    proc = ws.start_ready()
+    labels = f'pipeline="{ws.name}",stage="same"'
+    seen: list[tuple[float, float]] = []
+
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            samples = _samples(response.read().decode())
+        seen.append(
+            (samples[f"procd_stage_items_in_total{{{labels}}}"], samples[f"procd_stage_items_out_total{{{labels}}}"])
+        )
+        return samples
+
+    def workers() -> list[dict]:
+        reply = json.loads(ws.run("status", "--json", "--control", str(ws.control)).stdout)
+        return next(s for s in reply["stages"] if s["name"] == "same")["workers"]
+
+    try:
+        wait_until(lambda: all(w["items_in"] > 0 for w in workers()), timeout=15)
+        scrape()
+        assert ws.run("scale", ws.name, "same=1", "--control", str(ws.control)).code == 0
+        wait_until(lambda: scrape() and len(workers()) == 1, timeout=15)
+        scrape()
+        victim = workers()[0]["pid"]
+        os.kill(victim, signal.SIGKILL)  # a restart
+        wait_until(lambda: scrape() and workers()[0]["generation"] == 2, timeout=15)
+        ws.pipeline(text.replace("processes = 4", "processes = 2"))  # a reload replaces the stage
+        assert ws.run("reload", "--control", str(ws.control)).code == 0
+        wait_until(lambda: scrape() and [w["generation"] for w in workers()] == [3, 1], timeout=15)
+        scrape()
+        assert seen == sorted(seen), seen  # neither total ever fell
+        assert seen[-1][0] >= seen[0][0] > 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
+
+
+def test_the_rate_window_in_the_help_is_the_supervisors() -> None:
+    from procd import metrics, status
+
+    reply = {"pipeline": "p", "uptime_s": 1, "items_per_s": 5.0, "rate_window_s": 1.0, "stages": []}
+    assert f"over the last {status.RATE_WINDOW_S:g}s" in metrics.render(reply)

@@ -488,7 +488,9 @@ def _summary(records: list[dict[str, Any]]) -> str:
     from procd import events
 
     rows = [("STAGE", "SPAWNS", "RESTARTS", "EXITS", "REDELIVERED", "DEAD_LETTERS", "IN", "OUT", "FIRST", "LAST")]
-    for name, s in events.summarize(records).items():
+    summaries = events.summarize(records)
+    unexited = sum(max(0, s.spawns - sum(s.exits.values())) for s in summaries.values())
+    for name, s in summaries.items():
         exits = ", ".join(f"{cause}: {n}" for cause, n in sorted(s.exits.items())) or "-"
         rows.append(
             (
@@ -505,7 +507,13 @@ def _summary(records: list[dict[str, Any]]) -> str:
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in rows)
+    table = "".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in rows)
+    if unexited:  # counts reach the log when a worker exits
+        table += (
+            f"IN and OUT count only workers that have exited: {unexited} have no exit record yet "
+            "(still running, or the log ends early); procd status shows their latest counts.\n"
+        )
+    return table
 
 
 def _timeline(records: list[dict[str, Any]], stage: str, worker: int) -> str:

@@ -19,8 +19,18 @@ MAX_SCRAPERS = 16
 SCRAPER_IDLE_S = 5.0  # to send a request head, and to read the answer
 _STAGE_METRICS = (
     ("procd_stage_processes", "gauge", "Processes of the stage that are running or starting.", "processes"),
-    ("procd_stage_items_in_total", "counter", "Items the stage's processes have taken in.", "items_in"),
-    ("procd_stage_items_out_total", "counter", "Items the stage's processes have handed on.", "items_out"),
+    (
+        "procd_stage_items_in_total",
+        "counter",
+        "Items the stage has taken in, over every process it had (never reset by restart, scale or reload).",
+        "items_in",
+    ),
+    (
+        "procd_stage_items_out_total",
+        "counter",
+        "Items the stage has handed on, over every process it had (never reset by restart, scale or reload).",
+        "items_out",
+    ),
     ("procd_stage_restarts_total", "counter", "Restarts of the stage's processes.", "restarts"),
     ("procd_stage_dead_letters_total", "counter", "Items the stage gave up on.", "dead_letters"),
 )
@@ -40,6 +50,10 @@ def render(status: dict[str, Any]) -> str:
         "# HELP procd_uptime_seconds Seconds since the supervisor started.",
         "# TYPE procd_uptime_seconds gauge",
         f'procd_uptime_seconds{{pipeline="{pipeline}"}} {status["uptime_s"]}',
+        # the window is status.RATE_WINDOW_S (a layer above this one; test_metrics keeps them in step)
+        "# HELP procd_items_per_second Items taken in by the sinks per second, over the last 10s (or since the start).",
+        "# TYPE procd_items_per_second gauge",
+        f'procd_items_per_second{{pipeline="{pipeline}"}} {status["items_per_s"]}',
     ]
     for name, kind, help_text, key in _STAGE_METRICS:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]

@@ -104,7 +104,7 @@ class Supervisor:
         self.notifier = notifier or Notifier(None, None)
         self.deadlines: dict[str, float] = {}  # the loop's own: "watchdog", "status"
         self.status_sent = ("", 0.0)  # the last STATUS= line and when it went
-        self.rate = status.Rate()  # items/s, for STATUS= and the progress line
+        self.ledger = status.Ledger(self.started_at)  # stage totals and rates, for every view
         self.notify_failed = False
         self.dead_letters: dict[str, int] = {}
         self.forkserver: ForkServer | None = None  # started on first need (start_method = "forkserver")
@@ -533,6 +533,8 @@ class Supervisor:
                 bound.error("spawn_failed", **report)
             elif kind == "counts":
                 slot.counts = {k: int(v) for k, v in report.items()}
+                self.ledger.observe(slot)
+                self.ledger.sample(self.slots, self.clock())
                 self._show_progress()
             elif kind == "dead_lettered":
                 self.dead_letters[slot.stage.name] = self.dead_letters.get(slot.stage.name, 0) + 1
@@ -612,16 +614,19 @@ class Supervisor:
             self.notify_failed = True
             self.log.warning("notify_failed", error=exc.strerror, socket=self.notifier.address)
 
+    def _rate(self) -> tuple[status.Totals, float]:
+        totals = self.ledger.totals(self.slots)
+        return totals, status.sink_rate(self.spec, self.ledger.rates(totals, self.clock())[0])
+
     def _status_line(self) -> str:
         """One line for ``systemctl status``: stages, workers, items/s, restarts."""
-        per_s = self.rate.update(status.items_seen(self.slots), self.clock())
-        return status.summary_line(self.spec, self.slots, per_s)
+        return status.summary_line(self.spec, self.slots, self._rate()[1])
 
     def _show_progress(self) -> None:
         """On a terminal: items through each stage, and the rate, under the records."""
         if self.writer is not None and self.writer.on_terminal:
-            per_s = self.rate.update(status.items_seen(self.slots), self.clock())
-            self.writer.progress(status.progress_line(self.spec, self.slots, per_s))
+            totals, per_s = self._rate()
+            self.writer.progress(status.progress_line(self.spec, totals, per_s))
 
     def _update_status(self) -> None:
         """Send STATUS= when the line changed, at most once a second."""
@@ -768,6 +773,7 @@ class Supervisor:
             self.spec,
             self.slots,
             self.channels,
+            self.ledger,
             finished=self.finished,
             dead_letters=self.dead_letters,
             stopping=self.stopping,
@@ -832,11 +838,8 @@ class Supervisor:
             slots = [s for s in self.slots if s.stage.name == stage.name]
             if all(_ended(s) for s in slots):
                 self.finished.add(stage.name)
-                totals = {
-                    "items_in": sum(s.total("items_in") for s in slots),
-                    "items_out": sum(s.total("items_out") for s in slots),
-                }
-                self.log.info("stage_drained", stage=stage.name, **totals)
+                items_in, items_out = self.ledger.totals(self.slots).get(stage.name, (0, 0))
+                self.log.info("stage_drained", stage=stage.name, items_in=items_in, items_out=items_out)
         for name, channel in self.channels.items():
             if channel.writing and all(upstream in self.finished for upstream in self.spec.stage(name).inputs):
                 channel.end()
