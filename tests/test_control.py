@@ -507,3 +507,42 @@ def test_a_client_does_not_believe_a_server_of_another_user(ws: Workspace) -> No
         os.kill(attacker, signal.SIGKILL)
         os.waitpid(attacker, 0)
         shutil.rmtree(VICTIM_DIR, ignore_errors=True)
+
+
+def test_under_systemd_the_socket_is_in_runtime_directory(ws: Workspace) -> None:
+    ws.write("st.py", STAGES)
+    ws.pipeline('[stages.idle]\nfunction = "st:sleepy"\n')
+    runtime = ws.path / "runtime"
+    env = {**os.environ, "RUNTIME_DIRECTORY": f"{runtime}:{ws.path / 'other'}"}  # systemd's list: the first
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "procd", "run", f"{ws.name}.toml", "--log-file", "log.jsonl"],
+        cwd=ws.path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: any(r["event"] == "pipeline_ready" for r in read_records(ws.path / "log.jsonl")))
+        (starting,) = [r for r in read_records(ws.path / "log.jsonl") if r["event"] == "pipeline_starting"]
+        assert starting["control"] == str(runtime / f"{ws.name}.sock")
+        assert stat.S_IMODE(os.lstat(runtime).st_mode) == 0o700
+        status = subprocess.run(
+            [sys.executable, "-m", "procd", "status", ws.name, "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert status.returncode == 0 and json.loads(status.stdout)["pid"] == proc.pid
+        elsewhere = ws.run("status", ws.name)  # without the variable: not found, and says where it looked
+        assert elsewhere.code == 1
+        assert elsewhere.stderr == (
+            f"procd status: no pipeline named {ws.name} is running (looked for {ws.name}.sock in /run/procd)\n"
+        )
+    finally:
+        subprocess.run(
+            [sys.executable, "-m", "procd", "stop", ws.name], env=env, capture_output=True, timeout=30, check=False
+        )
+        proc.wait(timeout=20)
+    assert proc.returncode == 0
