@@ -7,6 +7,7 @@ import os
 import resource
 import signal
 import socket
+import subprocess
 import time
 import traceback
 import urllib.error
@@ -42,7 +43,8 @@ def _samples(text: str) -> dict[str, float]:
     }
 
 
-def test_metrics_endpoint(ws: Workspace) -> None:
+def _start(ws: Workspace) -> tuple[int, subprocess.Popen[str]]:
+    """A running pipeline serving metrics on a free port: ticks -> same x2."""
     port = _free_port()
     ws.write("st.py", STAGES)
     ws.pipeline(
@@ -50,7 +52,11 @@ def test_metrics_endpoint(ws: Workspace) -> None:
         '[stages.ticks]\nfunction = "st:ticks"\n'
         '[stages.same]\nfunction = "st:same"\ninputs = ["ticks"]\nprocesses = 2\n'
     )
-    proc = ws.start_ready()
+    return port, ws.start_ready()
+
+
+def test_metrics_endpoint(ws: Workspace) -> None:
+    port, proc = _start(ws)
     try:
 
         def scrape() -> dict[str, float]:
@@ -96,14 +102,7 @@ def _cpu_s(pid: int) -> float:
 
 
 def test_idle_connections_cannot_starve_the_supervisor(ws: Workspace) -> None:
-    port = _free_port()
-    ws.write("st.py", STAGES)
-    ws.pipeline(
-        f'[pipeline]\nname = "{ws.name}"\nmetrics = "{port}"\n'
-        '[stages.ticks]\nfunction = "st:ticks"\n'
-        '[stages.same]\nfunction = "st:same"\ninputs = ["ticks"]\nprocesses = 2\n'
-    )
-    proc = ws.start_ready()
+    port, proc = _start(ws)
     idle: list[socket.socket] = []
     try:
         baseline = len(os.listdir(f"/proc/{proc.pid}/fd"))

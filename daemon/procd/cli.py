@@ -277,8 +277,6 @@ def _control(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     if not reply.get("ok"):
         print(f"procd {args.command}: {reply.get('error')}", file=sys.stderr)
-        for problem in reply.get("problems", ()):
-            print(problem, file=sys.stderr)
         return EXIT_FAILURE
     sys.stdout.write(verb.show(args, reply))
     return EXIT_OK
