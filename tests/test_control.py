@@ -105,6 +105,10 @@ def test_status_shows_every_worker_and_blocked_states(ws: Workspace) -> None:
             assert worker["generation"] == 1 and worker["restarts"] == 0 and worker["pid"] > 0
         wait_until(lambda: by_stage(status())["slow"]["workers"][0]["items_in"] > 0, timeout=5)
         table = _ask(ws, "status").stdout
+        assert re.fullmatch(
+            rf"pipeline {ws.name}  pid {proc.pid}  running  up [\d.]+s  [\d,]+ items/s into the sinks \(last \d+s\)",
+            table.splitlines()[0],
+        )
         assert table.splitlines()[1].split() == [
             "STAGE",
             "WORKER",

@@ -183,7 +183,10 @@ def _init(name: str, directory: str) -> int:
 
 def _format_status(reply: dict[str, Any]) -> str:
     """The human table of ``procd status``."""
-    lines = [f"pipeline {reply['pipeline']}  pid {reply['pid']}  {reply['state']}  up {reply['uptime_s']:.1f}s"]
+    lines = [
+        f"pipeline {reply['pipeline']}  pid {reply['pid']}  {reply['state']}  up {reply['uptime_s']:.1f}s  "
+        f"{reply['items_per_s']:,.0f} items/s into the sinks (last {reply['rate_window_s']:.0f}s)"
+    ]
     header = ("STAGE", "WORKER", "PID", "STATE", "GEN", "RESTARTS", "UPTIME", "IN", "OUT", "QUEUE")
     rows = [header]
     for stage in reply["stages"]:
