@@ -550,3 +550,31 @@ def test_under_systemd_the_socket_is_in_runtime_directory(ws: Workspace) -> None
         )
         proc.wait(timeout=20)
     assert proc.returncode == 0
+
+
+def test_a_handler_that_fails_is_answered_and_logged_never_fatal(ws: Workspace) -> None:
+    import io
+
+    from procd import config, control
+    from procd.log import open_logger
+    from procd.supervisor import Supervisor
+
+    ws.pipeline('[stages.a]\ncommand = ["true"]\n')
+    spec = config.load_pipeline(str(ws.path / f"{ws.name}.toml"))
+    stream = io.StringIO()
+    log, writer = open_logger(spec.name, stream=stream)
+    try:
+        supervisor = Supervisor(spec, log, writer, control_path=str(ws.control))
+
+        def broken(_request: control.Request) -> control.Answer:
+            raise ZeroDivisionError("division by zero")
+
+        supervisor.handlers["status"] = broken
+        reply = supervisor._answer(control.parse(b'{"command": "status"}'))
+        assert reply == {"ok": False, "error": "procd failed to answer status: ZeroDivisionError('division by zero')"}
+        (record,) = [r for r in parse_records(stream.getvalue()) if r["event"] == "control_failed"]
+        assert record["command"] == "status" and record["error"] == "ZeroDivisionError('division by zero')"
+        assert record["traceback"].startswith("Traceback") and record["level"] == "error"
+        supervisor.selector.close()
+    finally:
+        writer.close()

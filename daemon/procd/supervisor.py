@@ -23,6 +23,7 @@ import random
 import selectors
 import signal
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -740,7 +741,7 @@ class Supervisor:
             return control.dispatch(request, self.handlers)
         except Exception as exc:  # a fault of procd's own: told to the client, never fatal
             name = request.command.name if isinstance(request, control.Request) else None
-            self.log.exception("control_failed", command=name)
+            self.log.error("control_failed", command=name, error=repr(exc), traceback=traceback.format_exc())
             return {"ok": False, "error": f"procd failed to answer {name}: {exc!r}"}
 
     def _stop_command(self, _request: control.Request) -> dict[str, Any]:
