@@ -27,7 +27,7 @@ import pytest
 from conftest import REPO, processes_titled, wait_until
 
 BOOT = Path(__file__).parent / "systemd" / "boot.sh"
-TOOLS = ("unshare", "nsenter", "mount", "setsid")
+TOOLS = ("unshare", "nsenter", "mount", "setsid", "useradd", "runuser")
 
 
 def _cgroup2() -> Path | None:
@@ -48,7 +48,7 @@ def _why_not() -> str | None:
         return "needs root"
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing or not Path("/lib/systemd/systemd").exists():
-        return f"needs {', '.join(missing) or '/lib/systemd/systemd'} (Debian packages util-linux, systemd)"
+        return f"needs {', '.join(missing) or '/lib/systemd/systemd'} (Debian packages util-linux, systemd, passwd)"
     if _cgroup2() is None:
         return "needs a cgroup2 hierarchy"
     return None
