@@ -10,9 +10,10 @@ feeds the queue has finished (all its processes exited); dropping that copy is w
 readers see the end of their input. A stop sends SIGTERM to the producers and lets every other
 stage drain in the same way; whatever is still there at the stop deadline gets SIGKILL.
 
-The same loop answers the control socket (status, stop, scale, reload, attach), serves the
-optional metrics endpoint, and tells the service manager what happens (sd_notify). Signals and
-control requests lead to the same internal events.
+The same loop answers the control socket (one handler per command of ``control.COMMANDS``),
+serves the optional metrics endpoint (both through bounded ``connections``), and tells the
+service manager what happens (sd_notify). Signals and control requests lead to the same
+internal events.
 """
 
 from __future__ import annotations
