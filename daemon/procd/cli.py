@@ -14,7 +14,8 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from procd import __version__, callables, config, control, environment, plan
@@ -50,22 +51,15 @@ def _parser() -> argparse.ArgumentParser:
         "--control", metavar="PATH", help="the control socket (default: under $XDG_RUNTIME_DIR/procd or /run/procd)"
     )
 
-    status = commands.add_parser("status", help="every stage and worker of a running pipeline")
-    status.add_argument("pipeline", metavar="PIPELINE", nargs="?")
-    status.add_argument("--json", action="store_true", help="print the reply as JSON")
-    status.add_argument("--control", metavar="PATH")
+    for command in control.COMMANDS.values():  # status, stop, reload, scale: one request each
+        if command.verb:
+            verb = commands.add_parser(command.name, help=command.summary)
+            _VERBS[command.name].arguments(verb)
+            verb.add_argument("--control", metavar="PATH", help="the control socket (default: found by name)")
 
     top = commands.add_parser("top", help="a live view of a running pipeline (q quits)")
     top.add_argument("pipeline", metavar="PIPELINE", nargs="?")
     top.add_argument("--control", metavar="PATH")
-
-    stop = commands.add_parser("stop", help="stop a running pipeline (the same as SIGTERM)")
-    stop.add_argument("pipeline", metavar="PIPELINE", nargs="?")
-    stop.add_argument("--control", metavar="PATH")
-
-    reload = commands.add_parser("reload", help="re-read a running pipeline's file (the same as SIGHUP)")
-    reload.add_argument("pipeline", metavar="PIPELINE", nargs="?")
-    reload.add_argument("--control", metavar="PATH")
 
     logs = commands.add_parser("logs", help="read procd's records from a log file or standard input")
     logs.add_argument("file", metavar="FILE", nargs="?", default="-", help="a --log-file, or - for stdin (default)")
@@ -97,11 +91,6 @@ def _parser() -> argparse.ArgumentParser:
     dlq_replay.add_argument("--name", metavar="PIPELINE", help="the running pipeline (default: the only one)")
     dlq_replay.add_argument("--control", metavar="PATH")
 
-    scale = commands.add_parser("scale", help="change the number of processes of a stage: STAGE=N")
-    scale.add_argument("pipeline", metavar="PIPELINE")
-    scale.add_argument("assignment", metavar="STAGE=N")
-    scale.add_argument("--control", metavar="PATH")
-
     check = commands.add_parser("check", help="validate pipeline files (exit 0 or 78)")
     check.add_argument("files", metavar="FILE", nargs="+")
 
@@ -125,10 +114,7 @@ def _load(file: str, *, imports: bool, apart: bool = False) -> config.PipelineSp
     forked child with ``apart``, so that this process stays free of user modules)."""
     if not imports:
         return config.load_pipeline(file)
-    spec, problems = callables.load_and_check(file, apart=apart)
-    if problems:
-        raise ConfigError(file, problems)
-    return spec
+    return callables.load_or_raise(file, apart=apart)
 
 
 def _report(error: ConfigError) -> int:
@@ -164,9 +150,10 @@ def _report_build(error: BuildError, command: str) -> int:
 
 def _run(file: str, log_file: str | None, control_path: str | None) -> int:
     try:
-        spec = config.load_pipeline(file)
-        problems = [] if spec.has_environment else callables.check_callables_apart(spec)  # else in the environment
-        if problems:
+        spec, problems = config.read_pipeline(file)
+        if not spec.has_environment:  # else its code is checked in its environment, once built
+            spec = _load(file, imports=True, apart=True)  # every problem, the stage code's too
+        elif problems:
             raise ConfigError(file, problems)
     except ConfigError as error:
         if log_file:
@@ -184,9 +171,10 @@ def _run(file: str, log_file: str | None, control_path: str | None) -> int:
         env = None
         notifier = Notifier.from_environ()
         if spec.has_environment:
-            env = _prepare_logged(spec, log, notifier)
-            if env is None:
+            prepared = _prepare_logged(spec, log, notifier)
+            if prepared is None:
                 return EXIT_FAILURE
+            spec, env = prepared
         return Supervisor(spec, log, writer, control_path=control_path, notifier=notifier, environment=env).run()
     except ConfigError as error:
         log.error("config_invalid", file=file, problems=error.lines())
@@ -201,7 +189,9 @@ def _run(file: str, log_file: str | None, control_path: str | None) -> int:
         writer.close()
 
 
-def _prepare_logged(spec: config.PipelineSpec, log: Any, notifier: Notifier) -> Environment | None:
+def _prepare_logged(
+    spec: config.PipelineSpec, log: Any, notifier: Notifier
+) -> tuple[config.PipelineSpec, Environment] | None:
     """Build (or reuse) the pipeline's environment and import its stage code there, with a record
     of either; None if the build failed (its record names the project and shows the output's tail).
     While a build runs, the service manager's start timeout is pushed back each second.
@@ -233,18 +223,20 @@ def _prepare_logged(spec: config.PipelineSpec, log: Any, notifier: Notifier) -> 
         projects=[b.project for b in env.projects],
         seconds=round(env.seconds, 3),
     )
-    problems = environment.check_callables(spec, env, reuse=True, tick=extend_start_timeout)
+    codes = environment.check_stage_code(spec, env, reuse=True, tick=extend_start_timeout)
+    spec, problems = callables.complete(spec, codes, [])
     if problems:
         env.release()
         raise ConfigError(spec.file, problems)
-    return env
+    return spec, env
 
 
 def _check(files: Sequence[str]) -> int:
     code = EXIT_OK
     for file in files:
         try:
-            spec, env, problems = environment.load_and_check(file, apart=False)
+            # whatever the stage code does, 0 or 78; with packages, imported in the environment
+            spec, env, problems = environment.load_and_check(file, apart=True)
             if env is not None:
                 env.release()
             if problems:
@@ -299,7 +291,10 @@ def _init(name: str, directory: str) -> int:
 
 def _format_status(reply: dict[str, Any]) -> str:
     """The human table of ``procd status``."""
-    lines = [f"pipeline {reply['pipeline']}  pid {reply['pid']}  {reply['state']}  up {reply['uptime_s']:.1f}s"]
+    lines = [
+        f"pipeline {reply['pipeline']}  pid {reply['pid']}  {reply['state']}  up {reply['uptime_s']:.1f}s  "
+        f"{reply['items_per_s']:,.0f} items/s into the sinks (last {reply['rate_window_s']:.0f}s)"
+    ]
     header = ("STAGE", "WORKER", "PID", "STATE", "GEN", "RESTARTS", "UPTIME", "IN", "OUT", "QUEUE")
     rows = [header]
     for stage in reply["stages"]:
@@ -326,31 +321,85 @@ def _format_status(reply: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+class _UsageError(Exception):
+    """A client verb's arguments cannot make a request."""
+
+
+@dataclass(frozen=True)
+class _Verb:
+    """The client side of one command of ``control.COMMANDS``: its arguments, the request's
+    fields made from them, and what a successful reply prints."""
+
+    arguments: Callable[[argparse.ArgumentParser], object] = lambda p: p.add_argument(
+        "pipeline", metavar="PIPELINE", nargs="?"
+    )
+    fields: Callable[[argparse.Namespace], dict[str, Any]] = lambda _args: {}
+    show: Callable[[argparse.Namespace, dict[str, Any]], str] = lambda _args, _reply: ""
+
+
+def _status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pipeline", metavar="PIPELINE", nargs="?")
+    parser.add_argument("--json", action="store_true", help="print the reply as JSON")
+
+
+def _format_reload(reply: dict[str, Any]) -> str:
+    changes = [f"{key} {', '.join(reply[key])}" for key in ("changed", "added", "removed") if reply.get(key)]
+    code = f" (code changed: {', '.join(reply['code_changed'])})" if reply.get("code_changed") else ""
+    return ("; ".join(changes) or "nothing changed") + code + "\n"
+
+
+def _scale_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pipeline", metavar="PIPELINE")
+    parser.add_argument("assignment", metavar="STAGE=N")
+
+
+def _scale_fields(args: argparse.Namespace) -> dict[str, Any]:
+    stage, _, count = args.assignment.partition("=")
+    if not stage or not count.isascii() or not count.isdigit() or len(count) > 100:
+        raise _UsageError(f"expected STAGE=N, such as transform=4, got {args.assignment[:120]!r}")
+    return {"stage": stage, "processes": int(count)}  # the pipeline says how many it may run
+
+
+_VERBS: dict[str, _Verb] = {
+    "status": _Verb(
+        _status_arguments,
+        show=lambda args, reply: json.dumps(reply, indent=2) + "\n" if args.json else _format_status(reply),
+    ),
+    "stop": _Verb(),
+    "reload": _Verb(show=lambda _args, reply: _format_reload(reply)),
+    "scale": _Verb(
+        _scale_arguments,
+        _scale_fields,
+        lambda _args, reply: (
+            f"{reply['stage']}: {reply['processes']} processes "
+            f"(started {reply['started']}, retiring {reply['retiring']}"
+            + (f", {reply['waiting']} waiting to start" if reply.get("waiting") else "")
+            + ")\n"
+        ),
+    ),
+}
+
+
 def _control(args: argparse.Namespace) -> int:
-    """status, stop, reload and scale: one request to a running pipeline's control socket."""
-    message: dict[str, Any] = {"command": args.command}
-    if args.command == "scale":
-        stage, _, count = args.assignment.partition("=")
-        if not stage or not count.isdigit():
-            print(f"procd scale: expected STAGE=N, such as transform=4, got {args.assignment!r}", file=sys.stderr)
-            return EXIT_USAGE
-        message.update(stage=stage, processes=int(count))
+    """A verb of the command table: one request to a running pipeline's control socket."""
+    verb = _VERBS[args.command]
+    try:
+        fields = verb.fields(args)
+    except _UsageError as exc:
+        print(f"procd {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         path = control.find_socket(args.pipeline, args.control)
-        reply = control.request(path, message)
+        reply = control.call(path, args.command, **fields)
     except ControlError as exc:
         print(f"procd {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     if not reply.get("ok"):
         print(f"procd {args.command}: {reply.get('error')}", file=sys.stderr)
+        for problem in reply.get("problems", []):  # an invalid file on reload: what is wrong with it
+            print(problem, file=sys.stderr)
         return EXIT_FAILURE
-    if args.command == "status":
-        sys.stdout.write(json.dumps(reply, indent=2) + "\n" if args.json else _format_status(reply))
-    elif args.command == "scale":
-        print(
-            f"{reply['stage']}: {reply['processes']} processes "
-            f"(started {reply['started']}, retiring {reply['retiring']})"
-        )
+    sys.stdout.write(verb.show(args, reply))
     return EXIT_OK
 
 
@@ -412,7 +461,7 @@ def _dlq_replay(args: argparse.Namespace) -> int:
         return _replay_fresh(args.pipeline, args.file, args.into)
     try:
         path = control.find_socket(args.name, args.control)
-        reply, fds = control.request_fds(path, {"command": "attach", "stage": args.into})
+        reply, fds = control.call_fds(path, "attach", stage=args.into)
         if not reply.get("ok"):
             print(f"procd dlq replay: {reply.get('error')}", file=sys.stderr)
             return EXIT_FAILURE
@@ -422,7 +471,7 @@ def _dlq_replay(args: argparse.Namespace) -> int:
             writer.send(items[start : start + batch])
         writer.close()
         os.close(fds[1])
-        control.request(path, {"command": "replayed", "stage": args.into, "items": len(items), "file": args.file})
+        control.call(path, "replayed", stage=args.into, items=len(items), file=args.file)
     except ControlError as exc:
         print(f"procd dlq replay: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -471,7 +520,7 @@ def _top(args: argparse.Namespace) -> int:
         path = control.find_socket(args.pipeline, args.control)
 
         def fetch() -> dict[str, Any]:
-            reply = control.request(path, {"command": "status"})
+            reply = control.call(path, "status")
             if not reply.get("ok"):
                 raise ControlError(str(reply.get("error")))
             return reply
@@ -562,7 +611,9 @@ def _summary(records: list[dict[str, Any]]) -> str:
     from procd import events
 
     rows = [("STAGE", "SPAWNS", "RESTARTS", "EXITS", "REDELIVERED", "DEAD_LETTERS", "IN", "OUT", "FIRST", "LAST")]
-    for name, s in events.summarize(records).items():
+    summaries = events.summarize(records)
+    unexited = sum(max(0, s.spawns - sum(s.exits.values())) for s in summaries.values())
+    for name, s in summaries.items():
         exits = ", ".join(f"{cause}: {n}" for cause, n in sorted(s.exits.items())) or "-"
         rows.append(
             (
@@ -579,7 +630,13 @@ def _summary(records: list[dict[str, Any]]) -> str:
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in rows)
+    table = "".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in rows)
+    if unexited:  # counts reach the log when a worker exits
+        table += (
+            f"IN and OUT count only workers that have exited: {unexited} have no exit record yet "
+            "(still running, or the log ends early); procd status shows their latest counts.\n"
+        )
+    return table
 
 
 def _timeline(records: list[dict[str, Any]], stage: str, worker: int) -> str:
@@ -602,7 +659,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args.file, args.log_file, args.control)
-        if args.command in ("status", "stop", "reload", "scale"):
+        if args.command in _VERBS:
             return _control(args)
         if args.command == "top":
             return _top(args)

@@ -72,6 +72,7 @@ _TAIL_LINES = 25
 _DEFAULT_REQUIRES = ("setuptools>=40.8.0",)
 _DEFAULT_BACKEND = "setuptools.build_meta:__legacy__"
 _TICK_S = 1.0  # while a step runs, the caller's tick is called this often (the watchdog)
+_TIMED_OUT = -1  # the exit code _Steps.run reports for a program it killed at its deadline
 
 
 class BuildError(Exception):
@@ -295,10 +296,18 @@ class _Steps:
     tick: Callable[[], None]
 
     def run(
-        self, argv: Sequence[str], *, cwd: str | None = None, env: dict[str, str] | None = None, data: bytes = b""
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        data: bytes = b"",
+        timeout_s: float | None = None,
     ) -> tuple[int, bytes, bytes]:
         """Run a program to its end, ticking meanwhile; return its exit code, stdout and stderr.
-        With ``data`` (fed to its stdin), stderr is kept apart; without, it joins stdout."""
+        With ``data`` (fed to its stdin), stderr is kept apart; without, it joins stdout. Past
+        ``timeout_s`` it is killed and the code is ``_TIMED_OUT``."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         proc = subprocess.Popen(
             argv,
             cwd=cwd,
@@ -311,6 +320,10 @@ class _Steps:
             try:
                 out, err = proc.communicate(data or None, timeout=_TICK_S)
             except subprocess.TimeoutExpired:
+                if deadline is not None and time.monotonic() > deadline:
+                    proc.kill()
+                    out, err = proc.communicate()
+                    return _TIMED_OUT, out, err or b""
                 self.tick()  # communicate() may be called again; nothing it read is lost
                 continue
             return proc.returncode, out, err or b""
@@ -476,25 +489,38 @@ def _link_runtime(env: str) -> None:
             fh.write(runtime + "\n")
 
 
-def check_callables(
-    spec: PipelineSpec, env: Environment, *, reuse: bool = False, tick: Callable[[], None] | None = None
-) -> list[Problem]:
-    """Import every function stage's code in the environment's interpreter; return one problem
-    per stage that fails (procd's own interpreter never imports it).
+def check_stage_code(
+    spec: PipelineSpec,
+    env: Environment,
+    *,
+    reuse: bool = False,
+    tick: Callable[[], None] | None = None,
+    timeout_s: float = callables.IMPORT_TIMEOUT_S,
+) -> dict[str, callables.StageCode]:
+    """``callables.check_callables`` in the environment's interpreter (procd's own never imports
+    stage code); a check that does not finish within ``timeout_s`` is a problem of every stage.
 
-    With ``reuse``, a check that passed before in this environment for the same stage functions
-    is not repeated (a fresh interpreter costs a start tens of milliseconds): code that comes
-    from the environment cannot change without a new environment. It is repeated whenever a
-    stage's module comes from elsewhere (beside the pipeline file), or something there now has
-    the name of a stage's top-level module.
+    With ``reuse``, the function stages' check that passed before in this environment for the
+    same stages is not repeated (a fresh interpreter costs a start, tens of milliseconds): code
+    from the environment cannot change without a new environment. It is repeated whenever a stage
+    imported a module from the pipeline's directory, or something there now has the name of a
+    stage's top-level module. Command stages (their programs) are always checked, here.
     """
-    refs = sorted({s.function for s in spec.stages if s.function is not None})
-    tops = {ref.partition(":")[0].split(".")[0] for ref in refs}
+    functions = [s for s in spec.stages if s.function is not None]
     mark = os.path.join(
-        env.path, "procd-checked", hashlib.sha256(repr((spec.base_dir, refs)).encode()).hexdigest()[:16]
+        env.path, "procd-checked", hashlib.sha256(repr((spec.base_dir, functions)).encode()).hexdigest()[:16]
     )
+    tops = {s.function.partition(":")[0].split(".")[0] for s in functions if s.function is not None}
     if reuse and os.path.exists(mark) and not _shadowed(spec.base_dir, tops):
-        return []
+        try:
+            with open(mark, encoding="utf-8") as fh:
+                codes = {name: callables._from_json(found) for name, found in json.load(fh).items()}
+            for stage in spec.stages:
+                if stage.command is not None:
+                    codes[stage.name] = callables.check_stage(stage, spec.base_dir)  # imports nothing
+            return codes
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a mark that cannot be read: check again
     env_vars = dict(os.environ)
     env_vars.pop("PYTHONPATH", None)
     code, out, err = _Steps(lambda line: None, tick or (lambda: None)).run(
@@ -502,22 +528,25 @@ def check_callables(
         cwd=spec.base_dir,
         env=env_vars,
         data=pickle.dumps(spec),
+        timeout_s=timeout_s,
     )
     try:
-        report = json.loads(out)
-    except ValueError:
-        tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        return [Problem("", f"checking the stage code in {env.path} failed (exit {code}): {tail[0]}")]
-    problems = [Problem(path, message) for path, message in report["problems"]]
-    inside = all(
-        origin and (origin.startswith(env.path + os.sep) or not origin.startswith(spec.base_dir + os.sep))
-        for origin in report["origins"].values()
-    )
-    if not problems and inside:
+        codes = {name: callables._from_json(found) for name, found in json.loads(out).items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        if code == _TIMED_OUT:
+            why = f"did not finish within {timeout_s:g}s"
+        else:
+            why = (
+                f"failed (exit {code}): " + (err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"])[0]
+            )
+        problem = Problem("", f"checking the stage code in the environment {env.path} {why}")
+        return {spec.stages[0].name: callables.StageCode((problem,))} if spec.stages else {}
+    nothing_of_its_own = callables._digest({}, spec.base_dir)
+    if all(not codes[s.name].problems and codes[s.name].code_hash == nothing_of_its_own for s in functions):
         os.makedirs(os.path.dirname(mark), exist_ok=True)
         with open(mark, "w", encoding="utf-8") as fh:
-            json.dump(report["origins"], fh)
-    return problems
+            json.dump({s.name: callables._as_json(codes[s.name]) for s in functions}, fh)
+    return codes
 
 
 def _shadowed(base_dir: str, tops: set[str]) -> bool:
@@ -531,36 +560,42 @@ def _shadowed(base_dir: str, tops: set[str]) -> bool:
 
 
 def report_check() -> None:
-    """In the environment's interpreter: import the stage code of the pickled ``PipelineSpec`` on
-    standard input; write the problems, and the file each stage's top-level module came from, as
-    JSON on standard output."""
+    """In the environment's interpreter: check the stage code of the pickled ``PipelineSpec`` on
+    standard input; write what was found, stage by stage, as JSON on standard output."""
     spec: PipelineSpec = pickle.load(sys.stdin.buffer)
-    problems = callables.check_callables(spec)
-    origins = {}
-    for stage in spec.stages:
-        if stage.function is not None:
-            top = stage.function.partition(":")[0].split(".")[0]
-            origins[top] = getattr(sys.modules.get(top), "__file__", None) or ""
-    json.dump({"problems": [[p.path, p.message] for p in problems], "origins": origins}, sys.stdout)
+    codes = callables.check_callables(spec)
+    json.dump({name: callables._as_json(code) for name, code in codes.items()}, sys.stdout)
 
 
 def load_and_check(
-    file: str, *, apart: bool, reuse: bool = False, tick: Callable[[], None] | None = None
+    file: str,
+    *,
+    apart: bool,
+    timeout_s: float = callables.IMPORT_TIMEOUT_S,
+    reuse: bool = False,
+    tick: Callable[[], None] | None = None,
 ) -> tuple[PipelineSpec, Environment | None, list[Problem]]:
-    """Load a pipeline file, prepare its environment if it has one, and import its stage code
-    (in the environment's interpreter, or as ``callables.load_and_check`` does; ``reuse`` as
-    ``check_callables`` takes it, ``tick`` as ``prepare`` does).
+    """``callables.load_and_check`` for a pipeline that may have an environment: prepare it
+    (``prepare``, with ``tick``) and check the stage code there (``check_stage_code``, with
+    ``reuse``). A file with problems builds nothing. The environment returned is held; the caller
+    releases it.
 
     Raises:
-        ConfigError: the file cannot be read or is invalid.
+        ConfigError: the file cannot be read or parsed at all.
         BuildError: its environment cannot be built.
     """
-    spec = config.load_pipeline(file)
+    spec, problems = config.read_pipeline(file)
     if not spec.has_environment:
-        return spec, None, (callables.check_callables_apart if apart else callables.check_callables)(spec)
+        codes = callables.check_callables_apart(spec, timeout_s) if apart else callables.check_callables(spec)
+        spec, problems = callables.complete(spec, codes, problems)
+        return spec, None, problems
+    if problems:
+        return spec, None, problems
     env = prepare(spec, tick=tick)
     try:
-        return spec, env, check_callables(spec, env, reuse=reuse, tick=tick)
+        codes = check_stage_code(spec, env, reuse=reuse, tick=tick, timeout_s=timeout_s)
     except BaseException:
         env.release()
         raise
+    spec, problems = callables.complete(spec, codes, problems)
+    return spec, env, problems
