@@ -490,3 +490,19 @@ def test_a_state_directory_inside_the_project_is_not_part_of_it(ws: Workspace) -
     second = ws.run("build", f"{ws.name}.toml", timeout=60)
     assert second.code == 0, second.stderr
     assert ": up to date, reused in " in second.stdout
+
+
+def test_what_a_killed_build_left_is_removed_by_the_next(ws: Workspace) -> None:
+    from procd import config, environment
+
+    setuptools_project(ws, "stages", "1.0", dependencies="[]")
+    path = pipeline(ws, '["stages"]')
+    key = environment.environment_key(config.load_pipeline(path))
+    envs = ws.path / f"state-{ws.name}" / "envs"
+    for leftover in (envs / key / "half-installed", envs / f"{key}.build" / "wheels" / "half.whl"):
+        leftover.parent.mkdir(parents=True, exist_ok=True)
+        leftover.write_text("")
+    result = ws.run("build", path.name, timeout=180)
+    assert result.code == 0, result.stderr
+    assert sorted(p.name for p in envs.iterdir()) == [key, f"{key}.lock"]
+    assert not (envs / key / "half-installed").exists()

@@ -62,6 +62,7 @@ from procd.errors import Problem
 ENVS_DIR = "envs"
 _COMPLETE = "procd-environment.json"  # written last: its presence means the environment is whole
 _RUNTIME_DIR = "procd-runtime"
+_SCRATCH = ".build"  # beside an environment being built: its build environments and wheels
 # What a worker imports from outside the standard library: procd and its worker runtime's one
 # dependency. Keep in step with the imports of child.py and what it pulls in.
 _WORKER_IMPORTS = ("procd", "setproctitle")
@@ -278,6 +279,7 @@ def remove_unused(spec: PipelineSpec, *, keep: str) -> list[str]:
             os.close(fd)
             continue  # something runs in it (or builds it)
         try:
+            shutil.rmtree(lock_path[: -len(".lock")] + _SCRATCH, ignore_errors=True)
             shutil.rmtree(lock_path[: -len(".lock")], ignore_errors=True)
             os.unlink(lock_path)
             removed.append(lock_path[: -len(".lock")])
@@ -341,14 +343,16 @@ class _Steps:
 
 def _build(spec: PipelineSpec, path: str, key: str, steps: _Steps) -> tuple[Built, ...]:
     """Build every project and install the wheels and requirements into a new environment at
-    ``path`` (whatever a failed earlier attempt left there is removed first)."""
-    import shutil  # only a build needs these
-    import tempfile
+    ``path``. The build environments and wheels go to ``PATH.build``, removed afterwards; what a
+    killed earlier attempt left in either is removed first (the caller holds the key's lock)."""
+    import shutil  # only a build needs it
 
-    shutil.rmtree(path, ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix=".build-", dir=os.path.dirname(path)) as scratch:
+    scratch = path + _SCRATCH
+    for leftover in (path, scratch):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
         wheels_dir = os.path.join(scratch, "wheels")
-        os.mkdir(wheels_dir)
+        os.makedirs(wheels_dir)
         built = []
         for index, project in enumerate(spec.packages):
             built.append(_build_wheel(project, os.path.join(scratch, f"build-env-{index}"), wheels_dir, steps))
@@ -363,6 +367,8 @@ def _build(spec: PipelineSpec, path: str, key: str, steps: _Steps) -> tuple[Buil
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     record = {
         "key": key,
         "projects": [{"project": b.project, "backend": b.backend, "wheel": b.wheel} for b in built],
