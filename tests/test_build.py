@@ -506,3 +506,15 @@ def test_what_a_killed_build_left_is_removed_by_the_next(ws: Workspace) -> None:
     assert result.code == 0, result.stderr
     assert sorted(p.name for p in envs.iterdir()) == [key, f"{key}.lock"]
     assert not (envs / key / "half-installed").exists()
+
+
+def test_two_builds_at_once_build_once(ws: Workspace) -> None:
+    setuptools_project(ws, "stages", "1.0", dependencies="[]")
+    path = pipeline(ws, '["stages"]')
+    builds = [ws.start("build", path.name) for _ in range(2)]
+    outputs = [proc.communicate(timeout=180) for proc in builds]
+    assert [proc.returncode for proc in builds] == [0, 0], outputs
+    (env,) = environments(ws)
+    last_lines = sorted(out.splitlines()[-1] for out, _err in outputs)
+    assert last_lines[0].startswith(f"environment {env}: built in ")
+    assert last_lines[1].startswith(f"environment {env}: up to date, reused in ")  # it waited for the other

@@ -216,13 +216,13 @@ def _claim(spec: PipelineSpec, path: str, key: str, steps: _Steps) -> tuple[int,
     complete; return the lock's descriptor and what was built."""
     lock_path = path + ".lock"
     while True:
-        lock_fd = _lock(lock_path, fcntl.LOCK_SH)
+        lock_fd = _lock(lock_path, steps)
         built: tuple[Built, ...] = ()
         try:
             if not os.path.exists(os.path.join(path, _COMPLETE)):
                 # flock converts a lock by dropping it first: in between, a remover may take the
                 # file away; then start again on the new one
-                steps.wait_for_lock(lock_fd)  # another builder of the same key may hold it
+                steps.wait_for_lock(lock_fd, fcntl.LOCK_EX)  # another builder of the same key may hold it
                 if _is_current(lock_fd, lock_path) and not os.path.exists(os.path.join(path, _COMPLETE)):
                     built = _build(spec, path, key, steps)
                 fcntl.flock(lock_fd, fcntl.LOCK_SH)
@@ -236,12 +236,16 @@ def _claim(spec: PipelineSpec, path: str, key: str, steps: _Steps) -> tuple[int,
         return lock_fd, built
 
 
-def _lock(lock_path: str, how: int) -> int:
-    """Open and ``flock`` a lock file, making sure it is still the one on disk afterwards (a
-    remover may unlink it between our ``open`` and our lock)."""
+def _lock(lock_path: str, steps: _Steps) -> int:
+    """Open a lock file and take it shared (waiting for a builder), making sure it is still the
+    one on disk afterwards (a remover may unlink it between our ``open`` and our lock)."""
     while True:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        fcntl.flock(fd, how)
+        try:
+            steps.wait_for_lock(fd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
         if _is_current(fd, lock_path):
             return fd
         os.close(fd)
@@ -330,11 +334,11 @@ class _Steps:
                 continue
             return proc.returncode, out, err or b""
 
-    def wait_for_lock(self, fd: int) -> None:
-        """``flock(LOCK_EX)``, ticking while another process holds the lock."""
+    def wait_for_lock(self, fd: int, how: int) -> None:
+        """``flock(how)``, ticking while another process holds the lock against it."""
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, how | fcntl.LOCK_NB)
                 return
             except BlockingIOError:
                 self.tick()
