@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from procd import __version__, callables, config, control, plan
+from procd import __version__, callables, config, control, log, plan
 from procd.control import ControlError
 from procd.errors import ConfigError, StoreError
 from procd.log import LEVELS, open_logger
@@ -126,9 +126,32 @@ def _load(file: str, *, imports: bool, apart: bool = False) -> config.PipelineSp
 
 
 def _report(error: ConfigError) -> int:
-    for line in error.lines():
-        print(line, file=sys.stderr)
+    _say(*error.lines())
     return EXIT_CONFIG
+
+
+def _say(*lines: str) -> None:
+    """Lines to stderr, for a reader who may have gone (``| head``): the exit code stays true."""
+    try:
+        for line in lines:
+            print(line, file=sys.stderr)
+        sys.stderr.flush()
+    except OSError:
+        pass
+
+
+def _reserve_standard_fds() -> None:
+    """Open /dev/null on whichever of 0, 1 and 2 is closed (``procd run ... 2>&-``), so that no
+    descriptor procd opens later (the log file, a queue, a pipe to a worker) lands there and
+    receives what is meant for stderr."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
+        if getattr(sys, name) is None:  # Python found it closed at start-up
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115
 
 
 def _run(file: str, log_file: str | None, control_path: str | None) -> int:
@@ -144,7 +167,7 @@ def _run(file: str, log_file: str | None, control_path: str | None) -> int:
     try:
         log, writer = open_logger(spec.name, log_file=log_file)
     except OSError as exc:
-        print(f"procd: cannot open the log file {log_file}: {exc.strerror}", file=sys.stderr)
+        _say(f"procd: cannot open the log file {log_file}: {exc.strerror}")
         return EXIT_USAGE
     try:
         notifier = Notifier.from_environ()
@@ -421,9 +444,7 @@ def _logs(args: argparse.Namespace) -> int:
             try:
                 for record in reader.records(_lines(source, args.follow)):
                     if keep.keeps(record):
-                        print(
-                            json.dumps(record) if args.json else events.render(record, color=color), flush=args.follow
-                        )
+                        print(json.dumps(record) if args.json else log.render(record, color=color), flush=args.follow)
             except KeyboardInterrupt:
                 pass
     if reader.skipped:
@@ -490,9 +511,15 @@ def _timeline(records: list[dict[str, Any]], stage: str, worker: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``procd`` command; return its exit code."""
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "run":
+    if args.command == "run":
+        # A daemon that loses its terminal goes on: every record still reaches the log file (or
+        # the journal), and the exit code is the pipeline's own. Nothing here ends on EPIPE.
+        _reserve_standard_fds()
+        try:
             return _run(args.file, args.log_file, args.control)
+        except ConfigError as error:
+            return _report(error)
+    try:
         if args.command in ("status", "stop", "reload", "scale"):
             return _control(args)
         if args.command == "top":

@@ -914,7 +914,7 @@ class Supervisor:
         self.log.info(
             "pipeline_stopped",
             exit_code=code,
-            outcome="finished" if code == 0 else "failed",
+            outcome="failed" if code else ("stopped" if self.stopping else "finished"),
             failures=self.failed,
             forced=forced,
         )
