@@ -8,9 +8,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-import pytest
-
-from conftest import Workspace, procd_command, read_records, wait_until
+from conftest import Workspace, fill, procd_command, read_records, wait_until
 
 # A producer that yields 500 items, waits for a file, then yields 500 more: the test decides
 # when the pipeline may end, so it can take the terminal away while the pipeline runs.
@@ -112,36 +110,6 @@ def test_a_config_error_reported_to_a_closed_stderr_still_exits_78(ws: Workspace
     assert proc.stdout is not None
     proc.stdout.close()
     assert proc.wait(timeout=30) == 78
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """A real filesystem of 512 KiB (tmpfs), mounted for the test and unmounted after it."""
-    import os
-
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
-def fill(disk: Path) -> Path:
-    """Write a file until the filesystem refuses more (ENOSPC); return it."""
-    import errno
-
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 4096)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-    return filler
 
 
 PRINTER = """

@@ -287,7 +287,10 @@ def _dlq_list(file: str, as_json: bool) -> int:
         elif as_json:
             print(json.dumps(entry))
         else:
-            item = json.dumps(entry["item"]) if "item" in entry else entry.get("item_repr", "?")
+            if "item" in entry:
+                item = json.dumps(entry["item"], ensure_ascii=False, separators=(",", ":"))
+            else:
+                item = f"(repr, not JSON) {entry.get('item_repr', '?')}"
             error = f"{entry.get('error_type')}: {entry.get('error')}"
             print(
                 f"{number:>5}  {entry.get('ts', '?')}  {entry.get('stage', '?')}  "
