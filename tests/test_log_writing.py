@@ -212,3 +212,18 @@ def test_the_console_on_a_terminal_is_the_compact_form(ws: Workspace) -> None:
     columns = {line.index(f" {e} ") for line in records for e in known if f" {e} " in line}
     assert len(columns) == 1, records
     assert 'stages=["source","count"]' in starting  # values as compact JSON, not as a Python repr
+
+
+def test_a_run_started_with_stdout_and_stderr_closed_keeps_its_files_off_them(ws: Workspace) -> None:
+    import shlex
+
+    _gated(ws)
+    (ws.path / "release").touch()
+    command = shlex.join(
+        procd_command("run", f"{ws.name}.toml", "--log-file", "log.jsonl", "--control", str(ws.control))
+    )
+    proc = subprocess.run(["sh", "-c", f"exec {command} >&- 2>&-"], cwd=ws.path, timeout=30, check=False)
+    assert proc.returncode == 0
+    records = [json.loads(line) for line in (ws.path / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["event"] == "pipeline_stopped" and records[-1]["exit_code"] == 0
+    assert [r["line"] for r in records if r["event"] == "worker_output"] == ["received 1000"]
