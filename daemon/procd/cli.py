@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from procd import __version__, callables, config, control, log, plan
+from procd import __version__, callables, config, control, log, plan, signals
 from procd.control import ControlError
 from procd.errors import ConfigError, StoreError
 from procd.log import LEVELS, open_logger
@@ -514,6 +514,8 @@ def _timeline(records: list[dict[str, Any]], stage: str, worker: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``procd`` command; return its exit code."""
     args = _parser().parse_args(argv)
+    if not (args.command == "run" or (args.command == "dlq" and args.dlq_command == "replay" and args.pipeline)):
+        signals.release_held()  # no supervisor here to take them over
     if args.command == "run":
         # A daemon that loses its terminal goes on: every record still reaches the log file (or
         # the journal), and the exit code is the pipeline's own. Nothing here ends on EPIPE.
