@@ -29,7 +29,7 @@ LAYERS = {
     },
     "logging": {"log", "events"},
     "model": {"config", "plan", "starter"},
-    "core": {"lifecycle", "errors", "restarts", "__init__"},
+    "core": {"lifecycle", "errors", "restarts", "throttle", "__init__"},
 }
 ORDER = ["core", "model", "logging", "os", "processes", "loop", "interface"]
 RANK = {module: ORDER.index(layer) for layer, modules in LAYERS.items() for module in modules}

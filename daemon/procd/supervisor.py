@@ -61,6 +61,7 @@ from procd.notify import Notifier
 from procd.queues import INLINE_LIMIT
 from procd.restarts import RestartHistory, backoff_delay
 from procd.spawn import start_forkserver
+from procd.throttle import OutputThrottle
 from procd.worker import Slot
 
 TERMINAL = (State.EXITED, State.FATAL)
@@ -101,11 +102,12 @@ class Supervisor:
         self.ready_logged = False
         self.regrouping: list[Slot] = []  # stopped for a rest_for_one restart, started once all have ended
         self.notifier = notifier or Notifier(None, None)
-        self.deadlines: dict[str, float] = {}  # the loop's own: "watchdog", "status"
+        self.deadlines: dict[str, float] = {}  # the loop's own: "watchdog", "status", "output"
         self.status_sent = ("", 0.0)  # the last STATUS= line and when it went
         self.rate = status.Rate()  # items/s, for STATUS= and the progress line
         self.notify_failed = False
         self.dead_letters: dict[str, int] = {}
+        self.throttles: dict[Slot, OutputThrottle] = {}  # each worker slot's output budget
         self.forkserver: ForkServer | None = None  # started on first need (start_method = "forkserver")
         self.stopping = False
         self.stop_deadline = 0.0
@@ -214,6 +216,9 @@ class Supervisor:
         if self.deadlines.get("status", now + 1) <= now:
             del self.deadlines["status"]
             self._update_status()
+        if self.deadlines.get("output", now + 1) <= now:
+            del self.deadlines["output"]
+            self._report_suppressed_due()
         for key, deadline in sorted(self.timers.items(), key=lambda kv: kv[1]):
             if deadline > now or key not in self.timers:
                 continue
@@ -417,6 +422,7 @@ class Supervisor:
         """A retired slot leaves for good."""
         self.slots.remove(slot)
         self.ready.discard(slot)
+        self.throttles.pop(slot, None)
         if slot.inflight_fd is not None:
             os.close(slot.inflight_fd)
             slot.inflight_fd = None
@@ -526,12 +532,56 @@ class Supervisor:
                 bound.warning("worker_report_invalid", line=line[:_LINE_LIMIT])
 
     def _read_output(self, slot: Slot) -> None:
-        bound = self._bound(slot)
-        for line in self._read_lines(slot, "output"):
-            bound.info("worker_output", line=line[:_LINE_LIMIT])
+        """Each line the worker printed is a ``worker_output`` record, as far as its budget goes
+        (``throttle``); the rest is counted and reported once a second, and when it ends."""
+        now = self.clock()
+        throttle = self.throttles.get(slot)
+        if throttle is None:
+            throttle = self.throttles[slot] = OutputThrottle(now)
+        lines = self._read_raw_lines(slot, "output")
+        logged = throttle.admit(lines, now)
+        if logged:
+            bound = self._bound(slot)
+            for raw in lines[:logged]:
+                bound.info("worker_output", line=raw.decode("utf-8", errors="replace"))
+        due = throttle.report_due()
+        if due is not None and (due <= now or slot.output_fd is None):
+            self._report_suppressed(slot, throttle, now)
+        elif due is not None:
+            self.deadlines["output"] = min(self.deadlines.get("output", due), due)
+
+    def _report_suppressed(self, slot: Slot, throttle: OutputThrottle, now: float) -> None:
+        taken = throttle.take(now)
+        if taken is None:
+            return
+        self._bound(slot).warning(
+            "worker_output_suppressed",
+            lines=taken.lines,
+            bytes=taken.bytes,
+            over_s=round(taken.until_s - taken.since_s, 3),
+            message=(
+                f"{taken.lines} lines of output not logged: a worker's output is logged up to "
+                f"{throttle.burst} lines at once, then {throttle.rate_per_s:g} a second"
+            ),
+        )
+
+    def _report_suppressed_due(self) -> None:
+        """The ``output`` deadline: report what each quiet or flooding worker had suppressed."""
+        now = self.clock()
+        for slot, throttle in list(self.throttles.items()):
+            due = throttle.report_due()
+            if due is not None and due <= now:
+                self._report_suppressed(slot, throttle, now)
+        pending = [d for t in self.throttles.values() if (d := t.report_due()) is not None]
+        if pending:
+            self.deadlines["output"] = min(pending)
 
     def _read_lines(self, slot: Slot, which: str) -> list[str]:
         """Read what is there without blocking; return complete lines (all of them at EOF)."""
+        return [raw.decode("utf-8", errors="replace") for raw in self._read_raw_lines(slot, which)]
+
+    def _read_raw_lines(self, slot: Slot, which: str) -> list[bytes]:
+        """``_read_lines``, undecoded: a flood of output is counted, not decoded."""
         fd = slot.report_fd if which == "report" else slot.output_fd
         if fd is None:
             return []
@@ -564,7 +614,7 @@ class Supervisor:
                 slot.report_fd = None
             else:
                 slot.output_fd = None
-        return [raw.decode("utf-8", errors="replace") for raw in lines]
+        return lines
 
     def _close_pipes(self, slot: Slot) -> None:
         """A reaped worker has written all it will: read the rest, then close (a grandchild that
