@@ -3,6 +3,7 @@ and counts what it abandoned."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -69,3 +70,77 @@ def test_sigterm_at_any_moment_of_start_up_ends_with_a_documented_code(ws: Works
         "pipeline_stopped",
     ]
     assert records[-1]["outcome"] == "stopped"
+
+
+STUBBORN = """
+import itertools, signal, time
+
+def stubborn():
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    yield from itertools.count()
+
+def slow(n):
+    time.sleep(0.05)
+"""
+
+
+def _forced_stop(ws: Workspace, stop_timeout: str, second_signal: bool) -> list[dict]:
+    ws.write("st.py", STUBBORN)
+    ws.pipeline(
+        f'[pipeline]\nname = "{{name}}"\nstop_timeout = "{stop_timeout}"\n'
+        '[stages.stubborn]\nfunction = "st:stubborn"\n'
+        '[stages.slow]\nfunction = "st:slow"\ninputs = ["stubborn"]\nqueue = { maxsize = 100, batch = 10 }\n'
+    )
+    proc = ws.start_ready()
+    log = ws.path / "log.jsonl"
+    try:
+        # the producer fills the queue (10 batches) and waits; the reader holds one batch
+        wait_until(lambda: processes_blocked_writing(ws), timeout=15)
+        proc.send_signal(signal.SIGINT)
+        if second_signal:
+            wait_until(lambda: any(r["event"] == "stop_requested" for r in read_records(log)))
+            proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1
+    return read_records(log)
+
+
+def processes_blocked_writing(ws: Workspace) -> bool:
+    """The producer's queue is full: ``procd status`` shows it blocked on its output."""
+    result = ws.run("status", "--control", str(ws.control), "--json")
+    if result.code != 0:
+        return False
+    stages = {s["name"]: s for s in json.loads(result.stdout)["stages"]}
+    queue = stages["slow"]["queue"]
+    return queue["depth_batches"] == queue["capacity_batches"] == 10
+
+
+def test_a_second_ctrl_c_says_it_forced_the_stop_and_counts_what_was_abandoned(ws: Workspace) -> None:
+    records = _forced_stop(ws, "30s", second_signal=True)
+    escalated = [r for r in records if r["event"] == "stop_escalated"]
+    assert [r["forced_by"] for r in escalated] == ["second_signal", "second_signal"]
+    assert all("second stop request (SIGINT)" in r["message"] and "30s" not in r["message"] for r in escalated)
+    exits = [r for r in records if r["event"] == "worker_exited"]
+    assert {r["cause"] for r in exits} == {"killed by SIGKILL after a second stop request (SIGINT)"}
+    (abandoned,) = [r for r in records if r["event"] == "stage_abandoned"]
+    assert abandoned["stage"] == "slow"
+    assert (abandoned["queued_batches"], abandoned["queued_items_at_most"], abandoned["in_hand_items"]) == (10, 100, 10)
+    stopped = records[-1]
+    assert stopped["event"] == "pipeline_stopped" and stopped["forced_by"] == "a second stop request (SIGINT)"
+    assert stopped["abandoned"] == {"queued_batches": 10, "queued_items_at_most": 100, "in_hand_items": 10}
+
+
+def test_a_stop_timeout_says_it_forced_the_stop(ws: Workspace) -> None:
+    records = _forced_stop(ws, "300ms", second_signal=False)
+    escalated = [r for r in records if r["event"] == "stop_escalated"]
+    assert [r["forced_by"] for r in escalated] == ["stop_timeout", "stop_timeout"]
+    assert escalated[0]["message"] == (
+        "stubborn[0] still running 0.3s after the stop request; sending SIGKILL to its process group"
+    )
+    stopped = records[-1]
+    assert stopped["forced_by"] == "the stop timeout (0.3s)"
+    assert stopped["abandoned"]["queued_batches"] == 10 and stopped["abandoned"]["in_hand_items"] == 10

@@ -111,6 +111,7 @@ class Supervisor:
         self.forkserver: ForkServer | None = None  # started on first need (start_method = "forkserver")
         self.stopping = False
         self.stop_deadline = 0.0
+        self.second_stop: str | None = None  # the signal that asked to stop a second time
         self.failed: list[str] = []
         self.selector = selectors.DefaultSelector()
 
@@ -322,12 +323,14 @@ class Supervisor:
             return
         if signum == signal.SIGKILL:
             slot.forced = True
+            if self.second_stop is not None:
+                forced_by, after = "second_signal", f"after {self._kill_cause()}"
+            else:
+                forced_by, after = "stop_timeout", f"{self.spec.stop_timeout_s:g}s after the stop request"
             self._bound(slot).warning(
                 "stop_escalated",
-                message=(
-                    f"{slot.name} still running {self.spec.stop_timeout_s:g}s after the stop request; "
-                    "sending SIGKILL to its process group"
-                ),
+                forced_by=forced_by,
+                message=f"{slot.name} still running {after}; sending SIGKILL to its process group",
             )
         try:
             if group:
@@ -490,7 +493,7 @@ class Supervisor:
     def _failure(self, slot: Slot, event: Exited) -> str | None:
         """Why this exit is a failure, or None when it is the end procd expected."""
         if slot.forced:
-            return f"killed by SIGKILL after the stop timeout ({self.spec.stop_timeout_s:g}s)"
+            return f"killed by SIGKILL after {self._kill_cause()}"
         if slot.state is State.STOPPING and (event.ok or event.signal == signal.SIGTERM):
             return None  # it ended because we asked it to
         if event.ok:
@@ -940,11 +943,20 @@ class Supervisor:
             "unchanged": sorted(diff.unchanged),
         }
 
+    def _kill_cause(self) -> str:
+        """What made a stop kill: a second stop request, or the stop timeout."""
+        if self.second_stop is not None:
+            return f"a second stop request ({self.second_stop})"
+        return f"the stop timeout ({self.spec.stop_timeout_s:g}s)"
+
     def _request_stop(self, reason: str) -> None:
         if self.stopping:
-            if reason in ("SIGTERM", "SIGINT"):
+            if reason in ("SIGTERM", "SIGINT") and self.second_stop is None:
+                self.second_stop = reason
                 self.log.warning(
-                    "stop_requested", reason=reason, message="second stop request; killing every worker now"
+                    "stop_requested",
+                    reason=reason,
+                    message=f"second stop request ({reason}); killing every worker now",
                 )
                 self.stop_deadline = self.clock()
                 for key in list(self.timers):
@@ -961,14 +973,51 @@ class Supervisor:
     def _finish(self) -> int:
         forced = [s.name for s in self.slots if s.forced]
         code = 1 if self.failed or forced else 0
+        totals = {"queued_batches": 0, "queued_items_at_most": 0, "in_hand_items": 0}
+        for stage, counts in self._abandoned().items():
+            if any(counts.values()):
+                self.log.warning(
+                    "stage_abandoned",
+                    stage=stage,
+                    **counts,
+                    message=(
+                        f"{stage}: {counts['in_hand_items']} items in hand and {counts['queued_batches']} batches "
+                        f"(at most {counts['queued_items_at_most']} items) in its queue were neither delivered "
+                        "nor dead-lettered"
+                    ),
+                )
+            for key, value in counts.items():
+                totals[key] += value
         self.log.info(
             "pipeline_stopped",
             exit_code=code,
             outcome="failed" if code else ("stopped" if self.stopping else "finished"),
             failures=self.failed,
             forced=forced,
+            forced_by=self._kill_cause() if forced else None,
+            abandoned=totals,
         )
         return code
+
+    def _abandoned(self) -> dict[str, dict[str, int]]:
+        """Per stage, once every process has ended: the batches left in its input queue (with the
+        most items they can hold) and the items its slots still hold. Nothing else is counted:
+        a command stage's items in hand are not tracked."""
+        found: dict[str, dict[str, int]] = {}
+        for stage in self.spec.stages:
+            channel = self.channels.get(stage.name)
+            queued = (_queued_batches(channel) or 0) if channel is not None else 0
+            held = [
+                inflight.read(s.inflight_fd)
+                for s in self.slots
+                if s.stage.name == stage.name and s.inflight_fd is not None
+            ]
+            found[stage.name] = {
+                "queued_batches": queued,
+                "queued_items_at_most": queued * stage.queue.batch,
+                "in_hand_items": sum(len(h.items) - max(h.index, 0) for h in held if h is not None),
+            }
+        return found
 
     def _sweep(self) -> None:
         """Nothing left running: SIGKILL any process group of ours that still has a member, and
@@ -990,6 +1039,12 @@ class Supervisor:
             time.sleep(0.005)
         for _ in reaper.reap():
             pass
+
+
+def _queued_batches(channel: Channel) -> int | None:
+    """Messages waiting in a stage's input (None when that cannot be read). The one place that
+    asks the transport for its depth: re-point it at the transport interface's own."""
+    return channel.depth()
 
 
 def _ended(slot: Slot) -> bool:
