@@ -129,6 +129,48 @@ class Workspace:
             raise
         return proc
 
+    def start_quiet(self, log: str = "log.jsonl") -> subprocess.Popen[bytes]:
+        """``procd run`` this workspace's pipeline with a log file, its standard streams on
+        /dev/null (nothing to read, so no pipe can fill and stall it)."""
+        return subprocess.Popen(
+            procd_command(*self._with_control(("run", f"{self.name}.toml", "--log-file", log))),
+            cwd=self.path,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def run_on_pty(self, *args: str, timeout: float = 30.0) -> tuple[int, bytes]:
+        """Run ``procd`` with stdout and stderr on a pseudo-terminal; its exit code and screen."""
+        import pty
+        import select
+
+        main, secondary = pty.openpty()
+        proc = subprocess.Popen(
+            procd_command(*self._with_control(args)),
+            stdin=subprocess.DEVNULL,
+            stdout=secondary,
+            stderr=secondary,
+            cwd=self.path,
+        )
+        os.close(secondary)
+        screen = b""
+        try:
+            while select.select([main], [], [], timeout)[0]:
+                try:
+                    chunk = os.read(main, 65536)
+                except OSError:  # the pty closed: procd is done
+                    break
+                if not chunk:
+                    break
+                screen += chunk
+            return proc.wait(timeout=timeout), screen
+        finally:
+            os.close(main)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
     def start(self, *args: str) -> subprocess.Popen[str]:
         args = self._with_control(args)
         return subprocess.Popen(

@@ -28,6 +28,9 @@ def ticks():
         n += 1
         time.sleep(0.01)
 
+def show(n):
+    print("item", n, flush=True)
+
 class Count:
     def __init__(self):
         self.n = 0
@@ -112,24 +115,10 @@ def test_a_config_error_reported_to_a_closed_stderr_still_exits_78(ws: Workspace
     assert proc.wait(timeout=30) == 78
 
 
-PRINTER = """
-import os, time
-
-def gated():
-    yield from range(500)
-    while not os.path.exists("release"):
-        time.sleep(0.01)
-    yield from range(500, 1000)
-
-def show(n):
-    print("item", n, flush=True)
-"""
-
-
 def test_a_full_disk_under_the_log_file_drops_records_counted_and_never_stops_the_run(
     ws: Workspace, small_disk: Path
 ) -> None:
-    ws.write("st.py", PRINTER)
+    ws.write("st.py", GATED)
     ws.pipeline(
         '[stages.source]\nfunction = "st:gated"\n'
         '[stages.show]\nfunction = "st:show"\ninputs = ["source"]\nqueue = { maxsize = 100, batch = 10 }\n'
@@ -168,36 +157,13 @@ def test_a_full_disk_under_the_log_file_drops_records_counted_and_never_stops_th
 
 
 def test_the_console_on_a_terminal_is_the_compact_form(ws: Workspace) -> None:
-    import os
-    import pty
     import re
-    import select
 
     ws.write("st.py", GATED)
     ws.pipeline('[stages.source]\nfunction = "st:gated"\n[stages.count]\nfunction = "st:Count"\ninputs = ["source"]\n')
     (ws.path / "release").touch()
-    main, secondary = pty.openpty()
-    proc = subprocess.Popen(
-        procd_command("run", f"{ws.name}.toml", "--control", str(ws.control)),
-        stdin=subprocess.DEVNULL,
-        stdout=secondary,
-        stderr=secondary,
-        cwd=ws.path,
-    )
-    os.close(secondary)
-    screen = b""
-    try:
-        while select.select([main], [], [], 10)[0]:
-            try:
-                chunk = os.read(main, 65536)
-            except OSError:  # the pty closed: procd is done
-                break
-            if not chunk:
-                break
-            screen += chunk
-        assert proc.wait(timeout=30) == 0
-    finally:
-        os.close(main)
+    code, screen = ws.run_on_pty("run", f"{ws.name}.toml")
+    assert code == 0
     plain = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", screen.decode()).replace("\r\n", "\n")
     lines = [line.rsplit("\r", 1)[-1] for line in plain.splitlines() if line.strip()]
     records = [line for line in lines if re.match(r"\d\d:\d\d:\d\d\.\d{3} ", line)]
@@ -252,13 +218,7 @@ def _accounted(log: Path) -> int:
 def test_a_flood_of_output_is_rate_limited_and_every_line_is_accounted_for(ws: Workspace) -> None:
     ws.write("st.py", FLOOD)
     ws.pipeline('[stages.flood]\nfunction = "st:flood"\noptions = { lines = 200000 }\n')
-    proc = subprocess.Popen(
-        procd_command("run", f"{ws.name}.toml", "--log-file", "log.jsonl", "--control", str(ws.control)),
-        cwd=ws.path,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = ws.start_quiet()
     try:
         # every line of the flood is accounted for while the worker still runs (quiet now, waiting
         # for the release): the count is reported within a second, not only when the worker ends

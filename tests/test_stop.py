@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 
 import pytest
 
-from conftest import Workspace, procd_command, read_records, wait_until
+from conftest import Workspace, read_records, wait_until
 
 TICKS = """
 import time
@@ -47,13 +46,7 @@ def _blocks_sigterm(pid: int) -> bool:
 def test_sigterm_at_any_moment_of_start_up_ends_with_a_documented_code(ws: Workspace, delay_s: float) -> None:
     ws.write("st.py", TICKS)
     ws.pipeline('[stages.ticks]\nfunction = "st:ticks"\n[stages.sink]\nfunction = "st:sink"\ninputs = ["ticks"]\n')
-    proc = subprocess.Popen(
-        procd_command("run", f"{ws.name}.toml", "--log-file", "log.jsonl", "--control", str(ws.control)),
-        cwd=ws.path,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = ws.start_quiet()
     try:
         wait_until(lambda: _blocks_sigterm(proc.pid) or proc.poll() is not None, timeout=10, interval=0.0005)
         time.sleep(delay_s)  # the moment of the signal is what this test varies
