@@ -250,3 +250,24 @@ def test_the_output_budget_with_a_fake_clock() -> None:
     assert throttle.take(now=1.0) == Suppressed(lines=4, bytes=7, since_s=0.0, until_s=1.0)
     assert throttle.take(now=2.0) is None and throttle.report_due() is None
     assert throttle.admit([b"x"] * 10, now=100.0) == 3  # refills up to the burst, no further
+
+
+def test_a_log_file_that_cannot_be_reopened_keeps_the_old_one(ws: Workspace) -> None:
+    _gated(ws)
+    logs = ws.path / "logs"
+    logs.mkdir()
+    proc = ws.start_quiet(log="logs/log.jsonl")
+    try:
+        wait_until(lambda: "pipeline_ready" in _events(logs / "log.jsonl"))
+        (logs / "log.jsonl").rename(ws.path / "log.jsonl.1")
+        logs.rmdir()  # logrotate's SIGUSR1 comes, and the file cannot be made again
+        proc.send_signal(signal.SIGUSR1)
+        wait_until(lambda: "log_reopen_failed" in _events(ws.path / "log.jsonl.1"))
+        (ws.path / "release").touch()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    records = read_records(ws.path / "log.jsonl.1")
+    assert records[-1]["event"] == "pipeline_stopped" and records[-1]["exit_code"] == 0

@@ -161,10 +161,24 @@ class RecordWriter:
         self._show(f"\r\033[K{line}")
 
     def reopen(self) -> None:
-        """Open the log file again (after logrotate moved it away)."""
+        """Open the log file again (after logrotate moved it away). If it cannot be opened, the
+        records go on to the old file, which says why."""
         if self._log_file is None:
             return
-        fd = open_append(self._log_file)
+        try:
+            fd = open_append(self._log_file)
+        except OSError as exc:
+            if self._fd is not None:
+                self._to_file(
+                    self._own(
+                        "log_reopen_failed",
+                        "error",
+                        file=self._log_file,
+                        error=exc.strerror or str(exc),
+                        message="records go on to the file that was open before",
+                    )
+                )
+            return
         if self._fd is not None:
             os.close(self._fd)
         self._fd = fd
