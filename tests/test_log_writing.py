@@ -178,6 +178,9 @@ def test_the_console_on_a_terminal_is_the_compact_form(ws: Workspace) -> None:
     columns = {line.index(f" {e} ") for line in records for e in known if f" {e} " in line}
     assert len(columns) == 1, records
     assert 'stages=["source","count"]' in starting  # values as compact JSON, not as a Python repr
+    stopped = next(line for line in records if "pipeline_stopped" in line)
+    assert " failures=" not in stopped and " forced_by=" not in stopped  # nothing to say: not said
+    assert "exit_code=0 outcome=finished" in stopped
 
 
 def test_a_run_started_with_stdout_and_stderr_closed_keeps_its_files_off_them(ws: Workspace) -> None:

@@ -92,7 +92,8 @@ _WHERE_WIDTH = 12
 def render(record: Mapping[str, Any], *, color: bool, console: bool = False) -> str:
     """One readable line: time, level, where (``stage[worker]``, a column), event, then the other
     keys in the order the record has them. ``procd logs`` shows the whole UTC time and the
-    pipeline; the console of ``procd run`` (one pipeline, now) the local time of day only."""
+    pipeline; the console of ``procd run`` (one pipeline, now) the local time of day only, and
+    leaves out keys whose value is empty."""
     level = str(record.get("level", "info"))
     where = str(record.get("stage") or "")
     if where and record.get("worker") is not None:
@@ -102,7 +103,10 @@ def render(record: Mapping[str, Any], *, color: bool, console: bool = False) -> 
         head.append(str(record.get("pipeline", "?")))
     head.append(f"{where:<{_WHERE_WIDTH}}")
     event = str(record.get("event", "?"))
-    rest = " ".join(f"{k}={_short(v)}" for k, v in record.items() if k not in _IN_HEAD)
+    shown = {k: v for k, v in record.items() if k not in _IN_HEAD}
+    if console:  # a terminal line stays short: no keys that say nothing (null, [], {})
+        shown = {k: v for k, v in shown.items() if v is not None and v != [] and v != {}}
+    rest = " ".join(f"{k}={_short(v)}" for k, v in shown.items())
     if color:
         head[1] = f"{_COLORS.get(level, '')}{head[1]}{_RESET}"
         event = f"\033[1m{event}{_RESET}"
