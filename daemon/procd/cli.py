@@ -558,9 +558,9 @@ def entry() -> None:
     there is nothing left to finalize; skipping the teardown saves a ``procd run`` about 15 ms.
     """
     code = main()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BrokenPipeError:
-        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader gone, a terminal hung up: the code stays true
+            pass
     os._exit(code)
