@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "procd"
 
 LAYERS = {
     "interface": {"cli", "__main__", "top"},
-    "loop": {"supervisor", "control", "status"},
+    "loop": {"supervisor", "control", "status", "loop"},
     "processes": {"worker", "spawn", "child", "channels", "forkserver"},
     "os": {
         "signals",
@@ -29,7 +29,7 @@ LAYERS = {
     },
     "logging": {"log", "events"},
     "model": {"config", "plan", "starter"},
-    "core": {"lifecycle", "errors", "restarts", "throttle", "__init__"},
+    "core": {"lifecycle", "errors", "restarts", "reports", "throttle", "__init__"},
 }
 ORDER = ["core", "model", "logging", "os", "processes", "loop", "interface"]
 RANK = {module: ORDER.index(layer) for layer, modules in LAYERS.items() for module in modules}

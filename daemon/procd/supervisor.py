@@ -389,6 +389,7 @@ class Supervisor:
         (bound.info if cause is None else bound.error)("worker_exited", **fields)
         if self.clock() - slot.started_at > slot.stage.restart.within_s:
             slot.failures = 0  # it stayed up: the next backoff starts from the beginning
+        slot.pid = None  # reaped: the number may be reused by any process from now on
         self._feed(slot, event)
         self._check_held(slot, event)
         if slot.retiring and slot.state in TERMINAL:
@@ -1026,12 +1027,11 @@ class Supervisor:
         if self.forkserver is not None:
             self.forkserver.close()  # the server ends when its socket does
             waiting.add(self.forkserver.pid)
-        for slot in self.slots:
-            if slot.pid is not None:
-                try:
-                    os.killpg(slot.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    continue
+        for pid in self.by_pid:  # only processes not yet reaped: a reaped pid may be someone else's now
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue
         deadline = time.monotonic() + 1.0
         while waiting and time.monotonic() < deadline:
             for reaped in reaper.reap():
