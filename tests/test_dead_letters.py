@@ -55,7 +55,7 @@ def test_a_dead_letter_that_cannot_be_written_fails_the_run_and_tears_no_record(
     failures = result.events("worker_error", error_type="DeadLetterNotWritten")
     assert failures and failures[0]["error"] == f"cannot write a dead letter to {dead}: No space left on device"
     # the first item that did not fit (a restarted worker may then fit a shorter WorkerCrashed record)
-    assert failures[0]["item"] == max(w["item"] for w in written if w["error_type"] == "ValueError") + 1
+    assert int(failures[0]["item"]) == max(w["item"] for w in written if w["error_type"] == "ValueError") + 1
     stopped = result.events("pipeline_stopped")[0]
     assert stopped["outcome"] == "failed" and stopped["exit_code"] == 1
     assert result.events("stage_fatal", stage="reject")

@@ -421,8 +421,8 @@ def _dead_letter(
             "error",
             error_type="DeadLetterNotWritten",
             error=f"cannot write a dead letter to {letters.path}: {exc.strerror or exc}",
+            item=deadletters.item_text(entry),
             traceback="",
-            **deadletters.item_fields(entry),
         )
         os._exit(DEAD_LETTER_FAILED)
     reporter.send(

@@ -21,7 +21,7 @@ from typing import Any
 
 from procd.log import append_whole, now_iso, open_append
 
-__all__ = ["DeadLetterFile", "item_fields", "item_of", "now_iso", "read", "record", "replay"]
+__all__ = ["DeadLetterFile", "item_fields", "item_of", "item_text", "now_iso", "read", "record", "replay"]
 
 # An item_dead_lettered record carries the item itself up to this much JSON; past it, the start
 # of that JSON (the whole item is in the dead-letter file).
@@ -55,6 +55,14 @@ def item_fields(entry: dict[str, Any]) -> dict[str, Any]:
             return {"item": entry["item"]}
         return {"item_json_start": text[:RECORD_ITEM_LIMIT]}
     return {"item_repr": str(entry.get("item_repr", "?"))[:RECORD_ITEM_LIMIT]}
+
+
+def item_text(entry: dict[str, Any]) -> str:
+    """The item as one short string: its JSON text, else its repr (for a ``worker_error``)."""
+    fields = item_fields(entry)
+    if "item" in fields:
+        return json.dumps(fields["item"], ensure_ascii=False, separators=(",", ":"))
+    return str(fields.get("item_json_start") or fields.get("item_repr"))
 
 
 class DeadLetterFile:
