@@ -45,9 +45,10 @@ def append_whole(fd: int, data: bytes) -> None:
         OSError: the record could not be written (nothing of it is left in the file).
     """
     written = 0
+    view = memoryview(data)
     try:
         while written < len(data):
-            written += os.write(fd, data[written:])
+            written += os.write(fd, view[written:])
     except OSError:
         if written:
             try:
