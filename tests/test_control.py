@@ -8,6 +8,7 @@ import os
 import socket
 
 from conftest import Workspace, parse_records, read_records, wait_until
+from procd import config
 
 STAGES = """
 import itertools, time
@@ -187,7 +188,10 @@ def test_bad_requests_get_errors_and_the_daemon_carries_on(ws: Workspace) -> Non
         assert exchange(b"x" * 70_000) == [{"ok": False, "error": "request longer than 65536 bytes"}]
         two = exchange(b'{"command": "status"}\n{"command": "status"}\n')
         assert [r["ok"] for r in two] == [True, True]
-        assert _ask(ws, "scale", ws.name, "idle=0").stderr == "procd scale: processes must be an integer >= 1, got 0\n"
+        assert _ask(ws, "scale", ws.name, "idle=0").stderr == (
+            f"procd scale: processes must be an integer from 1 to {config.default_max_processes()} "
+            "(pipeline.max_processes), got 0\n"
+        )
     finally:
         _ask(ws, "stop")
         proc.communicate(timeout=20)

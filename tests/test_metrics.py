@@ -78,6 +78,6 @@ def test_a_bad_metrics_address_is_a_config_error(ws: Workspace) -> None:
     result = ws.run("check", f"{ws.name}.toml")
     assert result.code == 78
     assert result.stderr == (
-        f'{ws.name}.toml: pipeline.metrics: expected "HOST:PORT" or "PORT" (loopback), '
-        'such as "127.0.0.1:9464", got "localhost:http" (str)\n'
+        f'{ws.name}.toml: pipeline.metrics: expected "HOST:PORT" or "PORT" with an IP address (or localhost) '
+        'and a port from 1024 to 65535, such as "127.0.0.1:9464", got "localhost:http" (str)\n'
     )

@@ -298,4 +298,4 @@ def test_a_bad_pipeline_fails_with_78_and_does_not_restart(machine: Machine) -> 
     time.sleep(3)  # longer than RestartSec: a restart would have happened by now
     state = machine.show("procd@bad", "ActiveState", "NRestarts", "ExecMainStatus")
     assert state == {"ActiveState": "failed", "NRestarts": "0", "ExecMainStatus": "78"}
-    assert 'stages.a.processes: expected an integer >= 1, got "four" (str)' in machine.text()
+    assert "stages.a.processes: expected an integer from 1 to " in machine.text()

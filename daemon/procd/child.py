@@ -155,6 +155,8 @@ def _run_function(ctx: WorkerContext, reporter: Reporter) -> int:
         target = callables.resolve(stage.function, ctx.base_dir)
         if stage.is_producer and callables.accepts(target, "checkpoint"):
             options["checkpoint"] = Checkpoint.open(ctx, outlet)
+        if stage.is_producer and callables.accepts(target, "shard"):
+            options["shard"] = callables.Shard(ctx.index, stage.processes)
         instance = target(**options) if callables.is_class(target) else None
     except callables.ResolveError as exc:
         reporter.send("error", error_type="ResolveError", error=str(exc), item=None, traceback="")

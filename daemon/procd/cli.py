@@ -119,10 +119,7 @@ def _load(file: str, *, imports: bool, apart: bool = False) -> config.PipelineSp
     forked child with ``apart``, so that this process stays free of user modules)."""
     if not imports:
         return config.load_pipeline(file)
-    spec, problems = callables.load_and_check(file, apart=apart)
-    if problems:
-        raise ConfigError(file, problems)
-    return spec
+    return callables.load_or_raise(file, apart=apart)
 
 
 def _report(error: ConfigError) -> int:
@@ -186,7 +183,7 @@ def _check(files: Sequence[str]) -> int:
     code = EXIT_OK
     for file in files:
         try:
-            spec = _load(file, imports=True)
+            spec = _load(file, imports=True, apart=True)  # whatever the stage code does, 0 or 78
         except ConfigError as error:
             code = _report(error)
             continue
@@ -249,10 +246,10 @@ def _control(args: argparse.Namespace) -> int:
     message: dict[str, Any] = {"command": args.command}
     if args.command == "scale":
         stage, _, count = args.assignment.partition("=")
-        if not stage or not count.isdigit():
-            print(f"procd scale: expected STAGE=N, such as transform=4, got {args.assignment!r}", file=sys.stderr)
+        if not stage or not count.isascii() or not count.isdigit() or len(count) > 100:
+            print(f"procd scale: expected STAGE=N, such as transform=4, got {args.assignment[:120]!r}", file=sys.stderr)
             return EXIT_USAGE
-        message.update(stage=stage, processes=int(count))
+        message.update(stage=stage, processes=int(count))  # the pipeline says how many it may run
     try:
         path = control.find_socket(args.pipeline, args.control)
         reply = control.request(path, message)
@@ -261,14 +258,21 @@ def _control(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     if not reply.get("ok"):
         print(f"procd {args.command}: {reply.get('error')}", file=sys.stderr)
+        for problem in reply.get("problems", []):  # an invalid file on reload: what is wrong with it
+            print(problem, file=sys.stderr)
         return EXIT_FAILURE
     if args.command == "status":
         sys.stdout.write(json.dumps(reply, indent=2) + "\n" if args.json else _format_status(reply))
     elif args.command == "scale":
+        waiting = f", {reply['waiting']} waiting to start" if reply.get("waiting") else ""
         print(
             f"{reply['stage']}: {reply['processes']} processes "
-            f"(started {reply['started']}, retiring {reply['retiring']})"
+            f"(started {reply['started']}, retiring {reply['retiring']}{waiting})"
         )
+    elif args.command == "reload":
+        changes = [f"{key} {', '.join(reply[key])}" for key in ("changed", "added", "removed") if reply.get(key)]
+        code = f" (code changed: {', '.join(reply['code_changed'])})" if reply.get("code_changed") else ""
+        print(("; ".join(changes) or "nothing changed") + code)
     return EXIT_OK
 
 

@@ -17,6 +17,8 @@ control requests lead to the same internal events.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import os
 import random
@@ -65,6 +67,10 @@ from procd.throttle import OutputThrottle
 from procd.worker import Slot
 
 TERMINAL = (State.EXITED, State.FATAL)
+# Processes that scale and reload start at once at most, then per second: a request for many
+# processes forks them over a while instead of all in one turn of the loop.
+SPAWN_BURST = 16
+SPAWN_RATE_PER_S = 64.0
 _LINE_LIMIT = 4096
 
 TimerKey = tuple[Slot, Timer]
@@ -102,7 +108,7 @@ class Supervisor:
         self.ready_logged = False
         self.regrouping: list[Slot] = []  # stopped for a rest_for_one restart, started once all have ended
         self.notifier = notifier or Notifier(None, None)
-        self.deadlines: dict[str, float] = {}  # the loop's own: "watchdog", "status", "output"
+        self.deadlines: dict[str, float] = {}  # the loop's own: "watchdog", "status", "output", "starts"
         self.status_sent = ("", 0.0)  # the last STATUS= line and when it went
         self.rate = status.Rate()  # items/s, for STATUS= and the progress line
         self.notify_failed = False
@@ -112,6 +118,9 @@ class Supervisor:
         self.stopping = False
         self.stop_deadline = 0.0
         self.second_stop: str | None = None  # the signal that asked to stop a second time
+        self.start_queue: list[Slot] = []  # started by scale or reload, waiting for their turn
+        self.spawn_tokens = float(SPAWN_BURST)
+        self.tokens_at = clock()
         self.failed: list[str] = []
         self.selector = selectors.DefaultSelector()
 
@@ -220,6 +229,8 @@ class Supervisor:
         if self.deadlines.get("output", now + 1) <= now:
             del self.deadlines["output"]
             self._report_suppressed_due()
+        if self.deadlines.get("starts", now + 1) <= now:
+            self._start_paced([])
         for key, deadline in sorted(self.timers.items(), key=lambda kv: kv[1]):
             if deadline > now or key not in self.timers:
                 continue
@@ -780,27 +791,46 @@ class Supervisor:
         )
 
     def _scale(self, name: object, processes: object) -> dict[str, Any]:
-        """Start or retire only the difference; retired readers finish their batch first."""
+        """Start or retire only the difference; retired readers finish their batch first.
+
+        Never more than the pipeline's process ceiling, and the new processes start at the pace of
+        ``_start_paced``: one request cannot make the loop fork thousands at once. A producer is
+        scaled only if it takes a ``shard``: its processes are then all replaced, each new one with
+        its share of the new count (another copy of an unsharded producer would yield every item
+        again).
+        """
         names = [s.name for s in self.spec.stages]
         if name not in names:
             return {"ok": False, "error": f"unknown stage {name!r}; stages are {', '.join(names)}"}
-        if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
-            return {"ok": False, "error": f"processes must be an integer >= 1, got {processes!r}"}
+        ceiling = self.spec.process_ceiling
+        if not isinstance(processes, int) or isinstance(processes, bool) or not 1 <= processes <= ceiling:
+            shown = processes if not isinstance(processes, int) or processes < 10**12 else f"{str(processes)[:12]}…"
+            return {
+                "ok": False,
+                "error": f"processes must be an integer from 1 to {ceiling} (pipeline.max_processes), got {shown}",
+            }
         if self.stopping or name in self.finished:
             return {"ok": False, "error": f"stage {name} is no longer running"}
+        stage = self.spec.stage(str(name))
         live = [s for s in self.slots if s.stage.name == name and s.state not in TERMINAL and not s.retiring]
+        others = sum(1 for s in self.slots if s.stage.name != name and s.state not in TERMINAL and not s.retiring)
+        if others + processes > ceiling:
+            return {
+                "ok": False,
+                "error": (
+                    f"stage {name} cannot have {processes} processes: the pipeline would run {others + processes}, "
+                    f"more than pipeline.max_processes ({ceiling}); raise it in the file and reload"
+                ),
+            }
+        if stage.is_producer:
+            return self._scale_producer(stage, live, processes)
         started, retiring = [], []
         if processes > len(live):
-            stage = self.spec.stage(str(name))
             used = {s.index for s in self.slots if s.stage.name == name}
+            free = (i for i in itertools.count() if i not in used)
             position = max(i for i, s in enumerate(self.slots) if s.stage.name == name) + 1
-            for _ in range(processes - len(live)):
-                index = min(set(range(len(used) + 1)) - used)
-                used.add(index)
-                slot = Slot(stage, index)
-                self.slots.insert(position, slot)
-                position += 1
-                started.append(slot)
+            started = [Slot(stage, next(free)) for _ in range(processes - len(live))]
+            self.slots[position:position] = started
         for slot in sorted(live, key=lambda s: s.index)[processes:]:
             slot.retiring = True
             retiring.append(slot)
@@ -812,19 +842,82 @@ class Supervisor:
             started=[s.index for s in started],
             retiring=[s.index for s in retiring],
         )
-        for slot in started:
-            self._feed(slot, StartRequested())
         for slot in retiring:
-            self._feed(slot, StopRequested() if slot.stage.is_producer else RetireRequested())
-            if slot.state in TERMINAL:  # it had no process (waiting to restart)
+            self._feed(slot, RetireRequested())
+            if slot.state in TERMINAL:  # it had no process (waiting to restart, or to start)
                 self._remove(slot)
+        waiting = self._start_paced(started)
         return {
             "ok": True,
             "stage": name,
             "processes": processes,
             "started": [s.index for s in started],
             "retiring": [s.index for s in retiring],
+            "waiting": waiting,
         }
+
+    def _scale_producer(self, stage: config.StageSpec, live: list[Slot], processes: int) -> dict[str, Any]:
+        """A sharded producer's every process is replaced by ``processes`` new ones, each with
+        its shard of the new count (a process's share cannot change while it runs)."""
+        if not stage.shardable:
+            return {
+                "ok": False,
+                "error": (
+                    f"stage {stage.name} is a producer: another process would yield every item again; "
+                    'a producer that accepts a "shard" parameter and keeps no checkpoint can be scaled (see the README)'
+                ),
+            }
+        if processes == len(live):
+            return {
+                "ok": True,
+                "stage": stage.name,
+                "processes": processes,
+                "started": [],
+                "retiring": [],
+                "waiting": 0,
+            }
+        resharded = dataclasses.replace(stage, processes=processes)
+        new = dataclasses.replace(
+            self.spec, stages=tuple(resharded if s.name == stage.name else s for s in self.spec.stages)
+        )
+        leaving, arriving = self._apply(new, plan.reload_plan(self.spec, new, self.finished))
+        self.log.info(
+            "stage_scaled",
+            stage=stage.name,
+            processes_from=len(live),
+            processes_to=processes,
+            started=[s.index for s in arriving],
+            retiring=[s.index for s in leaving],
+            resharded=True,
+        )
+        return {
+            "ok": True,
+            "stage": stage.name,
+            "processes": processes,
+            "started": [s.index for s in arriving],
+            "retiring": [s.index for s in leaving],
+            "waiting": sum(1 for s in arriving if s.state is State.STOPPED),
+            "resharded": True,
+        }
+
+    def _start_paced(self, slots: list[Slot]) -> int:
+        """Start ``slots`` at most ``SPAWN_BURST`` at once and ``SPAWN_RATE_PER_S`` after that (a
+        token bucket); return how many still wait. A waiting slot shows as ``stopped``; one
+        retired or stopped meanwhile is not started."""
+        self.start_queue.extend(slots)
+        now = self.clock()
+        self.spawn_tokens = min(SPAWN_BURST, self.spawn_tokens + (now - self.tokens_at) * SPAWN_RATE_PER_S)
+        self.tokens_at = now
+        while self.start_queue and self.spawn_tokens >= 1:
+            slot = self.start_queue.pop(0)
+            if slot in self.slots and slot.state is State.STOPPED and not self.stopping and not slot.retiring:
+                self.spawn_tokens -= 1
+                self._feed(slot, StartRequested())
+        if self.start_queue:
+            self.deadlines["starts"] = now + (1 - self.spawn_tokens) / SPAWN_RATE_PER_S
+        else:
+            self.deadlines.pop("starts", None)
+        return len(self.start_queue)
 
     # -- stages, end of stream, stop ---------------------------------------------------------------
 
@@ -871,7 +964,11 @@ class Supervisor:
 
     def _reload(self) -> dict[str, Any]:
         try:
-            new, problems = callables.load_and_check(self.spec.file, apart=True)
+            # the loop waits for the check: under a watchdog, ping first and wait at most one interval
+            timeout_s = self.notifier.watchdog_interval_s or callables.IMPORT_TIMEOUT_S
+            if self.notifier.watchdog_interval_s:
+                self._notify(WATCHDOG=1)
+            new, problems = callables.load_and_check(self.spec.file, apart=True, timeout_s=timeout_s)
             if new.name != self.spec.name:
                 problems.append(Problem("pipeline.name", f'cannot change while running (it is "{self.spec.name}")'))
             if problems:
@@ -882,20 +979,48 @@ class Supervisor:
             )
             return {"ok": False, "error": "the pipeline file is invalid; nothing changed", "problems": error.lines()}
         diff = plan.reload_plan(self.spec, new, self.finished)
-        changed, added, removed, replaced_queues = diff.changed, diff.added, diff.removed, diff.replaced_queues
+        try:
+            self._apply(new, diff)
+        except StoreError as exc:
+            self.log.error(
+                "config_invalid", file=self.spec.file, problems=[str(exc)], message="still running unchanged"
+            )
+            return {"ok": False, "error": "a new queue cannot be made; nothing changed", "problems": [str(exc)]}
+        self.log.info(
+            "pipeline_reloaded",
+            changed=sorted(diff.changed),
+            code_changed=sorted(diff.code_changed),
+            added=sorted(diff.added),
+            removed=sorted(diff.removed),
+            unchanged=sorted(diff.unchanged),
+            not_restarted_finished=sorted(diff.finished),
+        )
+        return {
+            "ok": True,
+            "changed": sorted(diff.changed),
+            "code_changed": sorted(diff.code_changed),
+            "added": sorted(diff.added),
+            "removed": sorted(diff.removed),
+            "unchanged": sorted(diff.unchanged),
+        }
 
+    def _apply(self, new: PipelineSpec, diff: plan.ReloadPlan) -> tuple[list[Slot], list[Slot]]:
+        """Make ``new`` the running pipeline: the changed and removed stages' processes leave
+        (readers finish their batch), the changed and added stages' start (paced); return both.
+
+        Raises:
+            StoreError: a new durable queue cannot be made (then nothing has changed).
+        """
+        changed, added, removed, replaced_queues = diff.changed, diff.added, diff.removed, diff.replaced_queues
         fresh: dict[str, Channel] = {}
         try:
             for name in added | (changed & replaced_queues):
                 if not new.stage(name).is_producer:
                     fresh[name] = Channel.create(name, new.stage(name).queue)
-        except StoreError as exc:
+        except StoreError:
             for channel in fresh.values():
                 channel.close()
-            self.log.error(
-                "config_invalid", file=self.spec.file, problems=[str(exc)], message="still running unchanged"
-            )
-            return {"ok": False, "error": "a new queue cannot be made; nothing changed", "problems": [str(exc)]}
+            raise
         self.spec = new
         for stage in new.stages:
             self.histories.setdefault(stage.name, RestartHistory(stage.restart.max, stage.restart.within_s))
@@ -916,14 +1041,6 @@ class Supervisor:
         ]
         self.slots = [s for s in self.slots if s.stage.name not in removed | changed or s in leaving] + arriving
         self.finished -= changed
-        self.log.info(
-            "pipeline_reloaded",
-            changed=sorted(changed),
-            added=sorted(added),
-            removed=sorted(removed),
-            unchanged=sorted(diff.unchanged),
-            not_restarted_finished=sorted(diff.finished),
-        )
         for slot in leaving:
             slot.retiring = True
             if slot.stage.is_producer:
@@ -934,15 +1051,8 @@ class Supervisor:
                 self._feed(slot, RetireRequested())  # its queue stays: the new readers go on
             if slot.state in TERMINAL:
                 self._remove(slot)
-        for slot in reversed(arriving):
-            self._feed(slot, StartRequested())
-        return {
-            "ok": True,
-            "changed": sorted(changed),
-            "added": sorted(added),
-            "removed": sorted(removed),
-            "unchanged": sorted(diff.unchanged),
-        }
+        self._start_paced(list(reversed(arriving)))
+        return leaving, arriving
 
     def _kill_cause(self) -> str:
         """What made a stop kill: a second stop request, or the stop timeout."""
