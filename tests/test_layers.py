@@ -26,6 +26,7 @@ LAYERS = {
         "durable",
         "notify",
         "metrics",
+        "connections",
     },
     "logging": {"log", "events"},
     "model": {"config", "plan", "starter"},

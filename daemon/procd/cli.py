@@ -14,7 +14,8 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from procd import __version__, callables, config, control, log, plan, signals
@@ -47,22 +48,15 @@ def _parser() -> argparse.ArgumentParser:
         "--control", metavar="PATH", help="the control socket (default: under $XDG_RUNTIME_DIR/procd or /run/procd)"
     )
 
-    status = commands.add_parser("status", help="every stage and worker of a running pipeline")
-    status.add_argument("pipeline", metavar="PIPELINE", nargs="?")
-    status.add_argument("--json", action="store_true", help="print the reply as JSON")
-    status.add_argument("--control", metavar="PATH")
+    for command in control.COMMANDS.values():  # status, stop, reload, scale: one request each
+        if command.verb:
+            verb = commands.add_parser(command.name, help=command.summary)
+            _VERBS[command.name].arguments(verb)
+            verb.add_argument("--control", metavar="PATH", help="the control socket (default: found by name)")
 
     top = commands.add_parser("top", help="a live view of a running pipeline (q quits)")
     top.add_argument("pipeline", metavar="PIPELINE", nargs="?")
     top.add_argument("--control", metavar="PATH")
-
-    stop = commands.add_parser("stop", help="stop a running pipeline (the same as SIGTERM)")
-    stop.add_argument("pipeline", metavar="PIPELINE", nargs="?")
-    stop.add_argument("--control", metavar="PATH")
-
-    reload = commands.add_parser("reload", help="re-read a running pipeline's file (the same as SIGHUP)")
-    reload.add_argument("pipeline", metavar="PIPELINE", nargs="?")
-    reload.add_argument("--control", metavar="PATH")
 
     logs = commands.add_parser("logs", help="read procd's records from a log file or standard input")
     logs.add_argument("file", metavar="FILE", nargs="?", default="-", help="a --log-file, or - for stdin (default)")
@@ -93,11 +87,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     dlq_replay.add_argument("--name", metavar="PIPELINE", help="the running pipeline (default: the only one)")
     dlq_replay.add_argument("--control", metavar="PATH")
-
-    scale = commands.add_parser("scale", help="change the number of processes of a stage: STAGE=N")
-    scale.add_argument("pipeline", metavar="PIPELINE")
-    scale.add_argument("assignment", metavar="STAGE=N")
-    scale.add_argument("--control", metavar="PATH")
 
     check = commands.add_parser("check", help="validate pipeline files (exit 0 or 78)")
     check.add_argument("files", metavar="FILE", nargs="+")
@@ -214,7 +203,10 @@ def _init(name: str, directory: str) -> int:
 
 def _format_status(reply: dict[str, Any]) -> str:
     """The human table of ``procd status``."""
-    lines = [f"pipeline {reply['pipeline']}  pid {reply['pid']}  {reply['state']}  up {reply['uptime_s']:.1f}s"]
+    lines = [
+        f"pipeline {reply['pipeline']}  pid {reply['pid']}  {reply['state']}  up {reply['uptime_s']:.1f}s  "
+        f"{reply['items_per_s']:,.0f} items/s into the sinks (last {reply['rate_window_s']:.0f}s)"
+    ]
     header = ("STAGE", "WORKER", "PID", "STATE", "GEN", "RESTARTS", "UPTIME", "IN", "OUT", "QUEUE")
     rows = [header]
     for stage in reply["stages"]:
@@ -241,18 +233,76 @@ def _format_status(reply: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+class _UsageError(Exception):
+    """A client verb's arguments cannot make a request."""
+
+
+@dataclass(frozen=True)
+class _Verb:
+    """The client side of one command of ``control.COMMANDS``: its arguments, the request's
+    fields made from them, and what a successful reply prints."""
+
+    arguments: Callable[[argparse.ArgumentParser], object] = lambda p: p.add_argument(
+        "pipeline", metavar="PIPELINE", nargs="?"
+    )
+    fields: Callable[[argparse.Namespace], dict[str, Any]] = lambda _args: {}
+    show: Callable[[argparse.Namespace, dict[str, Any]], str] = lambda _args, _reply: ""
+
+
+def _status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pipeline", metavar="PIPELINE", nargs="?")
+    parser.add_argument("--json", action="store_true", help="print the reply as JSON")
+
+
+def _format_reload(reply: dict[str, Any]) -> str:
+    changes = [f"{key} {', '.join(reply[key])}" for key in ("changed", "added", "removed") if reply.get(key)]
+    code = f" (code changed: {', '.join(reply['code_changed'])})" if reply.get("code_changed") else ""
+    return ("; ".join(changes) or "nothing changed") + code + "\n"
+
+
+def _scale_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pipeline", metavar="PIPELINE")
+    parser.add_argument("assignment", metavar="STAGE=N")
+
+
+def _scale_fields(args: argparse.Namespace) -> dict[str, Any]:
+    stage, _, count = args.assignment.partition("=")
+    if not stage or not count.isascii() or not count.isdigit() or len(count) > 100:
+        raise _UsageError(f"expected STAGE=N, such as transform=4, got {args.assignment[:120]!r}")
+    return {"stage": stage, "processes": int(count)}  # the pipeline says how many it may run
+
+
+_VERBS: dict[str, _Verb] = {
+    "status": _Verb(
+        _status_arguments,
+        show=lambda args, reply: json.dumps(reply, indent=2) + "\n" if args.json else _format_status(reply),
+    ),
+    "stop": _Verb(),
+    "reload": _Verb(show=lambda _args, reply: _format_reload(reply)),
+    "scale": _Verb(
+        _scale_arguments,
+        _scale_fields,
+        lambda _args, reply: (
+            f"{reply['stage']}: {reply['processes']} processes "
+            f"(started {reply['started']}, retiring {reply['retiring']}"
+            + (f", {reply['waiting']} waiting to start" if reply.get("waiting") else "")
+            + ")\n"
+        ),
+    ),
+}
+
+
 def _control(args: argparse.Namespace) -> int:
-    """status, stop, reload and scale: one request to a running pipeline's control socket."""
-    message: dict[str, Any] = {"command": args.command}
-    if args.command == "scale":
-        stage, _, count = args.assignment.partition("=")
-        if not stage or not count.isascii() or not count.isdigit() or len(count) > 100:
-            print(f"procd scale: expected STAGE=N, such as transform=4, got {args.assignment[:120]!r}", file=sys.stderr)
-            return EXIT_USAGE
-        message.update(stage=stage, processes=int(count))  # the pipeline says how many it may run
+    """A verb of the command table: one request to a running pipeline's control socket."""
+    verb = _VERBS[args.command]
+    try:
+        fields = verb.fields(args)
+    except _UsageError as exc:
+        print(f"procd {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         path = control.find_socket(args.pipeline, args.control)
-        reply = control.request(path, message)
+        reply = control.call(path, args.command, **fields)
     except ControlError as exc:
         print(f"procd {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -261,18 +311,7 @@ def _control(args: argparse.Namespace) -> int:
         for problem in reply.get("problems", []):  # an invalid file on reload: what is wrong with it
             print(problem, file=sys.stderr)
         return EXIT_FAILURE
-    if args.command == "status":
-        sys.stdout.write(json.dumps(reply, indent=2) + "\n" if args.json else _format_status(reply))
-    elif args.command == "scale":
-        waiting = f", {reply['waiting']} waiting to start" if reply.get("waiting") else ""
-        print(
-            f"{reply['stage']}: {reply['processes']} processes "
-            f"(started {reply['started']}, retiring {reply['retiring']}{waiting})"
-        )
-    elif args.command == "reload":
-        changes = [f"{key} {', '.join(reply[key])}" for key in ("changed", "added", "removed") if reply.get(key)]
-        code = f" (code changed: {', '.join(reply['code_changed'])})" if reply.get("code_changed") else ""
-        print(("; ".join(changes) or "nothing changed") + code)
+    sys.stdout.write(verb.show(args, reply))
     return EXIT_OK
 
 
@@ -337,7 +376,7 @@ def _dlq_replay(args: argparse.Namespace) -> int:
         return _replay_fresh(args.pipeline, args.file, args.into)
     try:
         path = control.find_socket(args.name, args.control)
-        reply, fds = control.request_fds(path, {"command": "attach", "stage": args.into})
+        reply, fds = control.call_fds(path, "attach", stage=args.into)
         if not reply.get("ok"):
             print(f"procd dlq replay: {reply.get('error')}", file=sys.stderr)
             return EXIT_FAILURE
@@ -347,7 +386,7 @@ def _dlq_replay(args: argparse.Namespace) -> int:
             writer.send(items[start : start + batch])
         writer.close()
         os.close(fds[1])
-        control.request(path, {"command": "replayed", "stage": args.into, "items": len(items), "file": args.file})
+        control.call(path, "replayed", stage=args.into, items=len(items), file=args.file)
     except ControlError as exc:
         print(f"procd dlq replay: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -392,7 +431,7 @@ def _top(args: argparse.Namespace) -> int:
         path = control.find_socket(args.pipeline, args.control)
 
         def fetch() -> dict[str, Any]:
-            reply = control.request(path, {"command": "status"})
+            reply = control.call(path, "status")
             if not reply.get("ok"):
                 raise ControlError(str(reply.get("error")))
             return reply
@@ -481,7 +520,9 @@ def _summary(records: list[dict[str, Any]]) -> str:
     from procd import events
 
     rows = [("STAGE", "SPAWNS", "RESTARTS", "EXITS", "REDELIVERED", "DEAD_LETTERS", "IN", "OUT", "FIRST", "LAST")]
-    for name, s in events.summarize(records).items():
+    summaries = events.summarize(records)
+    unexited = sum(max(0, s.spawns - sum(s.exits.values())) for s in summaries.values())
+    for name, s in summaries.items():
         exits = ", ".join(f"{cause}: {n}" for cause, n in sorted(s.exits.items())) or "-"
         rows.append(
             (
@@ -498,7 +539,13 @@ def _summary(records: list[dict[str, Any]]) -> str:
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in rows)
+    table = "".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in rows)
+    if unexited:  # counts reach the log when a worker exits
+        table += (
+            f"IN and OUT count only workers that have exited: {unexited} have no exit record yet "
+            "(still running, or the log ends early); procd status shows their latest counts.\n"
+        )
+    return table
 
 
 def _timeline(records: list[dict[str, Any]], stage: str, worker: int) -> str:
@@ -529,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as error:
             return _report(error)
     try:
-        if args.command in ("status", "stop", "reload", "scale"):
+        if args.command in _VERBS:
             return _control(args)
         if args.command == "top":
             return _top(args)

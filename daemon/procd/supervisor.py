@@ -10,9 +10,10 @@ feeds the queue has finished (all its processes exited); dropping that copy is w
 readers see the end of their input. A stop sends SIGTERM to the producers and lets every other
 stage drain in the same way; whatever is still there at the stop deadline gets SIGKILL.
 
-The same loop answers the control socket (status, stop, scale, reload, attach), serves the
-optional metrics endpoint, and tells the service manager what happens (sd_notify). Signals and
-control requests lead to the same internal events.
+The same loop answers the control socket (one handler per command of ``control.COMMANDS``),
+serves the optional metrics endpoint (both through bounded ``connections``), and tells the
+service manager what happens (sd_notify). Signals and control requests lead to the same
+internal events.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ import random
 import selectors
 import signal
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
-from procd import callables, config, inflight, plan, procctl, reaper, signals, status, worker
+from procd import callables, config, control, inflight, plan, procctl, reaper, signals, status, worker
 from procd.channels import Channel
 from procd.child import Output
 from procd.config import PipelineSpec
+from procd.connections import PAUSE_S, Connection, Listener
 from procd.control import Client, ControlError, ControlServer, default_path
 from procd.errors import ConfigError, Problem, StoreError
 from procd.forkserver import ForkServer
@@ -110,7 +113,7 @@ class Supervisor:
         self.notifier = notifier or Notifier(None, None)
         self.deadlines: dict[str, float] = {}  # the loop's own: "watchdog", "status", "output", "starts"
         self.status_sent = ("", 0.0)  # the last STATUS= line and when it went
-        self.rate = status.Rate()  # items/s, for STATUS= and the progress line
+        self.ledger = status.Ledger(self.started_at)  # stage totals and rates, for every view
         self.notify_failed = False
         self.dead_letters: dict[str, int] = {}
         self.throttles: dict[Slot, OutputThrottle] = {}  # each worker slot's output budget
@@ -122,7 +125,20 @@ class Supervisor:
         self.spawn_tokens = float(SPAWN_BURST)
         self.tokens_at = clock()
         self.failed: list[str] = []
+        self.stop_reason: str | None = None  # the first stop request's
         self.selector = selectors.DefaultSelector()
+        self.listeners: dict[Listener, str] = {}  # the control socket and the metrics endpoint
+        self.watched: set[Listener] = set()  # those in the selector (a paused one is not)
+        self.connections: dict[Connection, Listener] = {}
+        self.handlers: dict[str, control.Handler] = {  # one per command of control.COMMANDS
+            "status": lambda _request: {"ok": True, **self.status()},
+            "stop": self._stop_command,
+            "reload": lambda _request: self.reload("control socket"),
+            "scale": lambda request: self._scale(request.args["stage"], request.args["processes"]),
+            "attach": lambda request: self._attach(request.args["stage"]),
+            "replayed": self._replayed,
+        }
+        control.check_handlers(self.handlers)
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -147,9 +163,10 @@ class Supervisor:
         procctl.become_subreaper()
         wake = signals.open_wakeup()
         self.selector.register(wake.read_fd, selectors.EVENT_READ, ("wake", None))
-        self.selector.register(server.fileno(), selectors.EVENT_READ, ("control", server))
+        self.listeners[server] = "control"
         if metrics is not None:
-            self.selector.register(metrics.fileno(), selectors.EVENT_READ, ("metrics", metrics))
+            self.listeners[metrics] = "metrics"
+        self._tend_connections()
         try:
             for stage in self.spec.stages:
                 if not stage.is_producer:
@@ -192,14 +209,14 @@ class Supervisor:
                     else:
                         self._serve(source, mask)
                 self._fire_timers()
+                self._tend_connections()
                 self._update_stages()
                 self._update_status()
             return self._finish()
         finally:
             self._sweep()
-            for key in list(self.selector.get_map().values()):
-                if key.data[0] in ("client", "http"):
-                    key.data[1].close()
+            for connection in self.connections:
+                connection.close()
             server.close()
             if metrics is not None:
                 metrics.close()
@@ -539,6 +556,8 @@ class Supervisor:
                 bound.error("spawn_failed", **report)
             elif kind == "counts":
                 slot.counts = {k: int(v) for k, v in report.items()}
+                self.ledger.observe(slot)
+                self.ledger.sample(self.slots, self.clock())
                 self._show_progress()
             elif kind == "dead_lettered":
                 self.dead_letters[slot.stage.name] = self.dead_letters.get(slot.stage.name, 0) + 1
@@ -662,16 +681,19 @@ class Supervisor:
             self.notify_failed = True
             self.log.warning("notify_failed", error=exc.strerror, socket=self.notifier.address)
 
+    def _rate(self) -> tuple[status.Totals, float]:
+        totals = self.ledger.totals(self.slots)
+        return totals, status.sink_rate(self.spec, self.ledger.rates(totals, self.clock())[0])
+
     def _status_line(self) -> str:
         """One line for ``systemctl status``: stages, workers, items/s, restarts."""
-        per_s = self.rate.update(status.items_seen(self.slots), self.clock())
-        return status.summary_line(self.spec, self.slots, per_s)
+        return status.summary_line(self.spec, self.slots, self._rate()[1])
 
     def _show_progress(self) -> None:
         """On a terminal: items through each stage, and the rate, under the records."""
         if self.writer is not None and self.writer.on_terminal:
-            per_s = self.rate.update(status.items_seen(self.slots), self.clock())
-            self.writer.progress(status.progress_line(self.spec, self.slots, per_s))
+            totals, per_s = self._rate()
+            self.writer.progress(status.progress_line(self.spec, totals, per_s))
 
     def _update_status(self) -> None:
         """Send STATUS= when the line changed, at most once a second."""
@@ -688,77 +710,112 @@ class Supervisor:
         self.status_sent = (line, now)
         self._notify(STATUS=line)
 
-    # -- the control socket ------------------------------------------------------------------------
+    # -- the control socket and the metrics endpoint --------------------------------------------------
 
     def _accept(self, server: ControlServer) -> None:
-        client, refused = server.accept()
+        now = self.clock()
+        client, refused = server.accept(now)
         if refused is not None:
             self.log.warning("control_refused", peer_pid=refused["pid"], peer_uid=refused["uid"])
-        if client is not None:
-            self.selector.register(client.fileno(), selectors.EVENT_READ, ("client", client))
+        self._accepted(server, client, "client", now)
+
+    def _accept_http(self, server: Any) -> None:
+        now = self.clock()
+        self._accepted(server, server.accept(now), "http", now)
+
+    def _accepted(self, listener: Listener, connection: Connection | None, kind: str, now: float) -> None:
+        if connection is not None:
+            self.connections[connection] = listener
+            self.selector.register(connection.fileno(), selectors.EVENT_READ, (kind, connection))
+        elif listener.paused_until > now:
+            self.log.warning(
+                "connections_paused",
+                endpoint=self.listeners[listener],
+                message=f"no descriptor to spare for a new connection; accepting again in {PAUSE_S:g}s",
+            )
 
     def _serve(self, client: Client, mask: int) -> None:
-        if mask & selectors.EVENT_READ:
-            requests = client.read_requests()
-            if requests is None:
-                self._drop(client)
-                return
-            for request in requests:
-                if isinstance(request, dict) and request["command"] == "attach":
-                    reply, fds = self._attach(request.get("stage"))
-                    client.reply(reply, fds)
-                else:
-                    client.reply(self._answer(request))
-        done = client.flush()
+        """Answer the requests a client sent, as long as it reads the replies."""
+        now = self.clock()
+        if mask & selectors.EVENT_READ and not client.closing and not client.receive(now):
+            self._drop(client)
+            return
+        while True:
+            while not client.full and not client.closing and (request := client.next_request()) is not None:
+                client.reply(self._answer(request))
+            done = client.flush(now)
+            if not done or client.full or client.closing or b"\n" not in client.inbox:
+                break
         if done and client.closing:
             self._drop(client)
             return
-        events = selectors.EVENT_READ | (0 if done else selectors.EVENT_WRITE)
-        self.selector.modify(client.fileno(), events, ("client", client))
-
-    def _accept_http(self, server: Any) -> None:
-        client = server.accept()
-        if client is not None:
-            self.selector.register(client.fileno(), selectors.EVENT_READ, ("http", client))
+        reading = 0 if client.full or client.closing else selectors.EVENT_READ
+        self.selector.modify(client.fileno(), reading | (0 if done else selectors.EVENT_WRITE), ("client", client))
 
     def _serve_http(self, client: Any, mask: int) -> None:
-        if mask & selectors.EVENT_READ and not client.outbox:
-            path = client.read_request()
+        now = self.clock()
+        if mask & selectors.EVENT_READ and not client.closing:
+            path = client.read_request(now)
             if path is None:
-                self.selector.unregister(client.fileno())
-                client.close()
+                self._drop(client)
                 return
             if path:
                 client.respond(path, self.status())
-        if client.outbox:
-            if client.flush():
-                self.selector.unregister(client.fileno())
-                client.close()
+        if client.closing:
+            if client.flush(now):
+                self._drop(client)
             else:
                 self.selector.modify(client.fileno(), selectors.EVENT_WRITE, ("http", client))
 
-    def _drop(self, client: Client) -> None:
-        self.selector.unregister(client.fileno())
-        client.close()
+    def _drop(self, connection: Connection) -> None:
+        self.selector.unregister(connection.fileno())
+        connection.close()
+        self.connections.pop(connection).release()
 
-    def _answer(self, request: dict[str, Any] | str) -> dict[str, Any]:
-        """The reply to one request; signals and requests lead to the same internal events."""
-        if isinstance(request, str):
-            return {"ok": False, "error": request}
-        command = request["command"]
-        if command == "status":
-            return {"ok": True, **self.status()}
-        if command == "stop":
-            self._request_stop("stop requested over the control socket")
-            return {"ok": True, "stopping": True}
-        if command == "scale":
-            return self._scale(request.get("stage"), request.get("processes"))
-        if command == "replayed":
+    def _tend_connections(self) -> None:
+        """Drop connections idle past their deadline (a peer that does not read its replies
+        among them); watch each listener only while it accepts; keep the next such moment."""
+        now = self.clock()
+        for connection in [c for c in self.connections if c.deadline <= now]:
             self.log.info(
-                "items_replayed", stage=request.get("stage"), items=request.get("items"), file=request.get("file")
+                "connection_dropped",
+                endpoint=self.listeners[self.connections[connection]],
+                unsent_bytes=len(connection.outbox),
+                message=f"no progress for {connection.patience_s:g}s"
+                + ("; the peer does not read its replies" if connection.outbox else ""),
             )
-            return {"ok": True}
-        return self.reload("control socket")
+            self._drop(connection)
+        for listener, kind in self.listeners.items():
+            accepting = listener.accepting(now)
+            if accepting and listener not in self.watched:
+                self.selector.register(listener.fileno(), selectors.EVENT_READ, (kind, listener))
+                self.watched.add(listener)
+            elif not accepting and listener in self.watched:
+                self.selector.unregister(listener.fileno())
+                self.watched.discard(listener)
+        moments = [c.deadline for c in self.connections]
+        moments += [listener.paused_until for listener in self.listeners if listener.paused_until > now]
+        if moments:
+            self.deadlines["connections"] = min(moments)
+        else:
+            self.deadlines.pop("connections", None)
+
+    def _answer(self, request: control.Request | str) -> control.Answer:
+        """The reply to one request; signals and requests lead to the same internal events."""
+        try:
+            return control.dispatch(request, self.handlers)
+        except Exception as exc:  # a fault of procd's own: told to the client, never fatal
+            name = request.command.name if isinstance(request, control.Request) else None
+            self.log.error("control_failed", command=name, error=repr(exc), traceback=traceback.format_exc())
+            return {"ok": False, "error": f"procd failed to answer {name}: {exc!r}"}
+
+    def _stop_command(self, _request: control.Request) -> dict[str, Any]:
+        self._request_stop("stop requested over the control socket")
+        return {"ok": True, "stopping": True}
+
+    def _replayed(self, request: control.Request) -> dict[str, Any]:
+        self.log.info("items_replayed", **request.args)
+        return {"ok": True}
 
     def _attach(self, name: object) -> tuple[dict[str, Any], tuple[int, ...]]:
         """Hand a client the writing end of a stage's input (``procd dlq replay``). The stage's
@@ -783,6 +840,7 @@ class Supervisor:
             self.spec,
             self.slots,
             self.channels,
+            self.ledger,
             finished=self.finished,
             dead_letters=self.dead_letters,
             stopping=self.stopping,
@@ -929,11 +987,8 @@ class Supervisor:
             slots = [s for s in self.slots if s.stage.name == stage.name]
             if all(_ended(s) for s in slots):
                 self.finished.add(stage.name)
-                totals = {
-                    "items_in": sum(s.total("items_in") for s in slots),
-                    "items_out": sum(s.total("items_out") for s in slots),
-                }
-                self.log.info("stage_drained", stage=stage.name, **totals)
+                items_in, items_out = self.ledger.totals(self.slots).get(stage.name, (0, 0))
+                self.log.info("stage_drained", stage=stage.name, items_in=items_in, items_out=items_out)
         for name, channel in self.channels.items():
             if channel.writing and all(upstream in self.finished for upstream in self.spec.stage(name).inputs):
                 channel.end()
@@ -1075,6 +1130,7 @@ class Supervisor:
                         self.timers[key] = self.stop_deadline
             return
         self.stopping = True
+        self.stop_reason = reason
         self._notify(STOPPING=1, STATUS=f"stopping: {reason}")
         self.stop_deadline = self.clock() + self.spec.stop_timeout_s
         self.log.info("stop_requested", reason=reason, stop_timeout_s=self.spec.stop_timeout_s)
@@ -1099,10 +1155,14 @@ class Supervisor:
                 )
             for key, value in counts.items():
                 totals[key] += value
+        # finished: every stage ended by itself; stopped: a stop request (signal or control
+        # socket) and a clean drain; failed: a failure, or a drain that had to be forced
+        outcome = "failed" if code else "stopped" if self.stopping else "finished"
         self.log.info(
             "pipeline_stopped",
             exit_code=code,
-            outcome="failed" if code else ("stopped" if self.stopping else "finished"),
+            outcome=outcome,
+            stop_reason=self.stop_reason,
             failures=self.failed,
             forced=forced,
             forced_by=self._kill_cause() if forced else None,
