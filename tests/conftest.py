@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -176,6 +177,17 @@ class Workspace:
         return subprocess.Popen(
             procd_command(*args), cwd=self.path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen[Any]) -> Iterator[subprocess.Popen[Any]]:
+    """Whatever the block does, ``proc`` has ended (killed if it must be) and is reaped after it."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from conftest import Workspace, fill, procd_command, read_records, wait_until
+from conftest import Workspace, fill, procd_command, read_records, reaped, wait_until
 
 # A producer that yields 500 items, waits for a file, then yields 500 more: the test decides
 # when the pipeline may end, so it can take the terminal away while the pipeline runs.
@@ -71,15 +71,11 @@ def _events(path: Path) -> list[str]:
 def test_a_closed_stderr_does_not_end_the_run_and_the_log_file_gets_every_record(ws: Workspace) -> None:
     _gated(ws)
     proc = _start_with_stderr_pipe(ws)
-    try:
+    with reaped(proc):
         wait_until(lambda: "pipeline_ready" in _events(ws.path / "log.jsonl"))
         assert proc.poll() is None  # still running without its terminal
         (ws.path / "release").touch()
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     records = read_records(ws.path / "log.jsonl")
     (lost,) = [r for r in records if r["event"] == "console_lost"]
     assert lost["error"] == "Broken pipe"
@@ -91,14 +87,10 @@ def test_a_closed_stderr_does_not_end_the_run_and_the_log_file_gets_every_record
 def test_a_closed_stderr_then_a_signal_ends_with_the_true_outcome(ws: Workspace) -> None:
     _gated(ws, producer="ticks")
     proc = _start_with_stderr_pipe(ws)
-    try:
+    with reaped(proc):
         wait_until(lambda: "pipeline_ready" in _events(ws.path / "log.jsonl"))
         proc.send_signal(signal.SIGINT)  # Ctrl-C in `procd run ... | tee`: tee has gone first
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     records = read_records(ws.path / "log.jsonl")
     events = [r["event"] for r in records]
     assert events.index("stop_requested") < events.index("stage_drained") < events.index("pipeline_stopped")
@@ -134,7 +126,7 @@ def test_a_full_disk_under_the_log_file_drops_records_counted_and_never_stops_th
         text=True,
     )
     assert proc.stderr is not None
-    try:
+    with reaped(proc):
         for line in proc.stderr:  # stderr still gets every record while the disk is full
             if json.loads(line).get("line") == "item 499":
                 break
@@ -143,10 +135,6 @@ def test_a_full_disk_under_the_log_file_drops_records_counted_and_never_stops_th
         (ws.path / "release").touch()
         rest = proc.stderr.read()
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert json.loads(rest.splitlines()[-1])["event"] == "pipeline_stopped"
     records = [json.loads(line) for line in log.read_text().splitlines()]  # no torn record
     dropped = records[0]
@@ -222,17 +210,13 @@ def test_a_flood_of_output_is_rate_limited_and_every_line_is_accounted_for(ws: W
     ws.write("st.py", FLOOD)
     ws.pipeline('[stages.flood]\nfunction = "st:flood"\noptions = { lines = 200000 }\n')
     proc = ws.start_quiet()
-    try:
+    with reaped(proc):
         # every line of the flood is accounted for while the worker still runs (quiet now, waiting
         # for the release): the count is reported within a second, not only when the worker ends
         wait_until(lambda: _accounted(ws.path / "log.jsonl") == 200_000, timeout=30)
         assert proc.poll() is None
         (ws.path / "release").touch()
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     records = read_records(ws.path / "log.jsonl")
     shown = [r["line"] for r in records if r["event"] == "worker_output"]
     suppressed = [r for r in records if r["event"] == "worker_output_suppressed"]
@@ -260,7 +244,7 @@ def test_a_log_file_that_cannot_be_reopened_keeps_the_old_one(ws: Workspace) -> 
     logs = ws.path / "logs"
     logs.mkdir()
     proc = ws.start_quiet(log="logs/log.jsonl")
-    try:
+    with reaped(proc):
         wait_until(lambda: "pipeline_ready" in _events(logs / "log.jsonl"))
         (logs / "log.jsonl").rename(ws.path / "log.jsonl.1")
         logs.rmdir()  # logrotate's SIGUSR1 comes, and the file cannot be made again
@@ -268,9 +252,5 @@ def test_a_log_file_that_cannot_be_reopened_keeps_the_old_one(ws: Workspace) -> 
         wait_until(lambda: "log_reopen_failed" in _events(ws.path / "log.jsonl.1"))
         (ws.path / "release").touch()
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     records = read_records(ws.path / "log.jsonl.1")
     assert records[-1]["event"] == "pipeline_stopped" and records[-1]["exit_code"] == 0

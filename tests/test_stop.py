@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import Workspace, read_records, wait_until
+from conftest import Workspace, read_records, reaped, wait_until
 
 TICKS = """
 import time
@@ -47,15 +47,11 @@ def test_sigterm_at_any_moment_of_start_up_ends_with_a_documented_code(ws: Works
     ws.write("st.py", TICKS)
     ws.pipeline('[stages.ticks]\nfunction = "st:ticks"\n[stages.sink]\nfunction = "st:sink"\ninputs = ["ticks"]\n')
     proc = ws.start_quiet()
-    try:
+    with reaped(proc):
         wait_until(lambda: _blocks_sigterm(proc.pid) or proc.poll() is not None, timeout=10, interval=0.0005)
         time.sleep(delay_s)  # the moment of the signal is what this test varies
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert code == 0
     records = read_records(ws.path / "log.jsonl")
     assert [r["event"] for r in records if r["event"] in ("stop_requested", "pipeline_stopped")] == [
@@ -86,7 +82,7 @@ def _forced_stop(ws: Workspace, stop_timeout: str, second_signal: bool) -> list[
     )
     proc = ws.start_ready()
     log = ws.path / "log.jsonl"
-    try:
+    with reaped(proc):
         # the producer fills the queue (10 batches) and waits; the reader holds one batch
         wait_until(lambda: processes_blocked_writing(ws), timeout=15)
         proc.send_signal(signal.SIGINT)
@@ -94,10 +90,6 @@ def _forced_stop(ws: Workspace, stop_timeout: str, second_signal: bool) -> list[
             wait_until(lambda: any(r["event"] == "stop_requested" for r in read_records(log)))
             proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 1
     return read_records(log)
 
