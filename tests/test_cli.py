@@ -103,3 +103,12 @@ def test_version_help_and_usage_errors(ws: Workspace) -> None:
     usage = ws.run("frobnicate")
     assert usage.code == 2 and "invalid choice" in usage.stderr
     assert ws.run("init", "Bad Name").code == 2
+
+
+def test_the_license_file_is_the_one_pyproject_names() -> None:
+    from conftest import REPO
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["license"]["text"]
+    assert declared == "MIT"
+    assert (REPO / "LICENSE").read_text().startswith("MIT License\n")
+    assert "python3-venv" in (REPO / "README.md").read_text().split("## Commands")[0]  # the quick start says it

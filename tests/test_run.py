@@ -483,7 +483,7 @@ def test_a_second_sigterm_kills_at_once(ws: Workspace) -> None:
     assert time.monotonic() - started < 10  # not the 30 s stop timeout
     records = parse_records(logfile.read_text())
     messages = [r.get("message") for r in records if r["event"] == "stop_requested"]
-    assert messages == [None, "second stop request; killing every worker now"]
+    assert messages == [None, "second stop request (SIGTERM); killing every worker now"]
     assert [r["stage"] for r in records if r["event"] == "stop_escalated"] == ["stubborn", "count"]
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from procd import callables, inflight, procctl, reaper
+from procd import callables, deadletters, inflight, procctl, reaper
 from procd.config import StageSpec
 from procd.deadletters import DeadLetterFile, now_iso, record
 from procd.queues import QueueFds, QueueReader, QueueWriter
@@ -39,6 +39,7 @@ FLUSH_INTERVAL_S = 0.05
 # an idle one says nothing, so an idle pipeline never wakes the supervisor.
 COUNTS_INTERVAL_S = 1.0
 EXEC_FAILED = 127
+DEAD_LETTER_FAILED = 74  # EX_IOERR: a dead letter could not be written
 
 
 @dataclass(frozen=True)
@@ -415,16 +416,24 @@ def _dead_letter(
     )
     try:
         letters.append(entry)
-        where = letters.path
-    except OSError as exc:  # the item is at least in procd's own log then
-        where = f"(not written: {exc.strerror})"
+    except OSError as exc:
+        # Neither delivered nor dead-lettered: the item is not handled. Say so and end this
+        # process without acknowledging its batch, which the slot's next process gets again.
+        reporter.send(
+            "error",
+            error_type="DeadLetterNotWritten",
+            error=f"cannot write a dead letter to {letters.path}: {exc.strerror or exc}",
+            item=deadletters.item_text(entry),
+            traceback="",
+        )
+        os._exit(DEAD_LETTER_FAILED)
     reporter.send(
         "dead_lettered",
         error_type=error_type,
         error=error[:1000],
         attempts=attempts,
-        file=where,
-        item=entry.get("item_repr", repr(item))[:200],
+        file=letters.path,
+        **deadletters.item_fields(entry),
     )
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from procd import __version__, callables, config, control, environment, plan
+from procd import __version__, callables, config, control, environment, log, plan, signals
 from procd.control import ControlError
 from procd.environment import BuildError, Environment
 from procd.errors import ConfigError, StoreError
@@ -118,8 +118,7 @@ def _load(file: str, *, imports: bool, apart: bool = False) -> config.PipelineSp
 
 
 def _report(error: ConfigError) -> int:
-    for line in error.lines():
-        print(line, file=sys.stderr)
+    _say(*error.lines())
     return EXIT_CONFIG
 
 
@@ -141,11 +140,33 @@ def _prepare(file: str) -> tuple[config.PipelineSpec, Environment | None]:
 
 
 def _report_build(error: BuildError, command: str) -> int:
-    print(f"procd {command}: {error}", file=sys.stderr)
-    if error.tail:
-        print("the last lines of its output:", file=sys.stderr)
-        print("\n".join(f"    {line}" for line in error.tail.splitlines()), file=sys.stderr)
+    tail = ["the last lines of its output:", *(f"    {line}" for line in error.tail.splitlines())]
+    _say(f"procd {command}: {error}", *(tail if error.tail else []))
     return EXIT_FAILURE
+
+
+def _say(*lines: str) -> None:
+    """Lines to stderr, for a reader who may have gone (``| head``): the exit code stays true."""
+    try:
+        for line in lines:
+            print(line, file=sys.stderr)
+        sys.stderr.flush()
+    except OSError:
+        pass
+
+
+def _reserve_standard_fds() -> None:
+    """Open /dev/null on whichever of 0, 1 and 2 is closed (``procd run ... 2>&-``), so that no
+    descriptor procd opens later (the log file, a queue, a pipe to a worker) lands there and
+    receives what is meant for stderr."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
+        if getattr(sys, name) is None:  # Python found it closed at start-up
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115
 
 
 def _run(file: str, log_file: str | None, control_path: str | None) -> int:
@@ -165,7 +186,7 @@ def _run(file: str, log_file: str | None, control_path: str | None) -> int:
     try:
         log, writer = open_logger(spec.name, log_file=log_file)
     except OSError as exc:
-        print(f"procd: cannot open the log file {log_file}: {exc.strerror}", file=sys.stderr)
+        _say(f"procd: cannot open the log file {log_file}: {exc.strerror}")
         return EXIT_USAGE
     try:
         env = None
@@ -418,7 +439,10 @@ def _dlq_list(file: str, as_json: bool) -> int:
         elif as_json:
             print(json.dumps(entry))
         else:
-            item = json.dumps(entry["item"]) if "item" in entry else entry.get("item_repr", "?")
+            if "item" in entry:
+                item = json.dumps(entry["item"], ensure_ascii=False, separators=(",", ":"))
+            else:
+                item = f"(repr, not JSON) {entry.get('item_repr', '?')}"
             error = f"{entry.get('error_type')}: {entry.get('error')}"
             print(
                 f"{number:>5}  {entry.get('ts', '?')}  {entry.get('stage', '?')}  "
@@ -579,9 +603,7 @@ def _logs(args: argparse.Namespace) -> int:
             try:
                 for record in reader.records(_lines(source, args.follow)):
                     if keep.keeps(record):
-                        print(
-                            json.dumps(record) if args.json else events.render(record, color=color), flush=args.follow
-                        )
+                        print(json.dumps(record) if args.json else log.render(record, color=color), flush=args.follow)
             except KeyboardInterrupt:
                 pass
     if reader.skipped:
@@ -656,9 +678,17 @@ def _timeline(records: list[dict[str, Any]], stage: str, worker: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``procd`` command; return its exit code."""
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "run":
+    if not (args.command == "run" or (args.command == "dlq" and args.dlq_command == "replay" and args.pipeline)):
+        signals.release_held()  # no supervisor here to take them over
+    if args.command == "run":
+        # A daemon that loses its terminal goes on: every record still reaches the log file (or
+        # the journal), and the exit code is the pipeline's own. Nothing here ends on EPIPE.
+        _reserve_standard_fds()
+        try:
             return _run(args.file, args.log_file, args.control)
+        except ConfigError as error:
+            return _report(error)
+    try:
         if args.command in _VERBS:
             return _control(args)
         if args.command == "top":
@@ -694,9 +724,9 @@ def entry() -> None:
     there is nothing left to finalize; skipping the teardown saves a ``procd run`` about 15 ms.
     """
     code = main()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BrokenPipeError:
-        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader gone, a terminal hung up: the code stays true
+            pass
     os._exit(code)

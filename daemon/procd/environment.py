@@ -9,8 +9,8 @@ and the requirements are then installed into a fresh virtual environment under t
 directory, ``STATE_DIR/envs/KEY``, whose interpreter runs the function-stage workers.
 
 ``KEY`` is a hash of everything the environment is made of: each project's source files, the
-requirements, procd's version and the Python version. A start whose key names a complete
-environment reuses it and builds nothing; a change of any of those makes a new one.
+requirements, procd's version and requirements, and the Python version. A start whose key names
+a complete environment reuses it and builds nothing; a change of any of those makes a new one.
 
 Discussion.
 
@@ -19,8 +19,8 @@ Discussion.
   made in 40 ms, with it in seconds). Where pip looks is pip's own configuration: ``PIP_INDEX_URL``,
   ``PIP_FIND_LINKS``, ``PIP_NO_INDEX`` and pip.conf apply as they would to ``pip install``.
 - *procd inside.* A worker runs procd's worker code in the environment's interpreter. The
-  environment gets a directory of links to procd's package and to the one distribution the worker
-  runtime imports (setproctitle), listed by a ``.pth`` file: ``.pth`` entries come after
+  environment gets a directory of links to procd's package and to the distributions procd
+  requires (structlog, setproctitle, ...), listed by a ``.pth`` file: ``.pth`` entries come after
   site-packages, so the user's own distributions always win, and nothing else of procd's
   interpreter is visible to stage code.
 - *In use, then removed.* Every environment has a lock file beside it. A process that runs
@@ -63,9 +63,10 @@ ENVS_DIR = "envs"
 _COMPLETE = "procd-environment.json"  # written last: its presence means the environment is whole
 _RUNTIME_DIR = "procd-runtime"
 _SCRATCH = ".build"  # beside an environment being built: its build environments and wheels
-# What a worker imports from outside the standard library: procd and its worker runtime's one
-# dependency. Keep in step with the imports of child.py and what it pulls in.
-_WORKER_IMPORTS = ("procd", "setproctitle")
+_LAYOUT = 2  # what an environment holds besides the user's distributions; a change makes new ones
+# What a worker imports from outside the standard library when procd is not an installed
+# distribution (a bare source tree on PYTHONPATH): procd and its dependencies' modules.
+_RUNTIME_FALLBACK = ("procd", "setproctitle", "structlog")
 _SKIPPED_DIRS = frozenset({"__pycache__", "node_modules"})
 _SKIPPED_TOP = frozenset({"build", "dist"})  # a build's output, at a project's top only
 _TAIL_LINES = 25
@@ -136,7 +137,8 @@ def environment_key(spec: PipelineSpec) -> str:
             data = part.encode() if isinstance(part, str) else part
             digest.update(len(data).to_bytes(8, "little") + data)
 
-    add("procd", __version__, sys.implementation.cache_tag or "", sys.version)
+    add("procd", __version__, str(_LAYOUT), sys.implementation.cache_tag or "", sys.version)
+    add("procd requires", *_procd_requires())  # what _link_runtime links into the environment
     for requirement in spec.requirements:
         add("requirement", requirement)
     for project in spec.packages:
@@ -145,6 +147,16 @@ def environment_key(spec: PipelineSpec) -> str:
             with open(os.path.join(project, relative), "rb") as fh:
                 add(relative, hashlib.sha256(fh.read()).digest())
     return digest.hexdigest()[:16]
+
+
+def _procd_requires() -> list[str]:
+    """procd's declared requirements (none known when it runs from a bare source tree)."""
+    from importlib import metadata
+
+    try:
+        return sorted(metadata.distribution("procd").requires or [])
+    except metadata.PackageNotFoundError:
+        return []
 
 
 def _source_files(project: str, *, skip: str) -> list[str]:
@@ -229,7 +241,7 @@ def _claim(spec: PipelineSpec, path: str, key: str, steps: _Steps) -> tuple[int,
                 if not (_is_current(lock_fd, lock_path) and os.path.exists(os.path.join(path, _COMPLETE))):
                     os.close(lock_fd)
                     continue
-            _link_runtime(path)  # procd may have moved since (a new checkout, another install)
+            _link_runtime(path, verify_only=True)  # procd may have moved since (a new checkout)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -478,14 +490,20 @@ def _site_packages(env: str) -> str:
     return os.path.join(env, "lib", version, "site-packages")
 
 
-def _link_runtime(env: str) -> None:
-    """Make procd's worker code importable in the environment (see the module's Discussion)."""
+def _link_runtime(env: str, *, verify_only: bool = False) -> None:
+    """Make procd's worker code importable in the environment (see the module's Discussion): a
+    link to each top-level module of procd and of the distributions it requires, transitively.
+    With ``verify_only`` (a start that reuses the environment) only the link to procd itself is
+    looked at, and everything is linked again if procd has moved since."""
     runtime = os.path.join(env, _RUNTIME_DIR)
+    procd_dir = os.path.dirname(os.path.abspath(__file__))
+    if verify_only and os.path.realpath(os.path.join(runtime, "procd")) == os.path.realpath(procd_dir):
+        return
     os.makedirs(runtime, exist_ok=True)
-    for name in _WORKER_IMPORTS:
+    for name in _runtime_modules():
         found = importlib.util.find_spec(name)
-        if found is None or found.origin is None:
-            raise BuildError(env, f"procd's interpreter cannot find {name}, which its workers import", "")
+        if found is None or found.origin is None or found.origin in ("built-in", "frozen"):
+            continue  # a namespace package, or nothing to link
         source = os.path.dirname(found.origin) if found.submodule_search_locations else found.origin
         link = os.path.join(runtime, os.path.basename(source))
         if os.path.islink(link) and os.readlink(link) == source:
@@ -497,6 +515,41 @@ def _link_runtime(env: str) -> None:
     if not os.path.exists(pth):
         with open(pth, "w", encoding="utf-8") as fh:
             fh.write(runtime + "\n")
+
+
+def _runtime_modules() -> list[str]:
+    """procd and the top-level modules of every distribution it requires, transitively (extras
+    aside): what its worker code may import."""
+    import re
+    from importlib import metadata
+
+    def normal(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    try:
+        metadata.distribution("procd")
+    except metadata.PackageNotFoundError:
+        return list(_RUNTIME_FALLBACK)
+    modules_of: dict[str, set[str]] = {}
+    for module, dists in metadata.packages_distributions().items():
+        for dist in dists:
+            modules_of.setdefault(normal(dist), set()).add(module)
+    modules, seen, todo = {"procd"}, {"procd"}, ["procd"]
+    while todo:
+        try:
+            requires = metadata.distribution(todo.pop()).requires or []
+        except metadata.PackageNotFoundError:
+            continue
+        for requirement in requires:
+            named = re.match(r"[A-Za-z0-9._-]+", requirement)
+            if named is None or "extra ==" in requirement.replace('"', "").replace("'", ""):
+                continue
+            dist = normal(named.group(0))
+            if dist not in seen:
+                seen.add(dist)
+                todo.append(dist)
+                modules |= modules_of.get(dist, set())
+    return sorted(modules)
 
 
 def check_stage_code(

@@ -60,7 +60,9 @@ class DeadLettered:
     error: str
     attempts: int
     file: str
-    item: Any = None  # JSON where the item can be, else its repr
+    item: Any = None  # the item itself, when it is JSON and short (deadletters.item_fields)
+    item_json_start: str | None = None  # the start of its JSON text, when it is long
+    item_repr: str | None = None  # its repr, when it is not JSON
 
 
 Report = Ready | Error | ExecFailed | Counts | DeadLettered

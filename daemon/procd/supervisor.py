@@ -67,6 +67,7 @@ from procd.notify import Notifier
 from procd.queues import INLINE_LIMIT
 from procd.restarts import RestartHistory, backoff_delay
 from procd.spawn import start_forkserver
+from procd.throttle import OutputThrottle
 from procd.worker import Slot
 
 TERMINAL = (State.EXITED, State.FATAL)
@@ -115,14 +116,16 @@ class Supervisor:
         self.ready_logged = False
         self.regrouping: list[Slot] = []  # stopped for a rest_for_one restart, started once all have ended
         self.notifier = notifier or Notifier(None, None)
-        self.deadlines: dict[str, float] = {}  # the loop's own: "watchdog", "status"
+        self.deadlines: dict[str, float] = {}  # the loop's own: "watchdog", "status", "output", "starts"
         self.status_sent = ("", 0.0)  # the last STATUS= line and when it went
         self.ledger = status.Ledger(self.started_at)  # stage totals and rates, for every view
         self.notify_failed = False
         self.dead_letters: dict[str, int] = {}
+        self.throttles: dict[Slot, OutputThrottle] = {}  # each worker slot's output budget
         self.forkserver: ForkServer | None = None  # started on first need (start_method = "forkserver")
         self.stopping = False
         self.stop_deadline = 0.0
+        self.second_stop: str | None = None  # the signal that asked to stop a second time
         self.start_queue: list[Slot] = []  # started by scale or reload, waiting for their turn
         self.spawn_tokens = float(SPAWN_BURST)
         self.tokens_at = clock()
@@ -247,6 +250,9 @@ class Supervisor:
         if self.deadlines.get("status", now + 1) <= now:
             del self.deadlines["status"]
             self._update_status()
+        if self.deadlines.get("output", now + 1) <= now:
+            del self.deadlines["output"]
+            self._report_suppressed_due()
         if self.deadlines.get("starts", now + 1) <= now:
             self._start_paced([])
         for key, deadline in sorted(self.timers.items(), key=lambda kv: kv[1]):
@@ -359,12 +365,14 @@ class Supervisor:
             return
         if signum == signal.SIGKILL:
             slot.forced = True
+            if self.second_stop is not None:
+                forced_by, after = "second_signal", f"after {self._kill_cause()}"
+            else:
+                forced_by, after = "stop_timeout", f"{self.spec.stop_timeout_s:g}s after the stop request"
             self._bound(slot).warning(
                 "stop_escalated",
-                message=(
-                    f"{slot.name} still running {self.spec.stop_timeout_s:g}s after the stop request; "
-                    "sending SIGKILL to its process group"
-                ),
+                forced_by=forced_by,
+                message=f"{slot.name} still running {after}; sending SIGKILL to its process group",
             )
         try:
             if group:
@@ -460,6 +468,7 @@ class Supervisor:
         """A retired slot leaves for good."""
         self.slots.remove(slot)
         self.ready.discard(slot)
+        self.throttles.pop(slot, None)
         if slot.inflight_fd is not None:
             os.close(slot.inflight_fd)
             slot.inflight_fd = None
@@ -527,7 +536,7 @@ class Supervisor:
     def _failure(self, slot: Slot, event: Exited) -> str | None:
         """Why this exit is a failure, or None when it is the end procd expected."""
         if slot.forced:
-            return f"killed by SIGKILL after the stop timeout ({self.spec.stop_timeout_s:g}s)"
+            return f"killed by SIGKILL after {self._kill_cause()}"
         if slot.state is State.STOPPING and (event.ok or event.signal == signal.SIGTERM):
             return None  # it ended because we asked it to
         if event.ok:
@@ -571,12 +580,56 @@ class Supervisor:
                 bound.warning("worker_report_invalid", line=line[:_LINE_LIMIT])
 
     def _read_output(self, slot: Slot) -> None:
-        bound = self._bound(slot)
-        for line in self._read_lines(slot, "output"):
-            bound.info("worker_output", line=line[:_LINE_LIMIT])
+        """Each line the worker printed is a ``worker_output`` record, as far as its budget goes
+        (``throttle``); the rest is counted and reported once a second, and when it ends."""
+        now = self.clock()
+        throttle = self.throttles.get(slot)
+        if throttle is None:
+            throttle = self.throttles[slot] = OutputThrottle(now)
+        lines = self._read_raw_lines(slot, "output")
+        logged = throttle.admit(lines, now)
+        if logged:
+            bound = self._bound(slot)
+            for raw in lines[:logged]:
+                bound.info("worker_output", line=raw.decode("utf-8", errors="replace"))
+        due = throttle.report_due()
+        if due is not None and (due <= now or slot.output_fd is None):
+            self._report_suppressed(slot, throttle, now)
+        elif due is not None:
+            self.deadlines["output"] = min(self.deadlines.get("output", due), due)
+
+    def _report_suppressed(self, slot: Slot, throttle: OutputThrottle, now: float) -> None:
+        taken = throttle.take(now)
+        if taken is None:
+            return
+        self._bound(slot).warning(
+            "worker_output_suppressed",
+            lines=taken.lines,
+            bytes=taken.bytes,
+            over_s=round(taken.until_s - taken.since_s, 3),
+            message=(
+                f"{taken.lines} lines of output not logged: a worker's output is logged up to "
+                f"{throttle.burst} lines at once, then {throttle.rate_per_s:g} a second"
+            ),
+        )
+
+    def _report_suppressed_due(self) -> None:
+        """The ``output`` deadline: report what each quiet or flooding worker had suppressed."""
+        now = self.clock()
+        for slot, throttle in list(self.throttles.items()):
+            due = throttle.report_due()
+            if due is not None and due <= now:
+                self._report_suppressed(slot, throttle, now)
+        pending = [d for t in self.throttles.values() if (d := t.report_due()) is not None]
+        if pending:
+            self.deadlines["output"] = min(pending)
 
     def _read_lines(self, slot: Slot, which: str) -> list[str]:
         """Read what is there without blocking; return complete lines (all of them at EOF)."""
+        return [raw.decode("utf-8", errors="replace") for raw in self._read_raw_lines(slot, which)]
+
+    def _read_raw_lines(self, slot: Slot, which: str) -> list[bytes]:
+        """``_read_lines``, undecoded: a flood of output is counted, not decoded."""
         fd = slot.report_fd if which == "report" else slot.output_fd
         if fd is None:
             return []
@@ -609,7 +662,7 @@ class Supervisor:
                 slot.report_fd = None
             else:
                 slot.output_fd = None
-        return [raw.decode("utf-8", errors="replace") for raw in lines]
+        return lines
 
     def _close_pipes(self, slot: Slot) -> None:
         """A reaped worker has written all it will: read the rest, then close (a grandchild that
@@ -1133,11 +1186,20 @@ class Supervisor:
             for path in environment.remove_unused(self.spec, keep=keep):
                 self.log.info("environment_removed", path=path)
 
+    def _kill_cause(self) -> str:
+        """What made a stop kill: a second stop request, or the stop timeout."""
+        if self.second_stop is not None:
+            return f"a second stop request ({self.second_stop})"
+        return f"the stop timeout ({self.spec.stop_timeout_s:g}s)"
+
     def _request_stop(self, reason: str) -> None:
         if self.stopping:
-            if reason in ("SIGTERM", "SIGINT"):
+            if reason in ("SIGTERM", "SIGINT") and self.second_stop is None:
+                self.second_stop = reason
                 self.log.warning(
-                    "stop_requested", reason=reason, message="second stop request; killing every worker now"
+                    "stop_requested",
+                    reason=reason,
+                    message=f"second stop request ({reason}); killing every worker now",
                 )
                 self.stop_deadline = self.clock()
                 for key in list(self.timers):
@@ -1155,6 +1217,21 @@ class Supervisor:
     def _finish(self) -> int:
         forced = [s.name for s in self.slots if s.forced]
         code = 1 if self.failed or forced else 0
+        totals = {"queued_batches": 0, "queued_items_at_most": 0, "in_hand_items": 0}
+        for stage, counts in self._abandoned().items():
+            if any(counts.values()):
+                self.log.warning(
+                    "stage_abandoned",
+                    stage=stage,
+                    **counts,
+                    message=(
+                        f"{stage}: {counts['in_hand_items']} items in hand and {counts['queued_batches']} batches "
+                        f"(at most {counts['queued_items_at_most']} items) in its queue were neither delivered "
+                        "nor dead-lettered"
+                    ),
+                )
+            for key, value in counts.items():
+                totals[key] += value
         # finished: every stage ended by itself; stopped: a stop request (signal or control
         # socket) and a clean drain; failed: a failure, or a drain that had to be forced
         outcome = "failed" if code else "stopped" if self.stopping else "finished"
@@ -1165,8 +1242,30 @@ class Supervisor:
             stop_reason=self.stop_reason,
             failures=self.failed,
             forced=forced,
+            forced_by=self._kill_cause() if forced else None,
+            abandoned=totals,
         )
         return code
+
+    def _abandoned(self) -> dict[str, dict[str, int]]:
+        """Per stage, once every process has ended: the batches left in its input queue (with the
+        most items they can hold) and the items its slots still hold. Nothing else is counted:
+        a command stage's items in hand are not tracked."""
+        found: dict[str, dict[str, int]] = {}
+        for stage in self.spec.stages:
+            channel = self.channels.get(stage.name)
+            queued = (_queued_batches(channel) or 0) if channel is not None else 0
+            held = [
+                inflight.read(s.inflight_fd)
+                for s in self.slots
+                if s.stage.name == stage.name and s.inflight_fd is not None
+            ]
+            found[stage.name] = {
+                "queued_batches": queued,
+                "queued_items_at_most": queued * stage.queue.batch,
+                "in_hand_items": sum(len(h.items) - max(h.index, 0) for h in held if h is not None),
+            }
+        return found
 
     def _sweep(self) -> None:
         """Nothing left running: SIGKILL any process group of ours that still has a member, and
@@ -1187,6 +1286,12 @@ class Supervisor:
             time.sleep(0.005)
         for _ in reaper.reap():
             pass
+
+
+def _queued_batches(channel: Channel) -> int | None:
+    """Messages waiting in a stage's input (None when that cannot be read). The one place that
+    asks the transport for its depth: re-point it at the transport interface's own."""
+    return channel.depth()
 
 
 def _ended(slot: Slot) -> bool:
