@@ -1,0 +1,120 @@
+"""Reading processes from outside, through /proc: the tree, CPU time, memory, and the machine.
+
+Every benchmark measures procd and its anchor the same way, from these readers, so a figure
+never depends on what the measured program says about itself (the exception: a worker that
+reads its own /proc/self/stat at its end, see ``cpu_seconds_source``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+T = TypeVar("T")
+
+# Pasted into stage modules and classic scripts: a process's own utime + stime in seconds.
+CPU_SECONDS_SOURCE = f"""
+def cpu_seconds():
+    with open("/proc/self/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / {CLOCK_TICKS}
+"""
+
+
+def children(pid: int) -> set[int]:
+    """The direct children of ``pid`` (empty once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return {int(p) for p in fh.read().split()}
+    except OSError:
+        return set()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` in the tree."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children(todo.pop()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def comm(pid: int) -> str:
+    """The process's command name ("" once it is gone); it changes at exec."""
+    try:
+        with open(f"/proc/{pid}/comm") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` from /proc/PID/stat, in seconds."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def pss_kib(pid: int) -> int:
+    """Proportional set size from /proc/PID/smaps_rollup (shared pages divided among sharers)."""
+    with open(f"/proc/{pid}/smaps_rollup") as fh:
+        for line in fh:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    raise ValueError(f"no Pss line in /proc/{pid}/smaps_rollup")
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size from /proc/PID/status."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise ValueError(f"no VmRSS line in /proc/{pid}/status")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.0002) -> T:
+    """Poll ``predicate`` until it returns something truthy; TimeoutError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout:g} s")
+        time.sleep(interval)
+
+
+def machine() -> dict[str, Any]:
+    """Cores, CPU model and the load average now."""
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cores": os.cpu_count(), "cpu": model, "load": os.getloadavg()}
+
+
+def load_text() -> str:
+    """The load average as ``uptime`` prints it."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f}"
