@@ -54,12 +54,12 @@ class Pipeline:
 
     def __init__(self, toml: str, stages: str = "", *, name: str = "bench", env: dict[str, str] | None = None):
         self.dir = Path(tempfile.mkdtemp(prefix="procd-bench-"))
-        self.name = name
-        self.file = self.dir / f"{name}.toml"
+        self.name = f"{name}-{os.getpid()}"  # its processes' titles say which run they belong to
+        self.file = self.dir / f"{self.name}.toml"
         self.log = self.dir / "log.jsonl"
         self.control = self.dir / "control.sock"
         body = textwrap.dedent(toml).replace("{python}", sys.executable).replace("{dir}", str(self.dir))
-        self.file.write_text(f'[pipeline]\nname = "{name}"\nstop_timeout = "5s"\n' + body)
+        self.file.write_text(f'[pipeline]\nname = "{self.name}"\nstop_timeout = "5s"\n' + body)
         (self.dir / "benchstages.py").write_text(textwrap.dedent(stages))
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
