@@ -3,7 +3,8 @@ classic script, and an idle pipeline's memory against the classic pattern's.
 
     .venv/bin/python bench/startup.py [--quick] [--repeat 10] [--no-installed]
 
-Wall time of each command, median of ``--repeat`` runs:
+Wall time of each command, median of ``--repeat`` rounds, every command run once per round
+(round-robin, after a warm-up round, so that the machine's load falls on all alike):
 - ``procd run`` of a trivial pipeline (a producer yielding one item → a sink), and how much of
   it passes before the ``pipeline_starting`` record;
 - ``procd --version``, ``procd status`` (against a running pipeline), ``procd check FILE``;
@@ -11,9 +12,11 @@ Wall time of each command, median of ``--repeat`` runs:
   reading one item from a ``multiprocessing.Queue``).
 procd is run three ways: this venv's editable install with ``PYTHONDONTWRITEBYTECODE=1`` (what
 these machines set: procd's modules are compiled again on every start), the same with bytecode
-written (after one warm-up run), and installed (``pip install .``, not editable, into a temporary
-venv that is removed afterwards). Memory: an idle 3-stage pipeline (1 producer → 2 transforms →
-1 sink) against the same classic pattern: the total PSS (/proc/PID/smaps_rollup) of every process
+written (to a temporary ``PYTHONPYCACHEPREFIX``, never into the source tree), and installed
+(``pip install .``, not editable, into a temporary venv that is removed afterwards; setting it up
+is the only step that may reach beyond loopback, to the package index pip is configured with;
+``--no-installed`` skips it). Memory: an idle 3-stage pipeline (1 producer → 2 transforms → 1
+sink) against the same classic pattern: the total PSS (/proc/PID/smaps_rollup) of every process
 of each, and each worker's RSS. Targets (issue 12): ``run`` <= 60 ms; ``--version``, ``status``,
 ``check`` <= 4x ``python -c pass``; PSS <= 1.2x classic.
 """
@@ -21,6 +24,7 @@ of each, and each worker's RSS. Targets (issue 12): ``run`` <= 60 ms; ``--versio
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import statistics
@@ -132,17 +136,23 @@ def environment(pycache: str | None = None) -> dict[str, str]:
     return env
 
 
-def timed(argv: list[str], repeat: int, env: dict[str, str], cwd: str | None = None) -> float:
-    """Median wall seconds of ``argv`` over ``repeat`` runs (after one warm-up run)."""
-    run_command(argv, env=env, cwd=cwd)
-    return statistics.median(run_command(argv, env=env, cwd=cwd) for _ in range(repeat))
+def interleaved(commands: dict[str, Callable[[], float]], repeat: int) -> dict[str, float]:
+    """Median seconds of each command over ``repeat`` rounds, run round-robin after one warm-up
+    round, so that a change in the machine's load falls on every command alike."""
+    times: dict[str, list[float]] = {key: [] for key in commands}
+    for round_number in range(repeat + 1):
+        for key, run in commands.items():
+            seconds = run()
+            if round_number:
+                times[key].append(seconds)
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
-def run_trivial(procd: str, pipeline: Pipeline, env: dict[str, str], repeat: int) -> tuple[float, float]:
-    """Median wall seconds of ``procd run`` of the trivial pipeline, and the median share of it
-    that passed before the ``pipeline_starting`` record."""
-    totals, shares = [], []
-    for _ in range(repeat + 1):
+def trivial_run(procd: str, pipeline: Pipeline, env: dict[str, str], shares: list[float]) -> Callable[[], float]:
+    """A run of ``procd run`` of the trivial pipeline: its wall seconds; it appends to ``shares``
+    how much of that passed before the ``pipeline_starting`` record."""
+
+    def run() -> float:
         if pipeline.log.exists():
             pipeline.log.unlink()
         launched = time.time()
@@ -152,9 +162,10 @@ def run_trivial(procd: str, pipeline: Pipeline, env: dict[str, str], repeat: int
             cwd=str(pipeline.dir),
         )
         starting = next(r for r in pipeline.records() if r["event"] == "pipeline_starting")
-        totals.append(total)
         shares.append((timestamp(starting) - launched) / total)
-    return statistics.median(totals[1:]), statistics.median(shares[1:])
+        return total
+
+    return run
 
 
 def installed_procd(workdir: str) -> str:
@@ -167,18 +178,6 @@ def installed_procd(workdir: str) -> str:
     if pip.returncode != 0:
         raise RuntimeError(f"pip install . failed: {pip.stdout[-1000:]}{pip.stderr[-2000:]}")
     return os.path.join(venv, "bin", "procd")
-
-
-def command_times(
-    procd: str, env: dict[str, str], repeat: int, trivial: Pipeline, running: Pipeline
-) -> dict[str, float]:
-    """Median seconds of every procd command measured, run with ``procd`` and ``env``."""
-    figures = {}
-    figures["run"], figures["share"] = run_trivial(procd, trivial, env, repeat)
-    figures["version"] = timed([procd, "--version"], repeat, env)
-    figures["status"] = timed([procd, "status", running.name, "--control", str(running.control)], repeat, env)
-    figures["check"] = timed([procd, "check", str(trivial.file)], repeat, env, cwd=str(trivial.dir))
-    return figures
 
 
 def total_pss_mib(root: int) -> tuple[float, list[float]]:
@@ -208,29 +207,38 @@ def memory(settle_s: float) -> tuple[tuple[float, list[float]], tuple[float, lis
 def measure(quick: bool = False, repeat: int | None = None, installed: bool = True) -> list[Row]:
     repeat = repeat or (1 if quick else 10)
     quiet = environment()
-    bare = timed([sys.executable, "-c", "pass"], repeat, quiet)
-    with Script(CLASSIC_ONE) as classic:
-        classic_one = timed([sys.executable, str(classic.path)], repeat, quiet)
-    editable = str(Path(sys.executable).parent / "procd")
     workdir = tempfile.mkdtemp(prefix="procd-bench-venv-")
-    variants: dict[str, tuple[str, Callable[[], str], dict[str, str]]] = {
-        "editable": ("editable, PYTHONDONTWRITEBYTECODE=1", lambda: editable, quiet),
-        "bytecode": ("editable, bytecode written", lambda: editable, environment(os.path.join(workdir, "pycache"))),
-    }
-    if installed:
-        variants["installed"] = ("installed (pip install .)", lambda: installed_procd(workdir), quiet)
-    figures: dict[str, dict[str, float]] = {}
+    editable = str(Path(sys.executable).parent / "procd")
+    variants = {"editable": (editable, quiet), "bytecode": (editable, environment(os.path.join(workdir, "pycache")))}
+    shares: dict[str, list[float]] = {}
     try:
+        if installed:
+            variants["installed"] = (installed_procd(workdir), quiet)
         with (
+            Script(CLASSIC_ONE) as classic,
             Pipeline(TRIVIAL, STAGES, name="bench-trivial") as trivial,
             Pipeline(IDLE, STAGES, name="bench-status") as running,
         ):
             running.start()
             running.event("pipeline_ready")
-            for key, (_label, procd, env) in variants.items():
-                figures[key] = command_times(procd(), env, repeat, trivial, running)
+            commands: dict[str, Callable[[], float]] = {
+                "pass": functools.partial(run_command, [sys.executable, "-c", "pass"], env=quiet),
+                "classic": functools.partial(run_command, [sys.executable, str(classic.path)], env=quiet),
+            }
+            for key, (procd, env) in variants.items():
+                shares[key] = []
+                status = [procd, "status", running.name, "--control", str(running.control)]
+                check = [procd, "check", str(trivial.file)]
+                commands[f"{key}:run"] = trivial_run(procd, trivial, env, shares[key])
+                commands[f"{key}:version"] = functools.partial(run_command, [procd, "--version"], env=env)
+                commands[f"{key}:status"] = functools.partial(run_command, status, env=env)
+                commands[f"{key}:check"] = functools.partial(run_command, check, env=env)
+            times = interleaved(commands, repeat)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    bare, classic_one = times["pass"], times["classic"]
+    figures = {key: {c: times[f"{key}:{c}"] for c in ("run", "version", "status", "check")} for key in variants}
+    figures["editable"]["share"] = statistics.median(shares["editable"])
 
     def others(command: str, scale: Callable[[float], str]) -> str:
         return ", ".join(f"{k} {scale(figures[k][command])}" for k in figures if k != "editable")
