@@ -12,8 +12,9 @@
   arrives within the bound). Anchor: a command producer that prints one line and then blocks.
 
 Every item carries its creation time from ``time.perf_counter`` (CLOCK_MONOTONIC on Linux, one
-clock for every process of the machine); the sink takes the difference. The first 5 items of
-every run are left out (they can meet a sink that is still starting). Targets (issue 12):
+clock for every process of the machine); the sink takes the difference. The items are run in 4
+rounds, the variants round-robin, so that a change in the machine's load falls on all alike; the
+first 5 items of every round are left out (they can meet a sink that is still starting). Targets (issue 12):
 p99 <= 2 ms; the blocked producer's item within 10 ms.
 """
 
@@ -125,6 +126,7 @@ CLASSIC = """
 
 INTERVAL_S = 0.01  # 100 items/s
 WARM_UP = 5  # items left out of the percentiles, in every variant
+ROUNDS = 4  # each variant's items are run in this many rounds, round-robin with the others
 
 
 def procd_latencies(count: int, *, middle: bool, command: bool) -> list[float]:
@@ -182,25 +184,34 @@ def blocked_item_s(bound_s: float, *, command: bool) -> float | None:
         return float(line.split()[1])
 
 
+def _kept(latencies: list[float]) -> list[float]:
+    """Without the first WARM_UP items of a run (they may meet a sink that is still starting)."""
+    return latencies[WARM_UP:]
+
+
 def _p(latencies: list[float]) -> tuple[float, float]:
-    """p50 and p99 in ms, leaving out the first WARM_UP items (they may meet a sink still starting)."""
-    kept = latencies[WARM_UP:] or latencies
-    return percentile(kept, 0.5) * 1000, percentile(kept, 0.99) * 1000
+    """p50 and p99 in ms."""
+    return percentile(latencies, 0.5) * 1000, percentile(latencies, 0.99) * 1000
 
 
 def measure(quick: bool = False, items: int | None = None, bound_s: float | None = None) -> list[Row]:
     count = items or (30 if quick else 1000)
     bound = bound_s or (1.0 if quick else 5.0)
+    rounds = 1 if quick else ROUNDS
+    per_round = max(WARM_UP + 1, count // rounds)
     rows = []
     for middle in (False, True):
-        p50, p99 = _p(procd_latencies(count, middle=middle, command=False))
-        c50, c99 = _p(classic_latencies(count, middle=middle))
-        _m50, m99 = _p(procd_latencies(count, middle=middle, command=True))
+        runs: dict[str, list[float]] = {"function": [], "classic": [], "command": []}
+        for _ in range(rounds):  # round-robin: a change in the machine's load falls on all three
+            runs["function"] += _kept(procd_latencies(per_round, middle=middle, command=False))
+            runs["classic"] += _kept(classic_latencies(per_round, middle=middle))
+            runs["command"] += _kept(procd_latencies(per_round, middle=middle, command=True))
+        (p50, p99), (c50, c99), (_m50, m99) = (_p(runs[k]) for k in ("function", "classic", "command"))
         shape = "through a middle stage" if middle else "function producer -> sink"
         rows.append(
             Row(
                 key="latency_middle" if middle else "latency_direct",
-                measure=f"latency at 100 items/s, {shape} ({count} items)",
+                measure=f"latency at 100 items/s, {shape} ({len(runs['function'])} items)",
                 procd=f"p50 {p50:.2f} ms, p99 {p99:.2f} ms",
                 anchor=f"classic p50 {c50:.2f}, p99 {c99:.2f} ms; procd command producer p99 {m99:.2f} ms",
                 ratio=f"{ratio(p99, c99)} classic p99",
