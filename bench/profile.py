@@ -7,8 +7,9 @@ path, the consumer path, the supervisor), and ``python -X importtime`` of procd'
 py-spy samples (without --idle: a process waiting in ``select`` is mostly not counted) every
 process of one ``procd run`` of bench/throughput.py's pipeline. Per process kind, the lines that
 were on top of the Python stack most often, each as a share of that kind's samples and as CPU
-microseconds per item of the whole run (samples / rate / items). Then the imports that cost most
-in ``procd --version`` and ``procd run`` of a trivial pipeline (``PYTHONDONTWRITEBYTECODE=1``, as
+microseconds per item of the whole run (samples / rate / items). Then what ``procd run`` of a
+trivial pipeline spends its start-up on (py-spy, 5 runs), and the imports that cost most in
+``procd --version`` and ``procd run`` of a trivial pipeline (``PYTHONDONTWRITEBYTECODE=1``, as
 these machines set it: procd's own modules are compiled every time).
 """
 
@@ -101,6 +102,35 @@ def sample_pipeline(items: int, rate: int) -> None:
                 )
 
 
+def startup_phases(runs: int, rate: int, top: int) -> None:
+    """py-spy of ``procd run`` of a trivial pipeline, ``runs`` times: the functions and module
+    bodies most often on the supervisor's stack (inclusive), as a share of its samples."""
+    trivial = (
+        '[stages.one]\nfunction = "benchstages:one"\n[stages.sink]\nfunction = "benchstages:drop"\ninputs = ["one"]\n'
+    )
+    code = "def one():\n    yield 1\n\ndef drop(item):\n    pass\n"
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    with Pipeline(trivial, code, name="bench-startup-profile") as pipeline:
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        for number in range(runs):
+            raw = pipeline.dir / f"raw{number}.txt"
+            argv = [py_spy(), "record", "--rate", str(rate), "--format", "raw", "--output", str(raw), "--"]
+            argv += procd_command("run", str(pipeline.file), "--control", str(pipeline.control))
+            subprocess.run(argv, cwd=pipeline.dir, env=env, capture_output=True, timeout=120, check=True)
+            for text in raw.read_text().splitlines():
+                stack, _, count = text.rpartition(" ")
+                total += int(count)
+                names = {f"{m['func']} ({m['file']})" for f in stack.split(";") if (m := FRAME.match(f))}
+                for name in names:
+                    if "importlib" not in name and "runpy" not in name:
+                        inclusive[name] += int(count)
+    print(f"\nprocd run of a trivial pipeline, py-spy {rate} Hz, {runs} runs, {total} samples; {load_text()}")
+    print("  (inclusive: a module body counts the imports it makes; sampling slows the run, shares hold)")
+    for name, count in inclusive.most_common(top):
+        print(f"  {count / total * 100:5.1f}%  {name}")
+
+
 def imports(argv: list[str], cwd: str | None, pycache: str | None = None) -> list[tuple[int, int, str]]:
     """(cumulative us, self us, indented name) of every import of ``procd ARGV``; without
     bytecode (``PYTHONDONTWRITEBYTECODE=1``), or with it written to and read from ``pycache``."""
@@ -151,6 +181,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=20, help="imports shown")
     args = parser.parse_args()
     sample_pipeline(args.items, args.rate)
+    startup_phases(5, args.rate, args.top + 10)
     import_times(["--version"], None, args.top)
     trivial = '[stages.one]\nfunction = "benchstages:one"\n'
     with Pipeline(trivial, "def one():\n    yield 1\n", name="bench-importtime") as pipeline:
