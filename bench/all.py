@@ -23,26 +23,6 @@ from report import Row, header, table
 
 BENCHMARKS = {"cpu": cpu.measure, "latency": latency.measure, "restart": restart.measure, "startup": startup.measure}
 
-# Every row of issue 12's table, in its order: a test checks that each is printed with a figure.
-ROWS = (
-    "throughput_classic",
-    "throughput_batched",
-    "two_by_two",
-    "cpu_per_item",
-    "blocked_producer",
-    "latency_direct",
-    "latency_middle",
-    "restart_command",
-    "restart_function",
-    "startup_run",
-    "startup_version",
-    "startup_status",
-    "startup_check",
-    "idle_memory",
-    "cpu_bound",
-    "json_lines_cat",
-)
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -62,8 +42,6 @@ def main() -> int:
         got = BENCHMARKS[name](args.quick)
         rows += got
         print(f"{name}: {len(got)} rows in {time.perf_counter() - started:.1f} s; {load_text()}", flush=True)
-    order = {key: index for index, key in enumerate(ROWS)}
-    rows.sort(key=lambda r: order.get(r.key, len(order)))
     print()
     print(table(rows))
     print()

@@ -46,7 +46,25 @@ def reap_tree(pids: set[int], timeout: float = 10.0) -> None:
                 pass
 
 
-class Pipeline:
+class Tree:
+    """A started command and every process ever seen below it (to check at the end that all
+    are gone)."""
+
+    proc: subprocess.Popen[Any] | None = None
+
+    def __init__(self) -> None:
+        self._seen: set[int] = set()
+
+    def remember(self) -> set[int]:
+        """Every process below the command now (and remembered)."""
+        if self.proc is None:
+            return set()
+        now = descendants(self.proc.pid)
+        self._seen |= now
+        return now
+
+
+class Pipeline(Tree):
     """One ``procd run`` of a generated pipeline, as a context manager.
 
     ``toml`` may use ``{python}`` (this interpreter) and ``{dir}`` (the pipeline's directory).
@@ -62,10 +80,10 @@ class Pipeline:
         self.file.write_text(f'[pipeline]\nname = "{self.name}"\nstop_timeout = "5s"\n' + body)
         (self.dir / "benchstages.py").write_text(textwrap.dedent(stages))
         self.env = env
+        super().__init__()
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0  # perf_counter at launch
         self.started_wall = 0.0  # time.time at launch
-        self._seen: set[int] = set()
 
     def write(self, relative: str, text: str) -> Path:
         target = self.dir / relative
@@ -140,14 +158,6 @@ class Pipeline:
         except FileNotFoundError:
             return "(no log)"
 
-    def remember(self) -> set[int]:
-        """Every process below procd now (remembered, to check at the end that all are gone)."""
-        if self.proc is None:
-            return set()
-        now = descendants(self.proc.pid)
-        self._seen |= now
-        return now
-
     def wait(self, timeout: float = 120.0) -> int:
         """Wait for procd to finish by itself; its exit code."""
         assert self.proc is not None
@@ -183,15 +193,15 @@ def run_command(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: 
     return time.perf_counter() - start
 
 
-class Script:
+class Script(Tree):
     """A classic-pattern Python script in a temporary directory, started as its own command."""
 
     def __init__(self, source: str, name: str = "classic.py") -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="procd-bench-"))
         self.path = self.dir / name
         self.path.write_text(textwrap.dedent(source))
+        super().__init__()
         self.proc: subprocess.Popen[str] | None = None
-        self._seen: set[int] = set()
 
     def __enter__(self) -> Script:
         return self
@@ -217,13 +227,6 @@ class Script:
             text=True,
         )
         return self.proc
-
-    def remember(self) -> set[int]:
-        if self.proc is None:
-            return set()
-        now = descendants(self.proc.pid)
-        self._seen |= now
-        return now
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, trace: TracebackType | None

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, processes_titled
+from conftest import REPO
 
 ROWS = (
     "throughput_classic",
@@ -32,29 +32,30 @@ ROWS = (
 )
 
 
-def bench_processes() -> set[int]:
-    """Processes whose command line names a benchmark's temporary directory."""
-    found = set()
+def in_session(session: int) -> list[int]:
+    """Live processes of session ``session`` (procd and the benches never start a new one)."""
+    found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                    if b"procd-bench-" in fh.read():
-                        found.add(int(entry))
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
+            if int(fields[3]) == session and fields[0] != "Z":
+                found.append(int(entry))
     return found
 
 
 @pytest.mark.timeout(300)
 def test_quick_bench_measures_every_row_and_leaves_nothing_behind() -> None:
-    before = bench_processes()
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "bench" / "all.py"), "--quick"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # every process the benches start is in this session
     )
     try:
         stdout, stderr = proc.communicate(timeout=280)
@@ -73,6 +74,5 @@ def test_quick_bench_measures_every_row_and_leaves_nothing_behind() -> None:
     assert len(table) == len(ROWS) + 1, stdout  # the head line and one line per row
     for line in table[1:]:
         assert re.search(r"\d", line.split(" | ")[1]), f"no figure in {line!r}"
-    left = [title for title in processes_titled("procd: bench-").values() if f"-{proc.pid}" in title]
-    assert not left, left
-    assert bench_processes() <= before
+    left = in_session(proc.pid)
+    assert not left, f"processes left behind: {left}"
