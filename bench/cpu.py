@@ -8,10 +8,10 @@
   classic pattern with one item per put (``multiprocessing.Queue(10000)``) and batched (256
   items per put, ``maxsize`` 40).
 - 2 producers → 2 consumers (a sink stage with 2 processes; classic: one queue, 2 × 2 processes).
-- Worker CPU per item over every stage: each worker reads its own utime + stime from
-  /proc/self/stat at its end (procd: a generator's tail, a stage class's ``close``) and prints
-  it; the sum over all workers divided by the items. Resolution: one clock tick (10 ms) per
-  worker, so use enough items (200,000 make about a second of CPU).
+- Worker CPU per item over every stage: each worker reads its own CPU time at its end (procd: a
+  generator's tail, a stage class's ``close``) and prints it; the sum over all workers divided
+  by the items. The CPU time is utime + stime, read from /proc/self/schedstat in nanoseconds
+  (/proc/self/stat counts 10 ms ticks, too coarse for a short run; it is the fallback).
 - A CPU-bound transform (about 2 ms per item, ``queue.batch = 4``), 2 processes against 1: the
   stage's own span (first item started to last item done, over its workers).
 - JSON lines through a ``cat`` command stage (producer → ``cat`` → sink): lines/s at the sink

@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
-from pathlib import Path
 
 from harness import Pipeline, Script
 from report import Row, percentile, print_rows, ratio
@@ -131,7 +128,6 @@ ROUNDS = 4  # each variant's items are run in this many rounds, round-robin with
 
 def procd_latencies(count: int, *, middle: bool, command: bool) -> list[float]:
     """Latencies (s) of ``count`` items at 100/s through procd."""
-    out = tempfile.mktemp(prefix="procd-bench-latency-", suffix=".json")
     if command:
         producer = f'command = ["{{python}}", "{{dir}}/producer.py", "{count}", "{INTERVAL_S}", "0"]'
     else:
@@ -141,18 +137,15 @@ def procd_latencies(count: int, *, middle: bool, command: bool) -> list[float]:
     if middle:
         toml += '[stages.middle]\nfunction = "benchstages:middle"\ninputs = ["produce"]\n'
         upstream = "middle"
-    toml += f'[stages.sink]\nfunction = "benchstages:Sink"\ninputs = ["{upstream}"]\noptions = {{ path = "{out}" }}\n'
-    try:
-        with Pipeline(toml, STAGES, name="bench-latency") as pipeline:
-            pipeline.write("producer.py", COMMAND_PRODUCER)
-            pipeline.start()
-            code = pipeline.wait(timeout=count * INTERVAL_S + 60)
-            if code != 0:
-                raise RuntimeError(f"procd exited {code}; log tail: {pipeline.tail()}")
-        latencies: list[float] = json.loads(Path(out).read_text())
-    finally:
-        if os.path.exists(out):
-            os.unlink(out)
+    toml += f'[stages.sink]\nfunction = "benchstages:Sink"\ninputs = ["{upstream}"]\n'
+    toml += 'options = { path = "{dir}/latencies.json" }\n'
+    with Pipeline(toml, STAGES, name="bench-latency") as pipeline:
+        pipeline.write("producer.py", COMMAND_PRODUCER)
+        pipeline.start()
+        code = pipeline.wait(timeout=count * INTERVAL_S + 60)
+        if code != 0:
+            raise RuntimeError(f"procd exited {code}; log tail: {pipeline.tail()}")
+        latencies: list[float] = json.loads((pipeline.dir / "latencies.json").read_text())
     if len(latencies) != count:
         raise RuntimeError(f"the sink saw {len(latencies)} of {count} items")
     return latencies
