@@ -18,7 +18,7 @@ import cpu
 import latency
 import restart
 import startup
-from procfs import load_text
+from procfs import ForeignCpu, load_text
 from report import Row, header, table
 
 BENCHMARKS = {"cpu": cpu.measure, "latency": latency.measure, "restart": restart.measure, "startup": startup.measure}
@@ -39,9 +39,14 @@ def main() -> int:
     rows: list[Row] = []
     for name in names:
         started = time.perf_counter()
-        got = BENCHMARKS[name](args.quick)
+        with ForeignCpu() as foreign:
+            got = BENCHMARKS[name](args.quick)
         rows += got
-        print(f"{name}: {len(got)} rows in {time.perf_counter() - started:.1f} s; {load_text()}", flush=True)
+        print(
+            f"{name}: {len(got)} rows in {time.perf_counter() - started:.1f} s; other processes used "
+            f"{foreign.share * 100:.0f}% of the machine's CPU meanwhile; {load_text()}",
+            flush=True,
+        )
     print()
     print(table(rows))
     print()

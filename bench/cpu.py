@@ -12,8 +12,9 @@
   generator's tail, a stage class's ``close``) and prints it; the sum over all workers divided
   by the items. The CPU time is utime + stime, read from /proc/self/schedstat in nanoseconds
   (/proc/self/stat counts 10 ms ticks, too coarse for a short run; it is the fallback).
-- A CPU-bound transform (about 2 ms per item, ``queue.batch = 4``), 2 processes against 1: the
-  stage's own span (first item started to last item done, over its workers).
+- A CPU-bound transform (about 1 ms per item, ``queue.batch = 4``), 2 processes against 1: the
+  stage's own span (first item started to last item done, over its workers); of 3 rounds, the
+  one in which other processes used the least CPU counts.
 - JSON lines through a ``cat`` command stage (producer → ``cat`` → sink): lines/s at the sink
   (first to last arrival); the anchor is the same lines through ``cat`` over plain pipes, written
   and parsed by this process, no procd.
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 
 import throughput
 from harness import Pipeline, Script, timestamp
-from procfs import CPU_SECONDS_SOURCE
+from procfs import CPU_SECONDS_SOURCE, ForeignCpu
 from report import Row, print_rows, ratio
 
 # throughput.py's produce / transform / Sink, plus a CPU report at each worker's end.
@@ -434,14 +435,23 @@ def measure(quick: bool = False, items: int | None = None, repeat: int | None = 
         ),
     ]
     burn_items, rounds = (80, 20_000) if quick else (1000, 20_000)
-    one = cpu_bound(burn_items, 1, rounds)
-    two_procs = cpu_bound(burn_items, 2, rounds)
+    # Another process's CPU use makes 2 processes look worse than they are: of a few rounds, the
+    # one in which other processes used the least of the machine counts (issue 12 discarded
+    # rounds with more than 10%).
+    tries = []
+    for _ in range(1 if quick else 3):
+        with ForeignCpu() as foreign:
+            one = cpu_bound(burn_items, 1, rounds)
+            two_procs = cpu_bound(burn_items, 2, rounds)
+        tries.append((foreign.share, one, two_procs))
+    foreign_share, one, two_procs = min(tries)
     speedup = one / two_procs
     rows.append(
         Row(
             "cpu_bound",
             f"CPU-bound transform ({burn_items} items), 2 processes vs 1",
-            f"2 processes {burn_items / two_procs:,.0f} items/s",
+            f"2 processes {burn_items / two_procs:,.0f} items/s (other processes used "
+            f"{foreign_share * 100:.0f}% of the CPU meanwhile)",
             f"1 process {burn_items / one:,.0f} items/s",
             f"{speedup:.2f}x",
             ">= 1.9x",

@@ -8,8 +8,10 @@ reads its own CPU time at its end, see ``CPU_SECONDS_SOURCE``).
 from __future__ import annotations
 
 import os
+import resource
 import time
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any, TypeVar
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -124,3 +126,39 @@ def load_text() -> str:
     """The load average as ``uptime`` prints it."""
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f}"
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
+    with open("/proc/stat") as fh:
+        fields = [int(v) for v in fh.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]  # guest is inside user
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and of every descendant it (or they) waited for."""
+    mine = resource.getrusage(resource.RUSAGE_SELF)
+    waited = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return mine.ru_utime + mine.ru_stime + waited.ru_utime + waited.ru_stime
+
+
+class ForeignCpu:
+    """Measures, over a ``with`` block, the share of the machine's CPU capacity used by processes
+    other than this one and its descendants (another developer's tests, say). Children must have
+    been waited for by the block's end to count as ours."""
+
+    share = 0.0
+
+    def __enter__(self) -> ForeignCpu:
+        self._start = (time.monotonic(), machine_busy_s(), own_cpu_s())
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        wall, busy, own = (
+            now - then for now, then in zip((time.monotonic(), machine_busy_s(), own_cpu_s()), self._start, strict=True)
+        )
+        capacity = wall * (os.cpu_count() or 1)
+        self.share = max(0.0, busy - own) / capacity if capacity > 0 else 0.0
