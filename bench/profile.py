@@ -5,12 +5,13 @@ path, the consumer path, the supervisor), and ``python -X importtime`` of procd'
     .venv/bin/python bench/profile.py [--items 1000000] [--rate 500]
 
 py-spy samples (without --idle: a process waiting in ``select`` is mostly not counted) every
-process of one ``procd run`` of bench/throughput.py's pipeline. Per process kind, the lines that
-were on top of the Python stack most often, each as a share of that kind's samples and as CPU
-microseconds per item of the whole run (samples / rate / items). Then what ``procd run`` of a
-trivial pipeline spends its start-up on (py-spy, 5 runs), and the imports that cost most in
-``procd --version`` and ``procd run`` of a trivial pipeline (``PYTHONDONTWRITEBYTECODE=1``, as
-these machines set it: procd's own modules are compiled every time).
+process of one ``procd run`` of bench/cpu.py's 3-stage pipeline (bench/throughput.py's stages).
+Per process kind, the lines that were on top of the Python stack most often, each as a share of
+that kind's samples and as CPU microseconds per item of the whole run (samples / rate / items).
+Then what ``procd run`` of a trivial pipeline spends its start-up on (py-spy, 5 runs), and the
+imports that cost most in ``procd --version`` and ``procd run`` of a trivial pipeline
+(``PYTHONDONTWRITEBYTECODE=1``, as these machines set it: procd's own modules are compiled every
+time, and with bytecode).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import throughput
+import cpu
 from harness import Pipeline, procd_command
 from procfs import load_text
 
@@ -66,9 +67,7 @@ def category(file: str, text: str) -> str:
 
 
 def sample_pipeline(items: int, rate: int) -> None:
-    pipeline_text = throughput.PIPELINE.format(count=items, redeliver="true", transform_queue="", sink_queue="")
-    body = pipeline_text.split("\n", 3)[3]  # without its [pipeline] table: the harness writes one
-    with Pipeline(body, throughput.STAGES, name="bench-profile") as pipeline:
+    with Pipeline(cpu.THREE_STAGES.format(count=items), cpu.STAGES, name="bench-profile") as pipeline:
         raw = pipeline.dir / "raw.txt"
         argv = [py_spy(), "record", "--rate", str(rate), "--subprocesses", "--format", "raw", "--output", str(raw)]
         argv += ["--", *procd_command("run", str(pipeline.file), "--control", str(pipeline.control))]
