@@ -173,6 +173,8 @@ def blocked_item_s(bound_s: float, *, command: bool) -> float | None:
         try:
             line = pipeline.output("GOT", timeout=bound_s)[0]
         except RuntimeError:
+            if pipeline.proc is not None and pipeline.proc.poll() is not None:
+                raise  # procd ended: that is a failure, not a late item
             return None
         return float(line.split()[1])
 
