@@ -4,8 +4,9 @@ hand-written minimal SIGCHLD supervisor, side by side in one run.
     .venv/bin/python bench/restart.py [--quick] [--kills 50] [--processes 4]
 
 Measured from outside through /proc, the way bench/supervise.py does (polled every 0.2 ms):
-- command stage (``command = ["sleep", "3600"]``): SIGKILL the program (a grandchild of the
-  supervisor, under its bridge) → a new process named ``sleep`` exists (its exec is done);
+- command stage (``command = ["sleep", "3600"]``, reading from an idle producer): SIGKILL the
+  program (a grandchild of the supervisor, under its bridge) → a new process named ``sleep``
+  exists (its exec is done);
 - function stage (a forked Python generator that sleeps): SIGKILL the worker → a new child of the
   supervisor exists;
 - the anchor: ``MINIMAL_SUPERVISOR`` below, about 40 lines of Python (SIGCHLD through
@@ -114,7 +115,10 @@ def programs_named(name: str, parents: Callable[[], set[int]]) -> Callable[[], s
 
 def procd_restarts(kills: int, processes: int, *, command: bool) -> list[float]:
     if command:
-        stage = f'[stages.work]\ncommand = ["sleep", "3600"]\nprocesses = {processes}\n{RESTART}\n'
+        # A producing command may run in 1 process only (each would yield every item): the
+        # command stage reads from an idle producer instead, which never sends it anything.
+        stage = '[stages.idle]\nfunction = "benchstages:idle"\n'
+        stage += f'[stages.work]\ncommand = ["sleep", "3600"]\ninputs = ["idle"]\nprocesses = {processes}\n{RESTART}\n'
     else:
         stage = f'[stages.work]\nfunction = "benchstages:idle"\nprocesses = {processes}\n{RESTART}\n'
     with Pipeline(stage, STAGES, name="bench-restart") as pipeline:
