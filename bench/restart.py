@@ -78,7 +78,7 @@ MINIMAL_SUPERVISOR = """
 STAGES = """
     import time
 
-    def idle():
+    def idle(shard=None):  # several processes of a producer each take a shard (and ignore it)
         while True:
             time.sleep(3600)
             yield None
