@@ -98,9 +98,7 @@ def measure(argv: list[str], cwd: str, workers: int, kills: int, idle_s: float) 
 
 def procd_argv(workdir: str, workers: int) -> list[str]:
     with open(os.path.join(workdir, "benchidle.py"), "w") as fh:
-        fh.write(
-            "import time\n\ndef idle(shard=None):\n    while True:\n        time.sleep(3600)\n        yield None\n"
-        )
+        fh.write("import time\n\ndef idle():\n    while True:\n        time.sleep(3600)\n        yield None\n")
     with open(os.path.join(workdir, "bench.toml"), "w") as fh:
         fh.write(
             textwrap.dedent(
