@@ -31,28 +31,12 @@ import textwrap
 import time
 from dataclasses import dataclass
 
-
-def children(pid: int) -> set[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            return {int(p) for p in fh.read().split()}
-    except OSError:
-        return set()
+from procfs import children, wait_for
 
 
 def status(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as fh:
         return dict(line.split(":", 1) for line in fh)
-
-
-def wait_for(predicate, timeout: float = 20.0, interval: float = 0.0002):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError
 
 
 @dataclass
