@@ -20,6 +20,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PIPELINES = REPO / "pipelines"
+# What the tests build stage projects with (.ci/run downloads it; git-ignored): a build backend,
+# and a small pure-Python distribution that procd itself does not have.
+WHEELHOUSE = REPO / ".wheelhouse"
+WHEELS = ("setuptools", "wheel", "six")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
@@ -211,6 +215,32 @@ def no_child_left_behind() -> Iterator[None]:
     except ChildProcessError:
         return
     raise AssertionError(f"a child process was left behind (pid {pid})" if pid else "a child is still running")
+
+
+@pytest.fixture(scope="session")
+def wheelhouse() -> Path:
+    """The wheelhouse, made here if ``.ci/run`` has not (the one time a test may use the network)."""
+    missing = [name for name in WHEELS if not list(WHEELHOUSE.glob(f"{name}-*.whl"))]
+    if missing:
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--dest", str(WHEELHOUSE), *WHEELS],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            pytest.fail(
+                f"the wheelhouse {WHEELHOUSE} lacks {', '.join(missing)} and pip could not download them "
+                f"(run .ci/run, or: pip download --dest .wheelhouse {' '.join(WHEELS)}):\n{done.stderr[-2000:]}"
+            )
+    return WHEELHOUSE
+
+
+@pytest.fixture
+def offline_pip(wheelhouse: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip, as procd runs it to build a pipeline's environment, installs from the wheelhouse only."""
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheelhouse))
 
 
 @pytest.fixture

@@ -17,9 +17,10 @@ def test_there_are_examples() -> None:
     assert {p.name for p in EXAMPLES} >= {"etl.toml", "fanout.toml"}
 
 
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("pipeline", EXAMPLES, ids=lambda p: p.name)
-def test_every_example_passes_check(ws: Workspace, pipeline) -> None:
-    result = ws.run("check", str(pipeline))
+def test_every_example_passes_check(ws: Workspace, pipeline, offline_pip: None) -> None:
+    result = ws.run("check", str(pipeline), timeout=120)  # an example with packages builds first
     assert result.code == 0, result.stderr
     assert result.stdout.startswith(f"{pipeline}: ok (")
 

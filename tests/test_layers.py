@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "procd"
 LAYERS = {
     "interface": {"cli", "__main__", "top"},
     "loop": {"supervisor", "control", "status", "loop"},
-    "processes": {"worker", "spawn", "child", "channels", "forkserver"},
+    "processes": {"worker", "spawn", "child", "channels", "forkserver", "environment"},
     "os": {
         "signals",
         "reaper",

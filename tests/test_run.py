@@ -224,6 +224,29 @@ def test_spawn_start_method_runs_a_fresh_interpreter(ws: Workspace) -> None:
         assert drained(result, "show")["items_in"] == 10
 
 
+def test_spawn_carries_a_large_options_table(ws: Workspace) -> None:
+    """The worker's context travels through a pipe, not argv: one argument may hold 128 KiB at most."""
+    ws.write(
+        "st.py",
+        """
+        def numbers(blob):
+            yield len(blob)
+        def show(n):
+            print(n, flush=True)
+        """,
+    )
+    for method in ("spawn", "forkserver"):
+        ws.pipeline(
+            f'[pipeline]\nname = "{ws.name}"\nstart_method = "{method}"\n'
+            f'[stages.numbers]\nfunction = "st:numbers"\noptions = {{ blob = "{"x" * 300_000}" }}\n'
+            '[stages.show]\nfunction = "st:show"\ninputs = ["numbers"]\n'
+        )
+        result = ws.run("run", f"{ws.name}.toml")
+        assert result.code == 0, result.stderr[-2000:]
+        assert not result.events("spawn_failed")
+        assert result.output_lines("show") == ["300000"]
+
+
 def test_an_exception_in_user_code_is_retried_then_dead_lettered_and_the_run_goes_on(ws: Workspace) -> None:
     ws.write(
         "st.py",

@@ -519,6 +519,14 @@ def load_and_check(
     """
     spec, problems = config.read_pipeline(file)
     codes = check_callables_apart(spec, timeout_s) if apart else check_callables(spec)
+    return complete(spec, codes, problems)
+
+
+def complete(
+    spec: PipelineSpec, codes: Mapping[str, StageCode], problems: list[Problem]
+) -> tuple[PipelineSpec, list[Problem]]:
+    """The spec with what the check found filled in (see ``load_and_check``), and the problems
+    with the check's added. ``environment`` uses it for a check made in another interpreter."""
     stages = []
     for stage in spec.stages:
         code = codes.get(stage.name, StageCode())

@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from procd import __version__, callables, config, control, log, plan, signals
+from procd import __version__, callables, config, control, environment, log, plan, signals
 from procd.control import ControlError
+from procd.environment import BuildError, Environment
 from procd.errors import ConfigError, StoreError
 from procd.log import LEVELS, open_logger
 from procd.notify import Notifier
@@ -30,6 +31,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_CONFIG = 78
+# While procd run builds, each tick (about a second apart) asks systemd for this much more time to start.
+_BUILD_TICK_EXTENSION_USEC = 5_000_000
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate pipeline files (exit 0 or 78)")
     check.add_argument("files", metavar="FILE", nargs="+")
 
+    build = commands.add_parser("build", help="build and install a pipeline's packages into its environment")
+    build.add_argument("file", metavar="FILE")
+
     graph = commands.add_parser("graph", help="print the stage graph in Graphviz DOT")
     graph.add_argument("file", metavar="FILE")
 
@@ -114,6 +120,29 @@ def _load(file: str, *, imports: bool, apart: bool = False) -> config.PipelineSp
 def _report(error: ConfigError) -> int:
     _say(*error.lines())
     return EXIT_CONFIG
+
+
+def _prepare(file: str) -> tuple[config.PipelineSpec, Environment | None]:
+    """Load and validate, build the pipeline's environment if it has one (reusing it when nothing
+    changed), and import every function stage's code: in the environment's interpreter, or in a
+    forked child, so that this process stays free of user modules.
+
+    Raises:
+        ConfigError: the file is invalid, or stage code cannot be imported.
+        BuildError: the environment cannot be built.
+    """
+    spec, env, problems = environment.load_and_check(file, apart=True, reuse=True)
+    if problems:
+        if env is not None:
+            env.release()
+        raise ConfigError(file, problems)
+    return spec, env
+
+
+def _report_build(error: BuildError, command: str) -> int:
+    tail = ["the last lines of its output:", *(f"    {line}" for line in error.tail.splitlines())]
+    _say(f"procd {command}: {error}", *(tail if error.tail else []))
+    return EXIT_FAILURE
 
 
 def _say(*lines: str) -> None:
@@ -142,7 +171,11 @@ def _reserve_standard_fds() -> None:
 
 def _run(file: str, log_file: str | None, control_path: str | None) -> int:
     try:
-        spec = _load(file, imports=True, apart=True)
+        spec, problems = config.read_pipeline(file)
+        if not spec.has_environment:  # else its code is checked in its environment, once built
+            spec = _load(file, imports=True, apart=True)  # every problem, the stage code's too
+        elif problems:
+            raise ConfigError(file, problems)
     except ConfigError as error:
         if log_file:
             name = os.path.splitext(os.path.basename(file))[0]
@@ -156,8 +189,17 @@ def _run(file: str, log_file: str | None, control_path: str | None) -> int:
         _say(f"procd: cannot open the log file {log_file}: {exc.strerror}")
         return EXIT_USAGE
     try:
+        env = None
         notifier = Notifier.from_environ()
-        return Supervisor(spec, log, writer, control_path=control_path, notifier=notifier).run()
+        if spec.has_environment:
+            prepared = _prepare_logged(spec, log, notifier)
+            if prepared is None:
+                return EXIT_FAILURE
+            spec, env = prepared
+        return Supervisor(spec, log, writer, control_path=control_path, notifier=notifier, environment=env).run()
+    except ConfigError as error:
+        log.error("config_invalid", file=file, problems=error.lines())
+        return EXIT_CONFIG
     except ControlError as exc:
         log.error("control_unavailable", error=str(exc))
         return EXIT_FAILURE
@@ -168,17 +210,84 @@ def _run(file: str, log_file: str | None, control_path: str | None) -> int:
         writer.close()
 
 
+def _prepare_logged(
+    spec: config.PipelineSpec, log: Any, notifier: Notifier
+) -> tuple[config.PipelineSpec, Environment] | None:
+    """Build (or reuse) the pipeline's environment and import its stage code there, with a record
+    of either; None if the build failed (its record names the project and shows the output's tail).
+    While a build runs, the service manager's start timeout is pushed back each second.
+
+    Raises:
+        ConfigError: stage code cannot be imported in the environment.
+    """
+
+    def extend_start_timeout() -> None:
+        try:
+            notifier.send(EXTEND_TIMEOUT_USEC=_BUILD_TICK_EXTENSION_USEC, STATUS="building the pipeline's environment")
+        except OSError:
+            pass  # the supervisor reports a service manager that does not listen, once
+
+    try:
+        env = environment.prepare(spec, tick=extend_start_timeout)
+    except BuildError as error:
+        log.error(
+            "environment_build_failed",
+            project=error.project,
+            error=str(error),
+            output_tail=error.tail,
+            message="nothing was started",
+        )
+        return None
+    log.info(
+        "environment_built" if env.built else "environment_reused",
+        path=env.path,
+        projects=[b.project for b in env.projects],
+        seconds=round(env.seconds, 3),
+    )
+    codes = environment.check_stage_code(spec, env, reuse=True, tick=extend_start_timeout)
+    spec, problems = callables.complete(spec, codes, [])
+    if problems:
+        env.release()
+        raise ConfigError(spec.file, problems)
+    return spec, env
+
+
 def _check(files: Sequence[str]) -> int:
     code = EXIT_OK
     for file in files:
         try:
-            spec = _load(file, imports=True, apart=True)  # whatever the stage code does, 0 or 78
+            # whatever the stage code does, 0 or 78; with packages, imported in the environment
+            spec, env, problems = environment.load_and_check(file, apart=True)
+            if env is not None:
+                env.release()
+            if problems:
+                raise ConfigError(file, problems)
         except ConfigError as error:
             code = _report(error)
             continue
+        except BuildError as error:
+            code = _report_build(error, "check")
+            continue
         workers = sum(s.processes for s in spec.stages)
-        print(f"{file}: ok ({len(spec.stages)} stages, {workers} processes)")
+        where = f"; environment {env.path}" if env is not None else ""
+        print(f"{file}: ok ({len(spec.stages)} stages, {workers} processes{where})")
     return code
+
+
+def _build(file: str) -> int:
+    """Build a pipeline's environment (or find it up to date) and say what and where."""
+    spec = config.load_pipeline(file)
+    if not spec.has_environment:
+        print(f"{file}: no packages or requirements; its workers run in procd's own interpreter")
+        return EXIT_OK
+    try:
+        env = environment.prepare(spec, progress=print)
+    except BuildError as error:
+        return _report_build(error, "build")
+    env.release()
+    how = "built" if env.built else "up to date, reused"
+    print(f"environment {env.path}: {how} in {env.seconds:.2f}s; workers run {env.python}")
+    return EXIT_OK
 
 
 def _init(name: str, directory: str) -> int:
@@ -397,9 +506,11 @@ def _dlq_replay(args: argparse.Namespace) -> int:
 def _replay_fresh(pipeline_file: str, file: str, into: str) -> int:
     """Run the pipeline from ``into`` down, fed only by the dead-letter file."""
     try:
-        spec = _load(pipeline_file, imports=True, apart=True)
+        spec, env = _prepare(pipeline_file)
     except ConfigError as error:
         return _report(error)
+    except BuildError as error:
+        return _report_build(error, "dlq replay")
     names = [s.name for s in spec.stages]
     if into not in names:
         print(f"procd dlq replay: unknown stage {into!r}; stages are {', '.join(names)}", file=sys.stderr)
@@ -416,7 +527,9 @@ def _replay_fresh(pipeline_file: str, file: str, into: str) -> int:
     derived = dataclasses.replace(spec, stages=tuple(stages))
     log, writer = open_logger(derived.name)
     try:
-        return Supervisor(derived, log, writer, control_path=control.default_path(f"{derived.name}-replay")).run()
+        return Supervisor(
+            derived, log, writer, control_path=control.default_path(f"{derived.name}-replay"), environment=env
+        ).run()
     except ControlError as exc:
         print(f"procd dlq replay: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -588,6 +701,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args.files)
         if args.command == "init":
             return _init(args.name, args.dir)
+        if args.command == "build":
+            return _build(args.file)
         spec = _load(args.file, imports=False)
         if args.command == "graph":
             sys.stdout.write(plan.to_dot(spec))

@@ -54,7 +54,16 @@ _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _MAX_SHOWN = 48  # characters of a wrong value quoted in a message
 
 _TOP_KEYS = ("pipeline", "defaults", "stages")
-_PIPELINE_KEYS = ("name", "start_method", "stop_timeout", "state_dir", "metrics", "max_processes")
+_PIPELINE_KEYS = (
+    "name",
+    "start_method",
+    "stop_timeout",
+    "state_dir",
+    "metrics",
+    "max_processes",
+    "packages",
+    "requirements",
+)
 _DEFAULTS_KEYS = ("restart", "strategy")
 _STAGE_KEYS = (
     "function",
@@ -141,11 +150,18 @@ class PipelineSpec:
     metrics: tuple[str, int] | None = None  # where the Prometheus endpoint listens
     stages: tuple[StageSpec, ...] = ()
     max_processes: int = 0  # the ceiling on live workers (file, scale, reload); 0: the machine's default
+    packages: tuple[str, ...] = ()  # project directories (absolute once loaded) built into the environment
+    requirements: tuple[str, ...] = ()  # more distributions for the environment, as pip takes them
 
     @property
     def process_ceiling(self) -> int:
         """The most worker processes this pipeline may run at once."""
         return self.max_processes or default_max_processes()
+
+    @property
+    def has_environment(self) -> bool:
+        """True when the pipeline runs in its own virtual environment (``environment.py``)."""
+        return bool(self.packages or self.requirements)
 
     @property
     def base_dir(self) -> str:
@@ -417,6 +433,7 @@ def validate(document: Mapping[str, Any], file: str) -> tuple[PipelineSpec, list
             f"the stages run {total} processes in all, more than pipeline.max_processes ({ceiling}); "
             "raise pipeline.max_processes to run more",
         )
+    packages, requirements = _environment(check, pipeline, base_dir, start_method)
 
     spec = PipelineSpec(
         name=pipeline_name if isinstance(pipeline_name, str) else "pipeline",
@@ -427,6 +444,8 @@ def validate(document: Mapping[str, Any], file: str) -> tuple[PipelineSpec, list
         metrics=metrics,
         stages=tuple(stages),
         max_processes=max_processes,
+        packages=packages,
+        requirements=requirements,
     )
     return spec, check.problems
 
@@ -449,6 +468,39 @@ def _metrics(check: _Checker, raw: object) -> tuple[str, int] | None:
         f'{METRICS_PORTS[0]} to {METRICS_PORTS[1]}, such as "127.0.0.1:9464", {describe(raw)}',
     )
     return None
+
+
+def _environment(
+    check: _Checker, pipeline: Mapping[str, Any], base_dir: str, start_method: object
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``packages`` (project directories, made absolute) and ``requirements`` of ``[pipeline]``."""
+    packages = check.string_list(pipeline.get("packages", []), "pipeline.packages", non_empty=False) or ()
+    resolved = []
+    for index, package in enumerate(packages):
+        directory = os.path.normpath(os.path.join(base_dir, package))
+        if not os.path.isfile(os.path.join(directory, "pyproject.toml")):
+            check.add(
+                f"pipeline.packages[{index}]",
+                "expected a project directory with a pyproject.toml, relative to the pipeline file; "
+                f'"{directory}" has none',
+            )
+        resolved.append(directory)
+    requirements = check.string_list(pipeline.get("requirements", []), "pipeline.requirements", non_empty=False) or ()
+    for index, requirement in enumerate(requirements):
+        if not requirement.strip() or requirement.lstrip().startswith("-"):
+            check.add(
+                f"pipeline.requirements[{index}]",
+                f'expected a requirement such as "orjson>=3.9" (pip options are not allowed), {describe(requirement)}',
+            )
+    if (packages or requirements) and start_method == "fork":
+        key = "packages" if packages else "requirements"
+        check.add(
+            "pipeline.start_method",
+            f'"fork" (the default) cannot run stage code from the pipeline\'s environment, which "{key}" asks for: '
+            "a forked worker is a copy of procd's own interpreter, which does not have the environment's "
+            'packages; set start_method = "forkserver" (fast restarts) or "spawn"',
+        )
+    return tuple(resolved), requirements
 
 
 def _restart(check: _Checker, value: object, path: str, base: RestartSpec) -> RestartSpec:
@@ -682,6 +734,8 @@ def as_document(spec: PipelineSpec) -> dict[str, Any]:
             "state_dir": spec.state_dir,
             "max_processes": spec.process_ceiling,
             **({"metrics": format_address(spec.metrics)} if spec.metrics else {}),
+            **({"packages": list(spec.packages)} if spec.packages else {}),
+            **({"requirements": list(spec.requirements)} if spec.requirements else {}),
         },
         "stages": stages,
     }

@@ -9,8 +9,10 @@ worker and exits at once, and the orphaned worker is re-parented by the kernel t
 subreaper above it, which is the supervisor (``procctl.become_subreaper``). The worker waits for
 that before it arms ``PDEATHSIG``.
 
-Requests travel on a ``SOCK_SEQPACKET`` pair: a pickled ``WorkerContext`` with the numbers its
-descriptors must have, and the descriptors themselves (``SCM_RIGHTS``); the reply is the worker's
+Requests travel on a ``SOCK_SEQPACKET`` pair: the numbers the worker's descriptors must have,
+and the descriptors themselves (``SCM_RIGHTS``), the first of which is a memfd holding the pickled
+``WorkerContext`` (a stage's ``options`` can be larger than a socket message or an ``exec``
+argument may be; ``spawn`` hands its fresh interpreter the same memfd). The reply is the worker's
 pid. The worker puts each descriptor back at the number the supervisor gave it, so the context
 needs no translation.
 """
@@ -45,8 +47,9 @@ def serve(sock_fd: int, supervisor: int, title: str) -> None:
             return
         if not message:
             return
-        ctx, targets = pickle.loads(message)
+        targets = pickle.loads(message)
         try:
+            ctx = read_context(fds.pop(0))
             pid = _launch(ctx, fds, targets, supervisor)
         except OSError:
             pid = -1
@@ -98,6 +101,31 @@ def _become_worker(ctx: WorkerContext, fds: list[int], targets: list[int], super
     procctl.run_and_exit(body)
 
 
+def context_memfd(ctx: WorkerContext) -> int:
+    """A new memfd (close-on-exec) holding the pickled ``ctx``, positioned at its start.
+
+    Raises:
+        OSError: the memfd could not be made or written.
+    """
+    data = memoryview(pickle.dumps(ctx))
+    fd = os.memfd_create("procd-context", os.MFD_CLOEXEC)
+    try:
+        while data:
+            data = data[os.write(fd, data) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_context(fd: int) -> WorkerContext:
+    """Read a ``context_memfd`` to its end, close it, and return the context."""
+    with open(fd, "rb") as fh:
+        ctx: WorkerContext = pickle.loads(fh.read())
+    return ctx
+
+
 class ForkServer:
     """The supervisor's handle on its fork server."""
 
@@ -112,7 +140,11 @@ class ForkServer:
             OSError: the server is gone, or could not fork.
         """
         targets = [output_fd, *sorted(keep)]
-        socket.send_fds(self._sock, [pickle.dumps((ctx, targets))], targets)
+        context_fd = context_memfd(ctx)
+        try:
+            socket.send_fds(self._sock, [pickle.dumps(targets)], [context_fd, *targets])
+        finally:
+            os.close(context_fd)
         reply = self._sock.recv(_PID.size)
         if len(reply) != _PID.size:
             raise OSError(0, "the fork server has gone")

@@ -61,13 +61,16 @@ class ReloadPlan:
     code_changed: frozenset[str] = frozenset()  # among changed: the source of its modules changed
 
 
-def reload_plan(old: PipelineSpec, new: PipelineSpec, finished: Set[str]) -> ReloadPlan:
+def reload_plan(
+    old: PipelineSpec, new: PipelineSpec, finished: Set[str], rebuilt: Set[str] = frozenset()
+) -> ReloadPlan:
     """Compare two versions of a pipeline.
 
     A stage's wiring is part of its configuration: a stage that gains or loses a reader, or one
     of whose readers gets a new queue, is restarted, since its processes hold the queues they
     write to from the moment they start. So is its code: a stage whose ``code_hash`` differs
-    (the source of a module it imports from the pipeline's directory changed) is restarted.
+    (the source of a module it imports from the pipeline's directory changed) is restarted, and
+    so is every stage in ``rebuilt``, whose code comes from an environment that was rebuilt.
     """
     old_names, new_names = {s.name for s in old.stages}, {s.name for s in new.stages}
     kept = old_names & new_names
@@ -80,11 +83,11 @@ def reload_plan(old: PipelineSpec, new: PipelineSpec, finished: Set[str]) -> Rel
     def wiring(spec: PipelineSpec, name: str) -> tuple[Any, ...]:
         return (spec.stage(name), tuple(r.name for r in spec.readers(name)))
 
-    changed = {n for n in kept if wiring(old, n) != wiring(new, n)}
+    changed = {n for n in kept if wiring(old, n) != wiring(new, n) or n in rebuilt}
     changed |= {upstream for n in replaced for upstream in new.stage(n).inputs if upstream in kept}
     done = {n for n in changed if n in finished}
     changed -= done
-    code = {n for n in changed if old.stage(n).code_hash != new.stage(n).code_hash}
+    code = {n for n in changed if old.stage(n).code_hash != new.stage(n).code_hash or n in rebuilt}
     return ReloadPlan(
         code_changed=frozenset(code),
         changed=frozenset(changed),

@@ -6,36 +6,46 @@ before the child has reset them. Each worker leads its own process group (so one
 reaches it and whatever it started) and asks the kernel for SIGKILL when the supervisor dies.
 
 ``start_method = "fork"`` runs the worker in the forked copy; ``"spawn"`` and ``"forkserver"``
-exec a fresh ``sys.executable`` that rebuilds the worker from a pickled ``WorkerContext``.
+exec a fresh ``sys.executable`` that rebuilds the worker from a pickled ``WorkerContext``. The
+context reaches it in an inherited memfd whose number is the one argument: in ``argv`` itself a
+large ``options`` table would exceed the kernel's limit of 128 KiB per argument (E2BIG).
 """
 
 from __future__ import annotations
 
-import base64
 import os
-import pickle
 import signal
 import socket
 import sys
 
 from procd import procctl, signals
 from procd.child import EXEC_FAILED, Reporter, WorkerContext, run
-from procd.forkserver import ForkServer
+from procd.forkserver import ForkServer, context_memfd, read_context
 
 
-def _exec_fresh(ctx: WorkerContext) -> None:
+def _exec_fresh(ctx: WorkerContext, python: str | None) -> None:
     """Replace this child with a fresh interpreter that runs ``ctx``. Returns only on failure."""
-    payload = base64.b64encode(pickle.dumps(ctx)).decode()
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    context_fd = context_memfd(ctx)
+    os.set_inheritable(context_fd, True)
+    code = "import sys, procd.spawn as s; s.run_spawned(int(sys.argv[1]))"
+    program = python or sys.executable
+    os.execve(program, [program, "-c", code, str(context_fd)], _environ(python))
+
+
+def _environ(python: str | None) -> dict[str, str]:
+    """The environment of a fresh interpreter. procd's own (``python`` is None) is told where
+    procd is; a pipeline environment's interpreter finds procd by itself (``environment.py``), and
+    procd's directory on its path would show stage code every distribution procd's has."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    code = "import sys, procd.spawn as s; s.run_spawned(sys.argv[1])"
-    os.execve(sys.executable, [sys.executable, "-c", code, payload], env)
+    if python is None:
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    return env
 
 
-def run_spawned(payload: str) -> None:
-    """Entry point of a spawned worker's fresh interpreter."""
-    ctx: WorkerContext = pickle.loads(base64.b64decode(payload))
+def run_spawned(context_fd: int) -> None:
+    """Entry point of a spawned worker's fresh interpreter: ``context_fd`` holds its context."""
+    ctx = read_context(context_fd)
 
     def body() -> int:
         procctl.set_title(ctx.title)
@@ -44,8 +54,9 @@ def run_spawned(payload: str) -> None:
     procctl.run_and_exit(body)
 
 
-def start_forkserver(title: str) -> ForkServer:
-    """Start the fork server (a fresh ``sys.executable``), a child of this process.
+def start_forkserver(title: str, python: str | None = None) -> ForkServer:
+    """Start the fork server (a fresh ``python``, by default ``sys.executable``), a child of this
+    process.
 
     Raises:
         OSError: it could not be started.
@@ -61,11 +72,9 @@ def start_forkserver(title: str) -> ForkServer:
             fd = theirs.fileno()
             procctl.close_all_but({0, 1, 2, fd})
             os.set_inheritable(fd, True)
-            package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
             code = "import sys, procd.forkserver as f; f.serve(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])"
-            os.execve(sys.executable, [sys.executable, "-c", code, str(fd), str(supervisor), title], env)
+            program = python or sys.executable
+            os.execve(program, [program, "-c", code, str(fd), str(supervisor), title], _environ(python))
         finally:
             os._exit(EXEC_FAILED)
     theirs.close()
@@ -73,7 +82,13 @@ def start_forkserver(title: str) -> ForkServer:
 
 
 def fork_worker(
-    ctx: WorkerContext, *, output_fd: int, keep: set[int], start_method: str, server: ForkServer | None = None
+    ctx: WorkerContext,
+    *,
+    output_fd: int,
+    keep: set[int],
+    start_method: str,
+    server: ForkServer | None = None,
+    python: str | None = None,
 ) -> int:
     """Fork one worker and return its pid.
 
@@ -82,6 +97,7 @@ def fork_worker(
         output_fd: becomes the child's stdout and stderr (the supervisor logs each line).
         keep: descriptors the child keeps open (its queues and report pipe); all others close.
         start_method: ``fork``, ``spawn`` or ``forkserver`` (then ``server`` forks it).
+        python: the interpreter ``spawn`` runs (the pipeline environment's); default procd's own.
 
     Raises:
         OSError: fork failed (EAGAIN, ENOMEM); no process exists.
@@ -104,9 +120,10 @@ def fork_worker(
             for fd in keep:
                 os.set_inheritable(fd, True)
             try:
-                _exec_fresh(ctx)
+                _exec_fresh(ctx, python)
             except OSError as exc:
-                Reporter(ctx.report_fd).send("exec_failed", errno=exc.errno, error=exc.strerror, program=sys.executable)
+                program = python or sys.executable
+                Reporter(ctx.report_fd).send("exec_failed", errno=exc.errno, error=exc.strerror, program=program)
             return EXEC_FAILED
 
         procctl.run_and_exit(body)

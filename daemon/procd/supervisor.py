@@ -30,12 +30,13 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from procd import callables, config, control, inflight, plan, procctl, reaper, signals, status, worker
+from procd import callables, config, control, environment, inflight, plan, procctl, reaper, signals, status, worker
 from procd.channels import Channel
 from procd.child import Output
 from procd.config import PipelineSpec
 from procd.connections import PAUSE_S, Connection, Listener
 from procd.control import Client, ControlError, ControlServer, default_path
+from procd.environment import BuildError, Environment
 from procd.errors import ConfigError, Problem, StoreError
 from procd.forkserver import ForkServer
 from procd.lifecycle import (
@@ -92,8 +93,12 @@ class Supervisor:
         notifier: Notifier | None = None,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
+        environment: Environment | None = None,
     ) -> None:
         self.spec = spec
+        self.environment = environment  # where function-stage workers run (a pipeline with packages)
+        self.env_of: dict[int, Environment] = {}  # pid -> the environment it was started in
+        self.retired_envs: list[Environment] = []  # replaced by a reload; held while workers run in them
         self.control_path = control_path or default_path(spec.name)
         self.started_at = clock()
         self.log = log
@@ -211,6 +216,8 @@ class Supervisor:
                 self._fire_timers()
                 self._tend_connections()
                 self._update_stages()
+                if self.retired_envs:
+                    self._release_environments()
                 self._update_status()
             return self._finish()
         finally:
@@ -312,16 +319,21 @@ class Supervisor:
             slot.inflight_fd = inflight.create(INLINE_LIMIT)
         slot.outputs = [self.channels[reader.name] for reader in self.spec.readers(slot.stage.name)]
         try:
-            if self.spec.start_method == "forkserver" and self.forkserver is None:
-                self.forkserver = start_forkserver(f"procd: {self.spec.name} forkserver")
+            python = self.environment.python if self.environment is not None else None
+            start_method = self.spec.start_method
+            if python is not None and slot.stage.function is None:
+                start_method = "fork"  # a command stage's bridge is procd's code alone: no environment
+            if start_method == "forkserver" and self.forkserver is None:
+                self.forkserver = start_forkserver(f"procd: {self.spec.name} forkserver", python)
                 self.log.info("forkserver_started", pid=self.forkserver.pid)
             pid = worker.start(
                 slot,
                 server=self.forkserver,
+                python=python,
                 pipeline=self.spec.name,
                 base_dir=self.spec.base_dir,
                 state_dir=self.spec.state_dir,
-                start_method=self.spec.start_method,
+                start_method=start_method,
                 input_fds=slot.input.fds if slot.input is not None else None,
                 outputs=tuple(Output(c.fds, c.spec.batch) for c in slot.outputs),
             )
@@ -336,6 +348,8 @@ class Supervisor:
             slot.restarts += 1
         slot.started_at = self.clock()
         self.by_pid[pid] = slot
+        if self.environment is not None and slot.stage.function is not None:
+            self.env_of[pid] = self.environment
         if slot.input is not None:
             slot.input.readers.add(pid)
         for channel in slot.outputs:
@@ -1018,29 +1032,57 @@ class Supervisor:
             self._notify(READY=1, STATUS=self._status_line())
 
     def _reload(self) -> dict[str, Any]:
+        new_env = None
         try:
             # the loop waits for the check: under a watchdog, ping first and wait at most one interval
+            # (a build of the pipeline's environment pings while it runs: it may take longer)
             timeout_s = self.notifier.watchdog_interval_s or callables.IMPORT_TIMEOUT_S
             if self.notifier.watchdog_interval_s:
                 self._notify(WATCHDOG=1)
-            new, problems = callables.load_and_check(self.spec.file, apart=True, timeout_s=timeout_s)
+            new, new_env, problems = environment.load_and_check(
+                self.spec.file, apart=True, timeout_s=timeout_s, reuse=True, tick=self._ping_while_blocked
+            )
             if new.name != self.spec.name:
                 problems.append(Problem("pipeline.name", f'cannot change while running (it is "{self.spec.name}")'))
             if problems:
                 raise ConfigError(self.spec.file, problems)
         except ConfigError as error:
+            if new_env is not None:
+                new_env.release()
             self.log.error(
                 "config_invalid", file=self.spec.file, problems=error.lines(), message="still running unchanged"
             )
             return {"ok": False, "error": "the pipeline file is invalid; nothing changed", "problems": error.lines()}
-        diff = plan.reload_plan(self.spec, new, self.finished)
+        except BuildError as error:
+            self.log.error(
+                "environment_build_failed",
+                project=error.project,
+                error=str(error),
+                output_tail=error.tail,
+                message="still running unchanged",
+            )
+            return {"ok": False, "error": f"{error}; nothing changed", "output_tail": error.tail}
+        old_env = self.environment
+        switching = (old_env.key if old_env else None) != (new_env.key if new_env else None)
+        rebuilt = {s.name for s in self.spec.stages if s.function is not None} if switching else set()
+        diff = plan.reload_plan(self.spec, new, self.finished, rebuilt)
+        if switching:
+            self.environment = new_env  # the workers started from now on run in it
+            self._close_forkserver()  # it forks from the old interpreter; the next spawn starts another
         try:
             self._apply(new, diff)
         except StoreError as exc:
+            self.environment = old_env
+            if new_env is not None:
+                new_env.release()
             self.log.error(
                 "config_invalid", file=self.spec.file, problems=[str(exc)], message="still running unchanged"
             )
             return {"ok": False, "error": "a new queue cannot be made; nothing changed", "problems": [str(exc)]}
+        if switching:
+            self._retire_environment(old_env, new_env)
+        elif new_env is not None:
+            new_env.release()  # the same environment: this process's first claim on it stands
         self.log.info(
             "pipeline_reloaded",
             changed=sorted(diff.changed),
@@ -1108,6 +1150,41 @@ class Supervisor:
                 self._remove(slot)
         self._start_paced(list(reversed(arriving)))
         return leaving, arriving
+
+    def _ping_while_blocked(self) -> None:
+        """A reload that builds blocks the loop for seconds; the service manager's watchdog must
+        still hear from procd. (A build that hangs keeps procd in its reload; pip's own timeouts apply.)"""
+        if self.notifier.watchdog_interval_s:
+            self._notify(WATCHDOG=1)
+
+    def _close_forkserver(self) -> None:
+        if self.forkserver is not None:
+            self.forkserver.close()  # it exits when its socket closes; the reaper collects it
+            self.forkserver = None
+
+    def _retire_environment(self, old: Environment | None, new: Environment | None) -> None:
+        """Record the switch to ``new``; ``old`` is kept until no worker runs in it any more
+        (``_release_environments``)."""
+        if new is not None:
+            self.log.info(
+                "environment_built" if new.built else "environment_reused",
+                path=new.path,
+                projects=[b.project for b in new.projects],
+                seconds=round(new.seconds, 3),
+            )
+        if old is not None:
+            self.retired_envs.append(old)
+
+    def _release_environments(self) -> None:
+        """Give up every replaced environment no worker runs in any more, and remove it."""
+        self.env_of = {pid: env for pid, env in self.env_of.items() if pid in self.by_pid}
+        in_use = {id(env) for env in self.env_of.values()}
+        for env in [e for e in self.retired_envs if id(e) not in in_use]:
+            self.retired_envs.remove(env)
+            env.release()
+            keep = self.environment.key if self.environment is not None else ""
+            for path in environment.remove_unused(self.spec, keep=keep):
+                self.log.info("environment_removed", path=path)
 
     def _kill_cause(self) -> str:
         """What made a stop kill: a second stop request, or the stop timeout."""

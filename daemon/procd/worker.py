@@ -69,8 +69,11 @@ def start(
     input_fds: QueueFds | None,
     outputs: tuple[Output, ...],
     server: ForkServer | None = None,
+    python: str | None = None,
 ) -> int:
     """Fork the slot's next process; return its pid and record the supervisor's pipe ends.
+
+    ``python`` is the interpreter of a spawned worker (the pipeline environment's); default procd's.
 
     Raises:
         OSError: the pipes or the fork could not be made (nothing is left open then).
@@ -95,7 +98,7 @@ def start(
     for output in outputs:
         keep |= {output.fds.write_fd, output.fds.slots_fd}
     try:
-        pid = fork_worker(ctx, output_fd=output_w, keep=keep, start_method=start_method, server=server)
+        pid = fork_worker(ctx, output_fd=output_w, keep=keep, start_method=start_method, server=server, python=python)
     except OSError:
         for fd in (report_r, output_r):
             os.close(fd)

@@ -1,0 +1,3 @@
+"""Word statistics stages for the procd ``textstats`` example pipeline."""
+
+__version__ = "1.0.0"
