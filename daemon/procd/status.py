@@ -9,10 +9,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from procd import plan, procinfo
-from procd.channels import Channel
+from procd import plan, transport
 from procd.config import PipelineSpec
 from procd.lifecycle import State
+from procd.transport import Input
 from procd.worker import Slot
 
 _ENDED = (State.EXITED, State.FATAL)
@@ -31,10 +31,13 @@ class Rate:
         return self.per_s
 
 
-def _worker(slot: Slot, output_fds: set[int], now: float) -> dict[str, Any]:
+_WAITING = {transport.slot.WAITING_INPUT: "input", transport.slot.WAITING_OUTPUT: "output"}
+
+
+def _worker(slot: Slot, now: float) -> dict[str, Any]:
     state, blocked = str(slot.state), None
-    if slot.state is State.RUNNING and slot.pid is not None:
-        blocked = procinfo.blocked_on(slot.pid, output_fds)
+    if slot.state is State.RUNNING and slot.pid is not None and slot.slot_fd is not None:
+        blocked = _WAITING.get(transport.slot.read(slot.slot_fd).waiting)  # the worker says so itself
         state = "blocked" if blocked else state
     alive = slot.state not in _ENDED
     return {
@@ -53,7 +56,7 @@ def _worker(slot: Slot, output_fds: set[int], now: float) -> dict[str, Any]:
 def snapshot(
     spec: PipelineSpec,
     slots: Sequence[Slot],
-    channels: dict[str, Channel],
+    channels: dict[str, Input],
     *,
     finished: set[str],
     dead_letters: dict[str, int],
@@ -64,9 +67,8 @@ def snapshot(
     """Every stage and worker as ``procd status`` shows them."""
     stages = []
     for stage in plan.topological_order(spec):
-        output_fds = {channels[r.name].fds.slots_fd for r in spec.readers(stage.name)}
         mine = [s for s in slots if s.stage.name == stage.name]
-        workers = [_worker(slot, output_fds, now) for slot in mine]
+        workers = [_worker(slot, now) for slot in mine]
         queue = None
         if stage.name in channels:
             queue = {

@@ -26,8 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from procd import callables, config, inflight, plan, procctl, reaper, signals, status, worker
-from procd.channels import Channel
+from procd import callables, config, plan, procctl, procinfo, reaper, signals, status, transport, worker
 from procd.child import Output
 from procd.config import PipelineSpec
 from procd.control import Client, ControlError, ControlServer, default_path
@@ -58,12 +57,15 @@ from procd.lifecycle import (
 )
 from procd.log import RecordWriter
 from procd.notify import Notifier
-from procd.queues import INLINE_LIMIT
 from procd.restarts import RestartHistory, backoff_delay
 from procd.spawn import start_forkserver
+from procd.transport import Input
 from procd.worker import Slot
 
 TERMINAL = (State.EXITED, State.FATAL)
+# After an input's end of stream, how long before procd looks for processes that are not workers
+# and still hold its writing end (a stage's forked child), which keep its readers waiting.
+_HELD_OPEN_AFTER_S = 1.0
 _LINE_LIMIT = 4096
 
 TimerKey = tuple[Slot, Timer]
@@ -93,8 +95,8 @@ class Supervisor:
         self.histories = {s.name: RestartHistory(s.restart.max, s.restart.within_s) for s in spec.stages}
         self.slots = [Slot(stage, i) for stage in plan.topological_order(spec) for i in range(stage.processes)]
         self.by_pid: dict[int, Slot] = {}
-        self.channels: dict[str, Channel] = {}  # each stage's current input
-        self.retired: list[Channel] = []  # inputs replaced by a reload, still draining
+        self.channels: dict[str, Input] = {}  # each stage's current input
+        self.retired: list[Input] = []  # inputs replaced by a reload, still draining
         self.finished: set[str] = set()  # stages whose every process has ended
         self.timers: dict[TimerKey, float] = {}
         self.ready: set[Slot] = set()
@@ -141,7 +143,7 @@ class Supervisor:
         try:
             for stage in self.spec.stages:
                 if not stage.is_producer:
-                    self.channels[stage.name] = Channel.create(stage.name, stage.queue)
+                    self.channels[stage.name] = transport.create(stage.name, stage.queue)
             self.log.info(
                 "pipeline_starting",
                 stages=[s.name for s in self.spec.stages],
@@ -196,8 +198,8 @@ class Supervisor:
             for channel in [*self.channels.values(), *self.retired]:
                 channel.close()
             for slot in self.slots:
-                if slot.inflight_fd is not None:
-                    os.close(slot.inflight_fd)
+                if slot.slot_fd is not None:
+                    os.close(slot.slot_fd)
 
     def _timeout(self) -> float | None:
         deadlines = [*self.timers.values(), *self.deadlines.values()]
@@ -214,6 +216,9 @@ class Supervisor:
         if self.deadlines.get("status", now + 1) <= now:
             del self.deadlines["status"]
             self._update_status()
+        for held in [k for k, due in self.deadlines.items() if k.startswith("held:") and due <= now]:
+            del self.deadlines[held]
+            self._name_holders(held.removeprefix("held:"))
         for key, deadline in sorted(self.timers.items(), key=lambda kv: kv[1]):
             if deadline > now or key not in self.timers:
                 continue
@@ -223,26 +228,30 @@ class Supervisor:
 
     # -- state changes ----------------------------------------------------------------------------
 
-    def _policy(self, slot: Slot) -> Policy:
-        """The restart policy in force for ``slot`` now: none while stopping, none once the
-        stage's input has ended (a new process would only see the end again) unless the slot
-        holds a batch its next process must deliver."""
+    def _policy(self, slot: Slot, event: Event | None = None) -> Policy:
+        """The restart policy in force for ``slot`` now: none while stopping; none for a process
+        that ended cleanly after its input had ended (a new one would only see the end again)
+        unless the slot holds a batch its next process must deliver. A process that failed after
+        the end of its input is restarted by the stage's policy: its queue may still hold items
+        (a new process that finds it empty ends at once)."""
         stage = slot.stage
         if self.stopping or slot.retiring or slot.exec_failed:
             return Policy(Restart.NO)  # a program that cannot be executed will not start next time
-        if self._input_ended(slot) and not self._holds_batch(slot):
+        failed = isinstance(event, Exited) and not event.ok
+        if self._input_ended(slot) and not failed and not self._holds_batch(slot):
             return Policy(Restart.NO)
         return Policy(stage.restart.policy, self.histories[stage.name].exceeded(self.clock()))
 
     def _holds_batch(self, slot: Slot) -> bool:
-        return slot.inflight_fd is not None and inflight.read(slot.inflight_fd) is not None
+        """The slot file's header says a batch is held (read as numbers: nothing is unpickled)."""
+        return slot.slot_fd is not None and transport.slot.read(slot.slot_fd).holds
 
     def _input_ended(self, slot: Slot) -> bool:
         channel = slot.input or self.channels.get(slot.stage.name)
         return channel is not None and channel.ended
 
     def _feed(self, slot: Slot, event: Event) -> None:
-        transition = step(slot.state, event, self._policy(slot))
+        transition = step(slot.state, event, self._policy(slot, event))
         slot.state = transition.state
         for action in transition.actions:
             self._do(slot, action)
@@ -269,15 +278,11 @@ class Supervisor:
 
     def _spawn(self, slot: Slot) -> None:
         slot.input = self.channels.get(slot.stage.name)
-        if (
-            slot.inflight_fd is None
-            and slot.input is not None
-            and slot.stage.function is not None
-            and slot.stage.redeliver
-        ):
-            slot.inflight_fd = inflight.create(INLINE_LIMIT)
         slot.outputs = [self.channels[reader.name] for reader in self.spec.readers(slot.stage.name)]
         try:
+            if slot.slot_fd is None:  # EMFILE here is a spawn failure like any other
+                keeps_batch = slot.input is not None and slot.stage.redeliver
+                slot.slot_fd = transport.slot.create(transport.slot.MESSAGE_CAPACITY if keeps_batch else 0)
             if self.spec.start_method == "forkserver" and self.forkserver is None:
                 self.forkserver = start_forkserver(f"procd: {self.spec.name} forkserver")
                 self.log.info("forkserver_started", pid=self.forkserver.pid)
@@ -288,8 +293,8 @@ class Supervisor:
                 base_dir=self.spec.base_dir,
                 state_dir=self.spec.state_dir,
                 start_method=self.spec.start_method,
-                input_fds=slot.input.fds if slot.input is not None else None,
-                outputs=tuple(Output(c.fds, c.spec.batch) for c in slot.outputs),
+                input_endpoint=slot.input.endpoint() if slot.input is not None else None,
+                outputs=tuple(Output(c.endpoint(), c.spec.batch) for c in slot.outputs),
             )
         except OSError as exc:
             self._bound(slot).error("spawn_failed", errno=exc.errno, error=exc.strerror)
@@ -394,14 +399,20 @@ class Supervisor:
             self._stop_group(slot)
 
     def _check_held(self, slot: Slot, event: Exited) -> None:
-        """A process that died holding a batch: its slot's next process will deliver it again."""
-        if slot.inflight_fd is None:
+        """After a process ended: give back the queue capacity its slot file says it may have
+        held; if it held a batch, its slot's next process will deliver it again."""
+        if slot.slot_fd is None:
             return
-        held = inflight.read(slot.inflight_fd)
-        if held is None:
+        held = transport.slot.read(slot.slot_fd)
+        if held.in_token and slot.input is not None:
+            slot.input.reclaim()
+        if 0 <= held.out_token < len(slot.outputs):
+            slot.outputs[held.out_token].reclaim()
+        transport.slot.clear_tokens(slot.slot_fd)
+        if not held.holds:
             return
-        inflight.note_exit(slot.inflight_fd, event.signal, event.code)
-        pending = len(held.items) - max(held.index, 0)
+        transport.slot.note_exit(slot.slot_fd, event.signal, event.code)
+        pending = held.items - max(held.index, 0)
         if slot.state in (State.BACKOFF, State.STARTING) or slot.regrouping:
             self._bound(slot).warning(
                 "item_redelivered", items=pending, attempt=held.deliveries + 1, reason=event.describe()
@@ -413,13 +424,32 @@ class Supervisor:
                 message=f"{slot.name} died holding {pending} items and will not be restarted",
             )
 
+    def _name_holders(self, name: str) -> None:
+        """An input was ended a while ago and its readers still run: name any process that is not
+        a worker and holds its writing end (its readers cannot see the end until it lets go)."""
+        channel = self.channels.get(name)
+        if channel is None or name in self.finished or not channel.readers:
+            return
+        holders = [pid for pid in channel.holders() if pid not in self.by_pid and pid != os.getpid()]
+        if holders:
+            self.log.warning(
+                "input_held_open",
+                stage=name,
+                holders=holders,
+                titles=[procinfo.title(pid) for pid in holders],
+                message=(
+                    f"the input of {name} has ended, but process {', '.join(map(str, holders))} still holds its "
+                    "writing end (a child forked by stage code?); its readers wait until that process exits"
+                ),
+            )
+
     def _remove(self, slot: Slot) -> None:
         """A retired slot leaves for good."""
         self.slots.remove(slot)
         self.ready.discard(slot)
-        if slot.inflight_fd is not None:
-            os.close(slot.inflight_fd)
-            slot.inflight_fd = None
+        if slot.slot_fd is not None:
+            os.close(slot.slot_fd)
+            slot.slot_fd = None
 
     def _stop_group(self, failed: Slot) -> None:
         """rest_for_one: the failed stage's other workers and every stage downstream of it stop
@@ -705,11 +735,11 @@ class Supervisor:
                 "ok": False,
                 "error": f"no stage {name!r} with an input; stages with one are {', '.join(readers)}",
             }, ()
-        if not channel.writing or self.stopping:
+        if channel.ended or self.stopping:
             return {"ok": False, "error": f"the input of stage {name} has ended; it takes no more items"}, ()
         self.log.info("input_attached", stage=name)
-        reply = {"ok": True, "stage": name, "batch": channel.spec.batch, "slots": channel.spec.slots}
-        return reply, (channel.fds.write_fd, channel.fds.slots_fd)
+        fields, fds = channel.attach()
+        return {"ok": True, "stage": name, "batch": channel.spec.batch, "slots": channel.spec.slots, **fields}, fds
 
     def status(self) -> dict[str, Any]:
         """Every stage and worker as ``procd status`` shows them."""
@@ -788,10 +818,11 @@ class Supervisor:
                 }
                 self.log.info("stage_drained", stage=stage.name, **totals)
         for name, channel in self.channels.items():
-            if channel.writing and all(upstream in self.finished for upstream in self.spec.stage(name).inputs):
+            if not channel.ended and all(upstream in self.finished for upstream in self.spec.stage(name).inputs):
                 channel.end()
+                self.deadlines[f"held:{name}"] = self.clock() + _HELD_OPEN_AFTER_S
         for channel in list(self.retired):
-            if channel.writing and not channel.writers:
+            if not channel.ended and not channel.writers:
                 channel.end()
             if channel.drained():
                 channel.close()
@@ -830,11 +861,11 @@ class Supervisor:
         diff = plan.reload_plan(self.spec, new, self.finished)
         changed, added, removed, replaced_queues = diff.changed, diff.added, diff.removed, diff.replaced_queues
 
-        fresh: dict[str, Channel] = {}
+        fresh: dict[str, Input] = {}
         try:
             for name in added | (changed & replaced_queues):
                 if not new.stage(name).is_producer:
-                    fresh[name] = Channel.create(name, new.stage(name).queue)
+                    fresh[name] = transport.create(name, new.stage(name).queue)
         except StoreError as exc:
             for channel in fresh.values():
                 channel.close()
