@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
 from conftest import Workspace, read_records, wait_until
@@ -455,8 +458,9 @@ def test_replay_into_a_running_pipeline_with_a_durable_input(ws: Workspace) -> N
 
 
 ECHO = """
-import sys
+import sys, time
 for line in sys.stdin:
+    time.sleep(0.0005)
     sys.stdout.write(line)
     sys.stdout.flush()
 """
@@ -571,3 +575,90 @@ def test_a_kill_storm_on_a_durable_queue_delivers_everything_in_one_run(ws: Work
     assert kills >= 10, kills
     assert proc.returncode == 0
     assert _summary(records)["missing_count"] == 0, _summary(records)
+
+
+def test_running_out_of_descriptors_is_a_spawn_failure_not_a_crash(ws: Workspace) -> None:
+    """Issue 14, item 14: EMFILE while making a worker's slot file fails that spawn, no traceback."""
+    import resource
+
+    ws.write("st.py", LOSSES)
+    ws.pipeline(
+        '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 100 }\n'
+        '[stages.wide]\nfunction = "st:slow"\ninputs = ["numbers"]\nprocesses = 30\n'
+        'restart = { policy = "on-failure", backoff = "0s", max = 3 }\n'
+        '[stages.check]\nfunction = "st:Check"\ninputs = ["wide"]\noptions = { count = 100 }\n'
+    )
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "procd", "run", f"{ws.name}.toml", "--control", str(ws.control)],
+        cwd=ws.path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=limit,
+        check=False,
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    records = [json.loads(line) for line in proc.stderr.splitlines()]
+    failed = [r for r in records if r["event"] == "spawn_failed"]
+    assert failed and all(r["errno"] == errno.EMFILE for r in failed)
+    assert proc.returncode == 1
+    assert records[-1]["event"] == "pipeline_stopped"
+
+
+LINGERING = """
+import os, subprocess, time
+
+def numbers_then_exec(count):
+    subprocess.Popen(["sleep", "30"], close_fds=False)  # a program that outlives the stage
+    yield from range(count)
+
+def numbers_then_fork(count, marker):
+    if os.fork() == 0:  # a forked child (no exec) holds every descriptor of the worker
+        with open(marker, "w") as fh:
+            fh.write(str(os.getpid()))
+        time.sleep(30)
+        os._exit(0)
+    yield from range(count)
+"""
+
+
+def test_a_program_started_by_stage_code_does_not_hold_a_queue_open(ws: Workspace) -> None:
+    """Issue 14, item 15: queue descriptors are close-on-exec in the worker (spawn made them
+    inheritable to cross its own exec)."""
+    ws.write("st.py", LOSSES + LINGERING)
+    ws.pipeline(
+        '[pipeline]\nname = "{name}"\nstart_method = "spawn"\nstop_timeout = "5s"\n'
+        '[stages.numbers]\nfunction = "st:numbers_then_exec"\noptions = { count = 100 }\n'
+        '[stages.check]\nfunction = "st:Check"\ninputs = ["numbers"]\noptions = { count = 100 }\n'
+    )
+    result = ws.run("run", f"{ws.name}.toml", timeout=25)
+    assert result.code == 0, result.stderr[-2000:]
+    assert json.loads(result.output_lines("check")[0])["missing_count"] == 0
+
+
+def test_a_forked_child_holding_an_input_open_is_named(ws: Workspace) -> None:
+    """A forked child cannot be kept from inheriting; procd names it when the input it holds
+    cannot end, and the run ends once it exits."""
+    ws.write("st.py", LOSSES + LINGERING)
+    ws.pipeline(
+        '[pipeline]\nname = "{name}"\nstop_timeout = "5s"\n'
+        '[stages.numbers]\nfunction = "st:numbers_then_fork"\noptions = { count = 100, marker = "child.pid" }\n'
+        '[stages.check]\nfunction = "st:Check"\ninputs = ["numbers"]\noptions = { count = 100 }\n'
+    )
+    log = ws.path / "log.jsonl"
+    proc = ws.start_ready()
+    try:
+        (held,) = wait_until(lambda: [r for r in read_records(log) if r["event"] == "input_held_open"], 15)
+        child = int((ws.path / "child.pid").read_text())
+        assert held["stage"] == "check" and held["holders"] == [child]
+        os.kill(child, signal.SIGKILL)
+        _finish(proc, timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0

@@ -299,6 +299,7 @@ class Supervisor:
         except OSError as exc:
             self._bound(slot).error("spawn_failed", errno=exc.errno, error=exc.strerror)
             slot.failure = f"fork failed: {exc.strerror}"
+            self.histories[slot.stage.name].record(self.clock())  # a failed start counts as a restart
             self._feed(slot, SpawnFailed(exc.errno or 0))
             self._after_end(slot, slot.failure)
             return

@@ -69,6 +69,28 @@ def _spill_root() -> str:
     return "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else tempfile.gettempdir()
 
 
+def make_spill_dir(stage: str) -> str:
+    """A directory for one input's spilled batches, named after this supervisor's pid. The
+    directories of supervisors that are gone (killed before they could remove theirs) are removed
+    first: a spilled batch is memory on ``/dev/shm``."""
+    root = _spill_root()
+    for name in os.listdir(root):
+        parts = name.split("-")
+        if len(parts) < 3 or parts[0] != "procd" or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's
+        path = os.path.join(root, name)
+        if os.path.isdir(path) and os.stat(path).st_uid == os.getuid():
+            shutil.rmtree(path, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"procd-{os.getpid()}-{stage}-", dir=root)
+
+
 @dataclass(frozen=True)
 class LocalEndpoint(Endpoint):
     write_fd: int
@@ -156,7 +178,7 @@ def open_pair(slots: int) -> tuple[int, int, int]:
 
 def create(stage: str, spec: QueueSpec) -> LocalInput:
     write_fd, read_fd, slots_fd = open_pair(spec.slots)
-    spill_dir = tempfile.mkdtemp(prefix=f"procd-{stage}-", dir=_spill_root())
+    spill_dir = make_spill_dir(stage)
     return LocalInput(
         stage, spec, fds=LocalEndpoint(write_fd, read_fd, slots_fd, spill_dir), write_inode=os.fstat(write_fd).st_ino
     )

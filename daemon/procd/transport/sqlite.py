@@ -20,7 +20,6 @@ import os
 import socket
 import sqlite3
 import struct
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +31,7 @@ from procd.transport.local import (
     LocalInput,
     LocalReader,
     LocalWriter,
-    _spill_root,
+    make_spill_dir,
     open_pair,
 )
 from procd.transport.slot import MESSAGE, ROW, Slot
@@ -139,7 +138,7 @@ def create(stage: str, spec: QueueSpec) -> SqliteInput:
         for row, items in waiting:
             body = _ROW_ID.pack(row)
             sock.sendmsg([MESSAGE.pack(ROW, items, len(body)), body], [], socket.MSG_DONTWAIT)
-    spill_dir = tempfile.mkdtemp(prefix=f"procd-{stage}-", dir=_spill_root())
+    spill_dir = make_spill_dir(stage)
     endpoint = SqliteEndpoint(write_fd, read_fd, slots_fd, spill_dir, store_path=spec.path)
     return SqliteInput(stage, spec, fds=endpoint, write_inode=os.fstat(write_fd).st_ino)
 
