@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from conftest import Workspace, read_records, wait_until
+from conftest import Workspace, procd_command, read_records, wait_until
 
 STAGES = """
 import os, signal, time
@@ -43,6 +43,25 @@ class Check:
 
 import json
 """
+
+
+def _start_quiet(ws: Workspace, pipeline: str | None = None) -> subprocess.Popen[str]:
+    """``procd run`` with its records only in ``log.jsonl``: a kill storm writes more records than
+    a pipe holds, and a supervisor blocked writing to a pipe nobody reads would stop the test."""
+    proc = subprocess.Popen(
+        procd_command("run", pipeline or f"{ws.name}.toml", "--log-file", "log.jsonl", "--control", str(ws.control)),
+        cwd=ws.path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        wait_until(lambda: any(r["event"] == "pipeline_ready" for r in read_records(ws.path / "log.jsonl")), 15)
+    except AssertionError:
+        proc.kill()
+        proc.communicate()
+        raise
+    return proc
 
 
 def test_a_worker_that_segfaults_on_one_item_dead_letters_it_and_delivers_the_rest(ws: Workspace) -> None:
@@ -81,12 +100,11 @@ def test_chaos_sigkill_a_random_worker_every_50ms_loses_nothing(ws: Workspace) -
         f'[stages.check]\nfunction = "st:Check"\ninputs = ["transform"]\noptions = {{ count = {count} }}\n'
     )
     log = ws.path / "log.jsonl"
-    proc = ws.start("run", f"{ws.name}.toml", "--log-file", "log.jsonl")
+    proc = _start_quiet(ws)
     kills = 0
     rng = random.Random(4)
     deadline = time.monotonic() + 120
     try:
-        wait_until(lambda: any(r["event"] == "pipeline_ready" for r in read_records(log)), timeout=15)
         while proc.poll() is None and time.monotonic() < deadline:
             records = read_records(log)
             live: dict[int, int] = {}
@@ -355,7 +373,7 @@ def test_items_of_a_stage_class_killed_after_the_producer_ended_are_all_delivere
         stem=f"pipe/{ws.name}",
     )
     log = ws.path / "log.jsonl"
-    proc = ws.start("run", f"pipe/{ws.name}.toml", "--log-file", "log.jsonl")
+    proc = _start_quiet(ws, f"pipe/{ws.name}.toml")
     try:
         wait_until(lambda: any(r["event"] == "stage_drained" and r["stage"] == "items" for r in read_records(log)), 20)
         kills = 0
@@ -415,7 +433,7 @@ def test_a_worker_killed_between_batches_after_its_input_ended_is_restarted(ws: 
         f'[stages.check]\nfunction = "st:Check"\ninputs = ["transform"]\noptions = {{ count = {count} }}\n'
     )
     log = ws.path / "log.jsonl"
-    proc = ws.start_ready()
+    proc = _start_quiet(ws)
     try:
         wait_until(lambda: any(r.get("line") == "got 0" for r in read_records(log)), 20)
         pid = _live(log, "transform")[0]
@@ -445,7 +463,7 @@ def test_replay_into_a_running_pipeline_with_a_durable_input(ws: Workspace) -> N
         '[stages.idle]\nfunction = "st:sleepy"\n'
         '[stages.collect]\nfunction = "st:Collect"\ninputs = ["idle"]\nqueue = { backend = "sqlite" }\n'
     )
-    proc = ws.start_ready()
+    proc = _start_quiet(ws)
     try:
         result = ws.run("dlq", "replay", "dead.jsonl", "--into", "collect", "--control", str(ws.control))
         assert result.code == 0, result.stderr
@@ -478,7 +496,7 @@ def _command_storm(ws: Workspace, command: str, count: int, expect: str | None, 
         f'[stages.check]\nfunction = "st:Check"\ninputs = ["cmd"]\noptions = {{ {check_options} }}\n'
     )
     log = ws.path / "log.jsonl"
-    proc = ws.start_ready()
+    proc = _start_quiet(ws)
     done = 0
     try:
         while done < kills and proc.poll() is None:
@@ -536,7 +554,7 @@ def test_a_kill_storm_with_large_batches_and_small_bounds_delivers_everything(ws
         "queue = { maxsize = 2, batch = 1 }\n"
     )
     log = ws.path / "log.jsonl"
-    proc = ws.start_ready()
+    proc = _start_quiet(ws)
     try:
         kills = _kill_storm(proc, log, "middle", every_s=0.02, for_s=4)
         _finish(proc, timeout=40)
@@ -563,7 +581,7 @@ def test_a_kill_storm_on_a_durable_queue_delivers_everything_in_one_run(ws: Work
         f'[stages.check]\nfunction = "st:Check"\ninputs = ["middle"]\noptions = {{ count = {count} }}\n'
     )
     log = ws.path / "log.jsonl"
-    proc = ws.start_ready()
+    proc = _start_quiet(ws)
     try:
         kills = _kill_storm(proc, log, "middle", every_s=0.02, for_s=4)
         _finish(proc, timeout=40)
@@ -650,7 +668,7 @@ def test_a_forked_child_holding_an_input_open_is_named(ws: Workspace) -> None:
         '[stages.check]\nfunction = "st:Check"\ninputs = ["numbers"]\noptions = { count = 100 }\n'
     )
     log = ws.path / "log.jsonl"
-    proc = ws.start_ready()
+    proc = _start_quiet(ws)
     try:
         (held,) = wait_until(lambda: [r for r in read_records(log) if r["event"] == "input_held_open"], 15)
         child = int((ws.path / "child.pid").read_text())
