@@ -540,6 +540,21 @@ def test_a_command_stage_killed_five_times_delivers_every_line_awk(ws: Workspace
     _command_storm(ws, '["awk", "-W", "interactive", "{ print $1; fflush() }"]', 5000, None)
 
 
+def _storm_of_kills(ws: Workspace, min_kills: int) -> None:
+    """Run the workspace's pipeline, SIGKILL a ``middle`` worker every 20 ms for 4 s: every item
+    must reach the sink and the run exit 0."""
+    log = ws.path / "log.jsonl"
+    proc = _start_quiet(ws)
+    try:
+        kills = _kill_storm(proc, log, "middle", every_s=0.02, for_s=4)
+    finally:
+        _finish(proc, timeout=40)
+    records = read_records(log)
+    assert kills >= min_kills, kills
+    assert proc.returncode == 0
+    assert _summary(records)["missing_count"] == 0, _summary(records)
+
+
 def test_a_kill_storm_with_large_batches_and_small_bounds_delivers_everything(ws: Workspace) -> None:
     """Issue 14, items 1 and 2: batches over the inline limit, a bound no dead process can hold.
     (``max_attempts`` is high: an item in hand at three random kills would be dead-lettered.)"""
@@ -553,19 +568,7 @@ def test_a_kill_storm_with_large_batches_and_small_bounds_delivers_everything(ws
         f'[stages.check]\nfunction = "st:Check"\ninputs = ["middle"]\noptions = {{ count = {count} }}\n'
         "queue = { maxsize = 2, batch = 1 }\n"
     )
-    log = ws.path / "log.jsonl"
-    proc = _start_quiet(ws)
-    try:
-        kills = _kill_storm(proc, log, "middle", every_s=0.02, for_s=4)
-        _finish(proc, timeout=40)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    records = read_records(log)
-    assert kills >= 20, kills
-    assert proc.returncode == 0
-    assert _summary(records)["missing_count"] == 0, _summary(records)
+    _storm_of_kills(ws, min_kills=20)
 
 
 def test_a_kill_storm_on_a_durable_queue_delivers_everything_in_one_run(ws: Workspace) -> None:
@@ -580,19 +583,7 @@ def test_a_kill_storm_on_a_durable_queue_delivers_everything_in_one_run(ws: Work
         'restart = { policy = "always", backoff = "0s", max = 100000 }\n'
         f'[stages.check]\nfunction = "st:Check"\ninputs = ["middle"]\noptions = {{ count = {count} }}\n'
     )
-    log = ws.path / "log.jsonl"
-    proc = _start_quiet(ws)
-    try:
-        kills = _kill_storm(proc, log, "middle", every_s=0.02, for_s=4)
-        _finish(proc, timeout=40)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    records = read_records(log)
-    assert kills >= 10, kills
-    assert proc.returncode == 0
-    assert _summary(records)["missing_count"] == 0, _summary(records)
+    _storm_of_kills(ws, min_kills=10)
 
 
 def test_running_out_of_descriptors_is_a_spawn_failure_not_a_crash(ws: Workspace) -> None:

@@ -317,6 +317,9 @@ def _dlq_replay(args: argparse.Namespace) -> int:
         try:
             for start in range(0, len(items), batch):
                 writer.send(items[start : start + batch])
+        except (StoreError, OSError) as exc:
+            print(f"procd dlq replay: cannot write into {args.into}: {exc}; nothing more was sent", file=sys.stderr)
+            return EXIT_FAILURE
         finally:
             writer.close()
         control.request(path, {"command": "replayed", "stage": args.into, "items": len(items), "file": args.file})
