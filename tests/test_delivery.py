@@ -552,6 +552,7 @@ def _storm_of_kills(ws: Workspace, min_kills: int) -> None:
     records = read_records(log)
     assert kills >= min_kills, kills
     assert proc.returncode == 0
+    assert [r for r in records if r["event"] == "item_redelivered"]
     assert _summary(records)["missing_count"] == 0, _summary(records)
 
 
@@ -564,11 +565,12 @@ def test_a_kill_storm_with_large_batches_and_small_bounds_delivers_everything(ws
         f'[pipeline]\nname = "{ws.name}"\nstop_timeout = "20s"\nstate_dir = "state"\n'
         f'[stages.items]\nfunction = "st:items"\noptions = {{ count = {count}, size = 700_000 }}\n'
         '[stages.middle]\nfunction = "st:slow"\ninputs = ["items"]\nprocesses = 3\nmax_attempts = 1000\n'
+        "options = { delay = 0.03 }\n"
         'queue = { maxsize = 4, batch = 1 }\nrestart = { policy = "always", backoff = "0s", max = 100000 }\n'
         f'[stages.check]\nfunction = "st:Check"\ninputs = ["middle"]\noptions = {{ count = {count} }}\n'
         "queue = { maxsize = 2, batch = 1 }\n"
     )
-    _storm_of_kills(ws, min_kills=20)
+    _storm_of_kills(ws, min_kills=100)
 
 
 def test_a_kill_storm_on_a_durable_queue_delivers_everything_in_one_run(ws: Workspace) -> None:
@@ -579,11 +581,12 @@ def test_a_kill_storm_on_a_durable_queue_delivers_everything_in_one_run(ws: Work
         f'[pipeline]\nname = "{ws.name}"\nstop_timeout = "20s"\nstate_dir = "state"\n'
         f'[stages.numbers]\nfunction = "st:numbers"\noptions = {{ count = {count} }}\n'
         '[stages.middle]\nfunction = "st:slow"\ninputs = ["numbers"]\nprocesses = 3\nmax_attempts = 1000\n'
+        "options = { delay = 0.001 }\n"
         'queue = { backend = "sqlite", maxsize = 160, batch = 16 }\n'
         'restart = { policy = "always", backoff = "0s", max = 100000 }\n'
         f'[stages.check]\nfunction = "st:Check"\ninputs = ["middle"]\noptions = {{ count = {count} }}\n'
     )
-    _storm_of_kills(ws, min_kills=10)
+    _storm_of_kills(ws, min_kills=50)
 
 
 def test_running_out_of_descriptors_is_a_spawn_failure_not_a_crash(ws: Workspace) -> None:
