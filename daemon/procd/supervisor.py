@@ -521,6 +521,8 @@ class Supervisor:
         if event.ok:
             if slot.input is not None and not slot.input.ended:
                 return "exited before the end of its input"
+            if self._holds_batch(slot):
+                return "exited holding a batch it had not handed on"  # exit 0 must mean nothing lost
             return None
         return slot.failure or f"exited with {event.describe()}"
 
