@@ -674,3 +674,33 @@ def test_a_forked_child_holding_an_input_open_is_named(ws: Workspace) -> None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0
+
+
+QUITTER = """
+import os, time
+
+def quits_once(n, marker):
+    if n == 0:
+        time.sleep(0.5)  # the producer has ended by the time it goes on
+    if n == 55 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(0)  # a clean exit in the middle of a batch
+    return n
+"""
+
+
+def test_a_worker_that_exits_0_holding_a_batch_fails_the_run_loudly(ws: Workspace) -> None:
+    """Exit 0 must mean nothing was lost: a process that ends cleanly with a batch still held is a
+    failure that says so, not a finished run."""
+    ws.write("st.py", LOSSES + QUITTER)
+    ws.pipeline(
+        '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 100 }\n'
+        '[stages.quitter]\nfunction = "st:quits_once"\ninputs = ["numbers"]\noptions = { marker = "quit" }\n'
+        'queue = { maxsize = 100, batch = 10 }\nrestart = { policy = "on-failure", backoff = "0s" }\n'
+        '[stages.check]\nfunction = "st:Check"\ninputs = ["quitter"]\noptions = { count = 100 }\n'
+    )
+    result = ws.run("run", f"{ws.name}.toml")
+    (exited,) = [r for r in result.events("worker_exited", stage="quitter") if r.get("code") == 0 and not r["expected"]]
+    assert exited["cause"] == "exited holding a batch it had not handed on"
+    assert result.events("batch_abandoned", stage="quitter")[0]["items"] == 10
+    assert result.code == 1
