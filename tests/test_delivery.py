@@ -704,3 +704,36 @@ def test_a_worker_that_exits_0_holding_a_batch_fails_the_run_loudly(ws: Workspac
     assert exited["cause"] == "exited holding a batch it had not handed on"
     assert result.events("batch_abandoned", stage="quitter")[0]["items"] == 10
     assert result.code == 1
+
+
+POISON_PROGRAM = """
+import os, signal, sys
+for line in sys.stdin:
+    if line.strip() == "13":
+        os.kill(os.getpid(), signal.SIGKILL)
+    sys.stdout.write(line)
+    sys.stdout.flush()
+"""
+
+
+def test_a_line_that_kills_a_command_stage_program_is_dead_lettered(ws: Workspace) -> None:
+    """The same attempt counting as function stages: the held batch goes to the next program one
+    line at a time, and the line that kills ``max_attempts`` programs is set aside."""
+    ws.write("st.py", LOSSES)
+    ws.write("poison.py", POISON_PROGRAM)
+    ws.pipeline(
+        f'[pipeline]\nname = "{ws.name}"\nstate_dir = "state"\n'
+        '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 100 }\n'
+        f'[stages.cmd]\ncommand = ["{sys.executable}", "poison.py"]\ninputs = ["numbers"]\nmax_attempts = 3\n'
+        'dead_letter = "dead.jsonl"\nqueue = { maxsize = 100, batch = 10 }\n'
+        'restart = { policy = "on-failure", backoff = "0s", max = 10 }\n'
+        '[stages.check]\nfunction = "st:Check"\ninputs = ["cmd"]\noptions = { count = 100 }\n'
+    )
+    result = ws.run("run", f"{ws.name}.toml")
+    assert result.code == 0, result.stderr[-2000:]
+    summary = json.loads(result.output_lines("check")[0])
+    assert summary["missing"] == [13] and summary["missing_count"] == 1
+    (dead,) = result.events("item_dead_lettered", stage="cmd")
+    assert dead["error_type"] == "WorkerCrashed" and dead["attempts"] == 3
+    (entry,) = [json.loads(line) for line in (ws.path / "dead.jsonl").read_text().splitlines()]
+    assert entry["item"] == 13
