@@ -31,28 +31,12 @@ import textwrap
 import time
 from dataclasses import dataclass
 
-
-def children(pid: int) -> set[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            return {int(p) for p in fh.read().split()}
-    except OSError:
-        return set()
+from procfs import children, wait_for
 
 
 def status(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as fh:
         return dict(line.split(":", 1) for line in fh)
-
-
-def wait_for(predicate, timeout: float = 20.0, interval: float = 0.0002):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError
 
 
 @dataclass
@@ -114,7 +98,8 @@ def measure(argv: list[str], cwd: str, workers: int, kills: int, idle_s: float) 
 
 def procd_argv(workdir: str, workers: int) -> list[str]:
     with open(os.path.join(workdir, "benchidle.py"), "w") as fh:
-        fh.write("import time\n\ndef idle():\n    while True:\n        time.sleep(3600)\n        yield None\n")
+        # a producer in many processes takes a shard (its share of nothing)
+        fh.write("import time\n\ndef idle(shard):\n    while True:\n        time.sleep(3600)\n        yield None\n")
     with open(os.path.join(workdir, "bench.toml"), "w") as fh:
         fh.write(
             textwrap.dedent(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import signal
@@ -128,11 +130,64 @@ class Workspace:
             raise
         return proc
 
+    def start_quiet(self, log: str = "log.jsonl") -> subprocess.Popen[bytes]:
+        """``procd run`` this workspace's pipeline with a log file, its standard streams on
+        /dev/null (nothing to read, so no pipe can fill and stall it)."""
+        return subprocess.Popen(
+            procd_command(*self._with_control(("run", f"{self.name}.toml", "--log-file", log))),
+            cwd=self.path,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def run_on_pty(self, *args: str, timeout: float = 30.0) -> tuple[int, bytes]:
+        """Run ``procd`` with stdout and stderr on a pseudo-terminal; its exit code and screen."""
+        import pty
+        import select
+
+        main, secondary = pty.openpty()
+        proc = subprocess.Popen(
+            procd_command(*self._with_control(args)),
+            stdin=subprocess.DEVNULL,
+            stdout=secondary,
+            stderr=secondary,
+            cwd=self.path,
+        )
+        os.close(secondary)
+        screen = b""
+        try:
+            while select.select([main], [], [], timeout)[0]:
+                try:
+                    chunk = os.read(main, 65536)
+                except OSError:  # the pty closed: procd is done
+                    break
+                if not chunk:
+                    break
+                screen += chunk
+            return proc.wait(timeout=timeout), screen
+        finally:
+            os.close(main)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
     def start(self, *args: str) -> subprocess.Popen[str]:
         args = self._with_control(args)
         return subprocess.Popen(
             procd_command(*args), cwd=self.path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen[Any]) -> Iterator[subprocess.Popen[Any]]:
+    """Whatever the block does, ``proc`` has ended (killed if it must be) and is reaped after it."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture
@@ -156,3 +211,29 @@ def no_child_left_behind() -> Iterator[None]:
     except ChildProcessError:
         return
     raise AssertionError(f"a child process was left behind (pid {pid})" if pid else "a child is still running")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real filesystem of 512 KiB (tmpfs), mounted for the test and unmounted after it."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the filesystem refuses more (ENOSPC); return it."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler

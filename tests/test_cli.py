@@ -30,10 +30,13 @@ def test_check_reports_each_bad_file_and_exits_78(ws: Workspace) -> None:
     result = ws.run("check", "good.toml", "bad.toml")
     assert result.code == 78
     assert result.stdout == "good.toml: ok (1 stages, 1 processes)\n"
-    assert result.stderr == "bad.toml: stages.a.queue.batch: expected an integer >= 1, got 0 (int)\n"
+    assert result.stderr == "bad.toml: stages.a.queue.batch: expected an integer from 1 to 1000000, got 0 (int)\n"
 
 
 def test_etl_example_loads_the_database(ws: Workspace) -> None:
+    # run from a directory other than pipelines/: the CSV is found through its Path option, and
+    # etl.db (a plain string option) lands in the current directory
+    assert ws.path != PIPELINES
     result = ws.run("run", str(PIPELINES / "etl.toml"), timeout=60)
     assert result.code == 0, result.stderr
     rejected = [line for line in result.output_lines("transform") if line.startswith("rejected line")]
@@ -72,6 +75,7 @@ def test_show_fills_in_every_default(ws: Workspace) -> None:
         "start_method": "fork",
         "stop_timeout": "10s",
         "state_dir": config.default_state_dir("fanout"),
+        "max_processes": config.default_max_processes(),
     }
     assert document["stages"]["summary"]["dead_letter"].endswith("/fanout/summary.deadletter.jsonl")
     assert document["stages"]["summary"]["queue"] == {"maxsize": 10000, "batch": 256, "backend": "memory"}
@@ -98,3 +102,12 @@ def test_version_help_and_usage_errors(ws: Workspace) -> None:
     usage = ws.run("frobnicate")
     assert usage.code == 2 and "invalid choice" in usage.stderr
     assert ws.run("init", "Bad Name").code == 2
+
+
+def test_the_license_file_is_the_one_pyproject_names() -> None:
+    from conftest import REPO
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["license"]["text"]
+    assert declared == "MIT"
+    assert (REPO / "LICENSE").read_text().startswith("MIT License\n")
+    assert "python3-venv" in (REPO / "README.md").read_text().split("## Commands")[0]  # the quick start says it

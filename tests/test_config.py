@@ -18,12 +18,15 @@ OK_STAGE = '[stages.a]\nfunction = "m:f"\n'
 BAD = {
     "processes-not-integer": (
         OK_STAGE + 'processes = "four"\n',
-        ['F: stages.a.processes: expected an integer >= 1, got "four" (str)'],
+        ['F: stages.a.processes: expected an integer from 1 to {MAX}, got "four" (str)'],
     ),
-    "processes-zero": (OK_STAGE + "processes = 0\n", ["F: stages.a.processes: expected an integer >= 1, got 0 (int)"]),
+    "processes-zero": (
+        OK_STAGE + "processes = 0\n",
+        ["F: stages.a.processes: expected an integer from 1 to {MAX}, got 0 (int)"],
+    ),
     "processes-bool": (
         OK_STAGE + "processes = true\n",
-        ["F: stages.a.processes: expected an integer >= 1, got True (bool)"],
+        ["F: stages.a.processes: expected an integer from 1 to {MAX}, got True (bool)"],
     ),
     "unknown-stage-key": (
         OK_STAGE + "proceses = 2\n",
@@ -135,17 +138,124 @@ BAD = {
     "restart-max-negative": (
         '[defaults]\nrestart = { max = -1, within = "1 minute" }\n' + OK_STAGE,
         [
-            "F: defaults.restart.max: expected an integer >= 0, got -1 (int)",
+            "F: defaults.restart.max: expected an integer from 0 to 1000000, got -1 (int)",
             'F: defaults.restart.within: expected a duration such as "250ms", "10s" or "5m", got "1 minute" (str)',
         ],
     ),
     "several-problems-all-listed": (
         '[stages.a]\nfunction = "m:f"\nprocesses = -1\ninputs = ["nope"]\n[stages.b]\n',
         [
-            "F: stages.a.processes: expected an integer >= 1, got -1 (int)",
+            "F: stages.a.processes: expected an integer from 1 to {MAX}, got -1 (int)",
             'F: stages.b: needs "function" (a Python "module:attr") or "command" (an argv list)',
             'F: stages.a.inputs[0]: unknown stage "nope"; stages are a, b',
         ],
+    ),
+    # every number and duration has its range, every name its length (issue 14)
+    "toml-nested-too-deeply": (
+        "x = " + "[" * 1000 + "]" * 1000 + "\n",
+        ["F: not valid TOML: values are nested too deeply"],
+    ),
+    "toml-integer-too-long": (
+        OK_STAGE + "processes = " + "9" * 5000 + "\n",
+        ["F: not valid TOML: a number has more than 4300 digits"],
+    ),
+    "maxsize-beyond-eventfd": (
+        OK_STAGE + "queue = { maxsize = 4294967296, batch = 1 }\n",
+        ["F: stages.a.queue.maxsize: expected an integer from 1 to 100000000, got 4294967296 (int)"],
+    ),
+    "batch-too-large": (
+        OK_STAGE + "queue = { maxsize = 100000000, batch = 100000000 }\n",
+        ["F: stages.a.queue.batch: expected an integer from 1 to 1000000, got 100000000 (int)"],
+    ),
+    "max-attempts-too-large": (
+        OK_STAGE + "max_attempts = 1001\n",
+        ["F: stages.a.max_attempts: expected an integer from 1 to 1000, got 1001 (int)"],
+    ),
+    "nul-in-queue-path": (
+        OK_STAGE + 'queue = { backend = "sqlite", path = "a\\u0000b" }\n',
+        ['F: stages.a.queue.path: expected a file path without NUL characters, got "a\\u0000b" (str)'],
+    ),
+    "nul-in-state-dir": (
+        '[pipeline]\nstate_dir = "s\\u0000"\n' + OK_STAGE,
+        ['F: pipeline.state_dir: expected a directory path without NUL characters, got "s\\u0000" (str)'],
+    ),
+    "nul-in-dead-letter": (
+        OK_STAGE + 'dead_letter = "\\u0000"\n',
+        ['F: stages.a.dead_letter: expected a file path without NUL characters, got "\\u0000" (str)'],
+    ),
+    "path-too-long": (
+        OK_STAGE + 'dead_letter = "/' + "d" * 5000 + '"\n',
+        ["F: stages.a.dead_letter: expected a path of at most 4095 bytes, got 5001 bytes"],
+    ),
+    "duration-infinite": (
+        '[pipeline]\nstop_timeout = "' + "9" * 400 + 's"\n' + OK_STAGE,
+        ['F: pipeline.stop_timeout: expected a duration from 100ms to 24h, got "' + "9" * 47 + '…" (str)'],
+    ),
+    "stop-timeout-zero": (
+        '[pipeline]\nstop_timeout = "0s"\n' + OK_STAGE,
+        ['F: pipeline.stop_timeout: expected a duration from 100ms to 24h, got "0s" (str)'],
+    ),
+    "restart-within-zero": (
+        OK_STAGE + 'restart = { within = "0s" }\n',
+        ['F: stages.a.restart.within: expected a duration from 1s to 24h, got "0s" (str)'],
+    ),
+    "backoff-too-long": (
+        OK_STAGE + 'restart = { backoff = "1s..2h" }\n',
+        ['F: stages.a.restart.backoff: expected durations from 0s to 1h, got "1s..2h" (str)'],
+    ),
+    "duration-unicode-digits": (
+        '[pipeline]\nstop_timeout = "٣s"\n' + OK_STAGE,
+        ['F: pipeline.stop_timeout: expected a duration such as "250ms", "10s" or "5m", got "٣s" (str)'],
+    ),
+    "processes-huge": (
+        OK_STAGE + "processes = 9223372036854775807\n",
+        ["F: stages.a.processes: expected an integer from 1 to {MAX}, got 9223372036854775807 (int)"],
+    ),
+    "processes-over-the-ceiling-in-all": (
+        "[pipeline]\nmax_processes = 4\n" + OK_STAGE + "processes = 3\n"
+        '[stages.b]\nfunction = "m:g"\ninputs = ["a"]\nprocesses = 2\n',
+        [
+            "F: stages: the stages run 5 processes in all, more than pipeline.max_processes (4); "
+            "raise pipeline.max_processes to run more"
+        ],
+    ),
+    "max-processes-range": (
+        "[pipeline]\nmax_processes = 0\n" + OK_STAGE,
+        ["F: pipeline.max_processes: expected an integer from 1 to 100000, got 0 (int)"],
+    ),
+    "metrics-host-name": (
+        '[pipeline]\nmetrics = "host:99"\n' + OK_STAGE,
+        [
+            'F: pipeline.metrics: expected "HOST:PORT" or "PORT" with an IP address (or localhost) and a port '
+            'from 1024 to 65535, such as "127.0.0.1:9464", got "host:99" (str)'
+        ],
+    ),
+    "metrics-low-port": (
+        '[pipeline]\nmetrics = "127.0.0.1:99"\n' + OK_STAGE,
+        [
+            'F: pipeline.metrics: expected "HOST:PORT" or "PORT" with an IP address (or localhost) and a port '
+            'from 1024 to 65535, such as "127.0.0.1:9464", got "127.0.0.1:99" (str)'
+        ],
+    ),
+    "pipeline-name-too-long": (
+        '[pipeline]\nname = "' + "p" * 5000 + '"\n' + OK_STAGE,
+        ["F: pipeline.name: expected at most 64 characters, got 5000"],
+    ),
+    "stage-name-too-long": (
+        "[stages." + "s" * 100 + ']\nfunction = "m:f"\n',
+        ["F: stages." + "s" * 100 + ": a stage name has at most 64 characters, got 100"],
+    ),
+    "function-ref-too-long": (
+        '[stages.a]\nfunction = "m:' + "f" * 300 + '"\n',
+        ["F: stages.a.function: expected at most 256 characters, got 302"],
+    ),
+    "command-too-long": (
+        "[stages.a]\ncommand = [" + ", ".join(['"' + "a" * 99 + '"'] * 20000) + "]\n",
+        ["F: stages.a.command: expected at most 1048576 bytes of arguments in all, got 2000000"],
+    ),
+    "nul-in-command": (
+        '[stages.a]\ncommand = ["cat", "a\\u0000"]\n',
+        ['F: stages.a.command[1]: expected an argument without NUL characters, got "a\\u0000" (str)'],
     ),
 }
 
@@ -157,7 +267,8 @@ def test_bad_pipeline_lists_every_problem_exactly(case: str, tmp_path: Path) -> 
     file.write_text(text)
     with pytest.raises(ConfigError) as info:
         config.load_pipeline(file)
-    assert info.value.lines() == [line.replace("F", str(file), 1) for line in expected]
+    limit = str(config.default_max_processes())
+    assert info.value.lines() == [line.replace("F", str(file), 1).replace("{MAX}", limit) for line in expected]
 
 
 def test_restart_defaults_apply_key_by_key(tmp_path: Path) -> None:
@@ -229,7 +340,13 @@ def test_show_writes_back_a_file_that_loads_to_the_same_spec(tmp_path: Path) -> 
     again.write_text(tomli_w.dumps(config.as_document(spec)))
     document = tomllib.loads(again.read_text())
     state = config.default_state_dir("p")
-    assert document["pipeline"] == {"name": "p", "start_method": "fork", "stop_timeout": "250ms", "state_dir": state}
+    assert document["pipeline"] == {
+        "name": "p",
+        "start_method": "fork",
+        "stop_timeout": "250ms",
+        "state_dir": state,
+        "max_processes": config.default_max_processes(),
+    }
     assert document["stages"]["b"]["dead_letter"] == f"{state}/b.deadletter.jsonl"
     assert document["stages"]["b"]["queue"] == {"maxsize": 10_000, "batch": 256, "backend": "memory"}
     reloaded = config.load_pipeline(again)

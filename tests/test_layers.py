@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "procd"
 
 LAYERS = {
     "interface": {"cli", "__main__", "top"},
-    "loop": {"supervisor", "control", "status"},
+    "loop": {"supervisor", "control", "status", "loop"},
     "processes": {"worker", "spawn", "child", "forkserver"},
     "transport": {"transport"},
     "os": {
@@ -26,10 +26,11 @@ LAYERS = {
         "deadletters",
         "notify",
         "metrics",
+        "connections",
     },
     "logging": {"log", "events"},
     "model": {"config", "plan", "starter"},
-    "core": {"lifecycle", "errors", "restarts", "__init__"},
+    "core": {"lifecycle", "errors", "restarts", "reports", "throttle", "__init__"},
 }
 ORDER = ["core", "model", "logging", "os", "transport", "processes", "loop", "interface"]
 RANK = {module: ORDER.index(layer) for layer, modules in LAYERS.items() for module in modules}

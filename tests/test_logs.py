@@ -125,37 +125,10 @@ def test_follow_shows_records_as_they_are_appended(ws: Workspace) -> None:
 
 
 def test_on_a_terminal_run_shows_a_progress_line_that_never_reaches_the_log(ws: Workspace) -> None:
-    import os
-    import pty
-    import select
-
     ws.write("st.py", STAGES)
     ws.pipeline(PIPELINE)
-    main, secondary = pty.openpty()
-    proc = subprocess.Popen(
-        procd_command("run", f"{ws.name}.toml", "--log-file", "log.jsonl", "--control", str(ws.control)),
-        stdin=subprocess.DEVNULL,
-        stdout=secondary,
-        stderr=secondary,
-        cwd=ws.path,
-    )
-    os.close(secondary)
-    screen = b""
-    try:
-        while True:
-            ready, _, _ = select.select([main], [], [], 10)
-            if not ready:
-                break
-            try:
-                chunk = os.read(main, 65536)
-            except OSError:  # the pty closed: procd is done
-                break
-            if not chunk:
-                break
-            screen += chunk
-        assert proc.wait(timeout=30) == 0
-    finally:
-        os.close(main)
+    code, screen = ws.run_on_pty("run", f"{ws.name}.toml", "--log-file", "log.jsonl")
+    assert code == 0
     text = screen.decode(errors="replace")
     final = text.rstrip().splitlines()[-1].rsplit("\r\x1b[K", 1)[-1]
     assert final.startswith("numbers 300 → flaky ") and " → sink " in final and "items/s)" in final

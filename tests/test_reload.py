@@ -6,6 +6,7 @@ import json
 import signal
 
 from conftest import Workspace, read_records, wait_until
+from procd import config
 
 STAGES = """
 import itertools, time
@@ -119,11 +120,68 @@ def test_an_invalid_file_on_sighup_changes_nothing(ws: Workspace) -> None:
         proc.send_signal(signal.SIGHUP)
         invalid = wait_until(lambda: [r for r in read_records(ws.path / "log.jsonl") if r["event"] == "config_invalid"])
         assert invalid[0]["problems"] == [
-            f'{ws.name}.toml: stages.change.processes: expected an integer >= 1, got "two" (str)'
+            f'{ws.name}.toml: stages.change.processes: expected an integer from 1 to {config.default_max_processes()}, got "two" (str)'
         ]
         reply = ws.run("reload", "--control", str(ws.control))
-        assert reply.code == 1 and reply.stderr == "procd reload: the pipeline file is invalid; nothing changed\n"
+        assert reply.code == 1
+        assert reply.stderr.splitlines() == [
+            "procd reload: the pipeline file is invalid; nothing changed",
+            f'{ws.name}.toml: stages.change.processes: expected an integer from 1 to {config.default_max_processes()}, got "two" (str)',
+        ]
         assert _pids(ws) == before and proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_reload_restarts_the_stages_whose_code_changed(ws: Workspace) -> None:
+    ws.write("lib.py", 'LABEL = "v1"\n')
+    ws.write(
+        "st.py",
+        """
+        import itertools, time
+
+        def endless():
+            for n in itertools.count():
+                yield n
+                time.sleep(0.002)
+
+        def same(n):
+            return n
+        """,
+    )
+    ws.write(
+        "labelled.py",
+        """
+        import lib
+
+        class Label:
+            def __init__(self):
+                print("label", lib.LABEL, flush=True)
+            def __call__(self, n):
+                return [lib.LABEL, n]
+        """,
+    )
+    ws.pipeline(
+        '[pipeline]\nname = "{name}"\n[stages.src]\nfunction = "st:endless"\n'
+        '[stages.plain]\nfunction = "st:same"\ninputs = ["src"]\n'
+        '[stages.label]\nfunction = "labelled:Label"\ninputs = ["src"]\n'
+    )
+    proc = ws.start_ready()
+    try:
+        before = _pids(ws)
+        ws.write("lib.py", 'LABEL = "v2"\n')  # only a module the label stage imports
+        result = ws.run("reload", "--control", str(ws.control))
+        assert (result.code, result.stdout) == (0, "changed label (code changed: label)\n")
+        (record,) = wait_until(
+            lambda: [r for r in read_records(ws.path / "log.jsonl") if r["event"] == "pipeline_reloaded"]
+        )
+        assert (record["changed"], record["code_changed"]) == (["label"], ["label"])
+        assert record["unchanged"] == ["plain", "src"]
+        after = wait_until(lambda: (p := _pids(ws)) and p["label"] and p["label"] != before["label"] and p)
+        assert after["src"] == before["src"] and after["plain"] == before["plain"]
+        wait_until(lambda: [r for r in read_records(ws.path / "log.jsonl") if r.get("line") == "label v2"])
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)

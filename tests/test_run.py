@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Workspace, parse_records, processes_titled, wait_until
+from procd import config
 
 PY = sys.executable
 
@@ -373,19 +374,21 @@ def test_process_titles_process_groups_and_worker_records(ws: Workspace) -> None
     assert proc.returncode == 0
 
 
-@pytest.mark.parametrize(
-    ("program", "number"), [("./does-not-exist", errno.ENOENT), ("./not-executable", errno.EACCES)]
-)
-def test_exec_failure_is_reported_with_its_errno(ws: Workspace, program: str, number: int) -> None:
-    ws.write("not-executable", "#!/bin/sh\necho hi\n")
-    ws.pipeline(f'[stages.p]\ncommand = ["{program}"]\n')
+@pytest.mark.parametrize(("undo", "number"), [('rm -f "$0"', errno.ENOENT), ('chmod -x "$0"', errno.EACCES)])
+def test_exec_failure_is_reported_with_its_errno(ws: Workspace, undo: str, number: int) -> None:
+    # `check` (and so `run`) refuses a program that is missing or not executable; one that goes
+    # away while the pipeline runs is found out by exec when its worker starts again
+    ws.write("prog", f"#!/bin/sh\n{undo}\nexit 1\n")
+    os.chmod(ws.path / "prog", 0o755)
+    ws.pipeline('[stages.p]\ncommand = ["./prog"]\nrestart = { backoff = "10ms" }\n')
     result = ws.run("run", f"{ws.name}.toml")
     assert result.code == 1
     (failed,) = result.events("spawn_failed", stage="p")
     assert failed["errno"] == number and failed["error"] == os.strerror(number)
-    assert failed["program"] == program
-    (exited,) = result.events("worker_exited", stage="p")
-    assert exited["cause"] == f"cannot execute {program}: {os.strerror(number)}"
+    assert failed["program"] == "./prog"
+    first, second = result.events("worker_exited", stage="p")
+    assert first["code"] == 1
+    assert second["cause"] == f"cannot execute ./prog: {os.strerror(number)}"
 
 
 def test_consumer_that_exits_before_its_input_ends_is_a_failure(ws: Workspace) -> None:
@@ -422,7 +425,9 @@ def test_bad_config_exits_78_before_any_process_starts(ws: Workspace) -> None:
     result = ws.run("run", f"{ws.name}.toml")
     assert result.code == 78
     assert result.stderr.splitlines() == [
-        f'{ws.name}.toml: stages.a.processes: expected an integer >= 1, got "four" (str)'
+        f'{ws.name}.toml: stages.a.processes: expected an integer from 1 to {config.default_max_processes()}, got "four" (str)',
+        f'{ws.name}.toml: stages.a.function: cannot import module "nosuchmodule": '
+        "ModuleNotFoundError: No module named 'nosuchmodule'",
     ]
     ws.pipeline('[stages.a]\nfunction = "nosuchmodule:f"\n[stages.b]\nfunction = "st:nope"\ninputs = ["a"]\n')
     ws.write("st.py", "def yes(x):\n    return x\n")
@@ -455,7 +460,7 @@ def test_a_second_sigterm_kills_at_once(ws: Workspace) -> None:
     assert time.monotonic() - started < 10  # not the 30 s stop timeout
     records = parse_records(logfile.read_text())
     messages = [r.get("message") for r in records if r["event"] == "stop_requested"]
-    assert messages == [None, "second stop request; killing every worker now"]
+    assert messages == [None, "second stop request (SIGTERM); killing every worker now"]
     assert [r["stage"] for r in records if r["event"] == "stop_escalated"] == ["stubborn", "count"]
 
 

@@ -47,7 +47,9 @@ def test_the_unit_says_what_procd_needs() -> None:
     assert settings["KillMode"] == "mixed" and settings["RestartPreventExitStatus"] == "78"
     assert settings["ExecStart"] == "/opt/procd/bin/procd run /etc/procd/%i.toml"
     assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
-    assert settings["StateDirectory"] == "procd" and settings["RuntimeDirectory"] == "procd"
+    assert settings["User"] == "procd" and settings["StateDirectory"] == "procd procd/%i"
+    assert settings["WorkingDirectory"] == "%S/procd/%i"
+    assert settings["RuntimeDirectory"] == "procd" and settings["RuntimeDirectoryMode"] == "0700"
     for key in ("WatchdogSec", "TimeoutStopSec", "NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp"):
         assert key in settings
     # systemd does not strip a trailing comment from a value

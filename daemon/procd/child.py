@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from procd import callables, procctl, procinfo, reaper
+from procd import callables, deadletters, procctl, procinfo, reaper
 from procd.config import StageSpec
 from procd.deadletters import DeadLetterFile, now_iso, record
 from procd.transport import Endpoint, Held, Reader
@@ -50,6 +50,7 @@ FLUSH_INTERVAL_S = 0.05
 # an idle one says nothing, so an idle pipeline never wakes the supervisor.
 COUNTS_INTERVAL_S = 1.0
 EXEC_FAILED = 127
+DEAD_LETTER_FAILED = 74  # EX_IOERR: a dead letter could not be written
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,8 @@ def _run_function(ctx: WorkerContext, reporter: Reporter) -> int:
         target = callables.resolve(stage.function, ctx.base_dir)
         if stage.is_producer and callables.accepts(target, "checkpoint"):
             options["checkpoint"] = Checkpoint.open(ctx, outlet)
+        if stage.is_producer and callables.accepts(target, "shard"):
+            options["shard"] = callables.Shard(ctx.index, stage.processes)
         instance = target(**options) if callables.is_class(target) else None
     except callables.ResolveError as exc:
         reporter.send("error", error_type="ResolveError", error=str(exc), item=None, traceback="")
@@ -442,16 +445,24 @@ def _dead_letter(
     )
     try:
         letters.append(entry)
-        where = letters.path
-    except OSError as exc:  # the item is at least in procd's own log then
-        where = f"(not written: {exc.strerror})"
+    except OSError as exc:
+        # Neither delivered nor dead-lettered: the item is not handled. Say so and end this
+        # process without acknowledging its batch, which the slot's next process gets again.
+        reporter.send(
+            "error",
+            error_type="DeadLetterNotWritten",
+            error=f"cannot write a dead letter to {letters.path}: {exc.strerror or exc}",
+            item=deadletters.item_text(entry),
+            traceback="",
+        )
+        os._exit(DEAD_LETTER_FAILED)
     reporter.send(
         "dead_lettered",
         error_type=error_type,
         error=error[:1000],
         attempts=attempts,
-        file=where,
-        item=entry.get("item_repr", repr(item))[:200],
+        file=letters.path,
+        **deadletters.item_fields(entry),
     )
 
 

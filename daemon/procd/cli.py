@@ -14,10 +14,11 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from procd import __version__, callables, config, control, plan
+from procd import __version__, callables, config, control, log, plan, signals
 from procd.control import ControlError
 from procd.errors import ConfigError, StoreError
 from procd.log import LEVELS, open_logger
@@ -46,22 +47,15 @@ def _parser() -> argparse.ArgumentParser:
         "--control", metavar="PATH", help="the control socket (default: under $XDG_RUNTIME_DIR/procd or /run/procd)"
     )
 
-    status = commands.add_parser("status", help="every stage and worker of a running pipeline")
-    status.add_argument("pipeline", metavar="PIPELINE", nargs="?")
-    status.add_argument("--json", action="store_true", help="print the reply as JSON")
-    status.add_argument("--control", metavar="PATH")
+    for command in control.COMMANDS.values():  # status, stop, reload, scale: one request each
+        if command.verb:
+            verb = commands.add_parser(command.name, help=command.summary)
+            _VERBS[command.name].arguments(verb)
+            verb.add_argument("--control", metavar="PATH", help="the control socket (default: found by name)")
 
     top = commands.add_parser("top", help="a live view of a running pipeline (q quits)")
     top.add_argument("pipeline", metavar="PIPELINE", nargs="?")
     top.add_argument("--control", metavar="PATH")
-
-    stop = commands.add_parser("stop", help="stop a running pipeline (the same as SIGTERM)")
-    stop.add_argument("pipeline", metavar="PIPELINE", nargs="?")
-    stop.add_argument("--control", metavar="PATH")
-
-    reload = commands.add_parser("reload", help="re-read a running pipeline's file (the same as SIGHUP)")
-    reload.add_argument("pipeline", metavar="PIPELINE", nargs="?")
-    reload.add_argument("--control", metavar="PATH")
 
     logs = commands.add_parser("logs", help="read procd's records from a log file or standard input")
     logs.add_argument("file", metavar="FILE", nargs="?", default="-", help="a --log-file, or - for stdin (default)")
@@ -93,11 +87,6 @@ def _parser() -> argparse.ArgumentParser:
     dlq_replay.add_argument("--name", metavar="PIPELINE", help="the running pipeline (default: the only one)")
     dlq_replay.add_argument("--control", metavar="PATH")
 
-    scale = commands.add_parser("scale", help="change the number of processes of a stage: STAGE=N")
-    scale.add_argument("pipeline", metavar="PIPELINE")
-    scale.add_argument("assignment", metavar="STAGE=N")
-    scale.add_argument("--control", metavar="PATH")
-
     check = commands.add_parser("check", help="validate pipeline files (exit 0 or 78)")
     check.add_argument("files", metavar="FILE", nargs="+")
 
@@ -118,16 +107,36 @@ def _load(file: str, *, imports: bool, apart: bool = False) -> config.PipelineSp
     forked child with ``apart``, so that this process stays free of user modules)."""
     if not imports:
         return config.load_pipeline(file)
-    spec, problems = callables.load_and_check(file, apart=apart)
-    if problems:
-        raise ConfigError(file, problems)
-    return spec
+    return callables.load_or_raise(file, apart=apart)
 
 
 def _report(error: ConfigError) -> int:
-    for line in error.lines():
-        print(line, file=sys.stderr)
+    _say(*error.lines())
     return EXIT_CONFIG
+
+
+def _say(*lines: str) -> None:
+    """Lines to stderr, for a reader who may have gone (``| head``): the exit code stays true."""
+    try:
+        for line in lines:
+            print(line, file=sys.stderr)
+        sys.stderr.flush()
+    except OSError:
+        pass
+
+
+def _reserve_standard_fds() -> None:
+    """Open /dev/null on whichever of 0, 1 and 2 is closed (``procd run ... 2>&-``), so that no
+    descriptor procd opens later (the log file, a queue, a pipe to a worker) lands there and
+    receives what is meant for stderr."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
+        if getattr(sys, name) is None:  # Python found it closed at start-up
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115
 
 
 def _run(file: str, log_file: str | None, control_path: str | None) -> int:
@@ -143,7 +152,7 @@ def _run(file: str, log_file: str | None, control_path: str | None) -> int:
     try:
         log, writer = open_logger(spec.name, log_file=log_file)
     except OSError as exc:
-        print(f"procd: cannot open the log file {log_file}: {exc.strerror}", file=sys.stderr)
+        _say(f"procd: cannot open the log file {log_file}: {exc.strerror}")
         return EXIT_USAGE
     try:
         notifier = Notifier.from_environ()
@@ -162,7 +171,7 @@ def _check(files: Sequence[str]) -> int:
     code = EXIT_OK
     for file in files:
         try:
-            spec = _load(file, imports=True)
+            spec = _load(file, imports=True, apart=True)  # whatever the stage code does, 0 or 78
         except ConfigError as error:
             code = _report(error)
             continue
@@ -193,7 +202,10 @@ def _init(name: str, directory: str) -> int:
 
 def _format_status(reply: dict[str, Any]) -> str:
     """The human table of ``procd status``."""
-    lines = [f"pipeline {reply['pipeline']}  pid {reply['pid']}  {reply['state']}  up {reply['uptime_s']:.1f}s"]
+    lines = [
+        f"pipeline {reply['pipeline']}  pid {reply['pid']}  {reply['state']}  up {reply['uptime_s']:.1f}s  "
+        f"{reply['items_per_s']:,.0f} items/s into the sinks (last {reply['rate_window_s']:.0f}s)"
+    ]
     header = ("STAGE", "WORKER", "PID", "STATE", "GEN", "RESTARTS", "UPTIME", "IN", "OUT", "QUEUE")
     rows = [header]
     for stage in reply["stages"]:
@@ -220,31 +232,85 @@ def _format_status(reply: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+class _UsageError(Exception):
+    """A client verb's arguments cannot make a request."""
+
+
+@dataclass(frozen=True)
+class _Verb:
+    """The client side of one command of ``control.COMMANDS``: its arguments, the request's
+    fields made from them, and what a successful reply prints."""
+
+    arguments: Callable[[argparse.ArgumentParser], object] = lambda p: p.add_argument(
+        "pipeline", metavar="PIPELINE", nargs="?"
+    )
+    fields: Callable[[argparse.Namespace], dict[str, Any]] = lambda _args: {}
+    show: Callable[[argparse.Namespace, dict[str, Any]], str] = lambda _args, _reply: ""
+
+
+def _status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pipeline", metavar="PIPELINE", nargs="?")
+    parser.add_argument("--json", action="store_true", help="print the reply as JSON")
+
+
+def _format_reload(reply: dict[str, Any]) -> str:
+    changes = [f"{key} {', '.join(reply[key])}" for key in ("changed", "added", "removed") if reply.get(key)]
+    code = f" (code changed: {', '.join(reply['code_changed'])})" if reply.get("code_changed") else ""
+    return ("; ".join(changes) or "nothing changed") + code + "\n"
+
+
+def _scale_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pipeline", metavar="PIPELINE")
+    parser.add_argument("assignment", metavar="STAGE=N")
+
+
+def _scale_fields(args: argparse.Namespace) -> dict[str, Any]:
+    stage, _, count = args.assignment.partition("=")
+    if not stage or not count.isascii() or not count.isdigit() or len(count) > 100:
+        raise _UsageError(f"expected STAGE=N, such as transform=4, got {args.assignment[:120]!r}")
+    return {"stage": stage, "processes": int(count)}  # the pipeline says how many it may run
+
+
+_VERBS: dict[str, _Verb] = {
+    "status": _Verb(
+        _status_arguments,
+        show=lambda args, reply: json.dumps(reply, indent=2) + "\n" if args.json else _format_status(reply),
+    ),
+    "stop": _Verb(),
+    "reload": _Verb(show=lambda _args, reply: _format_reload(reply)),
+    "scale": _Verb(
+        _scale_arguments,
+        _scale_fields,
+        lambda _args, reply: (
+            f"{reply['stage']}: {reply['processes']} processes "
+            f"(started {reply['started']}, retiring {reply['retiring']}"
+            + (f", {reply['waiting']} waiting to start" if reply.get("waiting") else "")
+            + ")\n"
+        ),
+    ),
+}
+
+
 def _control(args: argparse.Namespace) -> int:
-    """status, stop, reload and scale: one request to a running pipeline's control socket."""
-    message: dict[str, Any] = {"command": args.command}
-    if args.command == "scale":
-        stage, _, count = args.assignment.partition("=")
-        if not stage or not count.isdigit():
-            print(f"procd scale: expected STAGE=N, such as transform=4, got {args.assignment!r}", file=sys.stderr)
-            return EXIT_USAGE
-        message.update(stage=stage, processes=int(count))
+    """A verb of the command table: one request to a running pipeline's control socket."""
+    verb = _VERBS[args.command]
+    try:
+        fields = verb.fields(args)
+    except _UsageError as exc:
+        print(f"procd {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         path = control.find_socket(args.pipeline, args.control)
-        reply = control.request(path, message)
+        reply = control.call(path, args.command, **fields)
     except ControlError as exc:
         print(f"procd {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     if not reply.get("ok"):
         print(f"procd {args.command}: {reply.get('error')}", file=sys.stderr)
+        for problem in reply.get("problems", []):  # an invalid file on reload: what is wrong with it
+            print(problem, file=sys.stderr)
         return EXIT_FAILURE
-    if args.command == "status":
-        sys.stdout.write(json.dumps(reply, indent=2) + "\n" if args.json else _format_status(reply))
-    elif args.command == "scale":
-        print(
-            f"{reply['stage']}: {reply['processes']} processes "
-            f"(started {reply['started']}, retiring {reply['retiring']})"
-        )
+    sys.stdout.write(verb.show(args, reply))
     return EXIT_OK
 
 
@@ -263,7 +329,10 @@ def _dlq_list(file: str, as_json: bool) -> int:
         elif as_json:
             print(json.dumps(entry))
         else:
-            item = json.dumps(entry["item"]) if "item" in entry else entry.get("item_repr", "?")
+            if "item" in entry:
+                item = json.dumps(entry["item"], ensure_ascii=False, separators=(",", ":"))
+            else:
+                item = f"(repr, not JSON) {entry.get('item_repr', '?')}"
             error = f"{entry.get('error_type')}: {entry.get('error')}"
             print(
                 f"{number:>5}  {entry.get('ts', '?')}  {entry.get('stage', '?')}  "
@@ -306,7 +375,7 @@ def _dlq_replay(args: argparse.Namespace) -> int:
         return _replay_fresh(args.pipeline, args.file, args.into)
     try:
         path = control.find_socket(args.name, args.control)
-        reply, fds = control.request_fds(path, {"command": "attach", "stage": args.into})
+        reply, fds = control.call_fds(path, "attach", stage=args.into)
         if not reply.get("ok"):
             print(f"procd dlq replay: {reply.get('error')}", file=sys.stderr)
             return EXIT_FAILURE
@@ -322,7 +391,7 @@ def _dlq_replay(args: argparse.Namespace) -> int:
             return EXIT_FAILURE
         finally:
             writer.close()
-        control.request(path, {"command": "replayed", "stage": args.into, "items": len(items), "file": args.file})
+        control.call(path, "replayed", stage=args.into, items=len(items), file=args.file)
     except ControlError as exc:
         print(f"procd dlq replay: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -367,7 +436,7 @@ def _top(args: argparse.Namespace) -> int:
         path = control.find_socket(args.pipeline, args.control)
 
         def fetch() -> dict[str, Any]:
-            reply = control.request(path, {"command": "status"})
+            reply = control.call(path, "status")
             if not reply.get("ok"):
                 raise ControlError(str(reply.get("error")))
             return reply
@@ -426,9 +495,7 @@ def _logs(args: argparse.Namespace) -> int:
             try:
                 for record in reader.records(_lines(source, args.follow)):
                     if keep.keeps(record):
-                        print(
-                            json.dumps(record) if args.json else events.render(record, color=color), flush=args.follow
-                        )
+                        print(json.dumps(record) if args.json else log.render(record, color=color), flush=args.follow)
             except KeyboardInterrupt:
                 pass
     if reader.skipped:
@@ -458,7 +525,9 @@ def _summary(records: list[dict[str, Any]]) -> str:
     from procd import events
 
     rows = [("STAGE", "SPAWNS", "RESTARTS", "EXITS", "REDELIVERED", "DEAD_LETTERS", "IN", "OUT", "FIRST", "LAST")]
-    for name, s in events.summarize(records).items():
+    summaries = events.summarize(records)
+    unexited = sum(max(0, s.spawns - sum(s.exits.values())) for s in summaries.values())
+    for name, s in summaries.items():
         exits = ", ".join(f"{cause}: {n}" for cause, n in sorted(s.exits.items())) or "-"
         rows.append(
             (
@@ -475,7 +544,13 @@ def _summary(records: list[dict[str, Any]]) -> str:
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in rows)
+    table = "".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in rows)
+    if unexited:  # counts reach the log when a worker exits
+        table += (
+            f"IN and OUT count only workers that have exited: {unexited} have no exit record yet "
+            "(still running, or the log ends early); procd status shows their latest counts.\n"
+        )
+    return table
 
 
 def _timeline(records: list[dict[str, Any]], stage: str, worker: int) -> str:
@@ -495,10 +570,18 @@ def _timeline(records: list[dict[str, Any]], stage: str, worker: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``procd`` command; return its exit code."""
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "run":
+    if not (args.command == "run" or (args.command == "dlq" and args.dlq_command == "replay" and args.pipeline)):
+        signals.release_held()  # no supervisor here to take them over
+    if args.command == "run":
+        # A daemon that loses its terminal goes on: every record still reaches the log file (or
+        # the journal), and the exit code is the pipeline's own. Nothing here ends on EPIPE.
+        _reserve_standard_fds()
+        try:
             return _run(args.file, args.log_file, args.control)
-        if args.command in ("status", "stop", "reload", "scale"):
+        except ConfigError as error:
+            return _report(error)
+    try:
+        if args.command in _VERBS:
             return _control(args)
         if args.command == "top":
             return _top(args)
@@ -531,9 +614,9 @@ def entry() -> None:
     there is nothing left to finalize; skipping the teardown saves a ``procd run`` about 15 ms.
     """
     code = main()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BrokenPipeError:
-        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader gone, a terminal hung up: the code stays true
+            pass
     os._exit(code)

@@ -7,9 +7,12 @@ child ever parses a duration.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import math
 import os
 import re
+import sys
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,14 +27,34 @@ DEFAULT_STOP_TIMEOUT_S = 10.0
 DEFAULT_QUEUE_MAXSIZE = 10_000
 DEFAULT_QUEUE_BATCH = 256
 
+# Every number, duration, name and path has its range: a value outside it is a problem at load
+# time, never an OverflowError, a MemoryError or an endless wait once processes run.
+MAX_NAME = 64  # a pipeline or stage name: process titles, socket paths, record keys
+MAX_FUNCTION_REF = 256
+MAX_PATH_BYTES = 4095  # PATH_MAX less the terminating NUL
+MAX_ARGUMENT_BYTES = 131_072  # MAX_ARG_STRLEN: the kernel's limit on one argv string
+MAX_COMMAND_BYTES = 1 << 20  # half of the usual ARG_MAX, the rest for the environment
+MAX_FILE_BYTES = 16 << 20  # a pipeline file larger than this is not one
+MAX_PROCESSES_LIMIT = 100_000  # the highest pipeline.max_processes may go
+PROCESSES_PER_CPU = 32  # the default ceiling: this many processes per CPU procd may use
+MAXSIZE_RANGE = (1, 100_000_000)  # a queue bound, in items (an eventfd counts its batches)
+BATCH_RANGE = (1, 1_000_000)
+MAX_ATTEMPTS_RANGE = (1, 1000)
+RESTART_MAX_RANGE = (0, 1_000_000)
+STOP_TIMEOUT_RANGE_S = (0.1, 86_400.0)  # "0s" would SIGKILL every stop
+WITHIN_RANGE_S = (1.0, 86_400.0)  # "0s" would make a stage never fatal
+BACKOFF_RANGE_S = (0.0, 3600.0)
+METRICS_PORTS = (1024, 65_535)
+
 _STAGE_NAME = re.compile(r"[a-z][a-z0-9_-]*\Z")
 _PIPELINE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 _FUNCTION_REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)\Z")
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)\Z")  # ASCII digits only
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_MAX_SHOWN = 48  # characters of a wrong value quoted in a message
 
 _TOP_KEYS = ("pipeline", "defaults", "stages")
-_PIPELINE_KEYS = ("name", "start_method", "stop_timeout", "state_dir", "metrics")
+_PIPELINE_KEYS = ("name", "start_method", "stop_timeout", "state_dir", "metrics", "max_processes")
 _DEFAULTS_KEYS = ("restart", "strategy")
 _STAGE_KEYS = (
     "function",
@@ -96,6 +119,9 @@ class StageSpec:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     dead_letter: str = ""  # an absolute path once loaded
     redeliver: bool = True  # track the batch in hand so a crash cannot lose it
+    # Found by checking the stage's code (``callables.load_and_check``), not read from the file:
+    code_hash: str = ""  # a digest of the modules it imports from the pipeline's directory
+    shardable: bool = False  # a producer that accepts ``shard``, so may run in several processes
 
     @property
     def is_producer(self) -> bool:
@@ -114,6 +140,12 @@ class PipelineSpec:
     state_dir: str = ""  # an absolute path once loaded
     metrics: tuple[str, int] | None = None  # where the Prometheus endpoint listens
     stages: tuple[StageSpec, ...] = ()
+    max_processes: int = 0  # the ceiling on live workers (file, scale, reload); 0: the machine's default
+
+    @property
+    def process_ceiling(self) -> int:
+        """The most worker processes this pipeline may run at once."""
+        return self.max_processes or default_max_processes()
 
     @property
     def base_dir(self) -> str:
@@ -144,6 +176,12 @@ def default_state_dir(pipeline: str) -> str:
     return os.path.join(base, "procd", pipeline)
 
 
+def default_max_processes() -> int:
+    """The default ceiling on a pipeline's processes: ``PROCESSES_PER_CPU`` per CPU this process
+    may run on (its affinity mask, as a cgroup or ``taskset`` leaves it)."""
+    return PROCESSES_PER_CPU * len(os.sched_getaffinity(0))
+
+
 def format_address(address: tuple[str, int]) -> str:
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -151,6 +189,8 @@ def format_address(address: tuple[str, int]) -> str:
 
 def parse_duration(text: str) -> float:
     """Convert ``"250ms"``, ``"10s"``, ``"5m"`` or ``"1h"`` to seconds.
+
+    The result may be huge (400 nines are ``inf``): every caller checks it against a range.
 
     Raises:
         ValueError: ``text`` is not a number followed by one of ms, s, m, h.
@@ -172,16 +212,25 @@ def format_duration(seconds: float) -> str:
     return f"{round(seconds * 1000, 3):g}ms"
 
 
-def _close_matches(word: str, choices: Sequence[str]) -> list[str]:
+def close_matches(word: str, choices: Sequence[str]) -> list[str]:
     """The one closest valid choice, for a did-you-mean (difflib is imported only on error)."""
     import difflib
 
     return difflib.get_close_matches(word, choices, n=1)
 
 
-def _got(value: object) -> str:
-    """Describe a wrong value the way every message does: ``"four" (str)``."""
-    shown = f'"{value}"' if isinstance(value, str) else repr(value)
+def describe(value: object) -> str:
+    """Describe a wrong value the way every message does: ``"four" (str)``; long values are cut,
+    control characters escaped, and nesting shown only a few levels deep."""
+    if isinstance(value, str):
+        cut = value if len(value) <= _MAX_SHOWN else value[: _MAX_SHOWN - 1] + "…"
+        shown = json.dumps(cut, ensure_ascii=False)
+    else:
+        import reprlib  # only on error
+
+        short = reprlib.Repr()
+        short.maxlevel, short.maxstring, short.maxother, short.maxlong = 3, _MAX_SHOWN, _MAX_SHOWN, _MAX_SHOWN
+        shown = short.repr(value)
     return f"got {shown} ({type(value).__name__})"
 
 
@@ -198,30 +247,61 @@ class _Checker:
         for key in table:
             if key in allowed:
                 continue
-            close = _close_matches(key, allowed)
+            close = close_matches(key, allowed)
             hint = f'; did you mean "{close[0]}"?' if close else f"; valid keys are {', '.join(allowed)}"
-            self.add(f"{prefix}{key}", f"unknown key{hint}")
+            shown = key if len(key) <= MAX_NAME else key[: MAX_NAME - 1] + "…"
+            self.add(f"{prefix}{shown}", f"unknown key{hint}")
 
     def table(self, value: object, path: str) -> Mapping[str, Any] | None:
         if isinstance(value, dict):
             return value
-        self.add(path, f"expected a table, {_got(value)}")
+        self.add(path, f"expected a table, {describe(value)}")
         return None
 
-    def integer(self, value: object, path: str, minimum: int) -> int | None:
-        if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+    def integer(self, value: object, path: str, bounds: tuple[int, int]) -> int | None:
+        low, high = bounds
+        if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
             return value
-        self.add(path, f"expected an integer >= {minimum}, {_got(value)}")
+        self.add(path, f"expected an integer from {low} to {high}, {describe(value)}")
         return None
 
-    def duration(self, value: object, path: str) -> float | None:
+    def duration(self, value: object, path: str, bounds: tuple[float, float]) -> float | None:
         if isinstance(value, str):
             try:
-                return parse_duration(value)
+                seconds = parse_duration(value)
             except ValueError:
                 pass
-        self.add(path, f'expected a duration such as "250ms", "10s" or "5m", {_got(value)}')
+            else:
+                if bounds[0] <= seconds <= bounds[1]:
+                    return seconds
+                low, high = (format_duration(b) for b in bounds)
+                self.add(path, f"expected a duration from {low} to {high}, {describe(value)}")
+                return None
+        self.add(path, f'expected a duration such as "250ms", "10s" or "5m", {describe(value)}')
         return None
+
+    def name(self, value: str, path: str) -> bool:
+        """True if ``value`` is short enough to be a name."""
+        if len(value) <= MAX_NAME:
+            return True
+        self.add(path, f"expected at most {MAX_NAME} characters, got {len(value)}")
+        return False
+
+    def path(self, value: object, key: str, what: str, base_dir: str) -> str | None:
+        """A path from the file, made absolute against ``base_dir``: a non-empty string with no
+        NUL, short enough for the kernel."""
+        if not isinstance(value, str) or not value:
+            self.add(key, f"expected a {what} path, {describe(value)}")
+            return None
+        if "\0" in value:
+            self.add(key, f"expected a {what} path without NUL characters, {describe(value)}")
+            return None
+        absolute = os.path.join(base_dir, value)
+        size = len(os.fsencode(absolute))
+        if size > MAX_PATH_BYTES:
+            self.add(key, f"expected a path of at most {MAX_PATH_BYTES} bytes, got {size} bytes")
+            return None
+        return absolute
 
     def string_list(self, value: object, path: str, *, non_empty: bool) -> tuple[str, ...] | None:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -229,7 +309,7 @@ class _Checker:
                 self.add(path, "expected a non-empty list of strings, got an empty list")
                 return None
             return tuple(value)
-        self.add(path, f"expected a list of strings, {_got(value)}")
+        self.add(path, f"expected a list of strings, {describe(value)}")
         return None
 
 
@@ -245,58 +325,74 @@ def load_pipeline(file: str | os.PathLike[str]) -> PipelineSpec:
     Raises:
         ConfigError: the file cannot be read, is not TOML, or has problems (all of them listed).
     """
+    spec, problems = read_pipeline(file)
+    if problems:
+        raise ConfigError(spec.file, problems)
+    return spec
+
+
+def read_pipeline(file: str | os.PathLike[str]) -> tuple[PipelineSpec, list[Problem]]:
+    """Read a pipeline file as far as it can be read: the pipeline (a wrong value replaced by its
+    default) and every problem found, so that a caller can check the rest before reporting.
+
+    Raises:
+        ConfigError: the file cannot be read or is not TOML (nothing else can be checked).
+    """
     name = os.fspath(file)
     try:
         with open(name, "rb") as fh:
-            document = tomllib.load(fh)
+            data = fh.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigError(name, [Problem("", f"cannot read the file: {exc.strerror}")]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(name, [Problem("", f"not valid TOML: {exc}")]) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(name, [Problem("", f"the file is larger than {MAX_FILE_BYTES >> 20} MiB")])
+    try:
+        document = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(name, [Problem("", f"not valid TOML: not UTF-8 ({exc.reason})")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(name, [Problem("", f"not valid TOML: {exc}")]) from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError(name, [Problem("", "not valid TOML: values are nested too deeply")]) from None
+    except ValueError:  # int() refuses a literal of more than sys.get_int_max_str_digits() digits
+        problem = f"not valid TOML: a number has more than {sys.get_int_max_str_digits()} digits"
+        raise ConfigError(name, [Problem("", problem)]) from None
     return validate(document, name)
 
 
-def validate(document: Mapping[str, Any], file: str) -> PipelineSpec:
-    """Validate a parsed TOML document (see ``load_pipeline``)."""
+def validate(document: Mapping[str, Any], file: str) -> tuple[PipelineSpec, list[Problem]]:
+    """Validate a parsed TOML document (see ``read_pipeline``)."""
     check = _Checker()
     check.unknown_keys(document, _TOP_KEYS, "")
 
     pipeline = check.table(document.get("pipeline", {}), "pipeline") or {}
     check.unknown_keys(pipeline, _PIPELINE_KEYS, "pipeline.")
     pipeline_name = pipeline.get("name", Path(file).stem)
-    if not isinstance(pipeline_name, str) or not _PIPELINE_NAME.match(pipeline_name):
+    if isinstance(pipeline_name, str) and not check.name(pipeline_name, "pipeline.name"):
+        pipeline_name = "pipeline"
+    elif not isinstance(pipeline_name, str) or not _PIPELINE_NAME.match(pipeline_name):
         check.add(
             "pipeline.name",
-            f"expected letters, digits, '.', '_' or '-', starting with a letter or digit, {_got(pipeline_name)}",
+            f"expected letters, digits, '.', '_' or '-', starting with a letter or digit, {describe(pipeline_name)}",
         )
     start_method = pipeline.get("start_method", "fork")
     if start_method not in START_METHODS:
-        check.add("pipeline.start_method", f"expected one of {', '.join(START_METHODS)}, {_got(start_method)}")
+        check.add("pipeline.start_method", f"expected one of {', '.join(START_METHODS)}, {describe(start_method)}")
     stop_timeout_s = DEFAULT_STOP_TIMEOUT_S
     if "stop_timeout" in pipeline:
-        stop_timeout_s = check.duration(pipeline["stop_timeout"], "pipeline.stop_timeout") or 0.0
+        raw_timeout = pipeline["stop_timeout"]
+        stop_timeout_s = check.duration(raw_timeout, "pipeline.stop_timeout", STOP_TIMEOUT_RANGE_S) or 0.0
+    max_processes = 0
+    if "max_processes" in pipeline:
+        limits = (1, MAX_PROCESSES_LIMIT)
+        max_processes = check.integer(pipeline["max_processes"], "pipeline.max_processes", limits) or 0
 
     defaults = check.table(document.get("defaults", {}), "defaults") or {}
     check.unknown_keys(defaults, _DEFAULTS_KEYS, "defaults.")
     default_restart = _restart(check, defaults.get("restart", {}), "defaults.restart", RestartSpec())
     default_strategy = _strategy(check, defaults.get("strategy", "one_for_one"), "defaults.strategy")
 
-    metrics = None
-    if "metrics" in pipeline:
-        raw = pipeline["metrics"]
-        try:
-            if not isinstance(raw, str):
-                raise ValueError(raw)
-            host, port = raw.rpartition(":")[0].strip("[]") or "127.0.0.1", raw.rpartition(":")[2]
-            if not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(raw)
-            metrics = (host, int(port))
-        except ValueError:
-            check.add(
-                "pipeline.metrics", f'expected "HOST:PORT" or "PORT" (loopback), such as "127.0.0.1:9464", {_got(raw)}'
-            )
+    metrics = _metrics(check, pipeline["metrics"]) if "metrics" in pipeline else None
 
     stages_table = check.table(document.get("stages", {}), "stages")
     if stages_table is not None and not stages_table:
@@ -306,27 +402,53 @@ def validate(document: Mapping[str, Any], file: str) -> PipelineSpec:
     state_dir = pipeline.get("state_dir")
     if state_dir is None:
         state_dir = default_state_dir(pipeline_name if isinstance(pipeline_name, str) else "pipeline")
-    elif not isinstance(state_dir, str) or not state_dir:
-        check.add("pipeline.state_dir", f"expected a directory path, {_got(state_dir)}")
-        state_dir = "."
-    state_dir = os.path.join(base_dir, state_dir)  # relative paths are the pipeline file's
+    # relative paths are the pipeline file's
+    state_dir = check.path(state_dir, "pipeline.state_dir", "directory", base_dir) or base_dir
+    ceiling = max_processes or default_max_processes()
     stages = [
-        _stage(check, name, table, default_restart, default_strategy, state_dir, base_dir)
+        _stage(check, name, table, default_restart, default_strategy, state_dir, base_dir, ceiling)
         for name, table in stages_table.items()
     ]
     _check_graph(check, stages)
+    total = sum(s.processes for s in stages)
+    if all(s.processes <= ceiling for s in stages) and total > ceiling:
+        check.add(
+            "stages",
+            f"the stages run {total} processes in all, more than pipeline.max_processes ({ceiling}); "
+            "raise pipeline.max_processes to run more",
+        )
 
-    if check.problems:
-        raise ConfigError(file, check.problems)
-    return PipelineSpec(
-        name=pipeline_name,
+    spec = PipelineSpec(
+        name=pipeline_name if isinstance(pipeline_name, str) else "pipeline",
         file=file,
-        start_method=start_method,
+        start_method=start_method if start_method in START_METHODS else "fork",
         stop_timeout_s=stop_timeout_s,
         state_dir=state_dir,
         metrics=metrics,
         stages=tuple(stages),
+        max_processes=max_processes,
     )
+    return spec, check.problems
+
+
+def _metrics(check: _Checker, raw: object) -> tuple[str, int] | None:
+    """``"HOST:PORT"`` or ``"PORT"``: an IP address (or localhost), and a port no root needs."""
+    if isinstance(raw, str) and len(raw) <= 64:
+        host, _, port = raw.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        try:
+            if host != "localhost":
+                ipaddress.ip_address(host)
+            if port.isascii() and port.isdigit() and METRICS_PORTS[0] <= int(port) <= METRICS_PORTS[1]:
+                return host, int(port)
+        except ValueError:
+            pass
+    check.add(
+        "pipeline.metrics",
+        'expected "HOST:PORT" or "PORT" with an IP address (or localhost) and a port from '
+        f'{METRICS_PORTS[0]} to {METRICS_PORTS[1]}, such as "127.0.0.1:9464", {describe(raw)}',
+    )
+    return None
 
 
 def _restart(check: _Checker, value: object, path: str, base: RestartSpec) -> RestartSpec:
@@ -335,10 +457,12 @@ def _restart(check: _Checker, value: object, path: str, base: RestartSpec) -> Re
     check.unknown_keys(table, _RESTART_KEYS, f"{path}.")
     policy = table.get("policy", base.policy.value)
     if policy not in _POLICIES:
-        check.add(f"{path}.policy", f"expected one of {', '.join(_POLICIES)}, {_got(policy)}")
+        check.add(f"{path}.policy", f"expected one of {', '.join(_POLICIES)}, {describe(policy)}")
         policy = base.policy.value
-    maximum = check.integer(table["max"], f"{path}.max", 0) if "max" in table else base.max
-    within = check.duration(table["within"], f"{path}.within") if "within" in table else base.within_s
+    maximum = check.integer(table["max"], f"{path}.max", RESTART_MAX_RANGE) if "max" in table else base.max
+    within: float | None = base.within_s
+    if "within" in table:
+        within = check.duration(table["within"], f"{path}.within", WITHIN_RANGE_S)
     low, high = base.backoff_min_s, base.backoff_max_s
     if "backoff" in table:
         raw = table["backoff"]
@@ -348,10 +472,14 @@ def _restart(check: _Checker, value: object, path: str, base: RestartSpec) -> Re
                 raise ValueError(raw)
             low, high = parse_duration(parts[0]), parse_duration(parts[-1])
         except ValueError:
-            check.add(f"{path}.backoff", f'expected "MIN..MAX" durations such as "100ms..30s", {_got(raw)}')
+            check.add(f"{path}.backoff", f'expected "MIN..MAX" durations such as "100ms..30s", {describe(raw)}')
         else:
-            if low > high:
-                check.add(f"{path}.backoff", f"the first duration must not exceed the second, {_got(raw)}")
+            if not (BACKOFF_RANGE_S[0] <= low and high <= BACKOFF_RANGE_S[1]):
+                shown = " to ".join(format_duration(b) for b in BACKOFF_RANGE_S)
+                check.add(f"{path}.backoff", f"expected durations from {shown}, {describe(raw)}")
+                low, high = base.backoff_min_s, base.backoff_max_s
+            elif low > high:
+                check.add(f"{path}.backoff", f"the first duration must not exceed the second, {describe(raw)}")
     return RestartSpec(
         policy=Restart(policy),
         max=maximum if maximum is not None else base.max,
@@ -364,7 +492,7 @@ def _restart(check: _Checker, value: object, path: str, base: RestartSpec) -> Re
 def _strategy(check: _Checker, value: object, path: str) -> str:
     if value in STRATEGIES:
         return str(value)
-    check.add(path, f"expected one of {', '.join(STRATEGIES)}, {_got(value)}")
+    check.add(path, f"expected one of {', '.join(STRATEGIES)}, {describe(value)}")
     return "one_for_one"
 
 
@@ -376,9 +504,12 @@ def _stage(
     default_strategy: str,
     state_dir: str,
     base_dir: str,
+    ceiling: int,
 ) -> StageSpec:
     prefix = f"stages.{name}"
-    if not _STAGE_NAME.match(name):
+    if len(name) > MAX_NAME:
+        check.add(prefix, f"a stage name has at most {MAX_NAME} characters, got {len(name)}")
+    elif not _STAGE_NAME.match(name):
         check.add(prefix, "a stage name starts with a lower-case letter and has only a-z, 0-9, '_' and '-'")
     table = check.table(value, prefix) or {}
     check.unknown_keys(table, _STAGE_KEYS, f"{prefix}.")
@@ -389,14 +520,32 @@ def _stage(
         check.add(prefix, 'has both "function" and "command"; a stage runs exactly one of them')
     elif "function" not in table and "command" not in table:
         check.add(prefix, 'needs "function" (a Python "module:attr") or "command" (an argv list)')
-    if function is not None and (not isinstance(function, str) or not _FUNCTION_REF.match(function)):
-        check.add(f"{prefix}.function", f'expected "module:attr", such as "etl.stages:transform", {_got(function)}')
+    if isinstance(function, str) and len(function) > MAX_FUNCTION_REF:
+        check.add(f"{prefix}.function", f"expected at most {MAX_FUNCTION_REF} characters, got {len(function)}")
+        function = None
+    elif function is not None and (not isinstance(function, str) or not _FUNCTION_REF.match(function)):
+        check.add(f"{prefix}.function", f'expected "module:attr", such as "etl.stages:transform", {describe(function)}')
         function = None
     if "command" in table:
         command = check.string_list(table["command"], f"{prefix}.command", non_empty=True)
+        for index, argument in enumerate(command or ()):
+            if "\0" in argument:
+                check.add(
+                    f"{prefix}.command[{index}]", f"expected an argument without NUL characters, {describe(argument)}"
+                )
+                command = None
+            elif len(os.fsencode(argument)) >= MAX_ARGUMENT_BYTES:
+                check.add(f"{prefix}.command[{index}]", f"expected at most {MAX_ARGUMENT_BYTES - 1} bytes")
+                command = None
+        total = sum(len(os.fsencode(a)) + 1 for a in command or ())
+        if total > MAX_COMMAND_BYTES:
+            check.add(
+                f"{prefix}.command", f"expected at most {MAX_COMMAND_BYTES} bytes of arguments in all, got {total}"
+            )
+            command = None
 
     inputs = check.string_list(table.get("inputs", []), f"{prefix}.inputs", non_empty=False) or ()
-    processes = check.integer(table.get("processes", 1), f"{prefix}.processes", 1) or 1
+    processes = check.integer(table.get("processes", 1), f"{prefix}.processes", (1, ceiling)) or 1
 
     options = check.table(table.get("options", {}), f"{prefix}.options") or {}
     if options and "command" in table:
@@ -404,22 +553,18 @@ def _stage(
 
     queue_table = check.table(table.get("queue", {}), f"{prefix}.queue") or {}
     check.unknown_keys(queue_table, _QUEUE_KEYS, f"{prefix}.queue.")
-    maxsize = check.integer(queue_table.get("maxsize", DEFAULT_QUEUE_MAXSIZE), f"{prefix}.queue.maxsize", 1)
-    batch = check.integer(queue_table.get("batch", DEFAULT_QUEUE_BATCH), f"{prefix}.queue.batch", 1)
+    maxsize = check.integer(queue_table.get("maxsize", DEFAULT_QUEUE_MAXSIZE), f"{prefix}.queue.maxsize", MAXSIZE_RANGE)
+    batch = check.integer(queue_table.get("batch", DEFAULT_QUEUE_BATCH), f"{prefix}.queue.batch", BATCH_RANGE)
     backend = queue_table.get("backend", "memory")
     if backend not in BACKENDS:
-        check.add(f"{prefix}.queue.backend", f"expected one of {', '.join(BACKENDS)}, {_got(backend)}")
+        check.add(f"{prefix}.queue.backend", f"expected one of {', '.join(BACKENDS)}, {describe(backend)}")
         backend = "memory"
     path = queue_table.get("path")
-    if path is not None and (not isinstance(path, str) or not path):
-        check.add(f"{prefix}.queue.path", f"expected a file path, {_got(path)}")
-        path = None
-    if path is not None and backend != "sqlite":
-        check.add(f"{prefix}.queue.path", 'applies to backend = "sqlite" only')
-    if backend == "sqlite":
-        path = os.path.join(base_dir, path or os.path.join(state_dir, f"{name}.queue.sqlite"))
-    else:
-        path = None
+    if path is not None:
+        path = check.path(path, f"{prefix}.queue.path", "file", base_dir)
+        if backend != "sqlite":
+            check.add(f"{prefix}.queue.path", 'applies to backend = "sqlite" only')
+    path = (path or os.path.join(state_dir, f"{name}.queue.sqlite")) if backend == "sqlite" else None
     if backend == "sqlite" and "command" in table:
         check.add(f"{prefix}.queue.backend", "a durable queue needs a function stage to read it")
     queue = QueueSpec(maxsize or DEFAULT_QUEUE_MAXSIZE, batch or DEFAULT_QUEUE_BATCH, backend, path)
@@ -428,15 +573,15 @@ def _stage(
 
     restart = _restart(check, table.get("restart", {}), f"{prefix}.restart", default_restart)
     strategy = _strategy(check, table.get("strategy", default_strategy), f"{prefix}.strategy")
-    max_attempts = check.integer(table.get("max_attempts", DEFAULT_MAX_ATTEMPTS), f"{prefix}.max_attempts", 1)
+    max_attempts = check.integer(
+        table.get("max_attempts", DEFAULT_MAX_ATTEMPTS), f"{prefix}.max_attempts", MAX_ATTEMPTS_RANGE
+    )
     redeliver = table.get("redeliver", True)
     if not isinstance(redeliver, bool):
-        check.add(f"{prefix}.redeliver", f"expected true or false, {_got(redeliver)}")
+        check.add(f"{prefix}.redeliver", f"expected true or false, {describe(redeliver)}")
         redeliver = True
     dead_letter = table.get("dead_letter", os.path.join(state_dir, f"{name}.deadletter.jsonl"))
-    if not isinstance(dead_letter, str) or not dead_letter:
-        check.add(f"{prefix}.dead_letter", f"expected a file path, {_got(dead_letter)}")
-        dead_letter = ""
+    dead_letter = check.path(dead_letter, f"{prefix}.dead_letter", "file", base_dir) or ""
 
     return StageSpec(
         name=name,
@@ -449,7 +594,7 @@ def _stage(
         restart=restart,
         strategy=strategy,
         max_attempts=max_attempts or DEFAULT_MAX_ATTEMPTS,
-        dead_letter=os.path.join(base_dir, dead_letter) if dead_letter else "",
+        dead_letter=dead_letter,
         redeliver=redeliver,
     )
 
@@ -464,9 +609,9 @@ def _check_graph(check: _Checker, stages: list[StageSpec]) -> None:
             if upstream == stage.name:
                 check.add(path, "a stage cannot read its own output")
             elif upstream not in names:
-                close = _close_matches(upstream, names)
+                close = close_matches(upstream, names)
                 hint = f'; did you mean "{close[0]}"?' if close else f"; stages are {', '.join(names)}"
-                check.add(path, f'unknown stage "{upstream}"{hint}')
+                check.add(path, f"unknown stage {json.dumps(upstream[:MAX_NAME], ensure_ascii=False)}{hint}")
             elif upstream in seen:
                 check.add(path, f'"{upstream}" is listed twice')
             seen.add(upstream)
@@ -535,6 +680,7 @@ def as_document(spec: PipelineSpec) -> dict[str, Any]:
             "start_method": spec.start_method,
             "stop_timeout": format_duration(spec.stop_timeout_s),
             "state_dir": spec.state_dir,
+            "max_processes": spec.process_ceiling,
             **({"metrics": format_address(spec.metrics)} if spec.metrics else {}),
         },
         "stages": stages,

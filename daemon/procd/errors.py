@@ -17,8 +17,10 @@ class Problem:
     message: str
 
     def render(self, file: str) -> str:
-        """Return the problem as the one-line form the user sees: ``FILE: key.path: message``."""
-        return f"{file}: {self.path}: {self.message}" if self.path else f"{file}: {self.message}"
+        """Return the problem as the one-line form the user sees: ``FILE: key.path: message``
+        (a control character from the file or from stage code is escaped: one problem, one line)."""
+        line = f"{file}: {self.path}: {self.message}" if self.path else f"{file}: {self.message}"
+        return line if line.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)
 
 
 class ProcdError(Exception):

@@ -18,8 +18,6 @@ from procd.log import LEVELS
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)\Z")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_COLORS = {"debug": "\033[2m", "info": "\033[32m", "warning": "\033[33m", "error": "\033[31m", "critical": "\033[41m"}
-_RESET = "\033[0m"
 _SHOWN_FIRST = ("ts", "level", "pipeline", "stage", "worker", "pid", "generation", "event")
 
 
@@ -101,30 +99,6 @@ class Filter:
             if self.until is not None and when > self.until:
                 return False
         return True
-
-
-def render(record: dict[str, Any], *, color: bool) -> str:
-    """One readable line: time, level, where, event, then the other keys."""
-    level = str(record.get("level", "info"))
-    where = record.get("stage")
-    if where is not None and record.get("worker") is not None:
-        where = f"{where}[{record['worker']}]"
-    head = [str(record.get("ts", "?")), f"{level:<7}", str(record.get("pipeline", "?"))]
-    if where:
-        head.append(str(where))
-    if record.get("pid") is not None:
-        head.append(f"pid={record['pid']}")
-    event = str(record.get("event", "?"))
-    rest = " ".join(f"{k}={_short(v)}" for k, v in record.items() if k not in _SHOWN_FIRST)
-    if color:
-        head[1] = f"{_COLORS.get(level, '')}{head[1]}{_RESET}"
-        event = f"\033[1m{event}{_RESET}"
-    return " ".join([*head, event, rest]).rstrip()
-
-
-def _short(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return json.dumps(text) if " " in text or not text else text
 
 
 @dataclass

@@ -52,12 +52,13 @@ def upstream_closure(spec: PipelineSpec, name: str) -> set[str]:
 class ReloadPlan:
     """What a reload does, stage by stage."""
 
-    changed: frozenset[str]  # restart: its configuration or its wiring changed
+    changed: frozenset[str]  # restart: its configuration, its wiring or its code changed
     added: frozenset[str]
     removed: frozenset[str]
     unchanged: frozenset[str]  # keep their processes
     replaced_queues: frozenset[str]  # a new input queue (the old one drains and goes)
     finished: frozenset[str]  # changed, but already finished: not started again
+    code_changed: frozenset[str] = frozenset()  # among changed: the source of its modules changed
 
 
 def reload_plan(old: PipelineSpec, new: PipelineSpec, finished: Set[str]) -> ReloadPlan:
@@ -65,7 +66,8 @@ def reload_plan(old: PipelineSpec, new: PipelineSpec, finished: Set[str]) -> Rel
 
     A stage's wiring is part of its configuration: a stage that gains or loses a reader, or one
     of whose readers gets a new queue, is restarted, since its processes hold the queues they
-    write to from the moment they start.
+    write to from the moment they start. So is its code: a stage whose ``code_hash`` differs
+    (the source of a module it imports from the pipeline's directory changed) is restarted.
     """
     old_names, new_names = {s.name for s in old.stages}, {s.name for s in new.stages}
     kept = old_names & new_names
@@ -82,7 +84,9 @@ def reload_plan(old: PipelineSpec, new: PipelineSpec, finished: Set[str]) -> Rel
     changed |= {upstream for n in replaced for upstream in new.stage(n).inputs if upstream in kept}
     done = {n for n in changed if n in finished}
     changed -= done
+    code = {n for n in changed if old.stage(n).code_hash != new.stage(n).code_hash}
     return ReloadPlan(
+        code_changed=frozenset(code),
         changed=frozenset(changed),
         added=frozenset(new_names - old_names),
         removed=frozenset(old_names - new_names),

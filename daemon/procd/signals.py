@@ -12,6 +12,9 @@ import signal
 from types import FrameType
 
 HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+# The signals whose default action ends the process: ``procd`` holds them (blocked) from its first
+# line (``procd.__main__``) until a loop can take them, and again once the loop is gone.
+HELD = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1})
 
 
 def _nothing(_signum: int, _frame: FrameType | None) -> None:
@@ -27,6 +30,8 @@ class WakeUp:
         self._previous_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
         for signum in HANDLED:
             signal.signal(signum, _nothing)
+        # whatever arrived while they were held is delivered now, to the wake-up pipe
+        self._previous_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
 
     def drain(self) -> list[int]:
         """Return the signals that arrived since the last call, in order (duplicates kept)."""
@@ -41,7 +46,8 @@ class WakeUp:
             received.extend(chunk)
 
     def close(self) -> None:
-        """Restore the previous handlers and wake-up fd, then close the pipe."""
+        """Restore the previous signal mask, handlers and wake-up fd, then close the pipe."""
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._previous_mask)
         signal.set_wakeup_fd(self._previous_fd)
         for signum, handler in self._previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
@@ -52,6 +58,11 @@ class WakeUp:
 def open_wakeup() -> WakeUp:
     """Install the no-op handlers and the wake-up pipe for this (main) thread's loop."""
     return WakeUp()
+
+
+def release_held() -> None:
+    """For a command that has no loop: let the held signals act as usual (Ctrl-C ends it)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
 
 
 def reset_in_child() -> None:

@@ -10,25 +10,30 @@ feeds the queue has finished (all its processes exited); dropping that copy is w
 readers see the end of their input. A stop sends SIGTERM to the producers and lets every other
 stage drain in the same way; whatever is still there at the stop deadline gets SIGKILL.
 
-The same loop answers the control socket (status, stop, scale, reload, attach), serves the
-optional metrics endpoint, and tells the service manager what happens (sd_notify). Signals and
-control requests lead to the same internal events.
+The same loop answers the control socket (one handler per command of ``control.COMMANDS``),
+serves the optional metrics endpoint (both through bounded ``connections``), and tells the
+service manager what happens (sd_notify). Signals and control requests lead to the same
+internal events.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import os
 import random
 import selectors
 import signal
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
-from procd import callables, config, plan, procctl, procinfo, reaper, signals, status, transport, worker
+from procd import callables, config, control, plan, procctl, procinfo, reaper, signals, status, transport, worker
 from procd.child import Output
 from procd.config import PipelineSpec
+from procd.connections import PAUSE_S, Connection, Listener
 from procd.control import Client, ControlError, ControlServer, default_path
 from procd.errors import ConfigError, Problem, StoreError
 from procd.forkserver import ForkServer
@@ -59,10 +64,15 @@ from procd.log import RecordWriter
 from procd.notify import Notifier
 from procd.restarts import RestartHistory, backoff_delay
 from procd.spawn import start_forkserver
+from procd.throttle import OutputThrottle
 from procd.transport import Input
 from procd.worker import Slot
 
 TERMINAL = (State.EXITED, State.FATAL)
+# Processes that scale and reload start at once at most, then per second: a request for many
+# processes forks them over a while instead of all in one turn of the loop.
+SPAWN_BURST = 16
+SPAWN_RATE_PER_S = 64.0
 # After an input's end of stream, how long before procd looks for processes that are not workers
 # and still hold its writing end (a stage's forked child), which keep its readers waiting.
 _HELD_OPEN_AFTER_S = 1.0
@@ -103,16 +113,34 @@ class Supervisor:
         self.ready_logged = False
         self.regrouping: list[Slot] = []  # stopped for a rest_for_one restart, started once all have ended
         self.notifier = notifier or Notifier(None, None)
-        self.deadlines: dict[str, float] = {}  # the loop's own: "watchdog", "status"
+        self.deadlines: dict[str, float] = {}  # the loop's own: "watchdog", "status", "output", "starts"
         self.status_sent = ("", 0.0)  # the last STATUS= line and when it went
-        self.rate = status.Rate()  # items/s, for STATUS= and the progress line
+        self.ledger = status.Ledger(self.started_at)  # stage totals and rates, for every view
         self.notify_failed = False
         self.dead_letters: dict[str, int] = {}
+        self.throttles: dict[Slot, OutputThrottle] = {}  # each worker slot's output budget
         self.forkserver: ForkServer | None = None  # started on first need (start_method = "forkserver")
         self.stopping = False
         self.stop_deadline = 0.0
+        self.second_stop: str | None = None  # the signal that asked to stop a second time
+        self.start_queue: list[Slot] = []  # started by scale or reload, waiting for their turn
+        self.spawn_tokens = float(SPAWN_BURST)
+        self.tokens_at = clock()
         self.failed: list[str] = []
+        self.stop_reason: str | None = None  # the first stop request's
         self.selector = selectors.DefaultSelector()
+        self.listeners: dict[Listener, str] = {}  # the control socket and the metrics endpoint
+        self.watched: set[Listener] = set()  # those in the selector (a paused one is not)
+        self.connections: dict[Connection, Listener] = {}
+        self.handlers: dict[str, control.Handler] = {  # one per command of control.COMMANDS
+            "status": lambda _request: {"ok": True, **self.status()},
+            "stop": self._stop_command,
+            "reload": lambda _request: self.reload("control socket"),
+            "scale": lambda request: self._scale(request.args["stage"], request.args["processes"]),
+            "attach": lambda request: self._attach(request.args["stage"]),
+            "replayed": self._replayed,
+        }
+        control.check_handlers(self.handlers)
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -137,9 +165,10 @@ class Supervisor:
         procctl.become_subreaper()
         wake = signals.open_wakeup()
         self.selector.register(wake.read_fd, selectors.EVENT_READ, ("wake", None))
-        self.selector.register(server.fileno(), selectors.EVENT_READ, ("control", server))
+        self.listeners[server] = "control"
         if metrics is not None:
-            self.selector.register(metrics.fileno(), selectors.EVENT_READ, ("metrics", metrics))
+            self.listeners[metrics] = "metrics"
+        self._tend_connections()
         try:
             for stage in self.spec.stages:
                 if not stage.is_producer:
@@ -182,14 +211,14 @@ class Supervisor:
                     else:
                         self._serve(source, mask)
                 self._fire_timers()
+                self._tend_connections()
                 self._update_stages()
                 self._update_status()
             return self._finish()
         finally:
             self._sweep()
-            for key in list(self.selector.get_map().values()):
-                if key.data[0] in ("client", "http"):
-                    key.data[1].close()
+            for connection in self.connections:
+                connection.close()
             server.close()
             if metrics is not None:
                 metrics.close()
@@ -216,6 +245,11 @@ class Supervisor:
         if self.deadlines.get("status", now + 1) <= now:
             del self.deadlines["status"]
             self._update_status()
+        if self.deadlines.get("output", now + 1) <= now:
+            del self.deadlines["output"]
+            self._report_suppressed_due()
+        if self.deadlines.get("starts", now + 1) <= now:
+            self._start_paced([])
         for held in [k for k, due in self.deadlines.items() if k.startswith("held:") and due <= now]:
             del self.deadlines[held]
             self._name_holders(held.removeprefix("held:"))
@@ -323,12 +357,14 @@ class Supervisor:
             return
         if signum == signal.SIGKILL:
             slot.forced = True
+            if self.second_stop is not None:
+                forced_by, after = "second_signal", f"after {self._kill_cause()}"
+            else:
+                forced_by, after = "stop_timeout", f"{self.spec.stop_timeout_s:g}s after the stop request"
             self._bound(slot).warning(
                 "stop_escalated",
-                message=(
-                    f"{slot.name} still running {self.spec.stop_timeout_s:g}s after the stop request; "
-                    "sending SIGKILL to its process group"
-                ),
+                forced_by=forced_by,
+                message=f"{slot.name} still running {after}; sending SIGKILL to its process group",
             )
         try:
             if group:
@@ -387,6 +423,7 @@ class Supervisor:
         (bound.info if cause is None else bound.error)("worker_exited", **fields)
         if self.clock() - slot.started_at > slot.stage.restart.within_s:
             slot.failures = 0  # it stayed up: the next backoff starts from the beginning
+        slot.pid = None  # reaped: the number may be reused by any process from now on
         self._feed(slot, event)
         self._check_held(slot, event)
         if slot.retiring and slot.state in TERMINAL:
@@ -448,6 +485,7 @@ class Supervisor:
         """A retired slot leaves for good."""
         self.slots.remove(slot)
         self.ready.discard(slot)
+        self.throttles.pop(slot, None)
         if slot.slot_fd is not None:
             os.close(slot.slot_fd)
             slot.slot_fd = None
@@ -515,7 +553,7 @@ class Supervisor:
     def _failure(self, slot: Slot, event: Exited) -> str | None:
         """Why this exit is a failure, or None when it is the end procd expected."""
         if slot.forced:
-            return f"killed by SIGKILL after the stop timeout ({self.spec.stop_timeout_s:g}s)"
+            return f"killed by SIGKILL after {self._kill_cause()}"
         if slot.state is State.STOPPING and (event.ok or event.signal == signal.SIGTERM):
             return None  # it ended because we asked it to
         if event.ok:
@@ -551,6 +589,8 @@ class Supervisor:
                 bound.error("spawn_failed", **report)
             elif kind == "counts":
                 slot.counts = {k: int(v) for k, v in report.items()}
+                self.ledger.observe(slot)
+                self.ledger.sample(self.slots, self.clock())
                 self._show_progress()
             elif kind == "dead_lettered":
                 self.dead_letters[slot.stage.name] = self.dead_letters.get(slot.stage.name, 0) + 1
@@ -559,12 +599,56 @@ class Supervisor:
                 bound.warning("worker_report_invalid", line=line[:_LINE_LIMIT])
 
     def _read_output(self, slot: Slot) -> None:
-        bound = self._bound(slot)
-        for line in self._read_lines(slot, "output"):
-            bound.info("worker_output", line=line[:_LINE_LIMIT])
+        """Each line the worker printed is a ``worker_output`` record, as far as its budget goes
+        (``throttle``); the rest is counted and reported once a second, and when it ends."""
+        now = self.clock()
+        throttle = self.throttles.get(slot)
+        if throttle is None:
+            throttle = self.throttles[slot] = OutputThrottle(now)
+        lines = self._read_raw_lines(slot, "output")
+        logged = throttle.admit(lines, now)
+        if logged:
+            bound = self._bound(slot)
+            for raw in lines[:logged]:
+                bound.info("worker_output", line=raw.decode("utf-8", errors="replace"))
+        due = throttle.report_due()
+        if due is not None and (due <= now or slot.output_fd is None):
+            self._report_suppressed(slot, throttle, now)
+        elif due is not None:
+            self.deadlines["output"] = min(self.deadlines.get("output", due), due)
+
+    def _report_suppressed(self, slot: Slot, throttle: OutputThrottle, now: float) -> None:
+        taken = throttle.take(now)
+        if taken is None:
+            return
+        self._bound(slot).warning(
+            "worker_output_suppressed",
+            lines=taken.lines,
+            bytes=taken.bytes,
+            over_s=round(taken.until_s - taken.since_s, 3),
+            message=(
+                f"{taken.lines} lines of output not logged: a worker's output is logged up to "
+                f"{throttle.burst} lines at once, then {throttle.rate_per_s:g} a second"
+            ),
+        )
+
+    def _report_suppressed_due(self) -> None:
+        """The ``output`` deadline: report what each quiet or flooding worker had suppressed."""
+        now = self.clock()
+        for slot, throttle in list(self.throttles.items()):
+            due = throttle.report_due()
+            if due is not None and due <= now:
+                self._report_suppressed(slot, throttle, now)
+        pending = [d for t in self.throttles.values() if (d := t.report_due()) is not None]
+        if pending:
+            self.deadlines["output"] = min(pending)
 
     def _read_lines(self, slot: Slot, which: str) -> list[str]:
         """Read what is there without blocking; return complete lines (all of them at EOF)."""
+        return [raw.decode("utf-8", errors="replace") for raw in self._read_raw_lines(slot, which)]
+
+    def _read_raw_lines(self, slot: Slot, which: str) -> list[bytes]:
+        """``_read_lines``, undecoded: a flood of output is counted, not decoded."""
         fd = slot.report_fd if which == "report" else slot.output_fd
         if fd is None:
             return []
@@ -597,7 +681,7 @@ class Supervisor:
                 slot.report_fd = None
             else:
                 slot.output_fd = None
-        return [raw.decode("utf-8", errors="replace") for raw in lines]
+        return lines
 
     def _close_pipes(self, slot: Slot) -> None:
         """A reaped worker has written all it will: read the rest, then close (a grandchild that
@@ -630,16 +714,19 @@ class Supervisor:
             self.notify_failed = True
             self.log.warning("notify_failed", error=exc.strerror, socket=self.notifier.address)
 
+    def _rate(self) -> tuple[status.Totals, float]:
+        totals = self.ledger.totals(self.slots)
+        return totals, status.sink_rate(self.spec, self.ledger.rates(totals, self.clock())[0])
+
     def _status_line(self) -> str:
         """One line for ``systemctl status``: stages, workers, items/s, restarts."""
-        per_s = self.rate.update(status.items_seen(self.slots), self.clock())
-        return status.summary_line(self.spec, self.slots, per_s)
+        return status.summary_line(self.spec, self.slots, self._rate()[1])
 
     def _show_progress(self) -> None:
         """On a terminal: items through each stage, and the rate, under the records."""
         if self.writer is not None and self.writer.on_terminal:
-            per_s = self.rate.update(status.items_seen(self.slots), self.clock())
-            self.writer.progress(status.progress_line(self.spec, self.slots, per_s))
+            totals, per_s = self._rate()
+            self.writer.progress(status.progress_line(self.spec, totals, per_s))
 
     def _update_status(self) -> None:
         """Send STATUS= when the line changed, at most once a second."""
@@ -656,77 +743,112 @@ class Supervisor:
         self.status_sent = (line, now)
         self._notify(STATUS=line)
 
-    # -- the control socket ------------------------------------------------------------------------
+    # -- the control socket and the metrics endpoint --------------------------------------------------
 
     def _accept(self, server: ControlServer) -> None:
-        client, refused = server.accept()
+        now = self.clock()
+        client, refused = server.accept(now)
         if refused is not None:
             self.log.warning("control_refused", peer_pid=refused["pid"], peer_uid=refused["uid"])
-        if client is not None:
-            self.selector.register(client.fileno(), selectors.EVENT_READ, ("client", client))
+        self._accepted(server, client, "client", now)
+
+    def _accept_http(self, server: Any) -> None:
+        now = self.clock()
+        self._accepted(server, server.accept(now), "http", now)
+
+    def _accepted(self, listener: Listener, connection: Connection | None, kind: str, now: float) -> None:
+        if connection is not None:
+            self.connections[connection] = listener
+            self.selector.register(connection.fileno(), selectors.EVENT_READ, (kind, connection))
+        elif listener.paused_until > now:
+            self.log.warning(
+                "connections_paused",
+                endpoint=self.listeners[listener],
+                message=f"no descriptor to spare for a new connection; accepting again in {PAUSE_S:g}s",
+            )
 
     def _serve(self, client: Client, mask: int) -> None:
-        if mask & selectors.EVENT_READ:
-            requests = client.read_requests()
-            if requests is None:
-                self._drop(client)
-                return
-            for request in requests:
-                if isinstance(request, dict) and request["command"] == "attach":
-                    reply, fds = self._attach(request.get("stage"))
-                    client.reply(reply, fds)
-                else:
-                    client.reply(self._answer(request))
-        done = client.flush()
+        """Answer the requests a client sent, as long as it reads the replies."""
+        now = self.clock()
+        if mask & selectors.EVENT_READ and not client.closing and not client.receive(now):
+            self._drop(client)
+            return
+        while True:
+            while not client.full and not client.closing and (request := client.next_request()) is not None:
+                client.reply(self._answer(request))
+            done = client.flush(now)
+            if not done or client.full or client.closing or b"\n" not in client.inbox:
+                break
         if done and client.closing:
             self._drop(client)
             return
-        events = selectors.EVENT_READ | (0 if done else selectors.EVENT_WRITE)
-        self.selector.modify(client.fileno(), events, ("client", client))
-
-    def _accept_http(self, server: Any) -> None:
-        client = server.accept()
-        if client is not None:
-            self.selector.register(client.fileno(), selectors.EVENT_READ, ("http", client))
+        reading = 0 if client.full or client.closing else selectors.EVENT_READ
+        self.selector.modify(client.fileno(), reading | (0 if done else selectors.EVENT_WRITE), ("client", client))
 
     def _serve_http(self, client: Any, mask: int) -> None:
-        if mask & selectors.EVENT_READ and not client.outbox:
-            path = client.read_request()
+        now = self.clock()
+        if mask & selectors.EVENT_READ and not client.closing:
+            path = client.read_request(now)
             if path is None:
-                self.selector.unregister(client.fileno())
-                client.close()
+                self._drop(client)
                 return
             if path:
                 client.respond(path, self.status())
-        if client.outbox:
-            if client.flush():
-                self.selector.unregister(client.fileno())
-                client.close()
+        if client.closing:
+            if client.flush(now):
+                self._drop(client)
             else:
                 self.selector.modify(client.fileno(), selectors.EVENT_WRITE, ("http", client))
 
-    def _drop(self, client: Client) -> None:
-        self.selector.unregister(client.fileno())
-        client.close()
+    def _drop(self, connection: Connection) -> None:
+        self.selector.unregister(connection.fileno())
+        connection.close()
+        self.connections.pop(connection).release()
 
-    def _answer(self, request: dict[str, Any] | str) -> dict[str, Any]:
-        """The reply to one request; signals and requests lead to the same internal events."""
-        if isinstance(request, str):
-            return {"ok": False, "error": request}
-        command = request["command"]
-        if command == "status":
-            return {"ok": True, **self.status()}
-        if command == "stop":
-            self._request_stop("stop requested over the control socket")
-            return {"ok": True, "stopping": True}
-        if command == "scale":
-            return self._scale(request.get("stage"), request.get("processes"))
-        if command == "replayed":
+    def _tend_connections(self) -> None:
+        """Drop connections idle past their deadline (a peer that does not read its replies
+        among them); watch each listener only while it accepts; keep the next such moment."""
+        now = self.clock()
+        for connection in [c for c in self.connections if c.deadline <= now]:
             self.log.info(
-                "items_replayed", stage=request.get("stage"), items=request.get("items"), file=request.get("file")
+                "connection_dropped",
+                endpoint=self.listeners[self.connections[connection]],
+                unsent_bytes=len(connection.outbox),
+                message=f"no progress for {connection.patience_s:g}s"
+                + ("; the peer does not read its replies" if connection.outbox else ""),
             )
-            return {"ok": True}
-        return self.reload("control socket")
+            self._drop(connection)
+        for listener, kind in self.listeners.items():
+            accepting = listener.accepting(now)
+            if accepting and listener not in self.watched:
+                self.selector.register(listener.fileno(), selectors.EVENT_READ, (kind, listener))
+                self.watched.add(listener)
+            elif not accepting and listener in self.watched:
+                self.selector.unregister(listener.fileno())
+                self.watched.discard(listener)
+        moments = [c.deadline for c in self.connections]
+        moments += [listener.paused_until for listener in self.listeners if listener.paused_until > now]
+        if moments:
+            self.deadlines["connections"] = min(moments)
+        else:
+            self.deadlines.pop("connections", None)
+
+    def _answer(self, request: control.Request | str) -> control.Answer:
+        """The reply to one request; signals and requests lead to the same internal events."""
+        try:
+            return control.dispatch(request, self.handlers)
+        except Exception as exc:  # a fault of procd's own: told to the client, never fatal
+            name = request.command.name if isinstance(request, control.Request) else None
+            self.log.error("control_failed", command=name, error=repr(exc), traceback=traceback.format_exc())
+            return {"ok": False, "error": f"procd failed to answer {name}: {exc!r}"}
+
+    def _stop_command(self, _request: control.Request) -> dict[str, Any]:
+        self._request_stop("stop requested over the control socket")
+        return {"ok": True, "stopping": True}
+
+    def _replayed(self, request: control.Request) -> dict[str, Any]:
+        self.log.info("items_replayed", **request.args)
+        return {"ok": True}
 
     def _attach(self, name: object) -> tuple[dict[str, Any], tuple[int, ...]]:
         """Hand a client the writing end of a stage's input (``procd dlq replay``). The stage's
@@ -751,6 +873,7 @@ class Supervisor:
             self.spec,
             self.slots,
             self.channels,
+            self.ledger,
             finished=self.finished,
             dead_letters=self.dead_letters,
             stopping=self.stopping,
@@ -759,27 +882,46 @@ class Supervisor:
         )
 
     def _scale(self, name: object, processes: object) -> dict[str, Any]:
-        """Start or retire only the difference; retired readers finish their batch first."""
+        """Start or retire only the difference; retired readers finish their batch first.
+
+        Never more than the pipeline's process ceiling, and the new processes start at the pace of
+        ``_start_paced``: one request cannot make the loop fork thousands at once. A producer is
+        scaled only if it takes a ``shard``: its processes are then all replaced, each new one with
+        its share of the new count (another copy of an unsharded producer would yield every item
+        again).
+        """
         names = [s.name for s in self.spec.stages]
         if name not in names:
             return {"ok": False, "error": f"unknown stage {name!r}; stages are {', '.join(names)}"}
-        if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
-            return {"ok": False, "error": f"processes must be an integer >= 1, got {processes!r}"}
+        ceiling = self.spec.process_ceiling
+        if not isinstance(processes, int) or isinstance(processes, bool) or not 1 <= processes <= ceiling:
+            shown = processes if not isinstance(processes, int) or processes < 10**12 else f"{str(processes)[:12]}…"
+            return {
+                "ok": False,
+                "error": f"processes must be an integer from 1 to {ceiling} (pipeline.max_processes), got {shown}",
+            }
         if self.stopping or name in self.finished:
             return {"ok": False, "error": f"stage {name} is no longer running"}
+        stage = self.spec.stage(str(name))
         live = [s for s in self.slots if s.stage.name == name and s.state not in TERMINAL and not s.retiring]
+        others = sum(1 for s in self.slots if s.stage.name != name and s.state not in TERMINAL and not s.retiring)
+        if others + processes > ceiling:
+            return {
+                "ok": False,
+                "error": (
+                    f"stage {name} cannot have {processes} processes: the pipeline would run {others + processes}, "
+                    f"more than pipeline.max_processes ({ceiling}); raise it in the file and reload"
+                ),
+            }
+        if stage.is_producer:
+            return self._scale_producer(stage, live, processes)
         started, retiring = [], []
         if processes > len(live):
-            stage = self.spec.stage(str(name))
             used = {s.index for s in self.slots if s.stage.name == name}
+            free = (i for i in itertools.count() if i not in used)
             position = max(i for i, s in enumerate(self.slots) if s.stage.name == name) + 1
-            for _ in range(processes - len(live)):
-                index = min(set(range(len(used) + 1)) - used)
-                used.add(index)
-                slot = Slot(stage, index)
-                self.slots.insert(position, slot)
-                position += 1
-                started.append(slot)
+            started = [Slot(stage, next(free)) for _ in range(processes - len(live))]
+            self.slots[position:position] = started
         for slot in sorted(live, key=lambda s: s.index)[processes:]:
             slot.retiring = True
             retiring.append(slot)
@@ -791,19 +933,82 @@ class Supervisor:
             started=[s.index for s in started],
             retiring=[s.index for s in retiring],
         )
-        for slot in started:
-            self._feed(slot, StartRequested())
         for slot in retiring:
-            self._feed(slot, StopRequested() if slot.stage.is_producer else RetireRequested())
-            if slot.state in TERMINAL:  # it had no process (waiting to restart)
+            self._feed(slot, RetireRequested())
+            if slot.state in TERMINAL:  # it had no process (waiting to restart, or to start)
                 self._remove(slot)
+        waiting = self._start_paced(started)
         return {
             "ok": True,
             "stage": name,
             "processes": processes,
             "started": [s.index for s in started],
             "retiring": [s.index for s in retiring],
+            "waiting": waiting,
         }
+
+    def _scale_producer(self, stage: config.StageSpec, live: list[Slot], processes: int) -> dict[str, Any]:
+        """A sharded producer's every process is replaced by ``processes`` new ones, each with
+        its shard of the new count (a process's share cannot change while it runs)."""
+        if not stage.shardable:
+            return {
+                "ok": False,
+                "error": (
+                    f"stage {stage.name} is a producer: another process would yield every item again; "
+                    'a producer that accepts a "shard" parameter and keeps no checkpoint can be scaled (see the README)'
+                ),
+            }
+        if processes == len(live):
+            return {
+                "ok": True,
+                "stage": stage.name,
+                "processes": processes,
+                "started": [],
+                "retiring": [],
+                "waiting": 0,
+            }
+        resharded = dataclasses.replace(stage, processes=processes)
+        new = dataclasses.replace(
+            self.spec, stages=tuple(resharded if s.name == stage.name else s for s in self.spec.stages)
+        )
+        leaving, arriving = self._apply(new, plan.reload_plan(self.spec, new, self.finished))
+        self.log.info(
+            "stage_scaled",
+            stage=stage.name,
+            processes_from=len(live),
+            processes_to=processes,
+            started=[s.index for s in arriving],
+            retiring=[s.index for s in leaving],
+            resharded=True,
+        )
+        return {
+            "ok": True,
+            "stage": stage.name,
+            "processes": processes,
+            "started": [s.index for s in arriving],
+            "retiring": [s.index for s in leaving],
+            "waiting": sum(1 for s in arriving if s.state is State.STOPPED),
+            "resharded": True,
+        }
+
+    def _start_paced(self, slots: list[Slot]) -> int:
+        """Start ``slots`` at most ``SPAWN_BURST`` at once and ``SPAWN_RATE_PER_S`` after that (a
+        token bucket); return how many still wait. A waiting slot shows as ``stopped``; one
+        retired or stopped meanwhile is not started."""
+        self.start_queue.extend(slots)
+        now = self.clock()
+        self.spawn_tokens = min(SPAWN_BURST, self.spawn_tokens + (now - self.tokens_at) * SPAWN_RATE_PER_S)
+        self.tokens_at = now
+        while self.start_queue and self.spawn_tokens >= 1:
+            slot = self.start_queue.pop(0)
+            if slot in self.slots and slot.state is State.STOPPED and not self.stopping and not slot.retiring:
+                self.spawn_tokens -= 1
+                self._feed(slot, StartRequested())
+        if self.start_queue:
+            self.deadlines["starts"] = now + (1 - self.spawn_tokens) / SPAWN_RATE_PER_S
+        else:
+            self.deadlines.pop("starts", None)
+        return len(self.start_queue)
 
     # -- stages, end of stream, stop ---------------------------------------------------------------
 
@@ -815,11 +1020,8 @@ class Supervisor:
             slots = [s for s in self.slots if s.stage.name == stage.name]
             if all(_ended(s) for s in slots):
                 self.finished.add(stage.name)
-                totals = {
-                    "items_in": sum(s.total("items_in") for s in slots),
-                    "items_out": sum(s.total("items_out") for s in slots),
-                }
-                self.log.info("stage_drained", stage=stage.name, **totals)
+                items_in, items_out = self.ledger.totals(self.slots).get(stage.name, (0, 0))
+                self.log.info("stage_drained", stage=stage.name, items_in=items_in, items_out=items_out)
         for name, channel in self.channels.items():
             if not channel.ended and all(upstream in self.finished for upstream in self.spec.stage(name).inputs):
                 channel.end()
@@ -851,7 +1053,11 @@ class Supervisor:
 
     def _reload(self) -> dict[str, Any]:
         try:
-            new, problems = callables.load_and_check(self.spec.file, apart=True)
+            # the loop waits for the check: under a watchdog, ping first and wait at most one interval
+            timeout_s = self.notifier.watchdog_interval_s or callables.IMPORT_TIMEOUT_S
+            if self.notifier.watchdog_interval_s:
+                self._notify(WATCHDOG=1)
+            new, problems = callables.load_and_check(self.spec.file, apart=True, timeout_s=timeout_s)
             if new.name != self.spec.name:
                 problems.append(Problem("pipeline.name", f'cannot change while running (it is "{self.spec.name}")'))
             if problems:
@@ -862,20 +1068,48 @@ class Supervisor:
             )
             return {"ok": False, "error": "the pipeline file is invalid; nothing changed", "problems": error.lines()}
         diff = plan.reload_plan(self.spec, new, self.finished)
-        changed, added, removed, replaced_queues = diff.changed, diff.added, diff.removed, diff.replaced_queues
+        try:
+            self._apply(new, diff)
+        except StoreError as exc:
+            self.log.error(
+                "config_invalid", file=self.spec.file, problems=[str(exc)], message="still running unchanged"
+            )
+            return {"ok": False, "error": "a new queue cannot be made; nothing changed", "problems": [str(exc)]}
+        self.log.info(
+            "pipeline_reloaded",
+            changed=sorted(diff.changed),
+            code_changed=sorted(diff.code_changed),
+            added=sorted(diff.added),
+            removed=sorted(diff.removed),
+            unchanged=sorted(diff.unchanged),
+            not_restarted_finished=sorted(diff.finished),
+        )
+        return {
+            "ok": True,
+            "changed": sorted(diff.changed),
+            "code_changed": sorted(diff.code_changed),
+            "added": sorted(diff.added),
+            "removed": sorted(diff.removed),
+            "unchanged": sorted(diff.unchanged),
+        }
 
+    def _apply(self, new: PipelineSpec, diff: plan.ReloadPlan) -> tuple[list[Slot], list[Slot]]:
+        """Make ``new`` the running pipeline: the changed and removed stages' processes leave
+        (readers finish their batch), the changed and added stages' start (paced); return both.
+
+        Raises:
+            StoreError: a new durable queue cannot be made (then nothing has changed).
+        """
+        changed, added, removed, replaced_queues = diff.changed, diff.added, diff.removed, diff.replaced_queues
         fresh: dict[str, Input] = {}
         try:
             for name in added | (changed & replaced_queues):
                 if not new.stage(name).is_producer:
                     fresh[name] = transport.create(name, new.stage(name).queue)
-        except StoreError as exc:
+        except StoreError:
             for channel in fresh.values():
                 channel.close()
-            self.log.error(
-                "config_invalid", file=self.spec.file, problems=[str(exc)], message="still running unchanged"
-            )
-            return {"ok": False, "error": "a new queue cannot be made; nothing changed", "problems": [str(exc)]}
+            raise
         self.spec = new
         for stage in new.stages:
             self.histories.setdefault(stage.name, RestartHistory(stage.restart.max, stage.restart.within_s))
@@ -896,14 +1130,6 @@ class Supervisor:
         ]
         self.slots = [s for s in self.slots if s.stage.name not in removed | changed or s in leaving] + arriving
         self.finished -= changed
-        self.log.info(
-            "pipeline_reloaded",
-            changed=sorted(changed),
-            added=sorted(added),
-            removed=sorted(removed),
-            unchanged=sorted(diff.unchanged),
-            not_restarted_finished=sorted(diff.finished),
-        )
         for slot in leaving:
             slot.retiring = True
             if slot.stage.is_producer:
@@ -914,21 +1140,23 @@ class Supervisor:
                 self._feed(slot, RetireRequested())  # its queue stays: the new readers go on
             if slot.state in TERMINAL:
                 self._remove(slot)
-        for slot in reversed(arriving):
-            self._feed(slot, StartRequested())
-        return {
-            "ok": True,
-            "changed": sorted(changed),
-            "added": sorted(added),
-            "removed": sorted(removed),
-            "unchanged": sorted(diff.unchanged),
-        }
+        self._start_paced(list(reversed(arriving)))
+        return leaving, arriving
+
+    def _kill_cause(self) -> str:
+        """What made a stop kill: a second stop request, or the stop timeout."""
+        if self.second_stop is not None:
+            return f"a second stop request ({self.second_stop})"
+        return f"the stop timeout ({self.spec.stop_timeout_s:g}s)"
 
     def _request_stop(self, reason: str) -> None:
         if self.stopping:
-            if reason in ("SIGTERM", "SIGINT"):
+            if reason in ("SIGTERM", "SIGINT") and self.second_stop is None:
+                self.second_stop = reason
                 self.log.warning(
-                    "stop_requested", reason=reason, message="second stop request; killing every worker now"
+                    "stop_requested",
+                    reason=reason,
+                    message=f"second stop request ({reason}); killing every worker now",
                 )
                 self.stop_deadline = self.clock()
                 for key in list(self.timers):
@@ -936,6 +1164,7 @@ class Supervisor:
                         self.timers[key] = self.stop_deadline
             return
         self.stopping = True
+        self.stop_reason = reason
         self._notify(STOPPING=1, STATUS=f"stopping: {reason}")
         self.stop_deadline = self.clock() + self.spec.stop_timeout_s
         self.log.info("stop_requested", reason=reason, stop_timeout_s=self.spec.stop_timeout_s)
@@ -945,14 +1174,55 @@ class Supervisor:
     def _finish(self) -> int:
         forced = [s.name for s in self.slots if s.forced]
         code = 1 if self.failed or forced else 0
+        totals = {"queued_batches": 0, "queued_items_at_most": 0, "in_hand_items": 0}
+        for stage, counts in self._abandoned().items():
+            if any(counts.values()):
+                self.log.warning(
+                    "stage_abandoned",
+                    stage=stage,
+                    **counts,
+                    message=(
+                        f"{stage}: {counts['in_hand_items']} items in hand and {counts['queued_batches']} batches "
+                        f"(at most {counts['queued_items_at_most']} items) in its queue were neither delivered "
+                        "nor dead-lettered"
+                    ),
+                )
+            for key, value in counts.items():
+                totals[key] += value
+        # finished: every stage ended by itself; stopped: a stop request (signal or control
+        # socket) and a clean drain; failed: a failure, or a drain that had to be forced
+        outcome = "failed" if code else "stopped" if self.stopping else "finished"
         self.log.info(
             "pipeline_stopped",
             exit_code=code,
-            outcome="finished" if code == 0 else "failed",
+            outcome=outcome,
+            stop_reason=self.stop_reason,
             failures=self.failed,
             forced=forced,
+            forced_by=self._kill_cause() if forced else None,
+            abandoned=totals,
         )
         return code
+
+    def _abandoned(self) -> dict[str, dict[str, int]]:
+        """Per stage, once every process has ended: the batches left in its input queue (with the
+        most items they can hold) and the items its slots still hold (from the slot files'
+        headers: nothing is unpickled)."""
+        found: dict[str, dict[str, int]] = {}
+        for stage in self.spec.stages:
+            channel = self.channels.get(stage.name)
+            queued = (_queued_batches(channel) or 0) if channel is not None else 0
+            held = [
+                transport.slot.read(s.slot_fd)
+                for s in self.slots
+                if s.stage.name == stage.name and s.slot_fd is not None
+            ]
+            found[stage.name] = {
+                "queued_batches": queued,
+                "queued_items_at_most": queued * stage.queue.batch,
+                "in_hand_items": sum(h.items - max(h.index, 0) for h in held if h.holds),
+            }
+        return found
 
     def _sweep(self) -> None:
         """Nothing left running: SIGKILL any process group of ours that still has a member, and
@@ -961,12 +1231,11 @@ class Supervisor:
         if self.forkserver is not None:
             self.forkserver.close()  # the server ends when its socket does
             waiting.add(self.forkserver.pid)
-        for slot in self.slots:
-            if slot.pid is not None:
-                try:
-                    os.killpg(slot.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    continue
+        for pid in self.by_pid:  # only processes not yet reaped: a reaped pid may be someone else's now
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue
         deadline = time.monotonic() + 1.0
         while waiting and time.monotonic() < deadline:
             for reaped in reaper.reap():
@@ -974,6 +1243,11 @@ class Supervisor:
             time.sleep(0.005)
         for _ in reaper.reap():
             pass
+
+
+def _queued_batches(channel: Input) -> int | None:
+    """Batches waiting in a stage's input (None when that cannot be read)."""
+    return channel.depth()
 
 
 def _ended(slot: Slot) -> bool:

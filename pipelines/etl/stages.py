@@ -25,10 +25,10 @@ COUNTRIES = {
 FIELDS = ("id", "name", "email", "country", "signup_date", "amount")
 
 
-def extract(path: str):
-    """Producer: one dict per CSV row, with its line number; ``path`` is relative to this package."""
-    source = Path(__file__).resolve().parent.parent / path
-    with open(source, newline="", encoding="utf-8") as fh:
+def extract(path: Path):
+    """Producer: one dict per CSV row, with its line number. ``path`` is annotated ``Path``, so
+    procd passes it made absolute against the pipeline file's directory (pipelines/)."""
+    with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh)
         next(reader)  # the header
         for line, row in enumerate(reader, start=2):

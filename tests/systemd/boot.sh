@@ -9,8 +9,9 @@ scratch=$1 console=$2 units=$3 wheelhouse=$4
 mount --make-rprivate /
 mount -t tmpfs -o mode=700 tmpfs "$scratch"
 
-# /etc, /var and /opt: overlays on a tmpfs, so StateDirectory= and friends never reach the host
-for dir in etc var opt; do
+# /etc, /var, /opt and /usr/local: overlays on a tmpfs, so the service user, StateDirectory= and
+# the install never reach the host
+for dir in etc var opt usr/local; do
     mkdir -p "$scratch/$dir/upper" "$scratch/$dir/work"
     mount -t overlay overlay -o "lowerdir=/$dir,upperdir=$scratch/$dir/upper,workdir=$scratch/$dir/work" "/$dir"
 done
@@ -41,9 +42,12 @@ if [ -e /proc/sysrq-trigger ]; then
     mount -o remount,bind,ro /proc/sysrq-trigger
 fi
 
-# procd where the README installs it, from wheels built outside (no network in here)
+# procd where the README installs it, from wheels built outside (no network in here), on PATH,
+# and its service user, as the README says
 /usr/bin/python3 -m venv /opt/procd
 /opt/procd/bin/pip install -q --no-index --find-links "$wheelhouse" procd
+ln -s /opt/procd/bin/procd /usr/local/bin/procd
+useradd --system --home-dir /var/lib/procd --no-create-home --shell /usr/sbin/nologin procd
 
 # only the test's units; a system.conf drop-in for a manager with no journald
 mkdir -p /run/systemd/system /etc/systemd/system.conf.d

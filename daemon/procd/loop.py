@@ -1,0 +1,137 @@
+"""The event loop: one ``selectors`` selector, one heap of deadlines, one callback per source.
+
+It knows nothing of pipelines, workers or signals: a source is a file descriptor and the callback
+that handles it, a deadline is a time and the callback due then. The supervisor's parts register
+what they own (the signal wake-up pipe, each worker's pipes, the control and metrics sockets, the
+restart and stop timers) and the loop only dispatches.
+
+Discussion. The loop sleeps in one ``select`` whose timeout is the nearest deadline, so an idle
+pipeline costs no wake-ups; there is no poll interval. Deadlines live in a heap with lazy
+cancellation (a cancelled entry stays in the heap, marked, until it reaches the top): cancelling
+is O(1), and the heap never holds more entries than were scheduled since the last time they were
+popped. Time comes from an injected clock, so tests can move time by hand and drive the loop one
+turn at a time with ``run_once(timeout_s=0)``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import selectors
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+READ = selectors.EVENT_READ
+WRITE = selectors.EVENT_WRITE
+
+# A source's callback receives the events that are ready (READ, WRITE or both).
+Handler = Callable[[int], None]
+
+
+@dataclass(order=True)
+class Deadline:
+    """A callback due at ``when`` (on the loop's clock); ``cancel`` forgets it."""
+
+    when: float
+    sequence: int  # keeps equal times in the order they were scheduled
+    callback: Callable[[], None] = field(compare=False)
+    cancelled: bool = field(default=False, compare=False)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __repr__(self) -> str:
+        state = "cancelled" if self.cancelled else "pending"
+        return f"<Deadline {state} at {self.when:.3f} {getattr(self.callback, '__qualname__', self.callback)}>"
+
+
+class Loop:
+    """Dispatches ready descriptors and due deadlines to their callbacks."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._selector = selectors.DefaultSelector()
+        self._handlers: dict[int, Handler] = {}
+        self._deadlines: list[Deadline] = []
+        self._sequence = itertools.count()
+
+    # -- sources ---------------------------------------------------------------------------------
+
+    def watch(self, fd: int, handler: Handler, events: int = READ) -> None:
+        """Call ``handler(ready_events)`` whenever ``fd`` is ready for ``events``.
+
+        Raises:
+            KeyError: ``fd`` is already watched (``modify`` changes what is watched).
+        """
+        self._selector.register(fd, events)
+        self._handlers[fd] = handler
+
+    def modify(self, fd: int, events: int) -> None:
+        """Watch ``fd`` for other ``events`` (READ, WRITE or both), same handler."""
+        self._selector.modify(fd, events)
+
+    def forget(self, fd: int) -> None:
+        """Stop watching ``fd`` (before it is closed); a descriptor not watched is ignored."""
+        if self._handlers.pop(fd, None) is not None:
+            self._selector.unregister(fd)
+
+    def watching(self, fd: int) -> bool:
+        return fd in self._handlers
+
+    # -- deadlines -------------------------------------------------------------------------------
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> Deadline:
+        """Call ``callback()`` once the clock reaches ``when``; return a handle that cancels it."""
+        deadline = Deadline(when, next(self._sequence), callback)
+        heapq.heappush(self._deadlines, deadline)
+        return deadline
+
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> Deadline:
+        return self.call_at(self.clock() + delay_s, callback)
+
+    def next_deadline(self) -> float | None:
+        """The time of the nearest pending deadline, or None when nothing is scheduled."""
+        while self._deadlines and self._deadlines[0].cancelled:
+            heapq.heappop(self._deadlines)
+        return self._deadlines[0].when if self._deadlines else None
+
+    # -- turning -----------------------------------------------------------------------------------
+
+    def run_once(self, timeout_s: float | None = None) -> None:
+        """Wait for the first ready source or the nearest deadline, then dispatch what is due.
+
+        Args:
+            timeout_s: wait at most this long (0: do not wait); by default until the nearest
+                deadline, or for ever when nothing is scheduled.
+        """
+        nearest = self.next_deadline()
+        wait = None if nearest is None else max(0.0, nearest - self.clock())
+        if timeout_s is not None:
+            wait = timeout_s if wait is None else min(wait, timeout_s)
+        for key, events in self._selector.select(wait):
+            handler = self._handlers.get(key.fd)
+            if handler is not None:  # an earlier callback of this turn may have forgotten it
+                handler(events)
+        self._fire_due()
+
+    def _fire_due(self) -> None:
+        now = self.clock()
+        # Only what was scheduled before this turn: a callback that schedules itself again for
+        # "now" runs on the next turn, after the selector has had its say, not in an endless loop.
+        horizon = next(self._sequence)
+        while self._deadlines and self._deadlines[0].when <= now and self._deadlines[0].sequence < horizon:
+            deadline = heapq.heappop(self._deadlines)
+            if not deadline.cancelled:
+                deadline.cancelled = True  # fired: a later cancel() is harmless
+                deadline.callback()
+
+    def close(self) -> None:
+        """Forget every source and deadline (the descriptors are their owners' to close)."""
+        self._selector.close()
+        self._handlers.clear()
+        self._deadlines.clear()
+
+    def __repr__(self) -> str:
+        pending = sum(1 for d in self._deadlines if not d.cancelled)
+        return f"<Loop watching {len(self._handlers)} descriptors, {pending} deadlines pending>"
