@@ -5,6 +5,14 @@ hand the results on in batches to every downstream queue. A command stage's work
 it forks and execs the program, writes each input item to its stdin as a JSON line, and turns each
 line of its stdout into an item. Either way the worker tells the supervisor what happened through
 its report pipe (one JSON object per line): ``ready``, ``error``, ``exec_failed``, ``counts``.
+Queues are reached only through ``transport``; the batch in hand stays in the slot file until it
+has been handed on, for a command stage too (see ``_Feeder``).
+
+Descriptors: once the worker has its endpoints, every descriptor procd gave it is made
+close-on-exec, so a program the stage code starts (``subprocess``, ``os.system``) never holds a
+queue open. A child the stage code *forks* without exec inherits them: it must not outlive the
+worker (procd names such a holder in an ``input_held_open`` record when a downstream input cannot
+end).
 
 The worker never returns into the supervisor's code: ``spawn`` calls ``run`` inside
 ``try/finally: os._exit``.
@@ -13,12 +21,14 @@ The worker never returns into the supervisor's code: ``spawn`` calls ``run`` ins
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
-import pickle
 import select
 import signal
+import struct
 import sys
+import termios
 import threading
 import time
 import traceback
@@ -28,10 +38,11 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from procd import callables, deadletters, inflight, procctl, reaper
+from procd import callables, deadletters, procctl, procinfo, reaper
 from procd.config import StageSpec
 from procd.deadletters import DeadLetterFile, now_iso, record
-from procd.queues import QueueFds, QueueReader, QueueWriter
+from procd.transport import Endpoint, Held, Reader
+from procd.transport.slot import Slot
 
 # Items a producer holds back at most this long before sending a part-filled batch.
 FLUSH_INTERVAL_S = 0.05
@@ -44,9 +55,9 @@ DEAD_LETTER_FAILED = 74  # EX_IOERR: a dead letter could not be written
 
 @dataclass(frozen=True)
 class Output:
-    """One downstream queue and the batch size its reader asked for."""
+    """One downstream input and the batch size its reader asked for."""
 
-    fds: QueueFds
+    endpoint: Endpoint
     batch: int
 
 
@@ -60,9 +71,9 @@ class WorkerContext:
     index: int
     generation: int
     report_fd: int
-    input: QueueFds | None
+    input: Endpoint | None
     outputs: tuple[Output, ...]
-    inflight_fd: int | None = None  # the slot's in-flight memfd (function stages with an input)
+    slot_fd: int | None = None  # the slot file (transport.slot)
     state_dir: str = ""
 
     @property
@@ -90,8 +101,8 @@ class Outlet:
     A sink has no writers: its results are only counted.
     """
 
-    def __init__(self, outputs: tuple[Output, ...]) -> None:
-        self._writers = [(QueueWriter(o.fds), o.batch) for o in outputs]
+    def __init__(self, outputs: tuple[Output, ...], slot: Slot | None = None) -> None:
+        self._writers = [(o.endpoint.writer(slot, number), o.batch) for number, o in enumerate(outputs)]
         self.pending: list[Any] = []
         self.largest = max((o.batch for o in outputs), default=4096)
         self.since = 0.0
@@ -129,10 +140,26 @@ class _StopProducing(Exception):
 
 def run(ctx: WorkerContext) -> int:
     """Run one worker to its end; return its exit code."""
+    _seal(ctx)
     reporter = Reporter(ctx.report_fd)
     if ctx.stage.command is not None:
         return _run_command(ctx, reporter)
     return _run_function(ctx, reporter)
+
+
+def _seal(ctx: WorkerContext) -> None:
+    """Keep procd's descriptors out of every program the worker or its stage code executes
+    (``spawn`` made them inheritable to get them across its own exec)."""
+    fds = {ctx.report_fd} | ({ctx.slot_fd} if ctx.slot_fd is not None else set())
+    if ctx.input is not None:
+        fds |= ctx.input.reader_fds()
+    for output in ctx.outputs:
+        fds |= output.endpoint.writer_fds()
+    for fd in fds:
+        try:
+            os.set_inheritable(fd, False)
+        except OSError:
+            pass
 
 
 def _report_error(reporter: Reporter, exc: BaseException, item: Any = None) -> None:
@@ -149,7 +176,8 @@ def _report_error(reporter: Reporter, exc: BaseException, item: Any = None) -> N
 def _run_function(ctx: WorkerContext, reporter: Reporter) -> int:
     stage = ctx.stage
     assert stage.function is not None
-    outlet = Outlet(ctx.outputs)
+    slot = Slot(ctx.slot_fd) if ctx.slot_fd is not None else None
+    outlet = Outlet(ctx.outputs, slot)
     options = dict(stage.options)
     try:
         target = callables.resolve(stage.function, ctx.base_dir)
@@ -169,7 +197,7 @@ def _run_function(ctx: WorkerContext, reporter: Reporter) -> int:
         code = _produce(target, instance, options, outlet, reporter)
         received = 0
     else:
-        code, received = _consume(target, instance, ctx, outlet, reporter)
+        code, received = _consume(target, instance, ctx, slot, outlet, reporter)
     if code == 0 and instance is not None and hasattr(instance, "close"):
         try:
             result = instance.close()
@@ -212,7 +240,7 @@ class Checkpoint:
 
     @classmethod
     def open(cls, ctx: WorkerContext, outlet: Outlet) -> Checkpoint:
-        if not ctx.outputs or any(o.fds.store_path is None for o in ctx.outputs):
+        if not ctx.outputs or not all(o.endpoint.durable for o in ctx.outputs):
             raise ValueError(
                 f"stage {ctx.stage.name} asks for a checkpoint, so every stage reading it needs a durable queue "
                 '(queue = { backend = "sqlite" }): an item in memory could be skipped on resume'
@@ -299,19 +327,20 @@ def stop_fd_on_sigterm() -> int:
     return read_fd
 
 
-def _consume(target: Any, instance: Any, ctx: WorkerContext, outlet: Outlet, reporter: Reporter) -> tuple[int, int]:
+def _consume(
+    target: Any, instance: Any, ctx: WorkerContext, slot: Slot | None, outlet: Outlet, reporter: Reporter
+) -> tuple[int, int]:
     """Process batches until the end of the input (or SIGTERM between batches).
 
     An exception in stage code is retried, alone, up to ``max_attempts`` times, then the item
     goes to the dead-letter file; it never ends the worker. A batch that the slot's previous
-    process held when it died is processed first, one item at a time (see ``inflight``).
+    process held when it died is processed first, one item at a time (see ``_redeliver``).
     """
     assert ctx.input is not None
     stage = ctx.stage
     call = instance if instance is not None else target
     options = stage.options if instance is None else {}
     letters = DeadLetterFile(stage.dead_letter)
-    slot = inflight.Slot(ctx.inflight_fd) if ctx.inflight_fd is not None else None
 
     def attempt(item: Any) -> None:
         first_failed_at = None
@@ -329,13 +358,11 @@ def _consume(target: Any, instance: Any, ctx: WorkerContext, outlet: Outlet, rep
                     )
 
     received = 0
-    reader = QueueReader(ctx.input, slot)
-    if slot is not None:
-        held = inflight.read(slot.fd)
-        if held is not None:
-            received += _redeliver(ctx, held, slot, attempt, outlet, letters, reporter)
-            reader.acknowledge(held.ack)
-            slot.clear()
+    reader = ctx.input.reader(slot, keep_batch=stage.redeliver)
+    held = reader.held()
+    if held is not None and slot is not None:
+        received += _redeliver(ctx, held, slot, attempt, outlet.flush, letters, reporter)
+        reader.done()
     reported = time.monotonic()
     for batch in reader.batches(stop_fd_on_sigterm()):
         received += len(batch)
@@ -351,18 +378,20 @@ def _consume(target: Any, instance: Any, ctx: WorkerContext, outlet: Outlet, rep
 
 def _redeliver(
     ctx: WorkerContext,
-    held: inflight.Held,
-    slot: inflight.Slot,
-    attempt: Callable[[Any], None],
-    outlet: Outlet,
+    held: Held,
+    slot: Slot,
+    attempt: Callable[[Any], object],
+    flush: Callable[[], object],
     letters: DeadLetterFile,
     reporter: Reporter,
 ) -> int:
-    """Process the batch a dead predecessor held, item by item, flushing after each, with the
-    item in hand recorded in the slot: an item that kills processes ``max_attempts`` times in all
-    is dead-lettered instead of taking the slot down for ever."""
+    """Process the batch a dead predecessor held, item by item, handing each on before the next,
+    with the item in hand recorded in the slot: an item that kills processes ``max_attempts``
+    times in all is dead-lettered instead of taking the slot down for ever.
+
+    Returns the number of items processed; stops early (returning -1) if ``attempt`` or
+    ``flush`` returns False (a command stage's program has ended)."""
     items = held.items
-    slot.hold_large(pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL), held.deliveries + 1, held.ack)
     start, crashes = 0, 0
     if held.index >= 0:
         crashes = held.crashes + 1
@@ -386,8 +415,8 @@ def _redeliver(
             start = held.index
     for index in range(start, len(items)):
         slot.at(index, crashes if index == held.index else 0)
-        attempt(items[index])
-        outlet.flush()
+        if attempt(items[index]) is False or flush() is False:
+            return -1
     return len(items) - start
 
 
@@ -458,6 +487,7 @@ def _exec_program(argv: tuple[str, ...], stdin_fd: int, stdout_fd: int, err_w: i
                 pass
         os.dup2(stdin_fd, 0)
         os.dup2(stdout_fd, 1)
+        os.environ["PYTHONUNBUFFERED"] = "1"
         os.closerange(3, err_w)
         os.closerange(err_w + 1, os.sysconf("SC_OPEN_MAX"))
         os.execvp(argv[0], list(argv))
@@ -472,7 +502,7 @@ def _run_command(ctx: WorkerContext, reporter: Reporter) -> int:
     assert argv is not None
     stdout_r, stdout_w = os.pipe()
     if ctx.input is not None:
-        stdin_r, stdin_w = os.pipe()
+        stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
     else:
         stdin_r, stdin_w = os.open(os.devnull, os.O_RDONLY), -1
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -498,24 +528,29 @@ def _run_command(ctx: WorkerContext, reporter: Reporter) -> int:
         return EXEC_FAILED
     reporter.send("ready")
 
-    received = [0]
-    feed_error: list[BaseException] = []
+    slot = Slot(ctx.slot_fd) if ctx.slot_fd is not None else None
+    outlet = Outlet(ctx.outputs, slot)
+    feeder: _Feeder | None = None
+    collector = _Collector(
+        stdout_r, outlet, lambda: reporter.send("counts", items_in=received(), items_out=outlet.count)
+    )
     if ctx.input is not None:
-        reader = QueueReader(ctx.input)
-        feeder = threading.Thread(
-            target=_feed, args=(reader, stop_fd, stdin_w, received, feed_error), name="feed", daemon=True
-        )
-        feeder.start()
-    outlet = Outlet(ctx.outputs)
-    _collect(stdout_r, outlet, lambda: reporter.send("counts", items_in=received[0], items_out=outlet.count))
+        reader = ctx.input.reader(slot, keep_batch=ctx.stage.redeliver)
+        feeder = _Feeder(ctx, reader, slot, pid, stdin_w, collector, reporter)
+        threading.Thread(target=feeder.run, args=(stop_fd,), name="feed", daemon=True).start()
+
+    def received() -> int:
+        return feeder.received if feeder is not None else 0
+
+    collector.run()
     status = reaper.wait_for(pid)
-    if feed_error:
-        _report_error(reporter, feed_error[0])
+    if feeder is not None:
+        feeder.program_ended.set()
     outlet.close()
-    reporter.send("counts", items_in=received[0], items_out=outlet.count)
+    reporter.send("counts", items_in=received(), items_out=outlet.count)
     if status.signal is not None:
         _die_like(status.signal)
-    return 1 if feed_error and status.code == 0 else (status.code or 0)
+    return status.code or 0
 
 
 def _die_like(signum: int) -> None:
@@ -531,42 +566,150 @@ def _die_like(signum: int) -> None:
     os._exit(128 + signum)  # reached only for a signal whose default action is not to end
 
 
-def _feed(reader: QueueReader, stop_fd: int, stdin_w: int, received: list[int], errors: list[BaseException]) -> None:
-    """Thread: queue batches → JSON lines on the program's stdin; closes it at end of stream."""
-    try:
-        with open(stdin_w, "wb", buffering=1 << 16) as stdin:
-            for batch in reader.batches(stop_fd):
-                received[0] += len(batch)
-                data = "".join(json.dumps(item, separators=(",", ":")) + "\n" for item in batch)
-                stdin.write(data.encode())
-                stdin.flush()
-    except BrokenPipeError:
-        pass  # the program closed its stdin; its exit status tells the rest
-    except (TypeError, ValueError) as exc:
-        errors.append(exc)
+def _unread(fd: int) -> int:
+    """Bytes waiting in pipe ``fd`` (either end)."""
+    buffer = bytearray(4)
+    fcntl.ioctl(fd, termios.FIONREAD, buffer)
+    (count,) = struct.unpack("i", buffer)
+    return int(count)
 
 
-def _collect(stdout_r: int, outlet: Outlet, report_counts: Callable[[], None]) -> None:
-    """Each stdout line → one item (JSON, or the plain string); a batch is sent when no more waits."""
-    partial = b""
-    reported = time.monotonic()
-    while True:
-        chunk = os.read(stdout_r, 1 << 16)
-        if not chunk:
-            break
-        lines = (partial + chunk).split(b"\n")
-        partial = lines.pop()
-        for raw in lines:
-            outlet.add(_parse_line(raw))
-        ready, _, _ = select.select([stdout_r], [], [], 0)
-        if not ready:
+class _Collector:
+    """The bridge's main thread: each stdout line of the program → one item, sent on in batches.
+
+    Everything read is parsed and, once no more output waits, handed on while ``lock`` is held,
+    so that ``drained`` can tell that nothing the program has written is still on its way."""
+
+    def __init__(self, fd: int, outlet: Outlet, report_counts: Callable[[], None]) -> None:
+        self.fd = fd
+        self.outlet = outlet
+        self.report_counts = report_counts
+        self.lock = threading.Lock()
+        self.partial = b""
+        self.closed = False
+
+    def run(self) -> None:
+        reported = time.monotonic()
+        outlet = self.outlet
+        while True:
+            select.select([self.fd], [], [])
+            with self.lock:
+                chunk = os.read(self.fd, 1 << 16)
+                if not chunk:
+                    break
+                lines = (self.partial + chunk).split(b"\n")
+                self.partial = lines.pop()
+                for raw in lines:
+                    outlet.add(_parse_line(raw))
+                if not _unread(self.fd):
+                    outlet.flush()
+            if time.monotonic() - reported >= COUNTS_INTERVAL_S:
+                reported = time.monotonic()
+                self.report_counts()
+        with self.lock:
+            if self.partial:
+                outlet.add(_parse_line(self.partial))
+                self.partial = b""
             outlet.flush()
-        if time.monotonic() - reported >= COUNTS_INTERVAL_S:
-            reported = time.monotonic()
-            report_counts()
-    if partial:
-        outlet.add(_parse_line(partial))
-    os.close(stdout_r)
+            self.closed = True
+            os.close(self.fd)
+
+    def drained(self) -> bool:
+        """Every byte the program has written to stdout so far has been handed on."""
+        with self.lock:
+            return self.closed or (not _unread(self.fd) and not self.partial and not self.outlet.pending)
+
+
+class _Feeder:
+    """The bridge's feeding thread: batches → JSON lines on the program's stdin, one batch at a
+    time, each held in the slot until it has been handed on.
+
+    Discussion. A program's output lines cannot be matched to its input lines (a filter emits
+    fewer, a splitter more), so "handed on" is defined by what the program has consumed: a batch
+    is done when the program has read all of its lines (its stdin pipe is empty), then sits
+    waiting for more input (it sleeps reading stdin, or in poll or select: it has finished with
+    what it read), and every line it wrote to stdout until then has been sent downstream. A
+    program killed before that point gets the whole batch again in the slot's next program,
+    item by item (so one line that kills the program ``max_attempts`` times is dead-lettered).
+    What a program keeps in its own output buffer is invisible to procd: programs must write
+    their output unbuffered or line by line (``python -u``, ``grep --line-buffered``, awk's
+    ``fflush()``); ``PYTHONUNBUFFERED=1`` is set for them."""
+
+    def __init__(
+        self,
+        ctx: WorkerContext,
+        reader: Reader,
+        slot: Slot | None,
+        program: int,
+        stdin_w: int,
+        collector: _Collector,
+        reporter: Reporter,
+    ) -> None:
+        self.ctx = ctx
+        self.reader = reader
+        self.slot = slot
+        self.program = program
+        self.stdin_w = stdin_w
+        self.collector = collector
+        self.reporter = reporter
+        self.letters = DeadLetterFile(ctx.stage.dead_letter)
+        self.received = 0
+        self.program_ended = threading.Event()
+
+    def run(self, stop_fd: int) -> None:
+        try:
+            held = self.reader.held()
+            if held is not None and self.slot is not None:
+                delivered = _redeliver(
+                    self.ctx,
+                    held,
+                    self.slot,
+                    lambda item: self._write([item]),
+                    self._handed_on,
+                    self.letters,
+                    self.reporter,
+                )
+                if delivered < 0:
+                    return
+                self.received += delivered
+                self.reader.done()
+            for batch in self.reader.batches(stop_fd):
+                self.received += len(batch)
+                if not self._write(batch) or not self._handed_on():
+                    return  # the program has ended: the batch stays held for the next one
+                self.reader.done()
+        finally:
+            os.close(self.stdin_w)
+
+    def _write(self, batch: list[Any]) -> bool:
+        lines = []
+        for item in batch:
+            try:
+                lines.append(json.dumps(item, separators=(",", ":")) + "\n")
+            except (TypeError, ValueError) as exc:
+                _dead_letter(self.ctx, self.letters, self.reporter, item, type(exc).__name__, f"not JSON: {exc}", 1, "")
+        data = memoryview("".join(lines).encode())
+        try:
+            while data:
+                data = data[os.write(self.stdin_w, data) :]
+        except BrokenPipeError:
+            return False  # the program closed its stdin; its exit status tells the rest
+        return True
+
+    def _handed_on(self) -> bool:
+        """Wait until the program has consumed what it was given and its output has gone on;
+        False if it ended first."""
+        delay = 0.0001
+        while not self.program_ended.is_set():
+            if (
+                not _unread(self.stdin_w)
+                and procinfo.waits_on(self.program, 0) is not False
+                and self.collector.drained()
+            ):
+                return True
+            time.sleep(delay)  # no kernel event says "this pipe is empty"
+            delay = min(delay * 2, 0.005)
+        return False
 
 
 def _parse_line(raw: bytes) -> Any:

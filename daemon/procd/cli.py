@@ -24,7 +24,6 @@ from procd.environment import BuildError, Environment
 from procd.errors import ConfigError, StoreError
 from procd.log import LEVELS, open_logger
 from procd.notify import Notifier
-from procd.queues import QueueFds, QueueWriter
 from procd.supervisor import Supervisor
 
 EXIT_OK = 0
@@ -489,12 +488,18 @@ def _dlq_replay(args: argparse.Namespace) -> int:
         if not reply.get("ok"):
             print(f"procd dlq replay: {reply.get('error')}", file=sys.stderr)
             return EXIT_FAILURE
-        writer = QueueWriter(QueueFds(fds[0], -1, fds[1]))
+        from procd import transport
+
+        writer = transport.attached_writer(reply, fds)
         batch = int(reply["batch"])
-        for start in range(0, len(items), batch):
-            writer.send(items[start : start + batch])
-        writer.close()
-        os.close(fds[1])
+        try:
+            for start in range(0, len(items), batch):
+                writer.send(items[start : start + batch])
+        except (StoreError, OSError) as exc:
+            print(f"procd dlq replay: cannot write into {args.into}: {exc}; nothing more was sent", file=sys.stderr)
+            return EXIT_FAILURE
+        finally:
+            writer.close()
         control.call(path, "replayed", stage=args.into, items=len(items), file=args.file)
     except ControlError as exc:
         print(f"procd dlq replay: {exc}", file=sys.stderr)

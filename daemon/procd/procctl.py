@@ -93,11 +93,13 @@ def fork_blocked() -> tuple[int, set[int | signal.Signals]]:
 def wire_worker_stdio(output_fd: int, keep: set[int]) -> None:
     """In a new worker: stdin from /dev/null, stdout and stderr to ``output_fd`` (line-buffered,
     the supervisor logs each line), every other descriptor but ``keep`` closed."""
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
     os.dup2(output_fd, 1)
     os.dup2(output_fd, 2)
     close_all_but({0, 1, 2} | keep)
+    null = os.open(os.devnull, os.O_RDONLY)  # after the closing: at the fd limit there is room now
+    os.dup2(null, 0)
+    if null != 0:
+        os.close(null)
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True)

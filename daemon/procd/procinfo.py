@@ -1,19 +1,20 @@
 """What the kernel shows in /proc about a process or a descriptor, read on demand.
 
-Used by ``procd status``: a queue's depth from its eventfd's counter, and whether a worker is
-blocked (waiting on a full output queue or an empty input) from the system call it sleeps in.
-Reading costs the workers nothing: they report no state of their own for this.
+Used by the local transport: a queue's depth from its eventfd's counter, and which processes still
+hold a queue's writing end; and by the command bridge: whether its program sleeps waiting for
+input (the system call it sleeps in).
 """
 
 from __future__ import annotations
 
+import os
 import platform
 
-# System calls a worker sleeps in, by architecture: reading an eventfd (a full output queue) and
-# waiting in select (an empty input queue; see QueueReader.receive).
+# System calls a program sleeps in while it waits for input, by architecture: read, and the
+# waits (poll, select, pselect6, ppoll, epoll_wait, epoll_pwait).
 _SYSCALLS = {
-    "x86_64": {"read": {0}, "wait": {7, 23, 270, 271}},  # read; poll, select, pselect6, ppoll
-    "aarch64": {"read": {63}, "wait": {72, 73}},  # read; pselect6, ppoll
+    "x86_64": {"read": {0}, "wait": {7, 23, 232, 270, 271, 281}},
+    "aarch64": {"read": {63}, "wait": {22, 72, 73}},
 }
 
 
@@ -29,9 +30,9 @@ def eventfd_count(fd: int) -> int | None:
     return None
 
 
-def blocked_on(pid: int, output_fds: set[int]) -> str | None:
-    """``"output"`` if ``pid`` sleeps reading one of ``output_fds`` (a full queue's slot counter),
-    ``"input"`` if it sleeps waiting for its input, else None (running, or unknown)."""
+def waits_on(pid: int, fd: int) -> bool | None:
+    """Whether ``pid`` sleeps reading descriptor ``fd``, or waiting in poll or select (for it,
+    presumably); None when the kernel does not say (another architecture, no permission)."""
     numbers = _SYSCALLS.get(platform.machine())
     if numbers is None:
         return None
@@ -40,11 +41,35 @@ def blocked_on(pid: int, output_fds: set[int]) -> str | None:
             fields = fh.read().split()
     except OSError:
         return None
-    if len(fields) < 2 or not fields[0].isdigit():  # "running", or no permission
+    if not fields or fields[0] == "running":
+        return False
+    if len(fields) < 2 or not fields[0].lstrip("-").isdigit():
         return None
-    number, first_arg = int(fields[0]), int(fields[1], 16)
-    if number in numbers["read"] and first_arg in output_fds:
-        return "output"
-    if number in numbers["wait"]:
-        return "input"
-    return None
+    number = int(fields[0])
+    return (number in numbers["read"] and int(fields[1], 16) == fd) or number in numbers["wait"]
+
+
+def holders(link: str) -> list[int]:
+    """Pids of the processes (of those this user may inspect) with a descriptor whose
+    ``/proc/PID/fd`` link reads ``link`` (such as ``socket:[1234]``)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                if os.readlink(f"/proc/{entry}/fd/{fd}") == link:
+                    found.append(int(entry))
+                    break
+        except OSError:
+            continue
+    return sorted(found)
+
+
+def title(pid: int) -> str:
+    """The command line of ``pid`` as ``ps`` shows it ("" if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""

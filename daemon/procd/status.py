@@ -21,10 +21,10 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from procd import plan, procinfo
-from procd.channels import Channel
+from procd import plan, transport
 from procd.config import PipelineSpec
 from procd.lifecycle import State
+from procd.transport import Input
 from procd.worker import Slot
 
 _ENDED = (State.EXITED, State.FATAL)
@@ -100,10 +100,13 @@ def sink_rate(spec: PipelineSpec, rates: dict[str, tuple[float, float]]) -> floa
     return total
 
 
-def _worker(slot: Slot, output_fds: set[int], now: float) -> dict[str, Any]:
+_WAITING = {transport.slot.WAITING_INPUT: "input", transport.slot.WAITING_OUTPUT: "output"}
+
+
+def _worker(slot: Slot, now: float) -> dict[str, Any]:
     state, blocked = str(slot.state), None
-    if slot.state is State.RUNNING and slot.pid is not None:
-        blocked = procinfo.blocked_on(slot.pid, output_fds)
+    if slot.state is State.RUNNING and slot.pid is not None and slot.slot_fd is not None:
+        blocked = _WAITING.get(transport.slot.read(slot.slot_fd).waiting)  # the worker says so itself
         state = "blocked" if blocked else state
     alive = slot.state not in _ENDED
     return {
@@ -122,7 +125,7 @@ def _worker(slot: Slot, output_fds: set[int], now: float) -> dict[str, Any]:
 def snapshot(
     spec: PipelineSpec,
     slots: Sequence[Slot],
-    channels: dict[str, Channel],
+    channels: dict[str, Input],
     ledger: Ledger,
     *,
     finished: set[str],
@@ -136,9 +139,8 @@ def snapshot(
     rates, window = ledger.rates(totals, now)
     stages = []
     for stage in plan.topological_order(spec):
-        output_fds = {channels[r.name].fds.slots_fd for r in spec.readers(stage.name)}
         mine = [s for s in slots if s.stage.name == stage.name]
-        workers = [_worker(slot, output_fds, now) for slot in mine]
+        workers = [_worker(slot, now) for slot in mine]
         queue = None
         if stage.name in channels:
             queue = {

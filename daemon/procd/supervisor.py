@@ -30,8 +30,20 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from procd import callables, config, control, environment, inflight, plan, procctl, reaper, signals, status, worker
-from procd.channels import Channel
+from procd import (
+    callables,
+    config,
+    control,
+    environment,
+    plan,
+    procctl,
+    procinfo,
+    reaper,
+    signals,
+    status,
+    transport,
+    worker,
+)
 from procd.child import Output
 from procd.config import PipelineSpec
 from procd.connections import PAUSE_S, Connection, Listener
@@ -64,10 +76,10 @@ from procd.lifecycle import (
 )
 from procd.log import RecordWriter
 from procd.notify import Notifier
-from procd.queues import INLINE_LIMIT
 from procd.restarts import RestartHistory, backoff_delay
 from procd.spawn import start_forkserver
 from procd.throttle import OutputThrottle
+from procd.transport import Input
 from procd.worker import Slot
 
 TERMINAL = (State.EXITED, State.FATAL)
@@ -75,6 +87,9 @@ TERMINAL = (State.EXITED, State.FATAL)
 # processes forks them over a while instead of all in one turn of the loop.
 SPAWN_BURST = 16
 SPAWN_RATE_PER_S = 64.0
+# After an input's end of stream, how long before procd looks for processes that are not workers
+# and still hold its writing end (a stage's forked child), which keep its readers waiting.
+_HELD_OPEN_AFTER_S = 1.0
 _LINE_LIMIT = 4096
 
 TimerKey = tuple[Slot, Timer]
@@ -108,8 +123,8 @@ class Supervisor:
         self.histories = {s.name: RestartHistory(s.restart.max, s.restart.within_s) for s in spec.stages}
         self.slots = [Slot(stage, i) for stage in plan.topological_order(spec) for i in range(stage.processes)]
         self.by_pid: dict[int, Slot] = {}
-        self.channels: dict[str, Channel] = {}  # each stage's current input
-        self.retired: list[Channel] = []  # inputs replaced by a reload, still draining
+        self.channels: dict[str, Input] = {}  # each stage's current input
+        self.retired: list[Input] = []  # inputs replaced by a reload, still draining
         self.finished: set[str] = set()  # stages whose every process has ended
         self.timers: dict[TimerKey, float] = {}
         self.ready: set[Slot] = set()
@@ -175,7 +190,7 @@ class Supervisor:
         try:
             for stage in self.spec.stages:
                 if not stage.is_producer:
-                    self.channels[stage.name] = Channel.create(stage.name, stage.queue)
+                    self.channels[stage.name] = transport.create(stage.name, stage.queue)
             self.log.info(
                 "pipeline_starting",
                 stages=[s.name for s in self.spec.stages],
@@ -232,8 +247,8 @@ class Supervisor:
             for channel in [*self.channels.values(), *self.retired]:
                 channel.close()
             for slot in self.slots:
-                if slot.inflight_fd is not None:
-                    os.close(slot.inflight_fd)
+                if slot.slot_fd is not None:
+                    os.close(slot.slot_fd)
 
     def _timeout(self) -> float | None:
         deadlines = [*self.timers.values(), *self.deadlines.values()]
@@ -255,6 +270,9 @@ class Supervisor:
             self._report_suppressed_due()
         if self.deadlines.get("starts", now + 1) <= now:
             self._start_paced([])
+        for held in [k for k, due in self.deadlines.items() if k.startswith("held:") and due <= now]:
+            del self.deadlines[held]
+            self._name_holders(held.removeprefix("held:"))
         for key, deadline in sorted(self.timers.items(), key=lambda kv: kv[1]):
             if deadline > now or key not in self.timers:
                 continue
@@ -264,26 +282,30 @@ class Supervisor:
 
     # -- state changes ----------------------------------------------------------------------------
 
-    def _policy(self, slot: Slot) -> Policy:
-        """The restart policy in force for ``slot`` now: none while stopping, none once the
-        stage's input has ended (a new process would only see the end again) unless the slot
-        holds a batch its next process must deliver."""
+    def _policy(self, slot: Slot, event: Event | None = None) -> Policy:
+        """The restart policy in force for ``slot`` now: none while stopping; none for a process
+        that ended cleanly after its input had ended (a new one would only see the end again)
+        unless the slot holds a batch its next process must deliver. A process that failed after
+        the end of its input is restarted by the stage's policy: its queue may still hold items
+        (a new process that finds it empty ends at once)."""
         stage = slot.stage
         if self.stopping or slot.retiring or slot.exec_failed:
             return Policy(Restart.NO)  # a program that cannot be executed will not start next time
-        if self._input_ended(slot) and not self._holds_batch(slot):
+        failed = isinstance(event, Exited) and not event.ok
+        if self._input_ended(slot) and not failed and not self._holds_batch(slot):
             return Policy(Restart.NO)
         return Policy(stage.restart.policy, self.histories[stage.name].exceeded(self.clock()))
 
     def _holds_batch(self, slot: Slot) -> bool:
-        return slot.inflight_fd is not None and inflight.read(slot.inflight_fd) is not None
+        """The slot file's header says a batch is held (read as numbers: nothing is unpickled)."""
+        return slot.slot_fd is not None and transport.slot.read(slot.slot_fd).holds
 
     def _input_ended(self, slot: Slot) -> bool:
         channel = slot.input or self.channels.get(slot.stage.name)
         return channel is not None and channel.ended
 
     def _feed(self, slot: Slot, event: Event) -> None:
-        transition = step(slot.state, event, self._policy(slot))
+        transition = step(slot.state, event, self._policy(slot, event))
         slot.state = transition.state
         for action in transition.actions:
             self._do(slot, action)
@@ -310,15 +332,11 @@ class Supervisor:
 
     def _spawn(self, slot: Slot) -> None:
         slot.input = self.channels.get(slot.stage.name)
-        if (
-            slot.inflight_fd is None
-            and slot.input is not None
-            and slot.stage.function is not None
-            and slot.stage.redeliver
-        ):
-            slot.inflight_fd = inflight.create(INLINE_LIMIT)
         slot.outputs = [self.channels[reader.name] for reader in self.spec.readers(slot.stage.name)]
         try:
+            if slot.slot_fd is None:  # EMFILE here is a spawn failure like any other
+                keeps_batch = slot.input is not None and slot.stage.redeliver
+                slot.slot_fd = transport.slot.create(transport.slot.MESSAGE_CAPACITY if keeps_batch else 0)
             python = self.environment.python if self.environment is not None else None
             start_method = self.spec.start_method
             if python is not None and slot.stage.function is None:
@@ -334,12 +352,13 @@ class Supervisor:
                 base_dir=self.spec.base_dir,
                 state_dir=self.spec.state_dir,
                 start_method=start_method,
-                input_fds=slot.input.fds if slot.input is not None else None,
-                outputs=tuple(Output(c.fds, c.spec.batch) for c in slot.outputs),
+                input_endpoint=slot.input.endpoint() if slot.input is not None else None,
+                outputs=tuple(Output(c.endpoint(), c.spec.batch) for c in slot.outputs),
             )
         except OSError as exc:
             self._bound(slot).error("spawn_failed", errno=exc.errno, error=exc.strerror)
             slot.failure = f"fork failed: {exc.strerror}"
+            self.histories[slot.stage.name].record(self.clock())  # a failed start counts as a restart
             self._feed(slot, SpawnFailed(exc.errno or 0))
             self._after_end(slot, slot.failure)
             return
@@ -445,14 +464,20 @@ class Supervisor:
             self._stop_group(slot)
 
     def _check_held(self, slot: Slot, event: Exited) -> None:
-        """A process that died holding a batch: its slot's next process will deliver it again."""
-        if slot.inflight_fd is None:
+        """After a process ended: give back the queue capacity its slot file says it may have
+        held; if it held a batch, its slot's next process will deliver it again."""
+        if slot.slot_fd is None:
             return
-        held = inflight.read(slot.inflight_fd)
-        if held is None:
+        held = transport.slot.read(slot.slot_fd)
+        if held.in_token and slot.input is not None:
+            slot.input.reclaim()
+        if 0 <= held.out_token < len(slot.outputs):
+            slot.outputs[held.out_token].reclaim()
+        transport.slot.clear_tokens(slot.slot_fd)
+        if not held.holds:
             return
-        inflight.note_exit(slot.inflight_fd, event.signal, event.code)
-        pending = len(held.items) - max(held.index, 0)
+        transport.slot.note_exit(slot.slot_fd, event.signal, event.code)
+        pending = held.items - max(held.index, 0)
         if slot.state in (State.BACKOFF, State.STARTING) or slot.regrouping:
             self._bound(slot).warning(
                 "item_redelivered", items=pending, attempt=held.deliveries + 1, reason=event.describe()
@@ -464,14 +489,33 @@ class Supervisor:
                 message=f"{slot.name} died holding {pending} items and will not be restarted",
             )
 
+    def _name_holders(self, name: str) -> None:
+        """An input was ended a while ago and its readers still run: name any process that is not
+        a worker and holds its writing end (its readers cannot see the end until it lets go)."""
+        channel = self.channels.get(name)
+        if channel is None or name in self.finished or not channel.readers:
+            return
+        holders = [pid for pid in channel.holders() if pid not in self.by_pid and pid != os.getpid()]
+        if holders:
+            self.log.warning(
+                "input_held_open",
+                stage=name,
+                holders=holders,
+                titles=[procinfo.title(pid) for pid in holders],
+                message=(
+                    f"the input of {name} has ended, but process {', '.join(map(str, holders))} still holds its "
+                    "writing end (a child forked by stage code?); its readers wait until that process exits"
+                ),
+            )
+
     def _remove(self, slot: Slot) -> None:
         """A retired slot leaves for good."""
         self.slots.remove(slot)
         self.ready.discard(slot)
         self.throttles.pop(slot, None)
-        if slot.inflight_fd is not None:
-            os.close(slot.inflight_fd)
-            slot.inflight_fd = None
+        if slot.slot_fd is not None:
+            os.close(slot.slot_fd)
+            slot.slot_fd = None
 
     def _stop_group(self, failed: Slot) -> None:
         """rest_for_one: the failed stage's other workers and every stage downstream of it stop
@@ -542,6 +586,8 @@ class Supervisor:
         if event.ok:
             if slot.input is not None and not slot.input.ended:
                 return "exited before the end of its input"
+            if self._holds_batch(slot):
+                return "exited holding a batch it had not handed on"  # exit 0 must mean nothing lost
             return None
         return slot.failure or f"exited with {event.describe()}"
 
@@ -841,11 +887,11 @@ class Supervisor:
                 "ok": False,
                 "error": f"no stage {name!r} with an input; stages with one are {', '.join(readers)}",
             }, ()
-        if not channel.writing or self.stopping:
+        if channel.ended or self.stopping:
             return {"ok": False, "error": f"the input of stage {name} has ended; it takes no more items"}, ()
         self.log.info("input_attached", stage=name)
-        reply = {"ok": True, "stage": name, "batch": channel.spec.batch, "slots": channel.spec.slots}
-        return reply, (channel.fds.write_fd, channel.fds.slots_fd)
+        fields, fds = channel.attach()
+        return {"ok": True, "stage": name, "batch": channel.spec.batch, "slots": channel.spec.slots, **fields}, fds
 
     def status(self) -> dict[str, Any]:
         """Every stage and worker as ``procd status`` shows them."""
@@ -1004,10 +1050,11 @@ class Supervisor:
                 items_in, items_out = self.ledger.totals(self.slots).get(stage.name, (0, 0))
                 self.log.info("stage_drained", stage=stage.name, items_in=items_in, items_out=items_out)
         for name, channel in self.channels.items():
-            if channel.writing and all(upstream in self.finished for upstream in self.spec.stage(name).inputs):
+            if not channel.ended and all(upstream in self.finished for upstream in self.spec.stage(name).inputs):
                 channel.end()
+                self.deadlines[f"held:{name}"] = self.clock() + _HELD_OPEN_AFTER_S
         for channel in list(self.retired):
-            if channel.writing and not channel.writers:
+            if not channel.ended and not channel.writers:
                 channel.end()
             if channel.drained():
                 channel.close()
@@ -1109,11 +1156,11 @@ class Supervisor:
             StoreError: a new durable queue cannot be made (then nothing has changed).
         """
         changed, added, removed, replaced_queues = diff.changed, diff.added, diff.removed, diff.replaced_queues
-        fresh: dict[str, Channel] = {}
+        fresh: dict[str, Input] = {}
         try:
             for name in added | (changed & replaced_queues):
                 if not new.stage(name).is_producer:
-                    fresh[name] = Channel.create(name, new.stage(name).queue)
+                    fresh[name] = transport.create(name, new.stage(name).queue)
         except StoreError:
             for channel in fresh.values():
                 channel.close()
@@ -1249,21 +1296,21 @@ class Supervisor:
 
     def _abandoned(self) -> dict[str, dict[str, int]]:
         """Per stage, once every process has ended: the batches left in its input queue (with the
-        most items they can hold) and the items its slots still hold. Nothing else is counted:
-        a command stage's items in hand are not tracked."""
+        most items they can hold) and the items its slots still hold (from the slot files'
+        headers: nothing is unpickled)."""
         found: dict[str, dict[str, int]] = {}
         for stage in self.spec.stages:
             channel = self.channels.get(stage.name)
             queued = (_queued_batches(channel) or 0) if channel is not None else 0
             held = [
-                inflight.read(s.inflight_fd)
+                transport.slot.read(s.slot_fd)
                 for s in self.slots
-                if s.stage.name == stage.name and s.inflight_fd is not None
+                if s.stage.name == stage.name and s.slot_fd is not None
             ]
             found[stage.name] = {
                 "queued_batches": queued,
                 "queued_items_at_most": queued * stage.queue.batch,
-                "in_hand_items": sum(len(h.items) - max(h.index, 0) for h in held if h is not None),
+                "in_hand_items": sum(h.items - max(h.index, 0) for h in held if h.holds),
             }
         return found
 
@@ -1288,9 +1335,8 @@ class Supervisor:
             pass
 
 
-def _queued_batches(channel: Channel) -> int | None:
-    """Messages waiting in a stage's input (None when that cannot be read). The one place that
-    asks the transport for its depth: re-point it at the transport interface's own."""
+def _queued_batches(channel: Input) -> int | None:
+    """Batches waiting in a stage's input (None when that cannot be read)."""
     return channel.depth()
 
 

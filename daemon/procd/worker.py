@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from procd.channels import Channel
 from procd.child import Output, WorkerContext
 from procd.config import StageSpec
 from procd.forkserver import ForkServer
 from procd.lifecycle import State
-from procd.queues import QueueFds
 from procd.spawn import fork_worker
+from procd.transport import Endpoint, Input
 
 
 @dataclass(eq=False)  # compared and hashed by identity: a reload may hold two slots named alike
@@ -40,9 +39,9 @@ class Slot:
     restarts: int = 0
     retiring: bool = False  # scaled away or replaced: leaves the pipeline once it has exited
     regrouping: bool = False  # stopped for a rest_for_one restart of its group
-    input: Channel | None = None  # what its current process reads and writes
-    outputs: list[Channel] = field(default_factory=list)
-    inflight_fd: int | None = None  # the batch in hand, shared with every generation (inflight.py)
+    input: Input | None = None  # what its current process reads and writes
+    outputs: list[Input] = field(default_factory=list)
+    slot_fd: int | None = None  # the slot file, shared with every generation (transport.slot)
     counts: dict[str, int] = field(default_factory=dict)  # the current process's, as last reported
     carried: dict[str, int] = field(default_factory=dict)  # the slot's earlier processes', summed
 
@@ -66,7 +65,7 @@ def start(
     base_dir: str,
     state_dir: str,
     start_method: str,
-    input_fds: QueueFds | None,
+    input_endpoint: Endpoint | None,
     outputs: tuple[Output, ...],
     server: ForkServer | None = None,
     python: str | None = None,
@@ -87,16 +86,16 @@ def start(
         index=slot.index,
         generation=slot.generation + 1,
         report_fd=report_w,
-        input=input_fds,
+        input=input_endpoint,
         outputs=outputs,
-        inflight_fd=slot.inflight_fd,
+        slot_fd=slot.slot_fd,
         state_dir=state_dir,
     )
-    keep = {report_w} | ({slot.inflight_fd} if slot.inflight_fd is not None else set())
-    if input_fds is not None:
-        keep |= {input_fds.read_fd, input_fds.slots_fd}
+    keep = {report_w} | ({slot.slot_fd} if slot.slot_fd is not None else set())
+    if input_endpoint is not None:
+        keep |= input_endpoint.reader_fds()
     for output in outputs:
-        keep |= {output.fds.write_fd, output.fds.slots_fd}
+        keep |= output.endpoint.writer_fds()
     try:
         pid = fork_worker(ctx, output_fd=output_w, keep=keep, start_method=start_method, server=server, python=python)
     except OSError:
