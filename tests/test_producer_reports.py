@@ -66,3 +66,22 @@ def test_a_producer_that_blocks_after_yielding_hands_its_items_on_and_reports_th
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
     assert proc.returncode == 0
+
+
+def test_linger_is_how_long_a_producer_holds_a_part_filled_batch(ws: Workspace) -> None:
+    """``linger = "1m"``: the three items are counted (reported) but held; a stop sends them."""
+    ws.write("st.py", STAGES)
+    ws.pipeline(
+        '[stages.blocked]\nfunction = "st:three_then_block"\nlinger = "1m"\n'
+        '[stages.sink]\nfunction = "st:Record"\ninputs = ["blocked"]\noptions = { path = "got.txt" }\n'
+    )
+    proc = ws.start_ready()
+    got = ws.path / "got.txt"
+    try:
+        wait_until(lambda: _status(ws).get("blocked", {}).get("items_out") == 3, timeout=10)
+        assert not got.exists() or got.read_text() == ""
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    assert got.read_text().split() == ["0", "1", "2"]

@@ -24,6 +24,7 @@ import bisect
 import errno
 import fcntl
 import json
+import math
 import os
 import select
 import signal
@@ -45,9 +46,6 @@ from procd.deadletters import DeadLetterFile, now_iso, record
 from procd.transport import EncodeError, Endpoint, Held, Reader, Writer
 from procd.transport.slot import Slot
 
-# Items a producer holds back at most this long before sending a part-filled batch, even when
-# its generator blocks before its next yield (``_Ticker``).
-FLUSH_INTERVAL_S = 0.001
 # A worker whose counts changed tells the supervisor at least this often (for ``procd status``,
 # ``top``, metrics), however it batches; an idle one says nothing, so an idle pipeline never
 # wakes the supervisor.
@@ -223,7 +221,7 @@ class Outlet:
 
 class _Ticker:
     """A worker's second thread: reports its counts at least once a second while they change,
-    and, in a producer, sends a part-filled batch ``FLUSH_INTERVAL_S`` after its first item,
+    and, in a producer, sends a part-filled batch ``linger_s`` (the stage's ``linger``) after its first item,
     whatever the generator is doing (it may block for minutes before its next yield).
 
     Discussion. Something other than the next yield must act, or a blocked generator holds its
@@ -237,8 +235,15 @@ class _Ticker:
     killed holding them repeats them on restart like everything since its start.
     """
 
-    def __init__(self, reporter: Reporter, counts: Callable[[], tuple[int, int]], outlet: Outlet | None) -> None:
+    def __init__(
+        self,
+        reporter: Reporter,
+        counts: Callable[[], tuple[int, int]],
+        outlet: Outlet | None = None,
+        linger_s: float = 0.0,
+    ) -> None:
         self._reporter = reporter
+        self._linger_s = linger_s
         self._counts = counts
         self._outlet = outlet
         self.first_item = threading.Event()  # set by a producer on a batch's first item
@@ -248,19 +253,23 @@ class _Ticker:
 
     def _run(self) -> None:
         reported = (0, 0)
-        due = time.monotonic() + COUNTS_INTERVAL_S
+        due = time.monotonic() + COUNTS_INTERVAL_S  # the next counts report
+        flush_at = math.inf  # when the part-filled batch goes
         outlet = self._outlet
         while not self._done:
-            woken = self.first_item.wait(max(0.0, due - time.monotonic()))
+            if self.first_item.wait(max(0.0, min(due, flush_at) - time.monotonic())):
+                self.first_item.clear()
+                if outlet is not None and flush_at == math.inf:
+                    flush_at = time.monotonic() + self._linger_s
             if self._done:
                 return
-            if woken and outlet is not None:
-                self.first_item.clear()
-                time.sleep(FLUSH_INTERVAL_S)
-                if outlet.pending:
+            now = time.monotonic()
+            if now >= flush_at:
+                flush_at = math.inf
+                if outlet is not None and outlet.pending:
                     outlet.flush()
-            if time.monotonic() >= due:
-                due = time.monotonic() + COUNTS_INTERVAL_S
+            if now >= due:
+                due = now + COUNTS_INTERVAL_S
                 counts = self._counts()
                 if counts != reported:
                     reported = counts
@@ -335,7 +344,9 @@ def _run_function(ctx: WorkerContext, reporter: Reporter) -> int:
         _report_error(reporter, exc)
         return 1
     received = [0]  # a consumer's items in, shared with the ticker thread
-    ticker = _Ticker(reporter, lambda: (received[0], outlet.count), outlet if stage.is_producer else None)
+    ticker = _Ticker(
+        reporter, lambda: (received[0], outlet.count), outlet if stage.is_producer else None, stage.linger_s
+    )
     reporter.send("ready")
     try:
         if stage.is_producer:
@@ -443,7 +454,7 @@ def _produce(
             finally:
                 in_user_code = False
             # The hot loop of every producer: a full batch is sent here, a part-filled one by the
-            # ticker thread FLUSH_INTERVAL_S after its first item.
+            # ticker thread ``linger`` after its first item.
             pending.append(item)
             size = len(pending)
             if size >= largest:
@@ -699,7 +710,7 @@ def _run_command(ctx: WorkerContext, reporter: Reporter) -> int:
     def received() -> int:
         return feeder.received if feeder is not None else 0
 
-    ticker = _Ticker(reporter, lambda: (received(), outlet.count), None)
+    ticker = _Ticker(reporter, lambda: (received(), outlet.count))
     collector.run()
     ticker.stop()
     status = reaper.wait_for(pid)
