@@ -22,6 +22,10 @@ def lambdas(count, bad):
     for n in range(count):
         yield (lambda: 1) if n == bad else n
 
+def split_with_lambda_at(n, bad):
+    yield n * 2
+    yield (lambda: 1) if n == bad else n * 2 + 1
+
 def twice_then_fail(n, marker):
     yield f"{n}a"
     yield f"{n}b"
@@ -79,6 +83,28 @@ def test_an_unpicklable_output_is_dead_lettered_alone_and_its_neighbours_go_on(w
     assert dead["error"].startswith("an output of this item cannot be sent to stage check: ")
     (entry,) = [json.loads(line) for line in (ws.path / "dead.jsonl").read_text().splitlines()]
     assert entry["item"] == 505  # the input item whose output could not be sent
+
+
+def test_an_item_with_an_unsendable_output_reaches_no_reader_of_a_fan_out(ws: Workspace) -> None:
+    """The outputs of one input item go to every reader or to none: the item is dead-lettered
+    once, none of its outputs is sent, and both readers get every other output."""
+    ws.write("st.py", STAGES)
+    ws.pipeline(
+        '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 500 }\n'
+        '[stages.mid]\nfunction = "st:split_with_lambda_at"\ninputs = ["numbers"]\noptions = { bad = 123 }\n'
+        'dead_letter = "dead.jsonl"\nqueue = { maxsize = 1000, batch = 50 }\n'
+        '[stages.a]\nfunction = "st:Check"\ninputs = ["mid"]\noptions = { count = 1000 }\n'
+        "queue = { maxsize = 100, batch = 10 }\n"
+        '[stages.b]\nfunction = "st:Check"\ninputs = ["mid"]\noptions = { count = 1000 }\n'
+        "queue = { maxsize = 100, batch = 7 }\n"
+    )
+    result = ws.run("run", f"{ws.name}.toml")
+    assert result.code == 0, result.stderr[-2000:]
+    for reader in ("a", "b"):
+        summary = json.loads(result.output_lines(reader)[0])
+        assert summary["missing"] == [246, 247] and summary["missing_count"] == 2
+    (dead,) = result.events("item_dead_lettered", stage="mid")
+    assert dead["item"] == 123 and dead["error_type"] == "UnsendableOutput"
 
 
 def test_an_unpicklable_item_of_a_producer_is_dead_lettered_alone(ws: Workspace) -> None:

@@ -18,9 +18,16 @@ def slow():
         yield n
         time.sleep(0.01)
 
+def numbers(count):
+    yield from range(count)
+
 def three_then_block():
     yield from range(3)
     time.sleep(3600)
+
+def crawl(n):
+    time.sleep(0.05)
+    return n
 
 class Record:
     def __init__(self, path):
@@ -85,3 +92,21 @@ def test_linger_is_how_long_a_producer_holds_a_part_filled_batch(ws: Workspace) 
         proc.communicate(timeout=20)
     assert proc.returncode == 0
     assert got.read_text().split() == ["0", "1", "2"]
+
+
+def test_a_consumer_in_a_long_batch_reports_its_counts(ws: Workspace) -> None:
+    """One batch of 100 items at 50 ms each takes 5 s: the counts come while it is under way
+    (before, they came only after each batch)."""
+    ws.write("st.py", STAGES)
+    ws.pipeline(
+        '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 100 }\n'
+        '[stages.crawl]\nfunction = "st:crawl"\ninputs = ["numbers"]\nqueue = { maxsize = 1000, batch = 100 }\n'
+        '[stages.sink]\nfunction = "st:Record"\ninputs = ["crawl"]\noptions = { path = "got.txt" }\n'
+    )
+    proc = ws.start_ready()
+    try:
+        wait_until(lambda: 0 < _status(ws).get("crawl", {}).get("items_out", 0) < 100, timeout=10)
+    finally:
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert len((ws.path / "got.txt").read_text().split()) == 100
