@@ -94,6 +94,13 @@ class QueueSpec:
     batch: int = DEFAULT_QUEUE_BATCH
     backend: str = "memory"
     path: str | None = None  # the SQLite file of a durable queue (absolute once loaded)
+    # backend = "redis": the server, the stream (procd:<pipeline>:<stage> unless given), how long an
+    # entry may stay with a silent consumer before another takes it, and how items are encoded
+    url: str | None = None
+    stream: str | None = None
+    claim_after_s: float = 30.0
+    codec: str = "pickle"
+    upstream: tuple[str, ...] = ()  # the stages that write to it (the end of stream waits for each)
 
     @property
     def slots(self) -> int:

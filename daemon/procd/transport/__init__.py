@@ -40,7 +40,7 @@ from typing import Any
 from procd.config import QueueSpec
 from procd.transport.slot import Slot
 
-_BACKENDS = {"memory": "local", "sqlite": "sqlite"}
+_BACKENDS = {"memory": "local", "sqlite": "sqlite", "redis": "streams"}
 
 
 class Interrupted(Exception):

@@ -115,7 +115,9 @@ class Stream:
     """One stage input on one Redis server, as seen by one process."""
 
     def __init__(self, client: redis.Redis, names: Names) -> None:
-        self.client = client
+        # redis-py types every reply as a union of all reply types; the shapes this module reads
+        # are those of Redis 7 with bytes replies (checked by tests/test_redis_stream.py)
+        self.client: Any = client
         self.names = names
         self._credit = 0
 
@@ -174,9 +176,7 @@ class Stream:
 
     def read(self, consumer: str, block_ms: int = READ_BLOCK_MS) -> Entry | None:
         """The next entry no consumer has had, or None when none came within ``block_ms``."""
-        found = self.client.xreadgroup(
-            self.names.group, consumer, {self.names.stream: ">"}, count=1, block=block_ms
-        )
+        found = self.client.xreadgroup(self.names.group, consumer, {self.names.stream: ">"}, count=1, block=block_ms)
         for _stream, entries in found or ():
             for raw_id, fields in entries:
                 if fields:  # an entry deleted after delivery comes back without fields
@@ -202,6 +202,16 @@ class Stream:
             if fields:
                 return _entry(raw_id, fields, self._deliveries(raw_id))
         return None
+
+    def claim_pending_of(self, dead: str, consumer: str) -> Entry | None:
+        """Take over the (at most one) entry that consumer ``dead`` was handed and never
+        acknowledged, and forget ``dead``."""
+        pending = self.client.xpending_range(
+            self.names.stream, self.names.group, min="-", max="+", count=1, consumername=dead
+        )
+        entry = self.claim(consumer, pending[0]["message_id"].decode()) if pending else None
+        self.client.xgroup_delconsumer(self.names.stream, self.names.group, dead)
+        return entry
 
     def _deliveries(self, raw_id: bytes) -> int:
         pending = self.client.xpending_range(self.names.stream, self.names.group, min=raw_id, max=raw_id, count=1)
