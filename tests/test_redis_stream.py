@@ -6,10 +6,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis_server import RedisServer
 
+from procd import config
 from procd.transport import redisstream
 from procd.transport.redisstream import Names, Stream
-from redis_server import RedisServer
 
 
 @pytest.fixture
@@ -108,11 +109,11 @@ def test_a_writer_that_stopped_renewing_counts_as_gone(stream: Stream) -> None:
     ],
 )
 def test_urls_are_checked_at_load_time(url: str, problem: str | None) -> None:
-    found = redisstream.check_url(url)
+    found = config.check_redis_url(url)
     assert (found is None) if problem is None else (found is not None and found.startswith(problem))
 
 
 def test_the_password_never_leaves_the_url_unredacted() -> None:
-    assert redisstream.redact("redis://app:s3cret@db:6379/0") == "redis://app:***@db:6379/0"
-    assert redisstream.redact("redis://:s3cret@db/0") == "redis://:***@db/0"
-    assert redisstream.redact("redis://db:6379/0") == "redis://db:6379/0"
+    assert config.redact_url("redis://app:s3cret@db:6379/0") == "redis://app:***@db:6379/0"
+    assert config.redact_url("redis://:s3cret@db/0") == "redis://:***@db/0"
+    assert config.redact_url("redis://db:6379/0") == "redis://db:6379/0"

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis_server import RedisServer
 
 from conftest import wait_until
-from redis_server import RedisServer
 from procd import transport
 from procd.config import QueueSpec
 from procd.transport import Input, slot
@@ -54,6 +54,7 @@ def make_input(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
         if request.param == "redis":
             extra = {**redis, "stream": f"procd:{request.node.name}:{name}"}
         created = transport.create(name, QueueSpec(maxsize, batch, request.param, path, **extra))
+        created.write_from(["up"])  # the test is the supervisor of the upstream stage "up"
         made.append(created)
         return created
 

@@ -34,42 +34,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-SCHEMES = ("redis", "rediss", "unix")
 # How long one blocking read waits before the reader looks at its stop descriptor and the
 # ``ended`` key again.
 READ_BLOCK_MS = 100
-
-
-def check_url(url: str) -> str | None:
-    """Why ``url`` is not a Redis URL procd can use, or None when it is."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018  (raises ValueError for a port that is not a number)
-    except ValueError as exc:
-        return f"cannot be parsed ({exc})"
-    if parts.scheme not in SCHEMES:
-        return f'must start with {", ".join(s + "://" for s in SCHEMES)}, got "{url.split(":", 1)[0]}"'
-    if parts.scheme == "unix" and not parts.path:
-        return "a unix:// URL needs the socket's path (unix:///run/redis/redis.sock)"
-    if parts.scheme != "unix" and not parts.hostname:
-        return "needs a host (redis://HOST:PORT/DB)"
-    return None
-
-
-def redact(url: str) -> str:
-    """``url`` with its password replaced, for records, ``procd show`` and ``procd status``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def connect(url: str, *, timeout_s: float = 5.0) -> redis.Redis:

@@ -20,20 +20,23 @@ interface. What differs from the local backends:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import select
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
 from procd.config import QueueSpec
-from procd.transport import Endpoint, Held, Input, Interrupted, Reader, Writer
-from procd.transport.redisstream import Entry, Names, Stream, connect, redact
+from procd.config import redact_url as redact
+from procd.transport import Endpoint, Held, Input, Interrupted, Reader, Unavailable, Writer
+from procd.transport.redisstream import Entry, Names, Stream, connect
 from procd.transport.slot import ENTRY, MESSAGE, NO_TOKEN, RUNNING, WAITING_INPUT, WAITING_OUTPUT, Slot
 
 READING = b"r"[0]  # a slot message that is not a batch: the consumer name a process reads as
@@ -124,19 +127,19 @@ class RedisInput(Input):
     def _stream(self) -> Stream:
         return Stream(self.client, self.endpoint().names)
 
-    @property
     def housekeeping_s(self) -> float:
         """How often ``housekeep`` must run: a third of the time a silent writer counts as alive."""
         return self.endpoint().claim_after_s / 3
 
-    def housekeep(self) -> None:
-        """Renew this supervisor's writer registrations (the heartbeat).
+    def write_from(self, upstreams: list[str]) -> None:
+        self.registered = list(upstreams)
+        self.housekeep()
 
-        Raises:
-            redis.RedisError: the server cannot be reached (the caller retries and says so).
-        """
-        for upstream in self.registered:
-            self._stream.register(_supervisor_id(), upstream, self.endpoint().claim_after_s)
+    def housekeep(self) -> None:
+        """Renew this supervisor's writer registrations (the heartbeat)."""
+        with _unavailable_as(self.endpoint().url):
+            for upstream in self.registered:
+                self._stream.register(_supervisor_id(), upstream, self.endpoint().claim_after_s)
 
     def end(self) -> None:
         if self.writing:
@@ -180,6 +183,22 @@ class RedisInput(Input):
         self.client.close()
 
 
+class _TryAgain(Exception):
+    """Nothing arrived this time; the reader looks again."""
+
+
+def _patiently(call: Any) -> Any:
+    """``call()``, retried with backoff while the server cannot be reached (a worker waits for
+    Redis to come back; the supervisor says that it is away)."""
+    pause = 0.05
+    while True:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError):
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
+
+
 def _supervisor_id() -> str:
     return f"{HOST}:{os.getpid()}"
 
@@ -202,14 +221,30 @@ def create(stage: str, spec: QueueSpec) -> RedisInput:
         spec.upstream,
     )
     client = connect(spec.url)
-    made = RedisInput(stage, spec, endpoint_=endpoint, client=client, registered=list(spec.upstream))
+    made = RedisInput(stage, spec, endpoint_=endpoint, client=client)
     try:
-        made._stream.create()
-        made.housekeep()
+        with _unavailable_as(spec.url):
+            made._stream.create()
     except BaseException:
         client.close()
         raise
     return made
+
+
+@contextlib.contextmanager
+def _unavailable_as(url: str) -> Iterator[None]:
+    """Turn the client's connection and login errors into ``transport.Unavailable``."""
+    where = redact(url)
+    try:
+        yield
+    except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as error:
+        raise Unavailable(f"Redis at {where} refused the login: {error}", final=True) from None
+    except redis.ResponseError as error:
+        if "NOAUTH" in str(error) or "WRONGPASS" in str(error):
+            raise Unavailable(f"Redis at {where} refused the login: {error}", final=True) from None
+        raise
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+        raise Unavailable(f"Redis at {where} cannot be reached: {error}") from None
 
 
 def attached_writer(fields: dict[str, Any], fds: list[int]) -> Writer:
@@ -240,7 +275,7 @@ class RedisWriter(Writer):
         payload = encode(self._endpoint.codec, items)
         now = time.monotonic()
         if now - self._renewed > self._endpoint.claim_after_s / 3:
-            self._stream.register(self._me, "writer", self._endpoint.claim_after_s)
+            _patiently(lambda: self._stream.register(self._me, "writer", self._endpoint.claim_after_s))
             self._renewed = now
         slot = self._slot
 
@@ -249,7 +284,7 @@ class RedisWriter(Writer):
                 slot.output_token(NO_TOKEN, WAITING_OUTPUT)
             return False
 
-        self._stream.send([(payload, len(items))], self._endpoint.slots, stop=waiting)
+        _patiently(lambda: self._stream.send([(payload, len(items))], self._endpoint.slots, stop=waiting))
         if slot is not None:
             slot.output_token(NO_TOKEN, RUNNING)
 
@@ -275,28 +310,42 @@ class RedisReader(Reader):
         self._next_claim = 0.0
 
     def receive(self, stop_fd: int | None = None) -> list[Any] | None:
-        endpoint, stream = self._endpoint, self._stream
-        claim_ms = int(endpoint.claim_after_s * 1000)
+        pause = 0.05
         while True:
             if stop_fd is not None and select.select([stop_fd], [], [], 0)[0]:
                 raise Interrupted
-            entry = None
-            now = time.monotonic()
-            if now >= self._next_claim:
-                entry = stream.claim_idle(self._consumer, claim_ms)
-                if entry is None:
-                    self._next_claim = now + endpoint.claim_after_s / _CLAIM_CHECKS_PER_WINDOW
+            try:
+                return self._receive()
+            except _TryAgain:
+                pause = 0.05
+            except (redis.ConnectionError, redis.TimeoutError):  # the server is away: wait for it
+                if stop_fd is not None and select.select([stop_fd], [], [], pause)[0]:
+                    raise Interrupted from None
+                if stop_fd is None:
+                    time.sleep(pause)
+                pause = min(pause * 2, 2.0)
+
+    def _receive(self) -> list[Any] | None:
+        """One try: an entry, None at the end of stream, or ``_TryAgain``."""
+        endpoint, stream = self._endpoint, self._stream
+        claim_ms = int(endpoint.claim_after_s * 1000)
+        entry = None
+        now = time.monotonic()
+        if now >= self._next_claim:
+            entry = stream.claim_idle(self._consumer, claim_ms)
             if entry is None:
-                self._mark_reading()
-                entry = stream.read(self._consumer)
-            if entry is None:
-                if stream.check_ended(list(endpoint.upstream), endpoint.claim_after_s):
-                    if self._slot is not None:
-                        self._slot.disarm()
-                    return None
-                continue
-            self._hold(entry.id, entry.count, entry.deliveries)
-            return decode(endpoint.codec, entry.payload)
+                self._next_claim = now + endpoint.claim_after_s / _CLAIM_CHECKS_PER_WINDOW
+        if entry is None:
+            self._mark_reading()
+            entry = stream.read(self._consumer)
+        if entry is None:
+            if stream.check_ended(list(endpoint.upstream), endpoint.claim_after_s):
+                if self._slot is not None:
+                    self._slot.disarm()
+                return None
+            raise _TryAgain
+        self._hold(entry.id, entry.count, entry.deliveries)
+        return decode(endpoint.codec, entry.payload)
 
     def _mark_reading(self) -> None:
         """Say in the slot which consumer is about to read: an entry Redis hands it is pending
@@ -360,7 +409,8 @@ class RedisReader(Reader):
 
     def done(self) -> None:
         if self._entry:
-            self._stream.acknowledge(self._entry)
+            entry_id = self._entry
+            _patiently(lambda: self._stream.acknowledge(entry_id))
             self._entry = ""
         if self._slot is not None:
             self._slot.clear()
