@@ -121,7 +121,7 @@ class Stream:
             stop: optional callable; while blocked, ``stop()`` returning True ends the wait
                 with ``InterruptedError``.
         """
-        pause = 0.001
+        pause = 0.0005
         start = 0
         while start < len(payloads):
             if self._credit <= 0:
@@ -130,15 +130,20 @@ class Stream:
                 if self._credit <= 0:
                     if stop is not None and stop():
                         raise InterruptedError("stopped while the queue was full")
+                    # Redis cannot say when the lag falls: look again soon (a full queue is one
+                    # whose readers are busy, so a look every few ms costs them nothing)
                     time.sleep(pause)
-                    pause = min(pause * 2, 0.05)
+                    pause = min(pause * 2, 0.005)
                     continue
-                pause = 0.001
+                pause = 0.0005
             chunk = payloads[start : start + self._credit]
-            pipe = self.client.pipeline(transaction=False)
-            for payload, count in chunk:
-                pipe.xadd(self.names.stream, {"n": count, "b": payload})
-            pipe.execute()
+            if len(chunk) == 1:  # the usual case: one batch, one command
+                self.client.xadd(self.names.stream, {"n": chunk[0][1], "b": chunk[0][0]})
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for payload, count in chunk:
+                    pipe.xadd(self.names.stream, {"n": count, "b": payload})
+                pipe.execute()
             self._credit -= len(chunk)
             start += len(chunk)
 
@@ -174,13 +179,14 @@ class Stream:
         return None
 
     def claim_pending_of(self, dead: str, consumer: str) -> Entry | None:
-        """Take over the (at most one) entry that consumer ``dead`` was handed and never
-        acknowledged, and forget ``dead``."""
+        """Take over one entry that consumer ``dead`` was handed and never acknowledged; forget
+        ``dead`` once it holds nothing more (deleting a consumer drops what it holds)."""
         pending = self.client.xpending_range(
-            self.names.stream, self.names.group, min="-", max="+", count=1, consumername=dead
+            self.names.stream, self.names.group, min="-", max="+", count=2, consumername=dead
         )
         entry = self.claim(consumer, pending[0]["message_id"].decode()) if pending else None
-        self.client.xgroup_delconsumer(self.names.stream, self.names.group, dead)
+        if len(pending) < 2:
+            self.client.xgroup_delconsumer(self.names.stream, self.names.group, dead)
         return entry
 
     def _deliveries(self, raw_id: bytes) -> int:
