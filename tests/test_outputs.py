@@ -4,6 +4,9 @@ generator that fails part-way, a consumer that ends before its input did (issue 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+from redis_server import RedisServer
 
 from conftest import Workspace
 
@@ -17,6 +20,9 @@ def lambda_at(n, bad):
     if n == bad:
         return lambda: 1
     return n
+
+def set_at(n, bad):
+    return {n} if n == bad else n
 
 def lambdas(count, bad):
     for n in range(count):
@@ -105,6 +111,31 @@ def test_an_item_with_an_unsendable_output_reaches_no_reader_of_a_fan_out(ws: Wo
         assert summary["missing"] == [246, 247] and summary["missing_count"] == 2
     (dead,) = result.events("item_dead_lettered", stage="mid")
     assert dead["item"] == 123 and dead["error_type"] == "UnsendableOutput"
+
+
+def test_an_output_a_json_redis_queue_cannot_take_is_dead_lettered_alone(ws: Workspace, tmp_path: Path) -> None:
+    """The check goes through the writer: a set pickles, but a Redis queue with the JSON codec
+    cannot take it, and only that item is set aside."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        ws.write("st.py", STAGES)
+        ws.pipeline(
+            '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 300 }\n'
+            '[stages.mid]\nfunction = "st:set_at"\ninputs = ["numbers"]\noptions = { bad = 42 }\n'
+            'dead_letter = "dead.jsonl"\n'
+            '[stages.check]\nfunction = "st:Check"\ninputs = ["mid"]\noptions = { count = 300 }\n'
+            f'queue = {{ backend = "redis", url = "{server.url}", codec = "json", batch = 10 }}\n'
+        )
+        result = ws.run("run", f"{ws.name}.toml")
+    finally:
+        server.stop()
+    assert result.code == 0, result.stderr[-2000:]
+    summary = json.loads(result.output_lines("check")[0])
+    assert summary["missing"] == [42] and summary["missing_count"] == 1
+    (dead,) = result.events("item_dead_lettered", stage="mid")
+    assert dead["item"] == 42 and dead["error_type"] == "UnsendableOutput"
+    assert dead["error"].startswith("an output of this item cannot be sent to stage check: TypeError")
 
 
 def test_an_unpicklable_item_of_a_producer_is_dead_lettered_alone(ws: Workspace) -> None:
