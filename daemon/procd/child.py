@@ -221,8 +221,8 @@ class Outlet:
 
 class _Ticker:
     """A worker's second thread: reports its counts at least once a second while they change,
-    and, in a producer, sends a part-filled batch ``linger_s`` (the stage's ``linger``) after its first item,
-    whatever the generator is doing (it may block for minutes before its next yield).
+    and, in a producer, sends a part-filled batch ``linger_s`` (the stage's ``linger``) after its
+    first item, whatever the generator is doing (it may block for minutes before its next yield).
 
     Discussion. Something other than the next yield must act, or a blocked generator holds its
     items and its counts for ever. A signal (``setitimer``) would interrupt stage code at any
@@ -252,6 +252,13 @@ class _Ticker:
         self._thread.start()
 
     def _run(self) -> None:
+        try:
+            self._tick()
+        except Exception as exc:  # a send that failed: the worker fails, as in its main thread
+            _report_error(self._reporter, exc)
+            os._exit(1)
+
+    def _tick(self) -> None:
         reported = (0, 0)
         due = time.monotonic() + COUNTS_INTERVAL_S  # the next counts report
         flush_at = math.inf  # when the part-filled batch goes
