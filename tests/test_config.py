@@ -43,8 +43,16 @@ BAD = {
     "unknown-key-no-match": (
         OK_STAGE + "zzz = 1\n",
         [
-            "F: stages.a.zzz: unknown key; valid keys are function, command, inputs, processes, options, queue, restart, strategy, max_attempts, dead_letter, redeliver"
+            "F: stages.a.zzz: unknown key; valid keys are function, command, inputs, processes, options, queue, restart, strategy, max_attempts, dead_letter, redeliver, linger"
         ],
+    ),
+    "linger-not-a-producer": (
+        OK_STAGE + '[stages.b]\nfunction = "m:g"\ninputs = ["a"]\nlinger = "5ms"\n',
+        ["F: stages.b.linger: only a function producer (a function stage without inputs) lingers"],
+    ),
+    "linger-out-of-range": (
+        OK_STAGE + 'linger = "2m"\n',
+        ['F: stages.a.linger: expected a duration from 0s to 1m, got "2m" (str)'],
     ),
     "unknown-input": (
         OK_STAGE + '[stages.b]\nfunction = "m:g"\ninputs = ["aa"]\n',

@@ -423,8 +423,10 @@ def test_consumer_that_exits_before_its_input_ends_is_a_failure(ws: Workspace) -
     )
     result = ws.run("run", f"{ws.name}.toml")
     assert result.code == 1
-    (exited,) = result.events("worker_exited", stage="quitter")
-    assert exited["code"] == 0 and exited["cause"] == "exited before the end of its input"
+    exits = result.events("worker_exited", stage="quitter")
+    assert len(exits) > 1  # a failure of the worker: restarted by its policy, like a crash
+    assert {(r["code"], r["cause"]) for r in exits} == {(0, "exited before the end of its input")}
+    assert result.events("stage_fatal", stage="quitter")
 
 
 def test_sigkill_of_the_supervisor_takes_every_worker_with_it(ws: Workspace) -> None:

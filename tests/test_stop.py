@@ -129,3 +129,54 @@ def test_a_stop_timeout_says_it_forced_the_stop(ws: Workspace) -> None:
     stopped = records[-1]
     assert stopped["forced_by"] == "the stop timeout (0.3s)"
     assert stopped["abandoned"]["queued_batches"] == 10 and stopped["abandoned"]["in_hand_items"] == 10
+
+
+PIPED = """
+def numbers(count):
+    yield from range(count)
+
+class Record:
+    '''Appends every item to a file as it comes (what a killed sink received stays counted).'''
+    def __init__(self, path):
+        self.out = open(path, "a", buffering=1)
+    def __call__(self, item):
+        self.out.write(f"{item}\\n")
+"""
+
+
+def test_a_forced_stop_counts_what_a_command_stage_held_as_abandoned_in_hand(ws: Workspace) -> None:
+    """Items a command stage took in and never handed on (in its program's stdin pipe, or inside
+    the program) are abandoned in hand, like a function stage's batch."""
+    count = 5000
+    ws.write("st.py", PIPED)
+    ws.pipeline(
+        '[pipeline]\nname = "{name}"\nstop_timeout = "30s"\n'
+        f'[stages.numbers]\nfunction = "st:numbers"\noptions = {{ count = {count} }}\n'
+        '[stages.mid]\ncommand = ["sh", "-c", "while read l; do sleep 0.02; echo \\"$l\\"; done"]\n'
+        'inputs = ["numbers"]\nqueue = { maxsize = 10000, batch = 1000 }\n'
+        '[stages.sink]\nfunction = "st:Record"\ninputs = ["mid"]\noptions = { path = "got.txt" }\n'
+        "queue = { maxsize = 10000, batch = 1 }\n"
+    )
+    proc = ws.start_ready()
+    log = ws.path / "log.jsonl"
+    got = ws.path / "got.txt"
+    with reaped(proc):
+        wait_until(lambda: got.exists() and len(got.read_text().splitlines()) >= 5, timeout=15)
+        proc.send_signal(signal.SIGINT)
+        wait_until(lambda: any(r["event"] == "stop_requested" for r in read_records(log)))
+        time.sleep(0.3)  # the interval between the two Ctrl-C is what the issue reports
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    records = read_records(log)
+    abandoned = {r["stage"]: r for r in records if r["event"] == "stage_abandoned"}
+    delivered = len(got.read_text().splitlines())
+    mid = abandoned["mid"]
+    sink = abandoned.get("sink", {"queued_batches": 0, "in_hand_items": 0})
+    # every item is delivered, or counted where it was abandoned (the sink's batches are 1 item)
+    assert mid["in_hand_items"] > 0
+    assert (
+        mid["queued_items_at_most"] + mid["in_hand_items"] + sink["queued_batches"] + sink["in_hand_items"] + delivered
+        >= count
+    )
+    assert records[-1]["abandoned"]["in_hand_items"] >= mid["in_hand_items"]

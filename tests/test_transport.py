@@ -237,6 +237,23 @@ def test_items_of_a_user_class_travel_and_the_slot_header_counts_them_without_un
         os.close(fd)
 
 
+def test_a_batch_with_an_item_the_codec_cannot_take_is_refused_whole_naming_the_item(make_input: Any) -> None:
+    queue = make_input(maxsize=8, batch=4)
+    endpoint = queue.endpoint()
+    writer, reader = _own(endpoint, "writer").writer(), _own(endpoint, "reader").reader()
+    with pytest.raises(transport.EncodeError) as raised:
+        writer.send([1, 2, lambda: 3, 4])
+    assert raised.value.index == 2 and "item 2 of the batch cannot be encoded" in str(raised.value)
+    assert queue.depth() == 0  # nothing of it was sent
+    writer.send([1, 2, 4])
+    assert reader.receive() == [1, 2, 4]
+    reader.done()
+    writer.close()
+    queue.end()
+    assert reader.receive() is None
+    reader.close()
+
+
 def test_replay_into_it_through_an_attached_writer(make_input: Any) -> None:
     queue = make_input(maxsize=8, batch=2)
     fields, fds = queue.attach()

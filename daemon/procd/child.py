@@ -20,9 +20,11 @@ The worker never returns into the supervisor's code: ``spawn`` calls ``run`` ins
 
 from __future__ import annotations
 
+import bisect
 import errno
 import fcntl
 import json
+import math
 import os
 import select
 import signal
@@ -41,13 +43,12 @@ from typing import Any
 from procd import callables, deadletters, procctl, procinfo, reaper
 from procd.config import StageSpec
 from procd.deadletters import DeadLetterFile, now_iso, record
-from procd.transport import Endpoint, Held, Reader
+from procd.transport import EncodeError, Endpoint, Held, Reader, Writer
 from procd.transport.slot import Slot
 
-# Items a producer holds back at most this long before sending a part-filled batch.
-FLUSH_INTERVAL_S = 0.05
-# A busy worker tells the supervisor its item counts at most this often (for ``procd status``);
-# an idle one says nothing, so an idle pipeline never wakes the supervisor.
+# A worker whose counts changed tells the supervisor at least this often (for ``procd status``,
+# ``top``, metrics), however it batches; an idle one says nothing, so an idle pipeline never
+# wakes the supervisor.
 COUNTS_INTERVAL_S = 1.0
 EXEC_FAILED = 127
 DEAD_LETTER_FAILED = 74  # EX_IOERR: a dead letter could not be written
@@ -59,6 +60,7 @@ class Output:
 
     endpoint: Endpoint
     batch: int
+    stage: str = ""  # the reading stage, for messages
 
 
 @dataclass(frozen=True)
@@ -95,18 +97,40 @@ class Reporter:
             pass
 
 
+# The source of outputs that stand for themselves (a producer's items, a command's lines, what a
+# class's ``close`` returns): one that cannot be sent is set aside on its own.
+ITSELF: Any = object()
+# What to do with an item whose output cannot be sent: (source item, why).
+Unsendable = Callable[[Any, str], None]
+
+
 class Outlet:
     """Collects a worker's results and sends them downstream in batches (fan-out: to every reader).
 
-    A sink has no writers: its results are only counted.
+    A sink has no writers: its results are only counted. ``flush`` is serialised by ``lock``, so a
+    producer's flusher thread (``_Ticker``) and its main loop can both flush.
+
+    Discussion. An output that a writer cannot encode (a lambda, an open file: pickle cannot take
+    it) must not take its neighbours down with it. Encoding every output on its own as it is
+    produced would double the cost of the normal path; instead a flush encodes the whole batch for
+    every output first (the writer names the item it cannot encode, see
+    ``transport.EncodeError``), sets that item aside, encodes again, and only then sends: nothing
+    is sent twice, and the outputs of one input item go to every output or to none. ``sources``
+    says which input item produced which outputs (one entry per input item, not per output): it
+    is the input item that is dead-lettered, with all its outputs, so that replaying it repeats
+    nothing.
     """
 
-    def __init__(self, outputs: tuple[Output, ...], slot: Slot | None = None) -> None:
-        self._writers = [(o.endpoint.writer(slot, number), o.batch) for number, o in enumerate(outputs)]
+    def __init__(
+        self, outputs: tuple[Output, ...], slot: Slot | None = None, unsendable: Unsendable | None = None
+    ) -> None:
+        self._writers = [(o.endpoint.writer(slot, number), o.batch, o.stage) for number, o in enumerate(outputs)]
         self.pending: list[Any] = []
+        self.sources: list[tuple[int, Any]] = []  # (offset in pending, input item) per attempt
         self.largest = max((o.batch for o in outputs), default=4096)
-        self.since = 0.0
         self.sent = 0
+        self.lock = threading.Lock()
+        self._unsendable = unsendable
 
     @property
     def count(self) -> int:
@@ -115,23 +139,154 @@ class Outlet:
 
     def add(self, item: Any) -> None:
         pending = self.pending
+        if self.sources:
+            self.sources.append((len(pending), ITSELF))
         pending.append(item)
         if len(pending) >= self.largest:
             self.flush()
 
+    def hand_on(self, source: Any, outputs: list[Any]) -> None:
+        """The outputs of one completed attempt on ``source`` (an input item, or ``ITSELF``)."""
+        if not outputs:
+            return
+        self.sources.append((len(self.pending), source))
+        self.pending += outputs
+        if len(self.pending) >= self.largest:
+            self.flush()
+
     def flush(self) -> None:
-        # emptied in place: a producer's hot loop holds on to this very list
-        pending = self.pending.copy()
-        self.pending.clear()
-        self.sent += len(pending)
-        for writer, batch in self._writers:
-            for start in range(0, len(pending), batch):
-                writer.send(pending[start : start + batch])
+        with self.lock:
+            # emptied in place: a producer's hot loop holds on to this very list
+            pending = self.pending[:]
+            del self.pending[: len(pending)]
+            sources, self.sources = self.sources, []
+            if not pending:
+                return
+            pending, messages = self._encode(pending, sources)
+            self.sent += len(pending)
+            for writer, count, payload in messages:
+                writer.send_encoded(count, payload)
+
+    def _encode(
+        self, pending: list[Any], sources: list[tuple[int, Any]]
+    ) -> tuple[list[Any], list[tuple[Writer, int, bytes]]]:
+        """Every output's batches, encoded, and the outputs they hold (an item that a writer
+        cannot encode is set aside)."""
+        while True:
+            messages: list[tuple[Writer, int, bytes]] = []
+            culprit = None
+            for writer, batch, stage in self._writers:
+                for start in range(0, len(pending), batch):
+                    chunk = pending[start : start + batch]
+                    try:
+                        messages.append((writer, len(chunk), writer.encode(chunk)))
+                    except EncodeError as exc:
+                        if self._unsendable is None:
+                            raise
+                        culprit = (start + exc.index, stage, exc)
+                        break
+                if culprit is not None:
+                    break
+            if culprit is None:
+                return pending, messages
+            pending, sources = self._set_aside(pending, sources, *culprit)
+
+    def _set_aside(
+        self, pending: list[Any], sources: list[tuple[int, Any]], position: int, stage: str, exc: EncodeError
+    ) -> tuple[list[Any], list[tuple[int, Any]]]:
+        """Remove the outputs of the item whose output at ``position`` cannot be sent, and say so."""
+        assert self._unsendable is not None
+        at = bisect.bisect_right(sources, position, key=lambda entry: entry[0]) - 1
+        if at < 0 or sources[at][1] is ITSELF:
+            low, high, source = position, position + 1, pending[position]
+        else:
+            low, source = sources[at]
+            high = sources[at + 1][0] if at + 1 < len(sources) else len(pending)
+        self._unsendable(
+            source,
+            f"an output of this item cannot be sent to stage {stage}: {type(exc.cause).__name__}: {exc.cause}",
+        )
+        kept = [
+            (offset if offset < high else offset - (high - low), item)
+            for offset, item in sources
+            if item is ITSELF or not low <= offset < high
+        ]
+        return pending[:low] + pending[high:], kept
 
     def close(self) -> None:
         self.flush()
-        for writer, _batch in self._writers:
+        for writer, _batch, _stage in self._writers:
             writer.close()
+
+
+class _Ticker:
+    """A worker's second thread: reports its counts at least once a second while they change,
+    and, in a producer, sends a part-filled batch ``linger_s`` (the stage's ``linger``) after its
+    first item, whatever the generator is doing (it may block for minutes before its next yield).
+
+    Discussion. Something other than the next yield must act, or a blocked generator holds its
+    items and its counts for ever. A signal (``setitimer``) would interrupt stage code at any
+    bytecode, send from inside it and fail its system calls with EINTR; a thread that takes the
+    outlet's lock only touches what the main thread shares with it (the pending list, which the
+    main thread only appends to, and the writers, which only ``Outlet.flush`` uses under the
+    lock). The hot loop pays one ``Event.set`` per part-filled batch, not a clock read per item.
+    A flush blocked by a full queue holds the lock, so the main thread blocks at its next full
+    batch: backpressure is unchanged. Items are in hand until flushed, as before: a producer
+    killed holding them repeats them on restart like everything since its start.
+    """
+
+    def __init__(
+        self,
+        reporter: Reporter,
+        counts: Callable[[], tuple[int, int]],
+        outlet: Outlet | None = None,
+        linger_s: float = 0.0,
+    ) -> None:
+        self._reporter = reporter
+        self._linger_s = linger_s
+        self._counts = counts
+        self._outlet = outlet
+        self.first_item = threading.Event()  # set by a producer on a batch's first item
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name="ticker", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._tick()
+        except Exception as exc:  # a send that failed: the worker fails, as in its main thread
+            _report_error(self._reporter, exc)
+            os._exit(1)
+
+    def _tick(self) -> None:
+        reported = (0, 0)
+        due = time.monotonic() + COUNTS_INTERVAL_S  # the next counts report
+        flush_at = math.inf  # when the part-filled batch goes
+        outlet = self._outlet
+        while not self._done:
+            if self.first_item.wait(max(0.0, min(due, flush_at) - time.monotonic())):
+                self.first_item.clear()
+                if outlet is not None and flush_at == math.inf:
+                    flush_at = time.monotonic() + self._linger_s
+            if self._done:
+                return
+            now = time.monotonic()
+            if now >= flush_at:
+                flush_at = math.inf
+                if outlet is not None and outlet.pending:
+                    outlet.flush()
+            if now >= due:
+                due = now + COUNTS_INTERVAL_S
+                counts = self._counts()
+                if counts != reported:
+                    reported = counts
+                    self._reporter.send("counts", items_in=counts[0], items_out=counts[1])
+
+    def stop(self) -> None:
+        """Stop the thread (before the worker's last flush and its final counts)."""
+        self._done = True
+        self.first_item.set()
+        self._thread.join()
 
 
 class _StopProducing(Exception):
@@ -177,7 +332,10 @@ def _run_function(ctx: WorkerContext, reporter: Reporter) -> int:
     stage = ctx.stage
     assert stage.function is not None
     slot = Slot(ctx.slot_fd) if ctx.slot_fd is not None else None
-    outlet = Outlet(ctx.outputs, slot)
+    if slot is not None:
+        slot.input_ended(False)
+    letters = DeadLetterFile(stage.dead_letter)
+    outlet = Outlet(ctx.outputs, slot, _unsendable(ctx, letters, reporter))
     options = dict(stage.options)
     try:
         target = callables.resolve(stage.function, ctx.base_dir)
@@ -192,34 +350,47 @@ def _run_function(ctx: WorkerContext, reporter: Reporter) -> int:
     except Exception as exc:
         _report_error(reporter, exc)
         return 1
+    received = [0]  # a consumer's items in, shared with the ticker thread
+    ticker = _Ticker(
+        reporter, lambda: (received[0], outlet.count), outlet if stage.is_producer else None, stage.linger_s
+    )
     reporter.send("ready")
-    if stage.is_producer:
-        code = _produce(target, instance, options, outlet, reporter)
-        received = 0
-    else:
-        code, received = _consume(target, instance, ctx, slot, outlet, reporter)
+    try:
+        if stage.is_producer:
+            code = _produce(target, instance, options, outlet, ticker, reporter)
+        else:
+            code = _consume(target, instance, ctx, slot, outlet, letters, reporter, received)
+    finally:
+        ticker.stop()
     if code == 0 and instance is not None and hasattr(instance, "close"):
         try:
-            result = instance.close()
-            _emit(result, outlet)
+            outlet.hand_on(ITSELF, _outputs(instance.close()))
         except Exception as exc:
             _report_error(reporter, exc)
             code = 1
     if code == 0:
         outlet.close()
-    reporter.send("counts", items_in=received, items_out=outlet.count)
+    reporter.send("counts", items_in=received[0], items_out=outlet.count)
     return code
 
 
-def _emit(result: Any, outlet: Outlet) -> None:
-    """A generator emits every value it yields; None emits nothing; anything else is one item."""
+def _outputs(result: Any) -> list[Any]:
+    """What one call handed back, as items: every value a generator yields (all of them, or,
+    if it raises, none); None is nothing; anything else is one item."""
     if result is None:
-        return
+        return []
     if isinstance(result, types.GeneratorType):
-        for value in result:
-            outlet.add(value)
-    else:
-        outlet.add(result)
+        return list(result)
+    return [result]
+
+
+def _unsendable(ctx: WorkerContext, letters: DeadLetterFile, reporter: Reporter) -> Unsendable:
+    """Dead-letter an item whose output cannot be sent downstream (see ``Outlet``)."""
+
+    def set_aside(item: Any, why: str) -> None:
+        _dead_letter(ctx, letters, reporter, item, "UnsendableOutput", why, 1, "")
+
+    return set_aside
 
 
 class Checkpoint:
@@ -259,7 +430,9 @@ class Checkpoint:
         self.value = value
 
 
-def _produce(target: Any, instance: Any, options: dict[str, Any], outlet: Outlet, reporter: Reporter) -> int:
+def _produce(
+    target: Any, instance: Any, options: dict[str, Any], outlet: Outlet, ticker: _Ticker, reporter: Reporter
+) -> int:
     stopping = False
     in_user_code = False
 
@@ -271,15 +444,14 @@ def _produce(target: Any, instance: Any, options: dict[str, Any], outlet: Outlet
 
     signal.signal(signal.SIGTERM, on_term)
     source: Any = None
-    monotonic = time.monotonic
     pending = outlet.pending
+    largest = outlet.largest
+    first_item = ticker.first_item.set
     try:
         in_user_code = True
         source = instance if instance is not None else target(**options)
         next_item = iter(source if source is not None else ()).__next__
         in_user_code = False
-        since = 0.0
-        reported = monotonic()
         while not stopping:
             in_user_code = True
             try:
@@ -288,19 +460,14 @@ def _produce(target: Any, instance: Any, options: dict[str, Any], outlet: Outlet
                 break
             finally:
                 in_user_code = False
-            # The hot loop of every producer: the clock is read once per item so that a slow
-            # producer's items never wait longer than FLUSH_INTERVAL_S for a full batch.
+            # The hot loop of every producer: a full batch is sent here, a part-filled one by the
+            # ticker thread ``linger`` after its first item.
             pending.append(item)
             size = len(pending)
-            if size >= outlet.largest:
+            if size >= largest:
                 outlet.flush()
-                if monotonic() - reported >= COUNTS_INTERVAL_S:
-                    reported = monotonic()
-                    reporter.send("counts", items_in=0, items_out=outlet.count)
             elif size == 1:
-                since = monotonic()
-            elif monotonic() - since >= FLUSH_INTERVAL_S:
-                outlet.flush()
+                first_item()
     except _StopProducing:
         pass
     except Exception as exc:
@@ -328,26 +495,34 @@ def stop_fd_on_sigterm() -> int:
 
 
 def _consume(
-    target: Any, instance: Any, ctx: WorkerContext, slot: Slot | None, outlet: Outlet, reporter: Reporter
-) -> tuple[int, int]:
-    """Process batches until the end of the input (or SIGTERM between batches).
+    target: Any,
+    instance: Any,
+    ctx: WorkerContext,
+    slot: Slot | None,
+    outlet: Outlet,
+    letters: DeadLetterFile,
+    reporter: Reporter,
+    received: list[int],
+) -> int:
+    """Process batches until the end of the input (or SIGTERM between batches); ``received[0]``
+    counts the items taken in.
 
     An exception in stage code is retried, alone, up to ``max_attempts`` times, then the item
-    goes to the dead-letter file; it never ends the worker. A batch that the slot's previous
-    process held when it died is processed first, one item at a time (see ``_redeliver``).
+    goes to the dead-letter file; it never ends the worker. Only an attempt that completes hands
+    its outputs on (a generator's values are collected until it returns), so a retry repeats
+    nothing. A batch that the slot's previous process held when it died is processed first, one
+    item at a time (see ``_redeliver``).
     """
     assert ctx.input is not None
     stage = ctx.stage
     call = instance if instance is not None else target
     options = stage.options if instance is None else {}
-    letters = DeadLetterFile(stage.dead_letter)
 
     def attempt(item: Any) -> None:
         first_failed_at = None
         for number in range(1, stage.max_attempts + 1):
             try:
-                _emit(call(item, **options), outlet)
-                return
+                outputs = _outputs(call(item, **options))
             except Exception as exc:
                 first_failed_at = first_failed_at or now_iso()
                 if number == stage.max_attempts:
@@ -356,24 +531,24 @@ def _consume(
                     _dead_letter(
                         ctx, letters, reporter, item, type(exc).__name__, str(exc), number, trace, first_failed_at
                     )
+                continue
+            outlet.hand_on(item, outputs)
+            return
 
-    received = 0
     reader = ctx.input.reader(slot, keep_batch=stage.redeliver)
     held = reader.held()
     if held is not None and slot is not None:
-        received += _redeliver(ctx, held, slot, attempt, outlet.flush, letters, reporter)
+        received[0] += _redeliver(ctx, held, slot, attempt, outlet.flush, letters, reporter)
         reader.done()
-    reported = time.monotonic()
     for batch in reader.batches(stop_fd_on_sigterm()):
-        received += len(batch)
+        received[0] += len(batch)
         for item in batch:
             attempt(item)
         outlet.flush()
         reader.done()
-        if time.monotonic() - reported >= COUNTS_INTERVAL_S:
-            reported = time.monotonic()
-            reporter.send("counts", items_in=received, items_out=outlet.count)
-    return 0, received
+    if reader.at_end and slot is not None:
+        slot.input_ended()
+    return 0
 
 
 def _redeliver(
@@ -529,11 +704,11 @@ def _run_command(ctx: WorkerContext, reporter: Reporter) -> int:
     reporter.send("ready")
 
     slot = Slot(ctx.slot_fd) if ctx.slot_fd is not None else None
-    outlet = Outlet(ctx.outputs, slot)
+    if slot is not None:
+        slot.input_ended(False)
+    outlet = Outlet(ctx.outputs, slot, _unsendable(ctx, DeadLetterFile(ctx.stage.dead_letter), reporter))
     feeder: _Feeder | None = None
-    collector = _Collector(
-        stdout_r, outlet, lambda: reporter.send("counts", items_in=received(), items_out=outlet.count)
-    )
+    collector = _Collector(stdout_r, outlet)
     if ctx.input is not None:
         reader = ctx.input.reader(slot, keep_batch=ctx.stage.redeliver)
         feeder = _Feeder(ctx, reader, slot, pid, stdin_w, collector, reporter)
@@ -542,7 +717,9 @@ def _run_command(ctx: WorkerContext, reporter: Reporter) -> int:
     def received() -> int:
         return feeder.received if feeder is not None else 0
 
+    ticker = _Ticker(reporter, lambda: (received(), outlet.count))
     collector.run()
+    ticker.stop()
     status = reaper.wait_for(pid)
     if feeder is not None:
         feeder.program_ended.set()
@@ -580,16 +757,14 @@ class _Collector:
     Everything read is parsed and, once no more output waits, handed on while ``lock`` is held,
     so that ``drained`` can tell that nothing the program has written is still on its way."""
 
-    def __init__(self, fd: int, outlet: Outlet, report_counts: Callable[[], None]) -> None:
+    def __init__(self, fd: int, outlet: Outlet) -> None:
         self.fd = fd
         self.outlet = outlet
-        self.report_counts = report_counts
         self.lock = threading.Lock()
         self.partial = b""
         self.closed = False
 
     def run(self) -> None:
-        reported = time.monotonic()
         outlet = self.outlet
         while True:
             select.select([self.fd], [], [])
@@ -603,9 +778,6 @@ class _Collector:
                     outlet.add(_parse_line(raw))
                 if not _unread(self.fd):
                     outlet.flush()
-            if time.monotonic() - reported >= COUNTS_INTERVAL_S:
-                reported = time.monotonic()
-                self.report_counts()
         with self.lock:
             if self.partial:
                 outlet.add(_parse_line(self.partial))
@@ -678,6 +850,8 @@ class _Feeder:
                 if not self._write(batch) or not self._handed_on():
                     return  # the program has ended: the batch stays held for the next one
                 self.reader.done()
+            if self.reader.at_end and self.slot is not None:
+                self.slot.input_ended()
         finally:
             os.close(self.stdin_w)
 

@@ -78,8 +78,11 @@ _STAGE_KEYS = (
     "max_attempts",
     "dead_letter",
     "redeliver",
+    "linger",
 )
 DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_LINGER_S = 0.001
+LINGER_RANGE_S = (0.0, 60.0)  # how long a function producer holds a part-filled batch
 STRATEGIES = ("one_for_one", "rest_for_one")
 _QUEUE_KEYS = ("maxsize", "batch", "backend", "path", "url", "stream", "claim_after", "codec")
 BACKENDS = ("memory", "sqlite", "redis")
@@ -141,6 +144,7 @@ class StageSpec:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     dead_letter: str = ""  # an absolute path once loaded
     redeliver: bool = True  # track the batch in hand so a crash cannot lose it
+    linger_s: float = DEFAULT_LINGER_S  # a function producer sends a part-filled batch this long after its first item
     # Found by checking the stage's code (``callables.load_and_check``), not read from the file:
     code_hash: str = ""  # a digest of the modules it imports from the pipeline's directory
     shardable: bool = False  # a producer that accepts ``shard``, so may run in several processes
@@ -701,6 +705,12 @@ def _stage(
         redeliver = True
     dead_letter = table.get("dead_letter", os.path.join(state_dir, f"{name}.deadletter.jsonl"))
     dead_letter = check.path(dead_letter, f"{prefix}.dead_letter", "file", base_dir) or ""
+    linger_s = DEFAULT_LINGER_S
+    if "linger" in table:
+        if inputs or not isinstance(function, str):
+            check.add(f"{prefix}.linger", "only a function producer (a function stage without inputs) lingers")
+        else:
+            linger_s = check.duration(table["linger"], f"{prefix}.linger", LINGER_RANGE_S) or 0.0
 
     return StageSpec(
         name=name,
@@ -715,6 +725,7 @@ def _stage(
         max_attempts=max_attempts or DEFAULT_MAX_ATTEMPTS,
         dead_letter=dead_letter,
         redeliver=redeliver,
+        linger_s=linger_s,
     )
 
 
@@ -865,6 +876,8 @@ def as_document(spec: PipelineSpec) -> dict[str, Any]:
         table["max_attempts"] = stage.max_attempts
         table["dead_letter"] = stage.dead_letter
         table["redeliver"] = stage.redeliver
+        if stage.is_producer and stage.function is not None:
+            table["linger"] = format_duration(stage.linger_s)
         stages[stage.name] = table
     return {
         "pipeline": {

@@ -82,11 +82,14 @@ class Exited:
 
     code: int | None = None
     signal: int | None = None
+    # False: it exited 0 but that is a failure of the worker all the same (it ended before its
+    # input did, or holding a batch it had not handed on); the supervisor decides.
+    clean: bool = True
 
     @property
     def ok(self) -> bool:
-        """True for exit status 0."""
-        return self.code == 0
+        """True for exit status 0, unless that exit was not clean."""
+        return self.code == 0 and self.clean
 
     def describe(self) -> str:
         """Return ``code 3`` or ``signal SIGKILL``."""

@@ -369,6 +369,10 @@ class Supervisor:
         """The slot file's header says a batch is held (read as numbers: nothing is unpickled)."""
         return slot.slot_fd is not None and transport.slot.read(slot.slot_fd).holds
 
+    def _saw_input_end(self, slot: Slot) -> bool:
+        """The slot file's header says its process received its input's end of stream."""
+        return slot.slot_fd is None or bool(transport.slot.read(slot.slot_fd).input_ended)
+
     def _input_ended(self, slot: Slot) -> bool:
         channel = slot.input or self.channels.get(slot.stage.name)
         return channel is not None and channel.ended
@@ -422,7 +426,7 @@ class Supervisor:
                 state_dir=self.spec.state_dir,
                 start_method=start_method,
                 input_endpoint=slot.input.endpoint() if slot.input is not None else None,
-                outputs=tuple(Output(c.endpoint(), c.spec.batch) for c in slot.outputs),
+                outputs=tuple(Output(c.endpoint(), c.spec.batch, c.stage) for c in slot.outputs),
             )
         except OSError as exc:
             self._bound(slot).error("spawn_failed", errno=exc.errno, error=exc.strerror)
@@ -504,6 +508,8 @@ class Supervisor:
             channel.writers.discard(reaped.pid)
         event = Exited(reaped.code, reaped.signal)
         cause = self._failure(slot, event)
+        if cause is not None and event.ok:
+            event = Exited(reaped.code, reaped.signal, clean=False)  # restarted by policy, like a crash
         fields: dict[str, Any] = {
             "runtime_s": round(self.clock() - slot.started_at, 3),
             "expected": cause is None,
@@ -657,6 +663,8 @@ class Supervisor:
                 return "exited before the end of its input"
             if self._holds_batch(slot):
                 return "exited holding a batch it had not handed on"  # exit 0 must mean nothing lost
+            if slot.input is not None and not self._saw_input_end(slot):
+                return "exited before the end of its input"  # what is still queued would be lost
             return None
         return slot.failure or f"exited with {event.describe()}"
 

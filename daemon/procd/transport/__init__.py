@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import abc
 import importlib
+import pickle
 import select
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,12 +62,46 @@ class Held:
     last_code: int
 
 
+class EncodeError(Exception):
+    """A writer's codec cannot encode one item of a batch; nothing of the batch was sent.
+
+    ``index`` is the item's place in the batch, ``cause`` the codec's own exception.
+    """
+
+    def __init__(self, index: int, cause: Exception) -> None:
+        super().__init__(f"item {index} of the batch cannot be encoded: {type(cause).__name__}: {cause}")
+        self.index = index
+        self.cause = cause
+
+
 class Writer(abc.ABC):
-    """The sending side of one input, in an upstream worker."""
+    """The sending side of one input, in an upstream worker.
+
+    Sending is two steps, so that a worker can encode a batch for every output before it sends
+    it to any (fan-out: an item no output can take is then set aside whole, see
+    ``child.Outlet``): ``encode`` in the backend's codec (pickle; JSON for a networked backend),
+    which names the item it cannot encode, then ``send_encoded``. ``send`` does both.
+    """
 
     @abc.abstractmethod
+    def encode(self, items: list[Any]) -> bytes:
+        """``items`` as one batch in this writer's codec.
+
+        Raises:
+            EncodeError: an item cannot be encoded (the first such, by its index).
+        """
+
+    @abc.abstractmethod
+    def send_encoded(self, count: int, payload: bytes) -> None:
+        """Send a batch of ``count`` items that ``encode`` made; blocks while the input is full."""
+
     def send(self, items: list[Any]) -> None:
-        """Send ``items`` as one batch; blocks while the input is full."""
+        """Send ``items`` as one batch; blocks while the input is full.
+
+        Raises:
+            EncodeError: an item cannot be encoded; nothing was sent.
+        """
+        self.send_encoded(len(items), self.encode(items))
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -75,6 +110,8 @@ class Writer(abc.ABC):
 
 class Reader(abc.ABC):
     """The receiving side of one input, in a worker of the stage."""
+
+    at_end = False  # ``batches`` or iteration has received the end of stream
 
     @abc.abstractmethod
     def receive(self, stop_fd: int | None = None) -> list[Any] | None:
@@ -106,12 +143,14 @@ class Reader(abc.ABC):
             except Interrupted:
                 return
             if batch is None:
+                self.at_end = True
                 return
             yield batch
 
     def __iter__(self) -> Iterator[list[Any]]:
         while (batch := self.receive()) is not None:
             yield batch
+        self.at_end = True
 
 
 @dataclass(frozen=True)
@@ -247,6 +286,37 @@ def attached_writer(fields: dict[str, Any], fds: list[int]) -> Writer:
     """Rebuild a writer from an ``Input.attach`` reply and the descriptors that came with it."""
     writer: Writer = _backend(str(fields.get("backend"))).attached_writer(fields, fds)
     return writer
+
+
+def encoded(items: list[Any], encode: Callable[[list[Any]], bytes]) -> bytes:
+    """``encode(items)``; when that fails, the failure of the first item that cannot be encoded
+    on its own (found only then: the normal path encodes once).
+
+    Raises:
+        EncodeError: naming that item.
+    """
+    try:
+        return encode(items)
+    except Exception:
+        for index, item in enumerate(items):
+            try:
+                encode([item])
+            except Exception as cause:
+                raise EncodeError(index, cause) from None
+        raise  # every item encodes alone: not an item's fault
+
+
+def pickled(items: list[Any]) -> bytes:
+    """The batch as a pickle (the local and SQLite backends' codec).
+
+    Raises:
+        EncodeError: an item cannot be pickled.
+    """
+    return encoded(items, _pickle)
+
+
+def _pickle(items: list[Any]) -> bytes:
+    return pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def wait_readable(fd: int, stop_fd: int | None) -> None:

@@ -44,7 +44,7 @@ from typing import Any
 
 from procd import procinfo
 from procd.config import QueueSpec
-from procd.transport import Endpoint, Held, Input, Reader, Writer, wait_readable
+from procd.transport import Endpoint, Held, Input, Reader, Writer, pickled, wait_readable
 from procd.transport.slot import (
     INLINE,
     MESSAGE,
@@ -200,13 +200,15 @@ class LocalWriter(Writer):
         self._owns_slots_fd = owns_slots_fd
         self._spilled = 0
 
-    def send(self, items: list[Any]) -> None:
-        payload = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+    def encode(self, items: list[Any]) -> bytes:
+        return pickled(items)
+
+    def send_encoded(self, count: int, payload: bytes) -> None:
         if len(payload) <= INLINE_LIMIT:
-            self._send(MESSAGE.pack(INLINE, len(items), len(payload)), payload)
+            self._send(MESSAGE.pack(INLINE, count, len(payload)), payload)
             return
         name = self._spill(payload).encode()
-        self._send(MESSAGE.pack(SPILLED, len(items), len(name)), name)
+        self._send(MESSAGE.pack(SPILLED, count, len(name)), name)
 
     def _message(self, kind: int, count: int, body: bytes) -> None:
         """Send one message of another kind (a durable input's row id)."""

@@ -8,7 +8,8 @@ redelivered batch killed a process again (and how often), how often the batch ha
 delivered, whether the process may hold one unit of its input's or of one output's capacity
 (``in_token``, ``out_token``: the supervisor gives it back when the process dies; two fields, as
 a command bridge reads and writes in two threads), and what the process is waiting for
-(``waiting``: ``procd status`` shows it as blocked).
+(``waiting``: ``procd status`` shows it as blocked), and whether the process has seen its input's
+end (``input_ended``: only then is its exit 0 a clean end).
 
 A reader receives each message straight into the payload area (a shared mapping), so there is no
 instant at which a message has left the queue but is not recoverable. A message starts with its
@@ -30,10 +31,10 @@ NO_INDEX = -1
 NO_TOKEN = -1  # out_token: else the output's number, 0, 1, ... in the order the worker got them
 RUNNING, WAITING_INPUT, WAITING_OUTPUT = 0, 1, 2
 # state, message length, item in hand (careful mode), crashes on it, deliveries, how the last
-# process ended (signal, code; -1 = none), in_token (0 or 1), out_token, waiting
-_HEADER = struct.Struct("<IIiIIiiiiI")
+# process ended (signal, code; -1 = none), in_token (0 or 1), out_token, waiting, input_ended
+_HEADER = struct.Struct("<IIiIIiiiiII")
 _RECEIVE = struct.Struct("<IIiIIiii")  # the header up to in_token: what a receive sets
-_STATE, _INDEX, _DELIVERIES, _EXIT, _IN_TOKEN, _OUT_TOKEN, _WAITING = 0, 8, 16, 20, 28, 32, 36
+_STATE, _INDEX, _DELIVERIES, _EXIT, _IN_TOKEN, _OUT_TOKEN, _WAITING, _ENDED = 0, 8, 16, 20, 28, 32, 36, 40
 PAYLOAD_OFFSET = 64
 # A message: kind, item count, bytes that follow (a pickle, a file name, a row id).
 MESSAGE = struct.Struct("<BII")
@@ -58,6 +59,7 @@ class Header:
     in_token: int
     out_token: int
     waiting: int
+    input_ended: int  # 1: the process has received its input's end of stream
 
     @property
     def holds(self) -> bool:
@@ -75,7 +77,7 @@ def create(payload_capacity: int) -> int:
     fd = os.memfd_create("procd-slot", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, PAYLOAD_OFFSET + payload_capacity)
-        os.pwrite(fd, _HEADER.pack(EMPTY, 0, NO_INDEX, 0, 0, -1, -1, 0, NO_TOKEN, RUNNING), 0)
+        os.pwrite(fd, _HEADER.pack(EMPTY, 0, NO_INDEX, 0, 0, -1, -1, 0, NO_TOKEN, RUNNING, 0), 0)
     except OSError:
         os.close(fd)
         raise
@@ -84,9 +86,8 @@ def create(payload_capacity: int) -> int:
 
 def read(fd: int) -> Header:
     """The slot's header, and the kind and item count of a message in it."""
-    state, _length, index, crashes, deliveries, last_signal, last_code, in_token, out_token, waiting = _HEADER.unpack(
-        os.pread(fd, _HEADER.size, 0)
-    )
+    header = _HEADER.unpack(os.pread(fd, _HEADER.size, 0))
+    state, _length, index, crashes, deliveries, last_signal, last_code, in_token, out_token, waiting, ended = header
     kind = items = 0
     if state in (RECEIVING, HELD):
         message = os.pread(fd, MESSAGE.size, PAYLOAD_OFFSET)
@@ -94,7 +95,9 @@ def read(fd: int) -> Header:
             kind, items, _size = MESSAGE.unpack(message)
             if kind not in KINDS:
                 kind = items = 0
-    return Header(state, kind, items, index, crashes, deliveries, last_signal, last_code, in_token, out_token, waiting)
+    return Header(
+        state, kind, items, index, crashes, deliveries, last_signal, last_code, in_token, out_token, waiting, ended
+    )
 
 
 def note_exit(fd: int, signal: int | None, code: int | None) -> None:
@@ -153,6 +156,11 @@ class Slot:
     def at(self, index: int, crashes: int) -> None:
         """Careful mode: item ``index`` is in hand, having crashed a process ``crashes`` times."""
         struct.pack_into("<iI", self._map, _INDEX, index, crashes)
+
+    def input_ended(self, ended: bool = True) -> None:
+        """This process has received its input's end of stream (or, with False, a new process
+        has not yet): the supervisor counts an exit 0 as clean only after it."""
+        struct.pack_into("<I", self._map, _ENDED, int(ended))
 
     def clear(self) -> None:
         """Every output of the held batch has been handed on."""

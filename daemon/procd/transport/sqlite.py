@@ -156,13 +156,11 @@ class SqliteWriter(LocalWriter):
         self._store_path = endpoint.store_path
         self._store: Store | None = None  # opened on first send
 
-    def send(self, items: list[Any]) -> None:
-        import pickle
-
+    def send_encoded(self, count: int, payload: bytes) -> None:
         if self._store is None:
             self._store = Store(self._store_path)
-        row = self._store.insert(pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL), len(items))
-        self._message(ROW, len(items), _ROW_ID.pack(row))
+        row = self._store.insert(payload, count)
+        self._message(ROW, count, _ROW_ID.pack(row))
 
     def close(self) -> None:
         super().close()

@@ -21,6 +21,7 @@ interface. What differs from the local backends:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import pickle
@@ -35,7 +36,7 @@ import redis
 
 from procd.config import QueueSpec
 from procd.config import redact_url as redact
-from procd.transport import Endpoint, Held, Input, Interrupted, Reader, Unavailable, Writer
+from procd.transport import Endpoint, Held, Input, Interrupted, Reader, Unavailable, Writer, encoded
 from procd.transport.redisstream import Entry, Names, Stream, connect
 from procd.transport.slot import ENTRY, MESSAGE, NO_TOKEN, RUNNING, WAITING_INPUT, WAITING_OUTPUT, Slot
 
@@ -46,27 +47,19 @@ HOST = socket.gethostname()
 _CLAIM_CHECKS_PER_WINDOW = 4
 
 
-class Unencodable(ValueError):
-    """An item the input's codec cannot encode; ``index`` is its place in the batch."""
-
-    def __init__(self, index: int, error: Exception) -> None:
-        super().__init__(f"item {index} cannot be encoded: {error}")
-        self.index = index
-
-
 def encode(codec: str, items: list[Any]) -> bytes:
-    """Raises ``Unencodable`` naming the first item the codec cannot take."""
-    try:
-        if codec == "json":
-            return json.dumps(items, separators=(",", ":"), allow_nan=False).encode()
-        return pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
-    except (TypeError, ValueError, pickle.PicklingError, AttributeError, RecursionError):
-        for index, item in enumerate(items):
-            try:
-                json.dumps(item, allow_nan=False) if codec == "json" else pickle.dumps(item)
-            except (TypeError, ValueError, pickle.PicklingError, AttributeError, RecursionError) as exc:
-                raise Unencodable(index, exc) from None
-        raise
+    """The batch in the input's codec.
+
+    Raises:
+        EncodeError: naming the first item the codec cannot take.
+    """
+    return encoded(items, functools.partial(_dumps, codec))
+
+
+def _dumps(codec: str, items: list[Any]) -> bytes:
+    if codec == "json":
+        return json.dumps(items, separators=(",", ":"), allow_nan=False).encode()
+    return pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def decode(codec: str, payload: bytes) -> list[Any]:
@@ -271,8 +264,10 @@ class RedisWriter(Writer):
         self._me = f"{HOST}:{os.getpid()}"
         self._renewed = 0.0
 
-    def send(self, items: list[Any]) -> None:
-        payload = encode(self._endpoint.codec, items)
+    def encode(self, items: list[Any]) -> bytes:
+        return encode(self._endpoint.codec, items)
+
+    def send_encoded(self, count: int, payload: bytes) -> None:
         now = time.monotonic()
         if now - self._renewed > self._endpoint.claim_after_s / 3:
             _patiently(lambda: self._stream.register(self._me, "writer", self._endpoint.claim_after_s))
@@ -284,7 +279,7 @@ class RedisWriter(Writer):
                 slot.output_token(NO_TOKEN, WAITING_OUTPUT)
             return False
 
-        _patiently(lambda: self._stream.send([(payload, len(items))], self._endpoint.slots, stop=waiting))
+        _patiently(lambda: self._stream.send([(payload, count)], self._endpoint.slots, stop=waiting))
         if slot is not None:
             slot.output_token(NO_TOKEN, RUNNING)
 
