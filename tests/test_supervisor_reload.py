@@ -1,0 +1,127 @@
+"""Reload checks the new file in a child the loop watches (issue 9): the supervisor keeps serving
+while stage code is imported, answers the reload when the check ends, and a check that overstays
+``pipeline.reload_timeout`` fails the reload, not procd."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+
+from conftest import Workspace, procd_command, processes_titled, read_records, reaped, wait_until
+
+STAGES = """
+import itertools, time
+
+def ticks():
+    for n in itertools.count():
+        yield n
+        time.sleep(0.01)
+
+def same(n):
+    return n
+"""
+
+# imported by the reload's check: waits until the test opens the gate (never, for the deadline test)
+GATED = """
+import os, time
+while not os.path.exists("gate"):
+    time.sleep(0.01)
+
+def same(n):
+    return n
+"""
+
+PIPELINE = """
+[pipeline]
+name = "{name}"
+reload_timeout = "%s"
+[stages.ticks]
+function = "st:ticks"
+[stages.same]
+function = "%s"
+inputs = ["ticks"]
+"""
+
+
+def _status(ws: Workspace) -> dict:
+    result = ws.run("status", "--json", "--control", str(ws.control), timeout=10)
+    assert result.code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _pids(reply: dict) -> dict[str, list[int]]:
+    return {s["name"]: [w["pid"] for w in s["workers"]] for s in reply["stages"]}
+
+
+def _reload(ws: Workspace) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        procd_command("reload", "--control", str(ws.control)),
+        cwd=ws.path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_status_answers_while_a_reload_imports_and_the_reload_answers_when_the_check_ends(ws: Workspace) -> None:
+    ws.write("st.py", STAGES)
+    ws.write("gated.py", GATED)
+    ws.pipeline(PIPELINE % ("60s", "st:same"))
+    with reaped(ws.start_ready()) as proc:
+        before = _pids(_status(ws))
+        ws.pipeline(PIPELINE % ("60s", "gated:same"))
+        with reaped(_reload(ws)) as reload:
+            log = ws.path / "log.jsonl"
+            wait_until(lambda: any(r["event"] == "reload_requested" for r in read_records(log)))
+            assert processes_titled(f"procd: {ws.name} reload check")  # the check runs, gated
+            reply = _status(ws)  # the loop answers while the check imports
+            assert _pids(reply) == before
+            assert reload.poll() is None  # and the reload is still waiting for its answer
+            (ws.path / "gate").touch()
+            out, err = reload.communicate(timeout=30)
+        assert reload.returncode == 0, err
+        assert "same" in out
+        records = read_records(log)
+        (reloaded,) = [r for r in records if r["event"] == "pipeline_reloaded"]
+        assert reloaded["code_changed"] == ["same"] or reloaded["changed"] == ["same"]
+        wait_until(lambda: _pids(_status(ws))["same"] != before["same"] and all(_pids(_status(ws))["same"]))
+        assert _pids(_status(ws))["ticks"] == before["ticks"]
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+
+
+def test_a_check_past_the_reload_timeout_fails_the_reload_and_the_pipeline_runs_on(ws: Workspace) -> None:
+    ws.write("st.py", STAGES)
+    ws.write("gated.py", GATED)
+    ws.pipeline(PIPELINE % ("1s", "st:same"))
+    with reaped(ws.start_ready()) as proc:
+        before = _pids(_status(ws))
+        ws.pipeline(PIPELINE % ("1s", "gated:same"))  # its gate never opens
+        with reaped(_reload(ws)) as reload:
+            out, err = reload.communicate(timeout=30)
+        assert reload.returncode == 1 and out == ""
+        assert err == (
+            "procd reload: checking the new pipeline file did not finish within 1s "
+            "(pipeline.reload_timeout); nothing changed\n"
+        )
+        log = ws.path / "log.jsonl"
+        (failed,) = [r for r in read_records(log) if r["event"] == "reload_failed"]
+        assert failed["timeout_s"] == 1.0 and failed["cause"] == "timeout"
+        wait_until(lambda: not processes_titled(f"procd: {ws.name} reload check"))  # killed and reaped
+        assert _pids(_status(ws)) == before  # running on, unchanged
+        assert not [r for r in read_records(log) if r["event"] in ("pipeline_reloaded", "orphan_reaped")]
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+
+
+def test_a_reload_timeout_out_of_range_is_a_config_error(ws: Workspace) -> None:
+    ws.write("st.py", STAGES)
+    ws.pipeline(PIPELINE % ("0s", "st:same"))
+    result = ws.run("check", f"{ws.name}.toml")
+    assert result.code == 78
+    assert result.stderr == (
+        f'{ws.name}.toml: pipeline.reload_timeout: expected a duration from 100ms to 1h, got "0s" (str)\n'
+    )
