@@ -29,12 +29,15 @@ import signal
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from structlog.typing import FilteringBoundLogger
 
 from procd import (
     config,
     control,
     environment,
+    loop,
     plan,
     procctl,
     procinfo,
@@ -83,6 +86,9 @@ from procd.throttle import OutputThrottle
 from procd.transport import Input
 from procd.worker import Slot
 
+if TYPE_CHECKING:  # imported only by a pipeline that serves metrics (``run``)
+    from procd.metrics import HttpClient, MetricsServer
+
 TERMINAL = (State.EXITED, State.FATAL)
 # Processes that scale and reload start at once at most, then per second: a request for many
 # processes forks them over a while instead of all in one turn of the loop.
@@ -112,7 +118,7 @@ class Supervisor:
     def __init__(
         self,
         spec: PipelineSpec,
-        log: Any,
+        log: FilteringBoundLogger,
         writer: RecordWriter | None = None,
         *,
         control_path: str | None = None,
@@ -224,7 +230,9 @@ class Supervisor:
                     # of work freed back to the kernel (about 16 us; an idle supervisor stays small)
                     procctl.release_free_memory()
                     trim_due = False
-                for key, mask in self.selector.select(timeout):
+                ready = self.selector.select(loop.wait_s(self.clock, timeout))
+                loop.waited(self.clock, timeout, bool(ready))  # a test's clock jumps to the deadline
+                for key, mask in ready:
                     trim_due = True
                     kind, source = key.data
                     if kind == "wake":
@@ -345,7 +353,7 @@ class Supervisor:
         elif isinstance(action, CancelTimer):
             self.timers.pop((slot, action.timer), None)
 
-    def _bound(self, slot: Slot) -> Any:
+    def _bound(self, slot: Slot) -> FilteringBoundLogger:
         return self.log.bind(stage=slot.stage.name, worker=slot.index, pid=slot.pid, generation=slot.generation)
 
     def _spawn(self, slot: Slot) -> None:
@@ -803,7 +811,7 @@ class Supervisor:
             self.log.warning("control_refused", peer_pid=refused["pid"], peer_uid=refused["uid"])
         self._accepted(server, client, "client", now)
 
-    def _accept_http(self, server: Any) -> None:
+    def _accept_http(self, server: MetricsServer) -> None:
         now = self.clock()
         self._accepted(server, server.accept(now), "http", now)
 
@@ -852,7 +860,7 @@ class Supervisor:
         client.reply(reply)
         self._serve(client, 0)
 
-    def _serve_http(self, client: Any, mask: int) -> None:
+    def _serve_http(self, client: HttpClient, mask: int) -> None:
         now = self.clock()
         if mask & selectors.EVENT_READ and not client.closing:
             path = client.read_request(now)
