@@ -125,3 +125,30 @@ def test_a_reload_timeout_out_of_range_is_a_config_error(ws: Workspace) -> None:
     assert result.stderr == (
         f'{ws.name}.toml: pipeline.reload_timeout: expected a duration from 100ms to 1h, got "0s" (str)\n'
     )
+
+
+def test_one_reload_at_a_time_and_a_stop_abandons_the_one_under_way(ws: Workspace) -> None:
+    ws.write("st.py", STAGES)
+    ws.write("gated.py", GATED)
+    ws.pipeline(PIPELINE % ("60s", "st:same"))
+    with reaped(ws.start_ready()) as proc:
+        ws.pipeline(PIPELINE % ("60s", "gated:same"))  # its gate never opens
+        with reaped(_reload(ws)) as first:
+            wait_until(lambda: processes_titled(f"procd: {ws.name} reload check"))
+            second = ws.run("reload", "--control", str(ws.control))
+            assert second.code == 1
+            assert second.stderr == (
+                "procd reload: a reload is under way already (requested by control socket); "
+                "try again once it has ended\n"
+            )
+            proc.send_signal(signal.SIGTERM)
+            out, err = first.communicate(timeout=30)
+        assert first.returncode == 1 and out == ""
+        assert err == "procd reload: the pipeline is stopping; the reload was abandoned, nothing changed\n"
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+    records = read_records(ws.path / "log.jsonl")
+    (failed,) = [r for r in records if r["event"] == "reload_failed"]
+    assert failed["cause"] == "stopping"
+    assert not processes_titled(f"procd: {ws.name} reload check")
+    assert not [r for r in records if r["event"] == "orphan_reaped"]

@@ -1449,7 +1449,7 @@ class Supervisor:
     def _sweep(self) -> None:
         """Nothing left running: SIGKILL any process group of ours that still has a member, and
         reap what that frees."""
-        waiting = set(self.by_pid)
+        waiting = set(self.by_pid) | self.checks_killed  # and a reload's check killed at a stop
         if self.forkserver is not None:
             self.forkserver.close()  # the server ends when its socket does
             waiting.add(self.forkserver.pid)
