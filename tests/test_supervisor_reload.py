@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 
 from conftest import Workspace, procd_command, processes_titled, read_records, reaped, wait_until
@@ -152,3 +153,29 @@ def test_one_reload_at_a_time_and_a_stop_abandons_the_one_under_way(ws: Workspac
     assert failed["cause"] == "stopping"
     assert not processes_titled(f"procd: {ws.name} reload check")
     assert not [r for r in records if r["event"] == "orphan_reaped"]
+
+
+def test_replies_on_one_connection_keep_their_order_behind_a_deferred_reload(ws: Workspace) -> None:
+    ws.write("st.py", STAGES)
+    ws.write("gated.py", GATED)
+    ws.pipeline(PIPELINE % ("60s", "st:same"))
+    with reaped(ws.start_ready()) as proc:
+        ws.pipeline(PIPELINE % ("60s", "gated:same"))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(30)
+            client.connect(str(ws.control))
+            client.sendall(b'{"command": "reload"}\n{"command": "status"}\n')
+            wait_until(lambda: processes_titled(f"procd: {ws.name} reload check"))
+            assert _status(ws)["stages"]  # another client is served meanwhile
+            (ws.path / "gate").touch()
+            data = b""
+            while data.count(b"\n") < 2:
+                chunk = client.recv(65536)
+                assert chunk, "procd closed the connection"
+                data += chunk
+        reload_reply, status_reply = (json.loads(line) for line in data.splitlines())
+        assert reload_reply["ok"] and "changed" in reload_reply
+        assert status_reply["ok"] and "stages" in status_reply
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
