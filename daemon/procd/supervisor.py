@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import os
 import random
 import selectors
@@ -901,7 +902,7 @@ class Supervisor:
             elif not accepting and listener in self.watched:
                 self.selector.unregister(listener.fileno())
                 self.watched.discard(listener)
-        moments = [c.deadline for c in self.connections]
+        moments = [c.deadline for c in self.connections if math.isfinite(c.deadline)]  # not one owed a reply
         moments += [listener.paused_until for listener in self.listeners if listener.paused_until > now]
         if moments:
             self.deadlines["connections"] = min(moments)
