@@ -4,7 +4,9 @@ while stage code is imported, answers the reload when the check ends, and a chec
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -179,3 +181,42 @@ def test_replies_on_one_connection_keep_their_order_behind_a_deferred_reload(ws:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
         assert proc.returncode == 0
+
+
+def test_the_watchdog_is_pinged_while_a_reload_imports(ws: Workspace) -> None:
+    """The fault: the loop waited for the import, and systemd killed a procd whose import took
+    longer than WatchdogSec. Now pings go on while the check is held at its gate."""
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(ws.path / "notify.sock"))
+    receiver.setblocking(False)
+
+    def keys() -> list[str]:
+        found = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                found += [line.split("=", 1)[0] for line in receiver.recv(4096).decode().splitlines()]
+        return found
+
+    ws.write("st.py", STAGES)
+    ws.write("gated.py", GATED)
+    ws.pipeline(PIPELINE % ("60s", "st:same"))
+    env = {**os.environ, "NOTIFY_SOCKET": str(ws.path / "notify.sock"), "WATCHDOG_USEC": "200000"}
+    command = procd_command("run", f"{ws.name}.toml", "--log-file", "log.jsonl", "--control", str(ws.control))
+    try:
+        with reaped(subprocess.Popen(command, cwd=ws.path, env=env, stderr=subprocess.DEVNULL)) as proc:
+            seen: list[str] = []
+            wait_until(lambda: "READY" in (seen.extend(keys()) or seen), timeout=15)
+            ws.pipeline(PIPELINE % ("60s", "gated:same"))
+            with reaped(_reload(ws)) as reload:
+                wait_until(lambda: processes_titled(f"procd: {ws.name} reload check"))
+                seen.clear()
+                # five pings while the check is held: more than a watchdog interval has passed
+                wait_until(lambda: (seen.extend(keys()) or seen).count("WATCHDOG") >= 5, timeout=15)
+                assert "READY" not in seen and reload.poll() is None
+                (ws.path / "gate").touch()
+                reload.communicate(timeout=30)
+            assert reload.returncode == 0
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+    finally:
+        receiver.close()
