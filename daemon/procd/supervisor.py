@@ -1405,8 +1405,9 @@ class Supervisor:
         return leaving, arriving
 
     def _ping_while_blocked(self) -> None:
-        """A reload that builds blocks the loop for seconds; the service manager's watchdog must
-        still hear from procd. (A build that hangs keeps procd in its reload; pip's own timeouts apply.)"""
+        """Claiming the environment the reload's check prepared takes only its lock, unless it
+        was removed in between and is built again here, in the loop: the service manager's
+        watchdog must still hear from procd then."""
         if self.notifier.watchdog_interval_s:
             self._notify(WATCHDOG=1)
 
