@@ -94,6 +94,7 @@ class Workspace:
     def __init__(self, path: Path, name: str) -> None:
         self.path = path
         self.name = name
+        self._started = 0
 
     def write(self, relative: str, text: str) -> Path:
         target = self.path / relative
@@ -123,7 +124,7 @@ class Workspace:
         records = parse_records(proc.stderr) if args[:1] == ("run",) and proc.returncode in (0, 1) else []
         return Result(proc.returncode, proc.stdout, proc.stderr, records)
 
-    def start_ready(self, log: str = "log.jsonl", timeout: float = 15.0) -> subprocess.Popen[str]:
+    def start_ready(self, log: str = "log.jsonl", timeout: float = 15.0) -> Started:
         """``procd run`` this workspace's pipeline with a log file; return once it is ready."""
         proc = self.start("run", f"{self.name}.toml", "--log-file", log)
         try:
@@ -176,11 +177,31 @@ class Workspace:
                 proc.kill()
                 proc.wait()
 
-    def start(self, *args: str) -> subprocess.Popen[str]:
+    def start(self, *args: str) -> Started:
+        """Start ``procd ARGS`` in the background; its output goes to files (see ``Started``)."""
         args = self._with_control(args)
-        return subprocess.Popen(
-            procd_command(*args), cwd=self.path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        self._started += 1
+        streams = self.path.parent / f"{self.path.name}-streams"  # beside the workspace, not in it
+        streams.mkdir(exist_ok=True)
+        return Started(
+            procd_command(*args), self.path, streams / f"{self._started}.out", streams / f"{self._started}.err"
         )
+
+
+class Started(subprocess.Popen[str]):
+    """A background ``procd`` whose standard output and error go to files, not pipes: nobody has
+    to read them while it runs, so a supervisor that logs a lot never blocks on a full pipe.
+    ``communicate`` waits for it and returns what the files hold."""
+
+    def __init__(self, args: list[str], cwd: Path, out: Path, err: Path) -> None:
+        self.out_path, self.err_path = out, err
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            super().__init__(args, cwd=cwd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, text=True)
+
+    def communicate(self, input: str | None = None, timeout: float | None = None) -> tuple[str, str]:
+        assert input is None, "a started procd reads nothing from its standard input"
+        self.wait(timeout)
+        return self.out_path.read_text(), self.err_path.read_text()
 
 
 @contextlib.contextmanager

@@ -75,6 +75,7 @@ def test_show_fills_in_every_default(ws: Workspace) -> None:
         "name": "fanout",
         "start_method": "fork",
         "stop_timeout": "10s",
+        "reload_timeout": "2m",
         "state_dir": config.default_state_dir("fanout"),
         "max_processes": config.default_max_processes(),
     }

@@ -352,6 +352,7 @@ def test_show_writes_back_a_file_that_loads_to_the_same_spec(tmp_path: Path) -> 
         "name": "p",
         "start_method": "fork",
         "stop_timeout": "250ms",
+        "reload_timeout": "2m",
         "state_dir": state,
         "max_processes": config.default_max_processes(),
     }

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "procd"
 LAYERS = {
     "interface": {"cli", "__main__", "top"},
     "loop": {"supervisor", "control", "status", "loop"},
-    "processes": {"worker", "spawn", "child", "forkserver", "environment"},
+    "processes": {"worker", "spawn", "child", "forkserver", "environment", "reloadcheck"},
     "transport": {"transport"},
     "os": {
         "signals",

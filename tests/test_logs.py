@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-import time
+from pathlib import Path
 
 from conftest import Workspace, procd_command, wait_until
 
@@ -103,6 +104,20 @@ def test_stdin_with_lines_that_are_not_records(ws: Workspace) -> None:
     assert result.stderr == "procd logs: 3 lines were not procd records (skipped)\n"
 
 
+def _read_to_end(pid: int, path: Path) -> bool:
+    """Process ``pid`` has ``path`` open and its offset there is the file's size (/proc)."""
+    size = path.stat().st_size
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                with open(f"/proc/{pid}/fdinfo/{fd}") as fh:
+                    if int(fh.readline().split()[1]) == size:
+                        return True
+    except OSError:
+        pass
+    return False
+
+
 def test_follow_shows_records_as_they_are_appended(ws: Workspace) -> None:
     _run(ws)
     log = ws.path / "log.jsonl"
@@ -113,7 +128,8 @@ def test_follow_shows_records_as_they_are_appended(ws: Workspace) -> None:
         cwd=ws.path,
     )
     try:
-        time.sleep(0.3)
+        # appended only once the follower has read to the end and waits: only --follow can show it
+        wait_until(lambda: _read_to_end(follower.pid, log), timeout=15)
         with open(log, "a") as fh:
             fh.write('{"pipeline": "x", "event": "custom_event", "ts": "2026-01-01T00:00:00Z", "n": 1}\n')
         line = follower.stdout.readline()  # type: ignore[union-attr]

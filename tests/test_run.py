@@ -329,7 +329,12 @@ def test_sigterm_mid_run_drains_cleanly_and_exits_0(ws: Workspace) -> None:
         '[stages.count]\nfunction = "st:Count"\ninputs = ["slow"]\n'
     )
     proc, logfile = _start_and_wait_ready(ws)
-    time.sleep(0.3)  # let items flow; the assertion below is on totals, not on timing
+
+    def counted() -> int:
+        reply = json.loads(ws.run("status", "--json", "--control", str(ws.control)).stdout)
+        return int(next(s["items_in"] for s in reply["stages"] if s["name"] == "count"))
+
+    wait_until(counted, timeout=15)  # items have reached the last stage: the stop drains a full pipeline
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=20)
     assert proc.returncode == 0
@@ -437,12 +442,23 @@ def test_sigkill_of_the_supervisor_takes_every_worker_with_it(ws: Workspace) -> 
         '[stages.sink]\ncommand = ["cat"]\ninputs = ["slow"]\n'
     )
     proc, _logfile = _start_and_wait_ready(ws)
-    assert len(processes_titled(f"procd: {ws.name}/")) == 4
+    workers = processes_titled(f"procd: {ws.name}/")
+    assert len(workers) == 4
+    # this pipeline's own cat: in the process group of its sink's bridge (never another test's cat)
+    sink_group = next(_group(pid) for pid, title in workers.items() if title.startswith(f"procd: {ws.name}/sink"))
+    ours = wait_until(lambda: [p for p in processes_titled("cat") if _group(p) == sink_group], timeout=10)
     proc.kill()
     proc.communicate(timeout=10)
     wait_until(lambda: not processes_titled(f"procd: {ws.name}"), timeout=5)
     # the command stage's program (cat) died with its bridge too
-    assert not [p for p, t in processes_titled("cat").items() if os.getpgid(p) != os.getpgid(0)]
+    wait_until(lambda: not set(ours) & set(processes_titled("cat")), timeout=5)
+
+
+def _group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 def test_bad_config_exits_78_before_any_process_starts(ws: Workspace) -> None:

@@ -43,6 +43,8 @@ BATCH_RANGE = (1, 1_000_000)
 MAX_ATTEMPTS_RANGE = (1, 1000)
 RESTART_MAX_RANGE = (0, 1_000_000)
 STOP_TIMEOUT_RANGE_S = (0.1, 86_400.0)  # "0s" would SIGKILL every stop
+RELOAD_TIMEOUT_RANGE_S = (0.1, 3600.0)  # control.RELOAD_REPLY_S waits longer than the longest
+DEFAULT_RELOAD_TIMEOUT_S = 120.0  # how long a reload's check of the stage code may take
 WITHIN_RANGE_S = (1.0, 86_400.0)  # "0s" would make a stage never fatal
 BACKOFF_RANGE_S = (0.0, 3600.0)
 METRICS_PORTS = (1024, 65_535)
@@ -59,6 +61,7 @@ _PIPELINE_KEYS = (
     "name",
     "start_method",
     "stop_timeout",
+    "reload_timeout",
     "state_dir",
     "metrics",
     "max_processes",
@@ -163,6 +166,7 @@ class PipelineSpec:
     file: str
     start_method: str = "fork"
     stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
+    reload_timeout_s: float = DEFAULT_RELOAD_TIMEOUT_S  # a reload whose check takes longer fails
     state_dir: str = ""  # an absolute path once loaded
     metrics: tuple[str, int] | None = None  # where the Prometheus endpoint listens
     stages: tuple[StageSpec, ...] = ()
@@ -452,6 +456,10 @@ def validate(document: Mapping[str, Any], file: str) -> tuple[PipelineSpec, list
     if "stop_timeout" in pipeline:
         raw_timeout = pipeline["stop_timeout"]
         stop_timeout_s = check.duration(raw_timeout, "pipeline.stop_timeout", STOP_TIMEOUT_RANGE_S) or 0.0
+    reload_timeout_s = DEFAULT_RELOAD_TIMEOUT_S
+    if "reload_timeout" in pipeline:
+        raw_reload = pipeline["reload_timeout"]
+        reload_timeout_s = check.duration(raw_reload, "pipeline.reload_timeout", RELOAD_TIMEOUT_RANGE_S) or 0.0
     max_processes = 0
     if "max_processes" in pipeline:
         limits = (1, MAX_PROCESSES_LIMIT)
@@ -507,6 +515,7 @@ def validate(document: Mapping[str, Any], file: str) -> tuple[PipelineSpec, list
         file=file,
         start_method=start_method if start_method in START_METHODS else "fork",
         stop_timeout_s=stop_timeout_s,
+        reload_timeout_s=reload_timeout_s,
         state_dir=state_dir,
         metrics=metrics,
         stages=tuple(stages),
@@ -884,6 +893,7 @@ def as_document(spec: PipelineSpec) -> dict[str, Any]:
             "name": spec.name,
             "start_method": spec.start_method,
             "stop_timeout": format_duration(spec.stop_timeout_s),
+            "reload_timeout": format_duration(spec.reload_timeout_s),
             "state_dir": spec.state_dir,
             "max_processes": spec.process_ceiling,
             **({"metrics": format_address(spec.metrics)} if spec.metrics else {}),

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import array
 import json
+import math
 import os
 import socket
 import stat
@@ -45,6 +46,9 @@ CLIENT_IDLE_S = 30.0
 CLIENT_STALL_S = 5.0  # replies waiting, none read: the client is dropped
 OUTBOX_LIMIT = 256 * 1024
 _CRED = struct.Struct("3i")
+# longer than the longest pipeline.reload_timeout (config.RELOAD_TIMEOUT_RANGE_S), with room for
+# applying the reload after the check
+RELOAD_REPLY_S = 3600.0 + 60.0
 
 
 class ControlError(ProcdError):
@@ -77,6 +81,7 @@ class Command:
     summary: str
     fields: tuple[Field, ...] = ()
     verb: bool = True  # a ``procd NAME`` command of its own (else used by another verb)
+    reply_timeout_s: float = 10.0  # how long the client waits for the reply
 
 
 COMMANDS: dict[str, Command] = {
@@ -84,7 +89,8 @@ COMMANDS: dict[str, Command] = {
     for c in (
         Command("status", "every stage and worker of a running pipeline"),
         Command("stop", "stop a running pipeline (the same as SIGTERM)"),
-        Command("reload", "re-read a running pipeline's file (the same as SIGHUP)"),
+        # answered once the new file's stage code is checked: within pipeline.reload_timeout
+        Command("reload", "re-read a running pipeline's file (the same as SIGHUP)", reply_timeout_s=RELOAD_REPLY_S),
         Command(
             "scale",
             "change the number of processes of a stage: STAGE=N",
@@ -109,7 +115,36 @@ class Request:
     args: dict[str, Any]
 
 
-Answer = dict[str, Any] | tuple[dict[str, Any], tuple[int, ...]]  # a reply, and descriptors to pass
+Reply = dict[str, Any] | tuple[dict[str, Any], tuple[int, ...]]  # a reply, and descriptors to pass
+
+
+class Deferred:
+    """A reply that comes later (``reload`` answers once its check has ended): the handler keeps
+    it and calls ``resolve``; the server calls back whoever waits on it. Meanwhile the client's
+    later requests wait (replies keep their order) and the server goes on serving everyone else."""
+
+    def __init__(self) -> None:
+        self._waiters: list[Callable[[Reply], None]] = []
+        self.resolved = False
+
+    def then(self, callback: Callable[[Reply], None]) -> None:
+        """Call ``callback(reply)`` when the reply is known."""
+        self._waiters.append(callback)
+
+    def resolve(self, reply: Reply) -> None:
+        """The reply is known: hand it to every waiter, once."""
+        if self.resolved:
+            return
+        self.resolved = True
+        waiters, self._waiters = self._waiters, []
+        for callback in waiters:
+            callback(reply)
+
+    def __repr__(self) -> str:
+        return f"<Deferred {'resolved' if self.resolved else 'pending'}, {len(self._waiters)} waiting>"
+
+
+Answer = Reply | Deferred
 Handler = Callable[[Request], Answer]
 
 
@@ -236,6 +271,12 @@ class Client(Connection):
         super().__init__(sock, now, idle_s=CLIENT_IDLE_S, stall_s=CLIENT_STALL_S, outbox_limit=OUTBOX_LIMIT)
         self.peer_pid = peer_pid
         self.peer_uid = peer_uid
+        self.pending: Deferred | None = None  # a reply still to come; later requests wait for it
+
+    @property
+    def deadline(self) -> float:
+        """No idle deadline while procd owes the client a reply (the reply's own deadline applies)."""
+        return math.inf if self.pending is not None else super().deadline
 
     def next_request(self) -> Request | str | None:
         """The next complete request in the inbox (an error message for a bad one), or None."""
@@ -255,7 +296,7 @@ class Client(Connection):
             if line.strip():
                 return parse(line)
 
-    def reply(self, answer: Answer) -> None:
+    def reply(self, answer: Reply) -> None:
         """Queue a reply; one that carries descriptors (``SCM_RIGHTS``) is sent at once, after
         whatever is queued before it."""
         message, fds = answer if isinstance(answer, tuple) else (answer, ())
@@ -419,7 +460,7 @@ def encode(name: str, **args: Any) -> bytes:
     return json.dumps({"command": name, **args}).encode() + b"\n"
 
 
-def call(path: str, name: str, timeout_s: float = 10.0, **args: Any) -> dict[str, Any]:
+def call(path: str, name: str, timeout_s: float | None = None, **args: Any) -> dict[str, Any]:
     """Send one request and return the reply.
 
     Raises:
@@ -429,11 +470,12 @@ def call(path: str, name: str, timeout_s: float = 10.0, **args: Any) -> dict[str
     return reply
 
 
-def call_fds(path: str, name: str, timeout_s: float = 10.0, **args: Any) -> tuple[dict[str, Any], list[int]]:
-    """``call``, also returning the descriptors the reply carried (``attach``)."""
+def call_fds(path: str, name: str, timeout_s: float | None = None, **args: Any) -> tuple[dict[str, Any], list[int]]:
+    """``call``, also returning the descriptors the reply carried (``attach``). The reply is
+    awaited for ``timeout_s``, by default the command's ``reply_timeout_s``."""
     line = encode(name, **args)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout_s)
+    sock.settimeout(timeout_s if timeout_s is not None else COMMANDS[name].reply_timeout_s)
     data = b""
     fds: list[int] = []
     try:

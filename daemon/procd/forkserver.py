@@ -15,10 +15,15 @@ and the descriptors themselves (``SCM_RIGHTS``), the first of which is a memfd h
 argument may be; ``spawn`` hands its fresh interpreter the same memfd). The reply is the worker's
 pid. The worker puts each descriptor back at the number the supervisor gave it, so the context
 needs no translation.
+
+The supervisor's side is a blocking exchange, bounded by ``FORK_REPLY_TIMEOUT_S``: a server that
+stops answering (stopped, wedged) is killed, the spawn fails, and the supervisor reports the
+server's death as it reports any other (the pipeline stops: its workers cannot be started).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import pickle
@@ -33,6 +38,10 @@ from procd.child import WorkerContext, run
 _PID = struct.Struct("<i")
 _MAX_FDS = 64
 _REPARENT_TIMEOUT_S = 5.0
+# How long the supervisor waits for the server to take a request and answer with a pid (a fork,
+# in milliseconds even on a loaded machine). The supervisor's loop waits meanwhile: a server that
+# overstays this is killed and the spawn fails, rather than the loop waiting for ever.
+FORK_REPLY_TIMEOUT_S = 5.0
 
 
 def serve(sock_fd: int, supervisor: int, title: str) -> None:
@@ -129,9 +138,10 @@ def read_context(fd: int) -> WorkerContext:
 class ForkServer:
     """The supervisor's handle on its fork server."""
 
-    def __init__(self, pid: int, sock: socket.socket) -> None:
+    def __init__(self, pid: int, sock: socket.socket, reply_timeout_s: float = FORK_REPLY_TIMEOUT_S) -> None:
         self.pid = pid
         self._sock = sock
+        self.reply_timeout_s = reply_timeout_s
 
     def launch(self, ctx: WorkerContext, output_fd: int, keep: set[int]) -> int:
         """Have the server start one worker; return its pid (the supervisor's child).
@@ -141,17 +151,33 @@ class ForkServer:
         """
         targets = [output_fd, *sorted(keep)]
         context_fd = context_memfd(ctx)
+        self._sock.settimeout(self.reply_timeout_s)
         try:
             socket.send_fds(self._sock, [pickle.dumps(targets)], [context_fd, *targets])
+            reply = self._sock.recv(_PID.size)
+        except TimeoutError:
+            # a late reply would answer the next request with this one's pid: this server is done
+            self.kill()
+            raise OSError(
+                errno.ETIMEDOUT,
+                f"the fork server (pid {self.pid}) did not answer within {self.reply_timeout_s:g}s; it was killed",
+            ) from None
         finally:
             os.close(context_fd)
-        reply = self._sock.recv(_PID.size)
         if len(reply) != _PID.size:
             raise OSError(0, "the fork server has gone")
         pid = int(_PID.unpack(reply)[0])
         if pid < 0:
             raise OSError(0, "the fork server could not fork")
         return pid
+
+    def kill(self) -> None:
+        """SIGKILL the server (the reaper collects it) and close its socket."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.close()
 
     def close(self) -> None:
         self._sock.close()

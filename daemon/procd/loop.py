@@ -10,7 +10,11 @@ pipeline costs no wake-ups; there is no poll interval. Deadlines live in a heap 
 cancellation (a cancelled entry stays in the heap, marked, until it reaches the top): cancelling
 is O(1), and the heap never holds more entries than were scheduled since the last time they were
 popped. Time comes from an injected clock, so tests can move time by hand and drive the loop one
-turn at a time with ``run_once(timeout_s=0)``.
+turn at a time with ``run_once(timeout_s=0)``, or hand the loop an ``AutojumpClock``: it stands
+still while anything happens and jumps to the next deadline once the loop has been idle for a few
+real milliseconds (trio's ``MockClock(autojump_threshold=...)``), so a backoff of minutes passes
+in milliseconds with real processes. A loop that waits (this one, and the supervisor's) asks a
+``JumpingClock`` how long to really wait, and tells it when that wait passed with nothing to do.
 """
 
 from __future__ import annotations
@@ -21,12 +25,63 @@ import selectors
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
 
 # A source's callback receives the events that are ready (READ, WRITE or both).
 Handler = Callable[[int], None]
+
+
+@runtime_checkable
+class JumpingClock(Protocol):
+    """A clock that a waiting loop moves: how long to really wait for a deadline ``timeout_s``
+    away on this clock, and what to do when that wait passed with nothing ready."""
+
+    def __call__(self) -> float: ...
+
+    def wait_s(self, timeout_s: float | None) -> float | None:
+        """The real seconds to wait (None: until a source is ready)."""
+        ...
+
+    def idle(self, timeout_s: float) -> None:
+        """The loop waited ``wait_s(timeout_s)`` and nothing happened."""
+        ...
+
+
+class AutojumpClock:
+    """A fake clock for tests: it stands still, and once a loop has been idle for ``threshold_s``
+    real seconds it jumps to the loop's next deadline."""
+
+    def __init__(self, start: float = 1000.0, threshold_s: float = 0.02) -> None:
+        self.now = start
+        self.threshold_s = threshold_s
+        self.jumps = 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def wait_s(self, timeout_s: float | None) -> float | None:
+        return None if timeout_s is None else min(timeout_s, self.threshold_s)
+
+    def idle(self, timeout_s: float) -> None:
+        self.now += timeout_s
+        self.jumps += 1
+
+    def __repr__(self) -> str:
+        return f"<AutojumpClock at {self.now:.3f} after {self.jumps} jumps>"
+
+
+def wait_s(clock: Callable[[], float], timeout_s: float | None) -> float | None:
+    """How long a loop whose next deadline is ``timeout_s`` away on ``clock`` really waits."""
+    return clock.wait_s(timeout_s) if isinstance(clock, JumpingClock) else timeout_s
+
+
+def waited(clock: Callable[[], float], timeout_s: float | None, ready: bool) -> None:
+    """After a wait: nothing was ready, so a jumping clock moves to the deadline."""
+    if not ready and timeout_s is not None and isinstance(clock, JumpingClock):
+        clock.idle(timeout_s)
 
 
 @dataclass(order=True)
@@ -109,7 +164,9 @@ class Loop:
         wait = None if nearest is None else max(0.0, nearest - self.clock())
         if timeout_s is not None:
             wait = timeout_s if wait is None else min(wait, timeout_s)
-        for key, events in self._selector.select(wait):
+        ready = self._selector.select(wait_s(self.clock, wait))
+        waited(self.clock, wait, bool(ready))
+        for key, events in ready:
             handler = self._handlers.get(key.fd)
             if handler is not None:  # an earlier callback of this turn may have forgotten it
                 handler(events)

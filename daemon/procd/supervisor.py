@@ -19,8 +19,10 @@ internal events.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
+import math
 import os
 import random
 import select
@@ -29,17 +31,20 @@ import signal
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from structlog.typing import FilteringBoundLogger
 
 from procd import (
-    callables,
     config,
     control,
     environment,
+    loop,
     plan,
     procctl,
     procinfo,
     reaper,
+    reloadcheck,
     signals,
     status,
     transport,
@@ -83,6 +88,9 @@ from procd.throttle import OutputThrottle
 from procd.transport import Input
 from procd.worker import Slot
 
+if TYPE_CHECKING:  # imported only by a pipeline that serves metrics (``run``)
+    from procd.metrics import HttpClient, MetricsServer
+
 TERMINAL = (State.EXITED, State.FATAL)
 # Processes that scale and reload start at once at most, then per second: a request for many
 # processes forks them over a while instead of all in one turn of the loop.
@@ -96,13 +104,23 @@ _LINE_LIMIT = 4096
 TimerKey = tuple[Slot, Timer]
 
 
+@dataclasses.dataclass
+class _Reloading:
+    """A reload whose check of the new file runs (``reloadcheck``); its reply waits for it."""
+
+    check: reloadcheck.Check
+    source: str
+    reply: control.Deferred
+    timeout_s: float
+
+
 class Supervisor:
     """Runs one pipeline from start to exit code."""
 
     def __init__(
         self,
         spec: PipelineSpec,
-        log: Any,
+        log: FilteringBoundLogger,
         writer: RecordWriter | None = None,
         *,
         control_path: str | None = None,
@@ -158,6 +176,8 @@ class Supervisor:
         self.listeners: dict[Listener, str] = {}  # the control socket and the metrics endpoint
         self.watched: set[Listener] = set()  # those in the selector (a paused one is not)
         self.connections: dict[Connection, Listener] = {}
+        self.reloading: _Reloading | None = None  # a reload waiting for its check
+        self.checks_killed: set[int] = set()  # processes of a check killed at its deadline, to reap
         self.handlers: dict[str, control.Handler] = {  # one per command of control.COMMANDS
             "status": lambda _request: {"ok": True, **self.status()},
             "stop": self._stop_command,
@@ -222,7 +242,9 @@ class Supervisor:
                     # of work freed back to the kernel (about 16 us; an idle supervisor stays small)
                     procctl.release_free_memory()
                     trim_due = False
-                for key, mask in self.selector.select(timeout):
+                ready = self.selector.select(loop.wait_s(self.clock, timeout))
+                loop.waited(self.clock, timeout, bool(ready))  # a test's clock jumps to the deadline
+                for key, mask in ready:
                     trim_due = True
                     kind, source = key.data
                     if kind == "wake":
@@ -237,6 +259,8 @@ class Supervisor:
                         self._accept_http(source)
                     elif kind == "http":
                         self._serve_http(source, mask)
+                    elif kind == "check":
+                        self._read_check(source)
                     else:
                         self._serve(source, mask)
                 self._fire_timers()
@@ -247,6 +271,7 @@ class Supervisor:
                 self._update_status()
             return self._finish()
         finally:
+            self._abandon_reload("procd is ending")
             self._sweep()
             for connection in self.connections:
                 connection.close()
@@ -281,6 +306,8 @@ class Supervisor:
             self._report_suppressed_due()
         if self.deadlines.get("starts", now + 1) <= now:
             self._start_paced([])
+        if self.deadlines.get("reload", now + 1) <= now:
+            self._reload_timed_out()
         if self.deadlines.get("transport", now + 1) <= now:
             self._housekeep_inputs()
         for held in [k for k, due in self.deadlines.items() if k.startswith("held:") and due <= now]:
@@ -400,7 +427,7 @@ class Supervisor:
         elif isinstance(action, CancelTimer):
             self.timers.pop((slot, action.timer), None)
 
-    def _bound(self, slot: Slot) -> Any:
+    def _bound(self, slot: Slot) -> FilteringBoundLogger:
         return self.log.bind(stage=slot.stage.name, worker=slot.index, pid=slot.pid, generation=slot.generation)
 
     def _spawn(self, slot: Slot) -> None:
@@ -489,6 +516,12 @@ class Supervisor:
                 self.writer.reopen()
 
     def _on_exit(self, reaped: reaper.Reaped) -> None:
+        if self.reloading is not None and reaped.pid == self.reloading.check.pid:
+            self._reload_checked(reaped)
+            return
+        if reaped.pid in self.checks_killed:
+            self.checks_killed.discard(reaped.pid)
+            return
         if self.forkserver is not None and reaped.pid == self.forkserver.pid:
             self.forkserver.close()
             self.forkserver = None
@@ -856,7 +889,7 @@ class Supervisor:
             self.log.warning("control_refused", peer_pid=refused["pid"], peer_uid=refused["uid"])
         self._accepted(server, client, "client", now)
 
-    def _accept_http(self, server: Any) -> None:
+    def _accept_http(self, server: MetricsServer) -> None:
         now = self.clock()
         self._accepted(server, server.accept(now), "http", now)
 
@@ -878,18 +911,34 @@ class Supervisor:
             self._drop(client)
             return
         while True:
-            while not client.full and not client.closing and (request := client.next_request()) is not None:
-                client.reply(self._answer(request))
+            while client.pending is None and not client.full and not client.closing:
+                request = client.next_request()
+                if request is None:
+                    break
+                answer = self._answer(request)
+                if isinstance(answer, control.Deferred):
+                    client.pending = answer  # its later requests wait for this reply
+                    answer.then(functools.partial(self._deferred_reply, client))
+                else:
+                    client.reply(answer)
             done = client.flush(now)
-            if not done or client.full or client.closing or b"\n" not in client.inbox:
+            if not done or client.full or client.closing or client.pending or b"\n" not in client.inbox:
                 break
         if done and client.closing:
             self._drop(client)
             return
-        reading = 0 if client.full or client.closing else selectors.EVENT_READ
+        reading = 0 if client.full or client.closing or client.pending else selectors.EVENT_READ
         self.selector.modify(client.fileno(), reading | (0 if done else selectors.EVENT_WRITE), ("client", client))
 
-    def _serve_http(self, client: Any, mask: int) -> None:
+    def _deferred_reply(self, client: Client, reply: control.Reply) -> None:
+        """A reply that was deferred is known: send it, then serve what the client sent since."""
+        if client not in self.connections:
+            return  # dropped meanwhile
+        client.pending = None
+        client.reply(reply)
+        self._serve(client, 0)
+
+    def _serve_http(self, client: HttpClient, mask: int) -> None:
         now = self.clock()
         if mask & selectors.EVENT_READ and not client.closing:
             path = client.read_request(now)
@@ -930,7 +979,7 @@ class Supervisor:
             elif not accepting and listener in self.watched:
                 self.selector.unregister(listener.fileno())
                 self.watched.discard(listener)
-        moments = [c.deadline for c in self.connections]
+        moments = [c.deadline for c in self.connections if math.isfinite(c.deadline)]  # not one owed a reply
         moments += [listener.paused_until for listener in self.listeners if listener.paused_until > now]
         if moments:
             self.deadlines["connections"] = min(moments)
@@ -1139,58 +1188,141 @@ class Supervisor:
                 channel.close()
                 self.retired.remove(channel)
 
-    def reload(self, source: str) -> dict[str, Any]:
-        """Re-read the pipeline file and apply the difference.
+    def reload(self, source: str) -> control.Answer:
+        """Re-read the pipeline file and apply the difference once its stage code is checked.
 
         Stages whose effective configuration is unchanged keep their processes. A changed stage's
         processes are replaced (readers finish their batch first); a new stage starts; a removed
         one drains and goes. A stage's wiring is part of its configuration: a stage that gains or
         loses a reader, or whose reader's queue is replaced, is restarted to write to the right
         queues. An invalid file changes nothing. A finished stage is not started again.
+
+        The check of the stage code (imports, an environment's build) runs in a child that the
+        loop watches (``reloadcheck``): the reply is deferred until it ends, and the loop serves
+        everything else meanwhile. A check that takes longer than ``pipeline.reload_timeout``
+        is killed and fails the reload; one reload runs at a time.
         """
         self.log.info("reload_requested", source=source)
         if self.stopping:
             return {"ok": False, "error": "the pipeline is stopping"}
+        if self.reloading is not None:
+            return {
+                "ok": False,
+                "error": (
+                    f"a reload is under way already (requested by {self.reloading.source}); try again once it has ended"
+                ),
+            }
         self._notify_reloading()
         try:
-            return self._reload()
-        finally:
-            self._notify(READY=1, STATUS=self._status_line())
-
-    def _reload(self) -> dict[str, Any]:
-        new_env = None
-        try:
-            # the loop waits for the check: under a watchdog, ping first and wait at most one interval
-            # (a build of the pipeline's environment pings while it runs: it may take longer)
-            timeout_s = self.notifier.watchdog_interval_s or callables.IMPORT_TIMEOUT_S
-            if self.notifier.watchdog_interval_s:
-                self._notify(WATCHDOG=1)
-            new, new_env, problems = environment.load_and_check(
-                self.spec.file, apart=True, timeout_s=timeout_s, reuse=True, tick=self._ping_while_blocked
-            )
-            if new.name != self.spec.name:
-                problems.append(Problem("pipeline.name", f'cannot change while running (it is "{self.spec.name}")'))
-            if self.spec.here is not None:  # the host runs the same stages (procd run --stages)
-                new, selection = config.select_stages(new, sorted(self.spec.here))
-                problems.extend(selection)
-            if problems:
-                raise ConfigError(self.spec.file, problems)
+            new, problems = config.read_pipeline(self.spec.file)
         except ConfigError as error:
-            if new_env is not None:
-                new_env.release()
-            self.log.error(
-                "config_invalid", file=self.spec.file, problems=error.lines(), message="still running unchanged"
-            )
-            return {"ok": False, "error": "the pipeline file is invalid; nothing changed", "problems": error.lines()}
-        except BuildError as error:
-            self.log.error(
-                "environment_build_failed",
-                project=error.project,
-                error=str(error),
-                output_tail=error.tail,
-                message="still running unchanged",
-            )
-            return {"ok": False, "error": f"{error}; nothing changed", "output_tail": error.tail}
+            return self._reloaded(self._reload_invalid(error))
+        if problems and new.has_environment:  # a file with problems builds nothing
+            return self._reloaded(self._reload_invalid(ConfigError(self.spec.file, problems)))
+        timeout_s = self.spec.reload_timeout_s
+        try:
+            # the child's own waits are longer: the loop's deadline is what ends a check
+            check = reloadcheck.start(new, problems, f"procd: {self.spec.name} reload check", 2 * timeout_s + 1)
+        except OSError as exc:
+            self.log.error("reload_failed", cause="fork", error=exc.strerror, message="still running unchanged")
+            return self._reloaded({"ok": False, "error": f"cannot start the check: {exc.strerror}; nothing changed"})
+        self.reloading = _Reloading(check, source, control.Deferred(), timeout_s)
+        self.selector.register(check.fd, selectors.EVENT_READ, ("check", check))
+        self.deadlines["reload"] = self.clock() + timeout_s
+        return self.reloading.reply
+
+    def _reloaded(self, reply: dict[str, Any]) -> dict[str, Any]:
+        """A reload has ended, with ``reply``: the service manager hears READY again."""
+        self._notify(READY=1, STATUS=self._status_line())
+        return reply
+
+    def _read_check(self, check: reloadcheck.Check) -> None:
+        if self.reloading is None or self.reloading.check is not check:
+            return  # ended earlier in this turn of the loop
+        if not check.read():  # its end of the pipe has closed: its exit (SIGCHLD) comes next
+            self.selector.unregister(check.fd)
+
+    def _end_check(self) -> _Reloading:
+        """Forget the running check (its descriptor closed, its deadline gone); return it."""
+        assert self.reloading is not None
+        pending, self.reloading = self.reloading, None
+        self.deadlines.pop("reload", None)
+        if pending.check.fd in self.selector.get_map():
+            self.selector.unregister(pending.check.fd)
+        return pending
+
+    def _reload_checked(self, reaped: reaper.Reaped) -> None:
+        """The check has exited: apply the reload, answer it."""
+        assert self.reloading is not None
+        ended = f"exit code {reaped.code}" if reaped.signal is None else str(_signal_name(reaped.signal))
+        outcome = self.reloading.check.outcome(ended)
+        pending = self._end_check()
+        pending.check.close()
+        if self.stopping:
+            reply: dict[str, Any] = {"ok": False, "error": "the pipeline is stopping; nothing changed"}
+        else:
+            reply = self._reload(outcome)
+        pending.reply.resolve(self._reloaded(reply))
+
+    def _reload_timed_out(self) -> None:
+        """The check has run past ``pipeline.reload_timeout``: kill it, fail the reload."""
+        pending = self._end_check()
+        self.checks_killed |= pending.check.kill()
+        pending.check.close()
+        what = f"checking the new pipeline file did not finish within {pending.timeout_s:g}s (pipeline.reload_timeout)"
+        self.log.error(
+            "reload_failed",
+            cause="timeout",
+            timeout_s=pending.timeout_s,
+            source=pending.source,
+            message=f"{what}; still running unchanged",
+        )
+        pending.reply.resolve(self._reloaded({"ok": False, "error": f"{what}; nothing changed"}))
+
+    def _abandon_reload(self, why: str) -> None:
+        """A stop (or the end of procd) while a check runs: kill it, answer the reload."""
+        if self.reloading is None:
+            return
+        pending = self._end_check()
+        self.checks_killed |= pending.check.kill()
+        pending.check.close()
+        self.log.warning("reload_failed", cause="stopping", source=pending.source, message=f"{why}; reload abandoned")
+        pending.reply.resolve({"ok": False, "error": f"{why}; the reload was abandoned, nothing changed"})
+
+    def _reload_invalid(self, error: ConfigError) -> dict[str, Any]:
+        self.log.error("config_invalid", file=self.spec.file, problems=error.lines(), message="still running unchanged")
+        return {"ok": False, "error": "the pipeline file is invalid; nothing changed", "problems": error.lines()}
+
+    def _build_failed(self, error: BuildError) -> dict[str, Any]:
+        self.log.error(
+            "environment_build_failed",
+            project=error.project,
+            error=str(error),
+            output_tail=error.tail,
+            message="still running unchanged",
+        )
+        return {"ok": False, "error": f"{error}; nothing changed", "output_tail": error.tail}
+
+    def _reload(self, outcome: reloadcheck.Outcome) -> dict[str, Any]:
+        """Apply what the check found (``reload``)."""
+        if outcome.build_error is not None:
+            return self._build_failed(outcome.build_error)
+        new, problems = outcome.spec, outcome.problems
+        if new.name != self.spec.name:
+            problems.append(Problem("pipeline.name", f'cannot change while running (it is "{self.spec.name}")'))
+        if self.spec.here is not None:  # the host runs the same stages (procd run --stages)
+            new, selection = config.select_stages(new, sorted(self.spec.here))
+            problems.extend(selection)
+        if problems:
+            return self._reload_invalid(ConfigError(self.spec.file, problems))
+        new_env = None
+        if outcome.prepared is not None:
+            try:
+                # complete since the check prepared it: this takes this process's claim on it
+                new_env = environment.prepare(new, tick=self._ping_while_blocked)
+            except BuildError as error:
+                return self._build_failed(error)
+            new_env = dataclasses.replace(new_env, built=outcome.prepared.built, seconds=outcome.prepared.seconds)
         old_env = self.environment
         switching = (old_env.key if old_env else None) != (new_env.key if new_env else None)
         rebuilt = {s.name for s in self.spec.stages if s.function is not None} if switching else set()
@@ -1209,7 +1341,7 @@ class Supervisor:
             )
             return {"ok": False, "error": "a new queue cannot be made; nothing changed", "problems": [str(exc)]}
         if switching:
-            self._retire_environment(old_env, new_env)
+            self._retire_environment(old_env, new_env, outcome.prepared.projects if outcome.prepared else ())
         elif new_env is not None:
             new_env.release()  # the same environment: this process's first claim on it stands
         self.log.info(
@@ -1281,8 +1413,9 @@ class Supervisor:
         return leaving, arriving
 
     def _ping_while_blocked(self) -> None:
-        """A reload that builds blocks the loop for seconds; the service manager's watchdog must
-        still hear from procd. (A build that hangs keeps procd in its reload; pip's own timeouts apply.)"""
+        """Claiming the environment the reload's check prepared takes only its lock, unless it
+        was removed in between and is built again here, in the loop: the service manager's
+        watchdog must still hear from procd then."""
         if self.notifier.watchdog_interval_s:
             self._notify(WATCHDOG=1)
 
@@ -1291,14 +1424,14 @@ class Supervisor:
             self.forkserver.close()  # it exits when its socket closes; the reaper collects it
             self.forkserver = None
 
-    def _retire_environment(self, old: Environment | None, new: Environment | None) -> None:
+    def _retire_environment(self, old: Environment | None, new: Environment | None, projects: tuple[str, ...]) -> None:
         """Record the switch to ``new``; ``old`` is kept until no worker runs in it any more
         (``_release_environments``)."""
         if new is not None:
             self.log.info(
                 "environment_built" if new.built else "environment_reused",
                 path=new.path,
-                projects=[b.project for b in new.projects],
+                projects=list(projects),
                 seconds=round(new.seconds, 3),
             )
         if old is not None:
@@ -1337,6 +1470,7 @@ class Supervisor:
             return
         self.stopping = True
         self.stop_reason = reason
+        self._abandon_reload("the pipeline is stopping")
         self._notify(STOPPING=1, STATUS=f"stopping: {reason}")
         self.stop_deadline = self.clock() + self.spec.stop_timeout_s
         self.log.info("stop_requested", reason=reason, stop_timeout_s=self.spec.stop_timeout_s)
@@ -1399,7 +1533,7 @@ class Supervisor:
     def _sweep(self) -> None:
         """Nothing left running: SIGKILL any process group of ours that still has a member, and
         reap what that frees."""
-        waiting = set(self.by_pid)
+        waiting = set(self.by_pid) | self.checks_killed  # and a reload's check killed at a stop
         if self.forkserver is not None:
             self.forkserver.close()  # the server ends when its socket does
             waiting.add(self.forkserver.pid)
