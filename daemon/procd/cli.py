@@ -6,25 +6,23 @@ Exit codes: 0 finished (or stopped on request after a clean drain), 1 runtime fa
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import io
-import json
 import os
-import re
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
 
-from procd import __version__, callables, config, control, environment, log, plan, signals
-from procd.control import ControlError
-from procd.environment import BuildError, Environment
-from procd.errors import ConfigError, StoreError
-from procd.log import LEVELS, open_logger
-from procd.notify import Notifier
-from procd.supervisor import Supervisor
+# Only what a verb needs is imported, inside the function that needs it: ``--version`` imports
+# nothing more than this module, ``status`` the control client and argparse, ``check`` the config
+# loader; the supervisor, structlog and the environment builder only ``run`` (bench/README.md,
+# "Start-up"). The names below are for the type checker only (mypy reads ``TYPE_CHECKING`` by name).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Iterator, Sequence
+    from typing import Any
+
+    from procd import config
+    from procd.environment import BuildError, Environment
+    from procd.errors import ConfigError
+    from procd.notify import Notifier
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -35,6 +33,11 @@ _BUILD_TICK_EXTENSION_USEC = 5_000_000
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+
+    from procd import __version__, control
+    from procd.log import LEVELS
+
     parser = argparse.ArgumentParser(
         prog="procd",
         description="Run a declarative TOML pipeline of supervised process groups.",
@@ -111,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
 def _load(file: str, *, imports: bool, apart: bool = False) -> config.PipelineSpec:
     """Load and validate; with ``imports``, also import every function stage's code (in a
     forked child with ``apart``, so that this process stays free of user modules)."""
+    from procd import callables, config
+
     if not imports:
         return config.load_pipeline(file)
     return callables.load_or_raise(file, apart=apart)
@@ -130,6 +135,9 @@ def _prepare(file: str) -> tuple[config.PipelineSpec, Environment | None]:
         ConfigError: the file is invalid, or stage code cannot be imported.
         BuildError: the environment cannot be built.
     """
+    from procd import environment
+    from procd.errors import ConfigError
+
     spec, env, problems = environment.load_and_check(file, apart=True, reuse=True)
     if problems:
         if env is not None:
@@ -169,6 +177,15 @@ def _reserve_standard_fds() -> None:
 
 
 def _run(file: str, log_file: str | None, control_path: str | None) -> int:
+    import io
+
+    from procd import config
+    from procd.control import ControlError
+    from procd.errors import ConfigError, StoreError
+    from procd.log import open_logger
+    from procd.notify import Notifier
+    from procd.supervisor import Supervisor
+
     try:
         spec, problems = config.read_pipeline(file)
         if not spec.has_environment:  # else its code is checked in its environment, once built
@@ -219,6 +236,9 @@ def _prepare_logged(
     Raises:
         ConfigError: stage code cannot be imported in the environment.
     """
+    from procd import callables, environment
+    from procd.environment import BuildError
+    from procd.errors import ConfigError
 
     def extend_start_timeout() -> None:
         try:
@@ -252,6 +272,10 @@ def _prepare_logged(
 
 
 def _check(files: Sequence[str]) -> int:
+    from procd import environment
+    from procd.environment import BuildError
+    from procd.errors import ConfigError
+
     code = EXIT_OK
     for file in files:
         try:
@@ -275,6 +299,9 @@ def _check(files: Sequence[str]) -> int:
 
 def _build(file: str) -> int:
     """Build a pipeline's environment (or find it up to date) and say what and where."""
+    from procd import config, environment
+    from procd.environment import BuildError
+
     spec = config.load_pipeline(file)
     if not spec.has_environment:
         print(f"{file}: no packages or requirements; its workers run in procd's own interpreter")
@@ -290,6 +317,8 @@ def _build(file: str) -> int:
 
 
 def _init(name: str, directory: str) -> int:
+    import re
+
     if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
         print(
             f"procd init: NAME must start with a-z and have only a-z, 0-9, '_' and '-', got {name!r}", file=sys.stderr
@@ -345,16 +374,24 @@ class _UsageError(Exception):
     """A client verb's arguments cannot make a request."""
 
 
-@dataclass(frozen=True)
 class _Verb:
     """The client side of one command of ``control.COMMANDS``: its arguments, the request's
-    fields made from them, and what a successful reply prints."""
+    fields made from them, and what a successful reply prints. (A plain class: a dataclass
+    would import ``dataclasses`` and ``inspect`` into every command, ``--version`` included.)"""
 
-    arguments: Callable[[argparse.ArgumentParser], object] = lambda p: p.add_argument(
-        "pipeline", metavar="PIPELINE", nargs="?"
-    )
-    fields: Callable[[argparse.Namespace], dict[str, Any]] = lambda _args: {}
-    show: Callable[[argparse.Namespace, dict[str, Any]], str] = lambda _args, _reply: ""
+    __slots__ = ("arguments", "fields", "show")
+
+    def __init__(
+        self,
+        arguments: Callable[[argparse.ArgumentParser], object] = lambda p: p.add_argument(
+            "pipeline", metavar="PIPELINE", nargs="?"
+        ),
+        fields: Callable[[argparse.Namespace], dict[str, Any]] = lambda _args: {},
+        show: Callable[[argparse.Namespace, dict[str, Any]], str] = lambda _args, _reply: "",
+    ) -> None:
+        self.arguments = arguments
+        self.fields = fields
+        self.show = show
 
 
 def _status_arguments(parser: argparse.ArgumentParser) -> None:
@@ -380,10 +417,16 @@ def _scale_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {"stage": stage, "processes": int(count)}  # the pipeline says how many it may run
 
 
+def _json(value: Any, **options: Any) -> str:
+    import json
+
+    return json.dumps(value, **options)
+
+
 _VERBS: dict[str, _Verb] = {
     "status": _Verb(
         _status_arguments,
-        show=lambda args, reply: json.dumps(reply, indent=2) + "\n" if args.json else _format_status(reply),
+        show=lambda args, reply: _json(reply, indent=2) + "\n" if args.json else _format_status(reply),
     ),
     "stop": _Verb(),
     "reload": _Verb(show=lambda _args, reply: _format_reload(reply)),
@@ -402,6 +445,9 @@ _VERBS: dict[str, _Verb] = {
 
 def _control(args: argparse.Namespace) -> int:
     """A verb of the command table: one request to a running pipeline's control socket."""
+    from procd import control
+    from procd.control import ControlError
+
     verb = _VERBS[args.command]
     try:
         fields = verb.fields(args)
@@ -424,6 +470,8 @@ def _control(args: argparse.Namespace) -> int:
 
 
 def _dlq_list(file: str, as_json: bool) -> int:
+    import json
+
     from procd import deadletters
 
     try:
@@ -473,6 +521,10 @@ def _replayable(file: str) -> tuple[list[Any], list[str]]:
 
 
 def _dlq_replay(args: argparse.Namespace) -> int:
+    from procd import control
+    from procd.control import ControlError
+    from procd.errors import StoreError
+
     try:
         items, refused = _replayable(args.file)
     except OSError as exc:
@@ -510,6 +562,15 @@ def _dlq_replay(args: argparse.Namespace) -> int:
 
 def _replay_fresh(pipeline_file: str, file: str, into: str) -> int:
     """Run the pipeline from ``into`` down, fed only by the dead-letter file."""
+    import dataclasses
+
+    from procd import config, control, plan
+    from procd.control import ControlError
+    from procd.environment import BuildError
+    from procd.errors import ConfigError
+    from procd.log import open_logger
+    from procd.supervisor import Supervisor
+
     try:
         spec, env = _prepare(pipeline_file)
     except ConfigError as error:
@@ -543,7 +604,8 @@ def _replay_fresh(pipeline_file: str, file: str, into: str) -> int:
 
 
 def _top(args: argparse.Namespace) -> int:
-    from procd import top  # only this command draws
+    from procd import control, top  # only this command draws
+    from procd.control import ControlError
 
     try:
         path = control.find_socket(args.pipeline, args.control)
@@ -567,7 +629,11 @@ def _top(args: argparse.Namespace) -> int:
 
 
 def _logs(args: argparse.Namespace) -> int:
-    from procd import events  # only this command reads records back
+    import json
+    import re
+    import time
+
+    from procd import events, log  # only this command reads records back
 
     now = time.time()
     try:
@@ -631,6 +697,8 @@ def _lines(source: Any, follow: bool) -> Iterator[str]:
                 yield partial
             return
         else:
+            import time
+
             time.sleep(0.2)
 
 
@@ -682,6 +750,14 @@ def _timeline(records: list[dict[str, Any]], stage: str, worker: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``procd`` command; return its exit code."""
+    if (sys.argv[1:] if argv is None else list(argv)) == ["--version"]:  # the answer needs no parser
+        from procd import __version__
+
+        print(f"procd {__version__}")
+        return EXIT_OK
+    from procd import signals
+    from procd.errors import ConfigError
+
     args = _parser().parse_args(argv)
     if not (args.command == "run" or (args.command == "dlq" and args.dlq_command == "replay" and args.pipeline)):
         signals.release_held()  # no supervisor here to take them over
@@ -710,9 +786,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _build(args.file)
         spec = _load(args.file, imports=False)
         if args.command == "graph":
+            from procd import plan
+
             sys.stdout.write(plan.to_dot(spec))
         else:
             import tomli_w  # only `show` writes TOML
+
+            from procd import config
 
             sys.stdout.write(tomli_w.dumps(config.as_document(spec)))
         return EXIT_OK

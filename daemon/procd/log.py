@@ -6,7 +6,12 @@ and, with ``--log-file``, are appended to a file. Each record is written with a 
 several writers never interleave within one. Writing a record never stops the pipeline: a console
 that went away is dropped, a full disk costs records that are counted (``RecordWriter``). The
 logger is built with ``structlog.wrap_logger``, not the global ``structlog.configure``, so nothing
-here is process-wide state."""
+here is process-wide state.
+
+structlog itself is imported by ``open_logger`` alone: ``import structlog`` loads every part of it
+(``structlog.stdlib`` brings asyncio and ssl), and of procd's commands only those that run a
+pipeline log through it; ``procd logs`` and ``procd dlq`` use ``render`` and the writers here
+without it."""
 
 from __future__ import annotations
 
@@ -19,8 +24,9 @@ import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
 
-import structlog
-from structlog.typing import EventDict, WrappedLogger
+TYPE_CHECKING = False  # mypy reads the name; at run time structlog waits for ``open_logger``
+if TYPE_CHECKING:
+    from structlog.typing import EventDict, WrappedLogger
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -292,6 +298,8 @@ def open_logger(
     Raises:
         OSError: the log file cannot be opened.
     """
+    import structlog
+
     out = stream if stream is not None else sys.stderr
     writer = RecordWriter(out, log_file, console=out.isatty(), pipeline=pipeline)
     logger = structlog.wrap_logger(
