@@ -48,7 +48,7 @@ def test_status_and_check_import_neither_the_supervisor_nor_structlog(ws: Worksp
     )
     code, modules = _modules_after(["check", f"{ws.name}.toml"], str(ws.path))
     assert code == 0
-    assert not modules & {"structlog", "procd.supervisor", "asyncio.base_events", "ssl"}
+    assert not modules & {"structlog", "procd.supervisor", "procd.environment", "asyncio.base_events", "ssl"}
 
 
 # The stage module is imported in the worker, after the fork: what it finds already run in

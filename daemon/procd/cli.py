@@ -272,29 +272,43 @@ def _prepare_logged(
 
 
 def _check(files: Sequence[str]) -> int:
-    from procd import environment
-    from procd.environment import BuildError
-    from procd.errors import ConfigError
-
     code = EXIT_OK
     for file in files:
-        try:
-            # whatever the stage code does, 0 or 78; with packages, imported in the environment
-            spec, env, problems = environment.load_and_check(file, apart=True)
+        result = _check_file(file)
+        if result != EXIT_OK:
+            code = result
+    return code
+
+
+def _check_file(file: str) -> int:
+    """Whatever the stage code does, 0, 1 (an environment that cannot be built) or 78; a pipeline
+    with packages has its code imported in its environment, built first."""
+    from procd import callables, config
+    from procd.errors import ConfigError
+
+    try:
+        spec, problems = config.read_pipeline(file)
+        env = None
+        if spec.has_environment:
+            from procd import environment  # only a pipeline with packages needs the builder
+
+            try:
+                spec, env, problems = environment.load_and_check(file, apart=True)
+            except environment.BuildError as error:
+                return _report_build(error, "check")
             if env is not None:
                 env.release()
-            if problems:
-                raise ConfigError(file, problems)
-        except ConfigError as error:
-            code = _report(error)
-            continue
-        except BuildError as error:
-            code = _report_build(error, "check")
-            continue
-        workers = sum(s.processes for s in spec.stages)
-        where = f"; environment {env.path}" if env is not None else ""
-        print(f"{file}: ok ({len(spec.stages)} stages, {workers} processes{where})")
-    return code
+        else:
+            codes = callables.check_callables_apart(spec, callables.IMPORT_TIMEOUT_S)
+            spec, problems = callables.complete(spec, codes, problems)
+        if problems:
+            raise ConfigError(file, problems)
+    except ConfigError as error:
+        return _report(error)
+    workers = sum(s.processes for s in spec.stages)
+    where = f"; environment {env.path}" if env is not None else ""
+    print(f"{file}: ok ({len(spec.stages)} stages, {workers} processes{where})")
+    return EXIT_OK
 
 
 def _build(file: str) -> int:
