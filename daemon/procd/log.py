@@ -27,14 +27,13 @@ stage that uses asyncio in a worker (a fork of the supervisor) gets it the same 
 
 from __future__ import annotations
 
+import _thread
 import datetime
 import errno
 import fcntl
-import importlib.util
 import json
 import os
 import sys
-import threading
 import types
 from collections.abc import Mapping
 from typing import Any, TextIO
@@ -307,7 +306,7 @@ class _Deferred(types.ModuleType):
         return getattr(self, name)
 
 
-_DEFERRED_LOCK = threading.RLock()
+_DEFERRED_LOCK = _thread.RLock()  # ``_thread``, built in: ``threading`` would be an import more
 _RUNNING: set[int] = set()
 
 
@@ -336,6 +335,8 @@ def _defer(name: str) -> None:
     first, in its own order, as a plain import would."""
     if name in sys.modules:
         return
+    import importlib.util
+
     spec = importlib.util.find_spec(name)
     if spec is None or spec.loader is None:
         return
