@@ -57,13 +57,15 @@ ASYNC_STAGES = """
 import sys
 
 SUPERVISOR_RAN_ASYNCIO = "asyncio.base_events" in sys.modules
+SUPERVISOR_RAN_UUID = "uuid4" in sys.modules["uuid"].__dict__ if "uuid" in sys.modules else False
 
 import asyncio.subprocess
 import asyncio
+import uuid
 
 
 def numbers():
-    yield {"supervisor_ran_asyncio": SUPERVISOR_RAN_ASYNCIO}
+    yield {"supervisor_ran": [SUPERVISOR_RAN_ASYNCIO, SUPERVISOR_RAN_UUID], "uuid": len(str(uuid.uuid4()))}
     for n in range(3):
         yield {"n": n}
 
@@ -84,7 +86,7 @@ def show(item):
 """
 
 
-def test_the_supervisor_does_not_run_asyncio_and_a_stage_still_can(ws: Workspace) -> None:
+def test_the_supervisor_does_not_run_asyncio_or_uuid_and_a_stage_still_can(ws: Workspace) -> None:
     ws.write("st.py", ASYNC_STAGES)
     ws.pipeline(
         '[stages.numbers]\nfunction = "st:numbers"\n'
@@ -94,5 +96,5 @@ def test_the_supervisor_does_not_run_asyncio_and_a_stage_still_can(ws: Workspace
     result = ws.run("run", f"{ws.name}.toml")
     assert result.code == 0, result.stderr
     items = [json.loads(line.split(" ", 1)[1]) for line in result.output_lines("show") if line.startswith("item ")]
-    assert {"supervisor_ran_asyncio": False} in items
+    assert {"supervisor_ran": [False, False], "uuid": 36} in items
     assert sorted(i["doubled"] for i in items if "n" in i) == [0, 2, 4]

@@ -19,7 +19,8 @@ asyncio is about 70 ms of a ~110 ms ``import structlog`` and several MiB of ever
 from the supervisor (bench/README.md, "Start-up"), for methods procd never calls. There is no way
 to import a part of structlog without its ``__init__``, and ``importlib.util.LazyLoader`` does not
 help on 3.11 (the import system reads ``__spec__`` of a module found in ``sys.modules``, which
-makes a lazy module load at once). So ``_defer`` puts a module object for asyncio into
+makes a lazy module load at once). So ``_defer`` puts a module object for asyncio (and uuid,
+which ``structlog.threadlocal`` imports and which brings platform) into
 ``sys.modules`` that has its spec but has not run yet; the first attribute anyone reads from it
 (``asyncio.run``, ``from asyncio import Queue``, ``import asyncio.subprocess``, which reads
 ``__path__``) runs asyncio's own code into that same object, and from then on it is asyncio. A
@@ -366,6 +367,7 @@ def open_logger(
         OSError: the log file cannot be opened.
     """
     _defer("asyncio")
+    _defer("uuid")  # for ``structlog.threadlocal``, deprecated, which procd does not use
     import structlog
 
     out = stream if stream is not None else sys.stderr
