@@ -10,96 +10,17 @@ Discussion: a restart decision needs the stage's restart history (how many resta
 window), which is not a property of one slot. The caller computes that and passes it in as
 ``Policy``; the table stays a function of its arguments alone.
 
-The events, actions and outcomes are frozen dataclasses to the type checker and to every reader
-(``dataclasses.fields``, ``replace``, ``asdict``, pattern matching), but ``_fact`` builds them
-without the six methods ``@dataclass(frozen=True)`` generates for each class: compiling those is
-about 0.7 ms a class on the machines procd is measured on, 11 ms of every ``procd`` command that
-loads a pipeline for these 16 classes (bench/README.md, "Start-up"). They share one ``__init__``,
-``__repr__``, ``__eq__``, ``__hash__`` and a ``__setattr__`` that raises
-``dataclasses.FrozenInstanceError``, with the semantics of the generated ones; they are built per
-lifecycle event, never per item.
+The events and actions are ``frozen.frozen_dataclass`` classes: defining them compiles nothing.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import signal
 from collections.abc import Callable
-from typing import Any
 
 from procd.errors import TransitionError
-
-TYPE_CHECKING = False  # mypy reads the name: to it, ``_fact`` is ``dataclass``
-if TYPE_CHECKING:
-    from dataclasses import dataclass as _fact
-else:
-
-    def _fact(*, frozen: bool) -> Callable[[type], type]:
-        """``dataclass(frozen=True)``, with shared methods instead of generated ones."""
-        assert frozen
-        return _build_fact
-
-
-def _build_fact(cls: type) -> type:
-    cls = dataclasses.dataclass(init=False, repr=False, eq=False)(cls)  # fields only: nothing compiled
-    for name, method in _FACT_METHODS.items():
-        setattr(cls, name, method)
-    return cls
-
-
-def _fact_values(self: Any) -> tuple[Any, ...]:
-    return tuple(getattr(self, name) for name in self.__match_args__)
-
-
-def _fact_init(self: Any, *args: Any, **kwargs: Any) -> None:
-    cls = type(self)
-    names = cls.__match_args__
-    if len(args) > len(names):
-        raise TypeError(f"{cls.__qualname__}() takes {len(names)} positional arguments but {len(args)} were given")
-    values = dict(zip(names, args, strict=False))
-    for name, value in kwargs.items():
-        if name not in names:
-            raise TypeError(f"{cls.__qualname__}() got an unexpected keyword argument {name!r}")
-        if name in values:
-            raise TypeError(f"{cls.__qualname__}() got multiple values for argument {name!r}")
-        values[name] = value
-    for name in names:
-        if name not in values:
-            default = cls.__dataclass_fields__[name].default
-            if default is dataclasses.MISSING:
-                raise TypeError(f"{cls.__qualname__}() missing 1 required argument: {name!r}")
-            values[name] = default
-        object.__setattr__(self, name, values[name])
-
-
-def _fact_repr(self: Any) -> str:
-    fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__match_args__)
-    return f"{type(self).__qualname__}({fields})"
-
-
-def _fact_eq(self: Any, other: object) -> object:
-    if other.__class__ is self.__class__:
-        return _fact_values(self) == _fact_values(other)
-    return NotImplemented
-
-
-def _fact_hash(self: Any) -> int:
-    return hash(_fact_values(self))
-
-
-def _fact_frozen(self: Any, name: str, *_value: Any) -> None:
-    raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
-
-
-_FACT_METHODS = {
-    "__init__": _fact_init,
-    "__repr__": _fact_repr,
-    "__eq__": _fact_eq,
-    "__hash__": _fact_hash,
-    "__setattr__": _fact_frozen,
-    "__delattr__": _fact_frozen,
-}
+from procd.frozen import frozen_dataclass
 
 
 class State(enum.StrEnum):
@@ -122,7 +43,7 @@ class Restart(enum.StrEnum):
     ALWAYS = "always"
 
 
-@_fact(frozen=True)
+@frozen_dataclass(frozen=True)
 class Policy:
     """What the caller knows about restarting this slot right now."""
 
@@ -133,31 +54,31 @@ class Policy:
 # -- events: facts, named in the past tense ---------------------------------------------------
 
 
-@_fact(frozen=True)
+@frozen_dataclass(frozen=True)
 class StartRequested:
     """The slot should run a process."""
 
 
-@_fact(frozen=True)
+@frozen_dataclass(frozen=True)
 class Spawned:
     """fork() returned a pid for the slot."""
 
     pid: int
 
 
-@_fact(frozen=True)
+@frozen_dataclass(frozen=True)
 class SpawnFailed:
     """fork() itself failed; there is no process."""
 
     errno: int
 
 
-@_fact(frozen=True)
+@frozen_dataclass(frozen=True)
 class Ready:
     """The child finished its set-up (imports, exec) and is processing."""
 
 
-@_fact(frozen=True)
+@frozen_dataclass(frozen=True)
 class Exited:
     """The process was reaped: exactly one of ``code`` and ``signal`` is set."""
 
@@ -179,27 +100,27 @@ class Exited:
         return f"code {self.code}"
 
 
-@_fact(frozen=True)
+@frozen_dataclass(frozen=True)
 class StopRequested:
     """Stop now: the process is sent SIGTERM (producers, or an operator's stop)."""
 
 
-@_fact(frozen=True)
+@frozen_dataclass(frozen=True)
 class RetireRequested:
     """Finish the batch in hand, then exit (scale-down): SIGTERM to the process alone."""
 
 
-@_fact(frozen=True)
+@frozen_dataclass(frozen=True)
 class DrainRequested:
     """Stop once the input has ended: no signal, the process exits at end of stream."""
 
 
-@_fact(frozen=True)
+@frozen_dataclass(frozen=True)
 class StopTimedOut:
     """The stop deadline passed and the process is still there."""
 
 
-@_fact(frozen=True)
+@frozen_dataclass(frozen=True)
 class BackoffElapsed:
     """The restart delay is over."""
 
@@ -228,12 +149,12 @@ class Timer(enum.StrEnum):
     RESTART = "restart"
 
 
-@_fact(frozen=True)
+@frozen_dataclass(frozen=True)
 class Spawn:
     """Fork a new process for the slot."""
 
 
-@_fact(frozen=True)
+@frozen_dataclass(frozen=True)
 class Signal:
     """Send a signal to the slot's process group, or to its process alone."""
 
@@ -241,14 +162,14 @@ class Signal:
     group: bool = True
 
 
-@_fact(frozen=True)
+@frozen_dataclass(frozen=True)
 class ArmTimer:
     """Start a deadline; its length is the caller's (stop timeout, backoff delay)."""
 
     timer: Timer
 
 
-@_fact(frozen=True)
+@frozen_dataclass(frozen=True)
 class CancelTimer:
     """Forget a deadline."""
 
@@ -258,7 +179,7 @@ class CancelTimer:
 Action = Spawn | Signal | ArmTimer | CancelTimer
 
 
-@_fact(frozen=True)
+@frozen_dataclass(frozen=True)
 class Transition:
     """The outcome of one step."""
 
