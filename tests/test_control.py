@@ -20,18 +20,21 @@ from conftest import Workspace, parse_records, read_records, wait_until
 from procd import cli, config
 
 STAGES = """
-import itertools, time
+import itertools, os, time
 
 def endless():
     for n in itertools.count():
         yield n
         time.sleep(0.001)
 
-def finite(count, pause):
+def finite(count, pause, until=None):
     for n in range(count):
         yield n
         if n % 20 == 0:
             time.sleep(pause)
+    deadline = time.monotonic() + 60
+    while until and not os.path.exists(until) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the test says when the input may end
 
 def sleepy():
     while True:
@@ -136,7 +139,7 @@ def test_status_shows_every_worker_and_blocked_states(ws: Workspace) -> None:
 def test_scale_up_and_down_keeps_siblings_and_loses_nothing(ws: Workspace) -> None:
     proc = _start(
         ws,
-        '[stages.src]\nfunction = "st:finite"\noptions = { count = 4000, pause = 0.01 }\n'
+        '[stages.src]\nfunction = "st:finite"\noptions = { count = 4000, pause = 0.01, until = "release" }\n'
         '[stages.work]\nfunction = "st:same"\ninputs = ["src"]\nprocesses = 2\nqueue = { maxsize = 100, batch = 10 }\n'
         '[stages.count]\nfunction = "st:Count"\ninputs = ["work"]\n',
     )
@@ -155,8 +158,9 @@ def test_scale_up_and_down_keeps_siblings_and_loses_nothing(ws: Workspace) -> No
     assert {i: after_up[i] for i in before} == before  # siblings kept their pids
     down = _ask(ws, "scale", ws.name, "work=1")
     assert down.stdout == "work: 1 processes (started [], retiring [1, 2, 3])\n"
-    wait_until(lambda: list(work_pids()) == [0])
-    assert work_pids()[0] == before[0]
+    remaining = wait_until(lambda: list(p := work_pids()) == [0] and p)
+    assert remaining[0] == before[0]
+    (ws.path / "release").touch()  # the pipeline may end now: its input ends
     proc.communicate(timeout=60)
     assert proc.returncode == 0
     records = parse_records(log.read_text())

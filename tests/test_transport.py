@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis_server import RedisServer
 
 from conftest import wait_until
 from procd import transport
 from procd.config import QueueSpec
 from procd.transport import Input, slot
 
-BACKENDS = ["memory", "sqlite"]
+BACKENDS = ["memory", "sqlite", "redis"]
 
 
 @dataclass
@@ -34,13 +35,26 @@ class Point:
     y: str
 
 
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server.url
+    server.stop()
+
+
 @pytest.fixture(params=BACKENDS)
 def make_input(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     made: list[Input] = []
+    # the test's own streams on the module's server (pickle: items of user classes travel too)
+    redis = {"url": request.getfixturevalue("redis_url"), "codec": "pickle", "upstream": ("up",), "claim_after_s": 5.0}
 
     def make(maxsize: int = 64, batch: int = 1, name: str = "q") -> Input:
         path = str(tmp_path / f"{name}.sqlite") if request.param == "sqlite" else None
-        created = transport.create(name, QueueSpec(maxsize, batch, request.param, path))
+        extra: dict[str, Any] = {}
+        if request.param == "redis":
+            extra = {**redis, "stream": f"procd:{request.node.name}:{name}"}
+        created = transport.create(name, QueueSpec(maxsize, batch, request.param, path, **extra))
+        created.write_from(["up"])  # the test is the supervisor of the upstream stage "up"
         made.append(created)
         return created
 
@@ -131,10 +145,11 @@ def test_every_item_is_delivered_once_to_several_readers_from_several_writers(ma
     readers = [_reader_process(endpoint, report_w) for _ in range(3)]
     writers = [_writer_process(endpoint, list(range(w, 6000, 2)), 10) for w in range(2)]
     os.close(report_w)
-    queue.end()  # fan-in: the end of stream comes once both writers have let go too
+    _reap(writers)
+    queue.end()  # fan-in: the end of stream comes once both writers are done and the queue is
     got = [n for r in _reports(report_r) for n in r["items"]]
     os.close(report_r)
-    _reap(writers + readers)
+    _reap(readers)
     assert sorted(got) == list(range(6000))
 
 
@@ -248,7 +263,6 @@ def test_sigkilled_readers_lose_nothing_and_leak_no_capacity(make_input: Any) ->
     slots = [slot.create(slot.MESSAGE_CAPACITY) for _ in range(3)]
     readers = {i: _reader_process(endpoint, report_w, slots[i], delay=0.002) for i in range(3)}
     writer_pid = _writer_process(endpoint, list(range(count)), batch)
-    queue.end()
     rng = random.Random(3)
     kills = 0
     got: list[int] = []
@@ -277,11 +291,13 @@ def test_sigkilled_readers_lose_nothing_and_leak_no_capacity(make_input: Any) ->
                 queue.reclaim()
             slot.clear_tokens(slots[index])
             readers[index] = _reader_process(endpoint, report_w, slots[index], delay=0.002)
+        _reap([writer_pid])
+        queue.end()
         os.close(report_w)
         os.set_blocking(report_r, True)
         drain()
         buffer += b"".join(iter(lambda: os.read(report_r, 65536), b""))
-        _reap([writer_pid, *readers.values()])
+        _reap(list(readers.values()))
     finally:
         for pid in [writer_pid, *readers.values()]:
             try:

@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--control", metavar="PATH", help="the control socket (default: under $XDG_RUNTIME_DIR/procd or /run/procd)"
     )
+    run.add_argument(
+        "--stages",
+        metavar="NAME,NAME",
+        help="run only these stages on this host (every host runs the same file; the queues between hosts are redis)",
+    )
 
     for command in control.COMMANDS.values():  # status, stop, reload, scale: one request each
         if command.verb:
@@ -176,7 +181,7 @@ def _reserve_standard_fds() -> None:
             setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115
 
 
-def _run(file: str, log_file: str | None, control_path: str | None) -> int:
+def _run(file: str, log_file: str | None, control_path: str | None, stages: str | None = None) -> int:
     import io
 
     from procd import config
@@ -185,6 +190,7 @@ def _run(file: str, log_file: str | None, control_path: str | None) -> int:
     from procd.log import open_logger
     from procd.notify import Notifier
     from procd.supervisor import Supervisor
+    from procd.transport import Unavailable
 
     try:
         spec, problems = config.read_pipeline(file)
@@ -192,6 +198,10 @@ def _run(file: str, log_file: str | None, control_path: str | None) -> int:
             spec = _load(file, imports=True, apart=True)  # every problem, the stage code's too
         elif problems:
             raise ConfigError(file, problems)
+        if stages is not None:
+            spec, problems = config.select_stages(spec, [n.strip() for n in stages.split(",") if n.strip()])
+            if problems:
+                raise ConfigError(file, problems)
     except ConfigError as error:
         if log_file:
             name = os.path.splitext(os.path.basename(file))[0]
@@ -221,6 +231,9 @@ def _run(file: str, log_file: str | None, control_path: str | None) -> int:
         return EXIT_FAILURE
     except StoreError as exc:
         log.error("queue_unavailable", error=str(exc))
+        return EXIT_FAILURE
+    except Unavailable as exc:  # a shared queue's server refused us (its record says so)
+        log.error("transport_unavailable", error=str(exc), message="nothing was started")
         return EXIT_FAILURE
     finally:
         writer.close()
@@ -358,6 +371,9 @@ def _format_status(reply: dict[str, Any]) -> str:
         f"pipeline {reply['pipeline']}  pid {reply['pid']}  {reply['state']}  up {reply['uptime_s']:.1f}s  "
         f"{reply['items_per_s']:,.0f} items/s into the sinks (last {reply['rate_window_s']:.0f}s)"
     ]
+    if reply.get("transport_unavailable"):
+        down = ", ".join(reply["transport_unavailable"])
+        lines.append(f"the queue server of {down} cannot be reached; its workers wait for it")
     header = ("STAGE", "WORKER", "PID", "STATE", "GEN", "RESTARTS", "UPTIME", "IN", "OUT", "QUEUE")
     rows = [header]
     for stage in reply["stages"]:
@@ -780,7 +796,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the journal), and the exit code is the pipeline's own. Nothing here ends on EPIPE.
         _reserve_standard_fds()
         try:
-            return _run(args.file, args.log_file, args.control)
+            return _run(args.file, args.log_file, args.control, args.stages)
         except ConfigError as error:
             return _report(error)
     try:

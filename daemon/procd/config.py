@@ -15,9 +15,10 @@ import re
 import sys
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import field
+from dataclasses import field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from procd.errors import ConfigError, Problem
 from procd.frozen import frozen_dataclass
@@ -65,7 +66,7 @@ _PIPELINE_KEYS = (
     "packages",
     "requirements",
 )
-_DEFAULTS_KEYS = ("restart", "strategy")
+_DEFAULTS_KEYS = ("restart", "strategy", "queue")
 _STAGE_KEYS = (
     "function",
     "command",
@@ -81,8 +82,13 @@ _STAGE_KEYS = (
 )
 DEFAULT_MAX_ATTEMPTS = 3
 STRATEGIES = ("one_for_one", "rest_for_one")
-_QUEUE_KEYS = ("maxsize", "batch", "backend", "path")
-BACKENDS = ("memory", "sqlite")
+_QUEUE_KEYS = ("maxsize", "batch", "backend", "path", "url", "stream", "claim_after", "codec")
+BACKENDS = ("memory", "sqlite", "redis")
+_REDIS_KEYS = ("url", "stream", "claim_after", "codec")
+CODECS = ("json", "pickle")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+CLAIM_AFTER_RANGE_S = (1.0, 86_400.0)
+MAX_STREAM_NAME = 256
 _RESTART_KEYS = ("policy", "max", "within", "backoff")
 _POLICIES = tuple(p.value for p in Restart)
 
@@ -95,6 +101,13 @@ class QueueSpec:
     batch: int = DEFAULT_QUEUE_BATCH
     backend: str = "memory"
     path: str | None = None  # the SQLite file of a durable queue (absolute once loaded)
+    # backend = "redis": the server, the stream (procd:<pipeline>:<stage> unless given), how long an
+    # entry may stay with a silent consumer before another takes it, and how items are encoded
+    url: str | None = None
+    stream: str | None = None
+    claim_after_s: float = 30.0
+    codec: str = "pickle"
+    upstream: tuple[str, ...] = ()  # the stages that write to it (the end of stream waits for each)
 
     @property
     def slots(self) -> int:
@@ -153,6 +166,11 @@ class PipelineSpec:
     max_processes: int = 0  # the ceiling on live workers (file, scale, reload); 0: the machine's default
     packages: tuple[str, ...] = ()  # project directories (absolute once loaded) built into the environment
     requirements: tuple[str, ...] = ()  # more distributions for the environment, as pip takes them
+    here: frozenset[str] | None = None  # the stages this host runs (``procd run --stages``); None: all
+
+    def runs_here(self, name: str) -> bool:
+        """Whether stage ``name`` runs on this host (its other hosts run the same file)."""
+        return self.here is None or name in self.here
 
     @property
     def process_ceiling(self) -> int:
@@ -179,6 +197,38 @@ class PipelineSpec:
     def readers(self, name: str) -> tuple[StageSpec, ...]:
         """Return the stages that list ``name`` among their inputs (its fan-out)."""
         return tuple(s for s in self.stages if name in s.inputs)
+
+
+def select_stages(spec: PipelineSpec, names: Sequence[str]) -> tuple[PipelineSpec, list[Problem]]:
+    """``spec`` running only the stages ``names`` on this host (``procd run --stages``).
+
+    Every queue between a stage that runs here and one that runs elsewhere must be one both
+    hosts reach: ``backend = "redis"``. Each problem names the stage and why.
+    """
+    problems = []
+    known = [s.name for s in spec.stages]
+    for name in names:
+        if name not in known:
+            close = close_matches(name, known)
+            hint = f'; did you mean "{close[0]}"?' if close else f"; stages are {', '.join(known)}"
+            problems.append(Problem("--stages", f"unknown stage {json.dumps(name[:MAX_NAME])}{hint}"))
+    here = frozenset(names)
+    for stage in spec.stages:
+        for upstream in stage.inputs:
+            if (stage.name in here) == (upstream in here) or stage.queue.backend == "redis":
+                continue
+            away, local = (stage.name, upstream) if upstream in here else (upstream, stage.name)
+            problems.append(
+                Problem(
+                    f"stages.{stage.name}.queue.backend",
+                    f"{away} does not run on this host (--stages) but {local} does, so the queue between "
+                    f'them (the input of {stage.name}) must be one both reach: backend = "redis", '
+                    f'not "{stage.queue.backend}"',
+                )
+            )
+    if not names:
+        problems.append(Problem("--stages", "expected at least one stage name"))
+    return replace(spec, here=here), problems
 
 
 def default_state_dir(pipeline: str) -> str:
@@ -408,6 +458,8 @@ def validate(document: Mapping[str, Any], file: str) -> tuple[PipelineSpec, list
     check.unknown_keys(defaults, _DEFAULTS_KEYS, "defaults.")
     default_restart = _restart(check, defaults.get("restart", {}), "defaults.restart", RestartSpec())
     default_strategy = _strategy(check, defaults.get("strategy", "one_for_one"), "defaults.strategy")
+    default_queue = check.table(defaults.get("queue", {}), "defaults.queue") or {}
+    check.unknown_keys(default_queue, _QUEUE_KEYS, "defaults.queue.")
 
     metrics = _metrics(check, pipeline["metrics"]) if "metrics" in pipeline else None
 
@@ -423,7 +475,18 @@ def validate(document: Mapping[str, Any], file: str) -> tuple[PipelineSpec, list
     state_dir = check.path(state_dir, "pipeline.state_dir", "directory", base_dir) or base_dir
     ceiling = max_processes or default_max_processes()
     stages = [
-        _stage(check, name, table, default_restart, default_strategy, state_dir, base_dir, ceiling)
+        _stage(
+            check,
+            name,
+            table,
+            default_restart,
+            default_strategy,
+            state_dir,
+            base_dir,
+            ceiling,
+            default_queue,
+            pipeline_name,
+        )
         for name, table in stages_table.items()
     ]
     _check_graph(check, stages)
@@ -558,6 +621,8 @@ def _stage(
     state_dir: str,
     base_dir: str,
     ceiling: int,
+    default_queue: Mapping[str, Any],
+    pipeline_name: object,
 ) -> StageSpec:
     prefix = f"stages.{name}"
     if len(name) > MAX_NAME:
@@ -606,6 +671,7 @@ def _stage(
 
     queue_table = check.table(table.get("queue", {}), f"{prefix}.queue") or {}
     check.unknown_keys(queue_table, _QUEUE_KEYS, f"{prefix}.queue.")
+    queue_table = {**default_queue, **queue_table}  # [defaults] queue, for every stage input
     maxsize = check.integer(queue_table.get("maxsize", DEFAULT_QUEUE_MAXSIZE), f"{prefix}.queue.maxsize", MAXSIZE_RANGE)
     batch = check.integer(queue_table.get("batch", DEFAULT_QUEUE_BATCH), f"{prefix}.queue.batch", BATCH_RANGE)
     backend = queue_table.get("backend", "memory")
@@ -620,7 +686,8 @@ def _stage(
     path = (path or os.path.join(state_dir, f"{name}.queue.sqlite")) if backend == "sqlite" else None
     if backend == "sqlite" and "command" in table:
         check.add(f"{prefix}.queue.backend", "a durable queue needs a function stage to read it")
-    queue = QueueSpec(maxsize or DEFAULT_QUEUE_MAXSIZE, batch or DEFAULT_QUEUE_BATCH, backend, path)
+    redis = _redis_queue(check, queue_table, backend, prefix, f"procd:{pipeline_name}:{name}", tuple(inputs))
+    queue = QueueSpec(maxsize or DEFAULT_QUEUE_MAXSIZE, batch or DEFAULT_QUEUE_BATCH, backend, path, **redis)
     if maxsize and batch and batch > maxsize:
         check.add(f"{prefix}.queue.batch", f"must not exceed queue.maxsize ({maxsize}), got {batch}")
 
@@ -650,6 +717,72 @@ def _stage(
         dead_letter=dead_letter,
         redeliver=redeliver,
     )
+
+
+def _redis_queue(
+    check: _Checker, table: Mapping[str, Any], backend: str, prefix: str, stream: str, upstream: tuple[str, ...]
+) -> dict[str, Any]:
+    """The keys of a ``backend = "redis"`` queue (an error on any other backend)."""
+    if backend != "redis":
+        for key in _REDIS_KEYS:
+            if key in table:
+                check.add(f"{prefix}.queue.{key}", 'applies to backend = "redis" only')
+        return {}
+    fields: dict[str, Any] = {"upstream": upstream, "codec": "json", "stream": stream}
+    url = table.get("url")
+    problem = (
+        check_redis_url(url) if isinstance(url, str) else f"expected a URL such as redis://HOST:6379/0, {describe(url)}"
+    )
+    if problem is not None:
+        check.add(f"{prefix}.queue.url", problem)
+    else:
+        fields["url"] = url
+    if "stream" in table:
+        value = table["stream"]
+        if not isinstance(value, str) or not 0 < len(value) <= MAX_STREAM_NAME or "\0" in value:
+            check.add(
+                f"{prefix}.queue.stream", f"expected a key name of 1 to {MAX_STREAM_NAME} characters, {describe(value)}"
+            )
+        else:
+            fields["stream"] = value
+    if "claim_after" in table:
+        fields["claim_after_s"] = (
+            check.duration(table["claim_after"], f"{prefix}.queue.claim_after", CLAIM_AFTER_RANGE_S) or 30.0
+        )
+    codec = table.get("codec", "json")
+    if codec not in CODECS:
+        check.add(f"{prefix}.queue.codec", f"expected one of {', '.join(CODECS)}, {describe(codec)}")
+    else:
+        fields["codec"] = codec
+    return fields
+
+
+def check_redis_url(url: str) -> str | None:
+    """Why ``url`` is not a Redis URL procd can use, or None when it is."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port that is not a number)
+    except ValueError as exc:
+        return f"cannot be parsed ({exc})"
+    if parts.scheme not in REDIS_SCHEMES:
+        scheme = url.split(":", 1)[0][:20] if ":" in url else url[:20]
+        return f'must start with {", ".join(s + "://" for s in REDIS_SCHEMES)}, got "{scheme}"'
+    if parts.scheme == "unix" and not parts.path:
+        return "a unix:// URL needs the socket's path (unix:///run/redis/redis.sock)"
+    if parts.scheme != "unix" and not parts.hostname:
+        return "needs a host (redis://HOST:PORT/DB)"
+    return None
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced, for records, ``procd show`` and ``procd status``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def _check_graph(check: _Checker, stages: list[StageSpec]) -> None:
@@ -715,6 +848,13 @@ def as_document(spec: PipelineSpec) -> dict[str, Any]:
         table["queue"] = {"maxsize": stage.queue.maxsize, "batch": stage.queue.batch, "backend": stage.queue.backend}
         if stage.queue.path is not None:
             table["queue"]["path"] = stage.queue.path
+        if stage.queue.url is not None:
+            table["queue"].update(
+                url=redact_url(stage.queue.url),
+                stream=stage.queue.stream,
+                claim_after=format_duration(stage.queue.claim_after_s),
+                codec=stage.queue.codec,
+            )
         restart = stage.restart
         table["restart"] = {
             "policy": restart.policy.value,

@@ -32,7 +32,11 @@ def eventfd_count(fd: int) -> int | None:
 
 def waits_on(pid: int, fd: int) -> bool | None:
     """Whether ``pid`` sleeps reading descriptor ``fd``, or waiting in poll or select (for it,
-    presumably); None when the kernel does not say (another architecture, no permission)."""
+    presumably); None when the kernel does not say which call it sleeps in (another
+    architecture, no permission). A process that is not asleep (running, woken, stopped, a
+    zombie, gone) does not wait."""
+    if _state(pid) != "S":
+        return False
     numbers = _SYSCALLS.get(platform.machine())
     if numbers is None:
         return None
@@ -40,13 +44,26 @@ def waits_on(pid: int, fd: int) -> bool | None:
         with open(f"/proc/{pid}/syscall") as fh:
             fields = fh.read().split()
     except OSError:
-        return None
+        return None if _state(pid) == "S" else False
     if not fields or fields[0] == "running":
         return False
     if len(fields) < 2 or not fields[0].lstrip("-").isdigit():
         return None
     number = int(fields[0])
-    return (number in numbers["read"] and int(fields[1], 16) == fd) or number in numbers["wait"]
+    if not ((number in numbers["read"] and int(fields[1], 16) == fd) or number in numbers["wait"]):
+        return False
+    # The kernel names the syscall of a task that is not on a CPU, also one woken by new data
+    # that has copied it and not yet returned to its own code. Only a task still asleep waits.
+    return _state(pid) == "S"
+
+
+def _state(pid: int) -> str:
+    """The one-letter scheduler state of ``pid`` ("" if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def holders(link: str) -> list[int]:

@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import random
+import select
 import selectors
 import signal
 import time
@@ -121,11 +122,18 @@ class Supervisor:
         self.clock = clock
         self.rand = rand
         self.histories = {s.name: RestartHistory(s.restart.max, s.restart.within_s) for s in spec.stages}
-        self.slots = [Slot(stage, i) for stage in plan.topological_order(spec) for i in range(stage.processes)]
+        self.slots = [
+            Slot(stage, i)
+            for stage in plan.topological_order(spec)
+            if spec.runs_here(stage.name)
+            for i in range(stage.processes)
+        ]
         self.by_pid: dict[int, Slot] = {}
         self.channels: dict[str, Input] = {}  # each stage's current input
         self.retired: list[Input] = []  # inputs replaced by a reload, still draining
-        self.finished: set[str] = set()  # stages whose every process has ended
+        # stages whose every process has ended (those another host runs: from the start, here)
+        self.finished: set[str] = {s.name for s in spec.stages if not spec.runs_here(s.name)}
+        self.transport_down: set[str] = set()  # inputs whose shared backend cannot be reached now
         self.timers: dict[TimerKey, float] = {}
         self.ready: set[Slot] = set()
         self.ready_logged = False
@@ -189,8 +197,11 @@ class Supervisor:
         self._tend_connections()
         try:
             for stage in self.spec.stages:
-                if not stage.is_producer:
-                    self.channels[stage.name] = transport.create(stage.name, stage.queue)
+                writing = [u for u in stage.inputs if self.spec.runs_here(u)]
+                if not stage.is_producer and (writing or self.spec.runs_here(stage.name)):
+                    self.channels[stage.name] = self._create_input(stage, writing, wake)
+            if any(channel.housekeeping_s() for channel in self.channels.values()):
+                self.deadlines["transport"] = self.clock()
             self.log.info(
                 "pipeline_starting",
                 stages=[s.name for s in self.spec.stages],
@@ -270,6 +281,8 @@ class Supervisor:
             self._report_suppressed_due()
         if self.deadlines.get("starts", now + 1) <= now:
             self._start_paced([])
+        if self.deadlines.get("transport", now + 1) <= now:
+            self._housekeep_inputs()
         for held in [k for k, due in self.deadlines.items() if k.startswith("held:") and due <= now]:
             del self.deadlines[held]
             self._name_holders(held.removeprefix("held:"))
@@ -279,6 +292,62 @@ class Supervisor:
             del self.timers[key]
             slot, timer = key
             self._feed(slot, StopTimedOut() if timer is Timer.KILL else BackoffElapsed())
+
+    # -- shared transports (redis) -------------------------------------------------------------------
+
+    def _create_input(self, stage: config.StageSpec, writing: list[str], wake: signals.WakeUp) -> Input:
+        """The input of ``stage``; a shared backend that cannot be reached is waited for, with
+        backoff and a record, until it can or a stop signal comes.
+
+        Raises:
+            transport.Unavailable: the backend refused us (a login), or a stop came first.
+        """
+        delay = 0.1
+        while True:
+            try:
+                made = transport.create(stage.name, stage.queue)
+                made.write_from(writing)
+            except transport.Unavailable as exc:
+                if exc.final:
+                    raise
+                if stage.name not in self.transport_down:
+                    self.transport_down.add(stage.name)
+                    self.log.error("transport_unavailable", stage=stage.name, error=str(exc), retry_in_s=delay)
+                ready, _, _ = select.select([wake.read_fd], [], [], delay)
+                if ready and {signal.SIGTERM, signal.SIGINT} & set(wake.drain()):
+                    raise transport.Unavailable(f"{exc}; stopped while waiting for it", final=True) from None
+                delay = min(delay * 2, 5.0)
+                continue
+            if stage.name in self.transport_down:
+                self.transport_down.discard(stage.name)
+                self.log.info("transport_restored", stage=stage.name)
+            return made
+
+    def _housekeep_inputs(self) -> None:
+        """A shared backend's heartbeat; an outage and the return are each said once."""
+        now = self.clock()
+        intervals = []
+        for channel in [*self.channels.values(), *self.retired]:
+            interval = channel.housekeeping_s()
+            if interval is None or channel.ended:
+                continue
+            intervals.append(interval)
+            try:
+                channel.housekeep()
+            except transport.Unavailable as exc:
+                if channel.stage not in self.transport_down:
+                    self.transport_down.add(channel.stage)
+                    self.log.error("transport_unavailable", stage=channel.stage, error=str(exc))
+                continue
+            if channel.stage in self.transport_down:
+                self.transport_down.discard(channel.stage)
+                self.log.info("transport_restored", stage=channel.stage)
+        if intervals:
+            # while the server is away, look again soon: the heartbeat is what keeps this host's
+            # writers counted as alive by the other hosts
+            self.deadlines["transport"] = now + (1.0 if self.transport_down else min(intervals))
+        else:
+            self.deadlines.pop("transport", None)
 
     # -- state changes ----------------------------------------------------------------------------
 
@@ -896,7 +965,7 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         """Every stage and worker as ``procd status`` shows them."""
         now = self.clock()
-        return status.snapshot(
+        reply = status.snapshot(
             self.spec,
             self.slots,
             self.channels,
@@ -907,6 +976,8 @@ class Supervisor:
             uptime_s=now - self.started_at,
             now=now,
         )
+        reply["transport_unavailable"] = sorted(self.transport_down)  # inputs whose server is away
+        return reply
 
     def _scale(self, name: object, processes: object) -> dict[str, Any]:
         """Start or retire only the difference; retired readers finish their batch first.
@@ -1091,6 +1162,9 @@ class Supervisor:
             )
             if new.name != self.spec.name:
                 problems.append(Problem("pipeline.name", f'cannot change while running (it is "{self.spec.name}")'))
+            if self.spec.here is not None:  # the host runs the same stages (procd run --stages)
+                new, selection = config.select_stages(new, sorted(self.spec.here))
+                problems.extend(selection)
             if problems:
                 raise ConfigError(self.spec.file, problems)
         except ConfigError as error:

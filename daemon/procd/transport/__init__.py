@@ -23,6 +23,8 @@ Backends (``queue.backend`` in the pipeline file → module here):
 
 - ``memory`` → ``local``: a socket pair, an eventfd and spill files; fast, no server.
 - ``sqlite`` → ``sqlite``: rows in a SQLite file, durable across a restart of procd itself.
+- ``redis`` → ``streams``: a Redis stream read through a consumer group, shared by procd daemons on
+  several hosts (``redisstream`` holds the stream operations).
 
 Adding a backend means one module here that subclasses these three classes, one line in
 ``_BACKENDS``, and its name in the config schema (``config.BACKENDS``); nothing else changes.
@@ -40,7 +42,7 @@ from typing import Any
 from procd.config import QueueSpec
 from procd.transport.slot import Slot
 
-_BACKENDS = {"memory": "local", "sqlite": "sqlite"}
+_BACKENDS = {"memory": "local", "sqlite": "sqlite", "redis": "streams"}
 
 
 class Interrupted(Exception):
@@ -192,6 +194,36 @@ class Input(abc.ABC):
         """A retired input that nobody holds any more."""
         return not self.current and self.ended and not self.readers
 
+    # A backend shared by several hosts (redis) needs the next three; the local ones do not.
+
+    def housekeeping_s(self) -> float | None:
+        """How often ``housekeep`` must run; None: never."""
+        return None
+
+    def write_from(self, upstreams: list[str]) -> None:  # noqa: B027 (a no-op unless overridden)
+        """This supervisor runs these upstream stages: the end of stream waits for them here.
+
+        Raises:
+            Unavailable: the backend's server cannot be reached now.
+        """
+
+    def housekeep(self) -> None:  # noqa: B027 (a no-op unless overridden)
+        """Periodic upkeep (a shared backend's heartbeat).
+
+        Raises:
+            Unavailable: the backend's server cannot be reached now.
+        """
+
+
+class Unavailable(Exception):
+    """A networked backend's server cannot be reached (or refused us); the message says which
+    and where, without credentials. ``final`` is True when retrying cannot help (a refused
+    login)."""
+
+    def __init__(self, message: str, *, final: bool = False) -> None:
+        super().__init__(message)
+        self.final = final
+
 
 def _backend(name: str) -> Any:
     try:
@@ -205,6 +237,7 @@ def create(stage: str, spec: QueueSpec) -> Input:
 
     Raises:
         StoreError: a durable input's storage cannot be used.
+        Unavailable: a shared backend's server cannot be reached.
     """
     made: Input = _backend(spec.backend).create(stage, spec)
     return made

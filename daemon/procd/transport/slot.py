@@ -37,10 +37,10 @@ _STATE, _INDEX, _DELIVERIES, _EXIT, _IN_TOKEN, _OUT_TOKEN, _WAITING = 0, 8, 16, 
 PAYLOAD_OFFSET = 64
 # A message: kind, item count, bytes that follow (a pickle, a file name, a row id).
 MESSAGE = struct.Struct("<BII")
-INLINE, SPILLED, ROW = b"P"[0], b"S"[0], b"R"[0]
+INLINE, SPILLED, ROW, ENTRY = b"P"[0], b"S"[0], b"R"[0], b"E"[0]  # ENTRY: a Redis stream entry id
 # The largest message any backend receives into a slot: larger batches travel by reference.
 MESSAGE_CAPACITY = MESSAGE.size + 60 * 1024
-KINDS = (INLINE, SPILLED, ROW)
+KINDS = (INLINE, SPILLED, ROW, ENTRY)
 
 
 @dataclass(frozen=True)

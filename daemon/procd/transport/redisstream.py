@@ -1,0 +1,244 @@
+"""Redis Streams as a stage input: the stream operations the ``redis`` backend is made of.
+
+Discussion. procd does not invent a cluster of its own: a stage input is one stream
+(``procd:<pipeline>:<stage>``) read through one consumer group (named after the stage), and
+every worker on every host is one consumer of it. What each piece of the transport contract
+becomes:
+
+- send: ``XADD`` of one entry per batch (fields ``n``, the item count, and ``b``, the encoded
+  batch). Backpressure comes from the group's ``lag`` (entries not yet delivered, Redis 7's
+  ``XINFO GROUPS``): a writer blocks while the backlog is at the bound. It reads the lag only
+  when it has used up the credit the last reading gave it, so a fast writer pays one round trip
+  per bound's worth of batches, not one per batch. Never ``MAXLEN``: trimming drops unread
+  entries.
+- receive / hold / acknowledge: ``XREADGROUP ... >`` hands an entry to one consumer and keeps it
+  in the group's pending list until ``XACK``; the acknowledgement also ``XDEL``s it, so the stream
+  does not grow without bound. The entry id is the delivery id the slot holds.
+- a worker killed holding an entry: its slot's next process ``XCLAIM``s that id first; a host
+  that died: the entries its consumers held stay pending, and any other consumer takes them with
+  ``XAUTOCLAIM`` once they have been idle ``claim_after``. Redis counts every delivery
+  (``times_delivered``), so attempts are counted wherever the entry crashed a worker.
+- end of stream across hosts: every supervisor that runs an upstream stage registers itself as a
+  writer (a hash field whose value is an expiry time, renewed by a heartbeat) and removes the
+  field when that stage has finished on its host. The input has ended once every upstream stage
+  has been seen and none has a live writer, and nothing is left in the backlog or pending; the
+  first supervisor to see that sets the ``ended`` key, which the readers check whenever a read
+  finds nothing. A host that died without deregistering counts as gone when its expiry passes.
+
+Every call here can raise ``redis.exceptions.ConnectionError`` (or ``TimeoutError``); retrying
+with backoff and telling the operator is the caller's decision.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+# How long one blocking read waits before the reader looks at its stop descriptor and the
+# ``ended`` key again.
+READ_BLOCK_MS = 100
+
+
+def connect(url: str, *, timeout_s: float = 5.0) -> redis.Redis:
+    """A client for ``url`` (not yet connected: the first command connects)."""
+    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One delivered batch: its id, its encoded items, and how often Redis has delivered it."""
+
+    id: str
+    payload: bytes
+    count: int
+    deliveries: int
+
+
+@dataclass(frozen=True)
+class Names:
+    """The keys of one stage input."""
+
+    stream: str
+    group: str
+
+    @property
+    def writers(self) -> str:
+        return f"{self.stream}:writers"
+
+    @property
+    def seen(self) -> str:
+        return f"{self.stream}:seen"
+
+    @property
+    def ended(self) -> str:
+        return f"{self.stream}:ended"
+
+
+def _entry(raw_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> Entry:
+    return Entry(raw_id.decode(), fields[b"b"], int(fields[b"n"]), deliveries)
+
+
+class Stream:
+    """One stage input on one Redis server, as seen by one process."""
+
+    def __init__(self, client: redis.Redis, names: Names) -> None:
+        # redis-py types every reply as a union of all reply types; the shapes this module reads
+        # are those of Redis 7 with bytes replies (checked by tests/test_redis_stream.py)
+        self.client: Any = client
+        self.names = names
+        self._credit = 0
+
+    # -- set-up ----------------------------------------------------------------------------------
+
+    def create(self) -> None:
+        """Make the stream and its group if they are not there (entries an earlier run left are
+        kept: they are read again)."""
+        try:
+            self.client.xgroup_create(self.names.stream, self.names.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def backlog(self) -> tuple[int, int]:
+        """(entries not yet delivered, entries delivered and not yet acknowledged)."""
+        for group in self.client.xinfo_groups(self.names.stream):
+            if group["name"].decode() == self.names.group:
+                lag = group["lag"]
+                if lag is None:  # Redis cannot tell (entries deleted out of order): count instead
+                    lag = max(0, self.client.xlen(self.names.stream) - group["pending"])
+                return int(lag), int(group["pending"])
+        return 0, 0
+
+    def send(self, payloads: list[tuple[bytes, int]], bound: int, stop: Any = None) -> None:
+        """Append each (payload, item count) as one entry, blocking while ``bound`` entries wait.
+
+        Args:
+            stop: optional callable; while blocked, ``stop()`` returning True ends the wait
+                with ``InterruptedError``.
+        """
+        pause = 0.0005
+        start = 0
+        while start < len(payloads):
+            if self._credit <= 0:
+                lag, _pending = self.backlog()
+                self._credit = bound - lag
+                if self._credit <= 0:
+                    if stop is not None and stop():
+                        raise InterruptedError("stopped while the queue was full")
+                    # Redis cannot say when the lag falls: look again soon (a full queue is one
+                    # whose readers are busy, so a look every few ms costs them nothing)
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.005)
+                    continue
+                pause = 0.0005
+            chunk = payloads[start : start + self._credit]
+            if len(chunk) == 1:  # the usual case: one batch, one command
+                self.client.xadd(self.names.stream, {"n": chunk[0][1], "b": chunk[0][0]})
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for payload, count in chunk:
+                    pipe.xadd(self.names.stream, {"n": count, "b": payload})
+                pipe.execute()
+            self._credit -= len(chunk)
+            start += len(chunk)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def read(self, consumer: str, block_ms: int = READ_BLOCK_MS) -> Entry | None:
+        """The next entry no consumer has had, or None when none came within ``block_ms``."""
+        found = self.client.xreadgroup(self.names.group, consumer, {self.names.stream: ">"}, count=1, block=block_ms)
+        for _stream, entries in found or ():
+            for raw_id, fields in entries:
+                if fields:  # an entry deleted after delivery comes back without fields
+                    return _entry(raw_id, fields, 1)
+        return None
+
+    def claim(self, consumer: str, entry_id: str) -> Entry | None:
+        """Take over entry ``entry_id`` (the one this slot's previous process held)."""
+        claimed = self.client.xclaim(
+            self.names.stream, self.names.group, consumer, min_idle_time=0, message_ids=[entry_id]
+        )
+        for raw_id, fields in claimed:
+            if fields:
+                return _entry(raw_id, fields, self._deliveries(raw_id))
+        return None
+
+    def claim_idle(self, consumer: str, idle_ms: int) -> Entry | None:
+        """Take over one entry that another consumer has held silently for ``idle_ms``."""
+        result = self.client.xautoclaim(
+            self.names.stream, self.names.group, consumer, min_idle_time=idle_ms, start_id="0-0", count=1
+        )
+        for raw_id, fields in result[1]:
+            if fields:
+                return _entry(raw_id, fields, self._deliveries(raw_id))
+        return None
+
+    def claim_pending_of(self, dead: str, consumer: str) -> Entry | None:
+        """Take over one entry that consumer ``dead`` was handed and never acknowledged; forget
+        ``dead`` once it holds nothing more (deleting a consumer drops what it holds)."""
+        pending = self.client.xpending_range(
+            self.names.stream, self.names.group, min="-", max="+", count=2, consumername=dead
+        )
+        entry = self.claim(consumer, pending[0]["message_id"].decode()) if pending else None
+        if len(pending) < 2:
+            self.client.xgroup_delconsumer(self.names.stream, self.names.group, dead)
+        return entry
+
+    def _deliveries(self, raw_id: bytes) -> int:
+        pending = self.client.xpending_range(self.names.stream, self.names.group, min=raw_id, max=raw_id, count=1)
+        return int(pending[0]["times_delivered"]) if pending else 1
+
+    def acknowledge(self, entry_id: str) -> None:
+        """The entry is handled: out of the pending list and out of the stream."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xack(self.names.stream, self.names.group, entry_id)
+        pipe.xdel(self.names.stream, entry_id)
+        pipe.execute()
+
+    # -- end of stream ---------------------------------------------------------------------------
+
+    def register(self, writer: str, upstream: str, ttl_s: float) -> None:
+        """``writer`` (a supervisor running stage ``upstream``) writes to this input; it counts
+        as gone ``ttl_s`` after its last heartbeat."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.names.writers, f"{upstream}@{writer}", time.time() + ttl_s)
+        pipe.sadd(self.names.seen, upstream)
+        pipe.delete(self.names.ended)  # a live writer: whatever an earlier run decided is over
+        pipe.execute()
+
+    heartbeat = register
+
+    def deregister(self, writer: str, upstream: str) -> None:
+        """Stage ``upstream`` has finished on ``writer``'s host."""
+        self.client.hdel(self.names.writers, f"{upstream}@{writer}")
+
+    def check_ended(self, upstreams: list[str], ttl_s: float) -> bool:
+        """Whether this input has ended for good. The first to see it says so in the ``ended``
+        key (kept ``ttl_s``, long enough for every host's readers to see it) and forgets which
+        writers it saw, so that a later run waits for its own writers."""
+        if self.ended():
+            return True
+        seen = {name.decode() for name in self.client.smembers(self.names.seen)}
+        if not set(upstreams) <= seen:
+            return False
+        now = time.time()
+        for field, expiry in self.client.hgetall(self.names.writers).items():
+            if float(expiry) > now:
+                return False
+            self.client.hdel(self.names.writers, field)  # a host that died without saying so
+        lag, pending = self.backlog()
+        if lag or pending:
+            return False
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.names.ended, 1, ex=max(1, round(ttl_s)))
+        pipe.delete(self.names.seen)
+        pipe.execute()
+        return True
+
+    def ended(self) -> bool:
+        return bool(self.client.exists(self.names.ended))

@@ -1,0 +1,424 @@
+"""The Redis Streams backend (``queue = { backend = "redis", url = "redis://..." }``): a stage
+input that procd daemons on several hosts share.
+
+Discussion. The stream operations are ``redisstream``'s; this module fits them to the transport
+interface. What differs from the local backends:
+
+- No descriptors: an endpoint is the server's URL and the stream's names, and every process opens
+  its own connection (a connection must not cross ``fork``).
+- The slot file holds the entry id (message kind ``ENTRY``), so a killed reader's entry is
+  claimed by the slot's next process at once (``XCLAIM``); an entry whose consumer went silent
+  for ``claim_after`` (its host died) is taken by any reader on any host (``XAUTOCLAIM``).
+- The bound is the group's lag, which no dead process can hold: ``reclaim`` has nothing to do.
+- End of stream is agreed through Redis: the supervisor registers itself as a writer for every
+  upstream stage it runs and renews that with a heartbeat (``housekeep``); each writing process
+  registers itself while it sends. A reader that finds nothing to read checks whether every
+  upstream stage was seen, no writer is alive and nothing is left (``Stream.check_ended``).
+- Items are encoded with the input's codec: JSON by default for Redis (any program can read it),
+  pickle on request (it lets anyone who can write to that Redis run code in the workers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import select
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from procd.config import QueueSpec
+from procd.config import redact_url as redact
+from procd.transport import Endpoint, Held, Input, Interrupted, Reader, Unavailable, Writer
+from procd.transport.redisstream import Entry, Names, Stream, connect
+from procd.transport.slot import ENTRY, MESSAGE, NO_TOKEN, RUNNING, WAITING_INPUT, WAITING_OUTPUT, Slot
+
+READING = b"r"[0]  # a slot message that is not a batch: the consumer name a process reads as
+
+HOST = socket.gethostname()
+# How often a reader with nothing to read looks for entries other consumers left idle.
+_CLAIM_CHECKS_PER_WINDOW = 4
+
+
+class Unencodable(ValueError):
+    """An item the input's codec cannot encode; ``index`` is its place in the batch."""
+
+    def __init__(self, index: int, error: Exception) -> None:
+        super().__init__(f"item {index} cannot be encoded: {error}")
+        self.index = index
+
+
+def encode(codec: str, items: list[Any]) -> bytes:
+    """Raises ``Unencodable`` naming the first item the codec cannot take."""
+    try:
+        if codec == "json":
+            return json.dumps(items, separators=(",", ":"), allow_nan=False).encode()
+        return pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+    except (TypeError, ValueError, pickle.PicklingError, AttributeError, RecursionError):
+        for index, item in enumerate(items):
+            try:
+                json.dumps(item, allow_nan=False) if codec == "json" else pickle.dumps(item)
+            except (TypeError, ValueError, pickle.PicklingError, AttributeError, RecursionError) as exc:
+                raise Unencodable(index, exc) from None
+        raise
+
+
+def decode(codec: str, payload: bytes) -> list[Any]:
+    items: list[Any] = json.loads(payload) if codec == "json" else pickle.loads(payload)
+    return items
+
+
+@dataclass(frozen=True)
+class RedisEndpoint(Endpoint):
+    url: str
+    stream: str
+    group: str
+    codec: str
+    claim_after_s: float
+    slots: int
+    upstream: tuple[str, ...]
+
+    @property
+    def durable(self) -> bool:
+        return True
+
+    @property
+    def names(self) -> Names:
+        return Names(self.stream, self.group)
+
+    def reader_fds(self) -> set[int]:
+        return set()
+
+    def writer_fds(self) -> set[int]:
+        return set()
+
+    def writer(self, slot: Slot | None = None, token: int = 0) -> Writer:
+        return RedisWriter(self, slot)
+
+    def reader(self, slot: Slot | None = None, *, keep_batch: bool = True) -> Reader:
+        return RedisReader(self, slot if keep_batch else None)
+
+    def __repr__(self) -> str:  # the URL may carry a password
+        return f"RedisEndpoint({redact(self.url)!r}, stream={self.stream!r})"
+
+
+@dataclass(eq=False)
+class RedisInput(Input):
+    endpoint_: RedisEndpoint | None = None
+    client: Any = None
+    registered: list[str] = field(default_factory=list)  # upstream stages this supervisor writes for
+    writing: bool = True
+
+    @property
+    def ended(self) -> bool:
+        return not self.writing
+
+    def endpoint(self) -> RedisEndpoint:
+        assert self.endpoint_ is not None
+        return self.endpoint_
+
+    @property
+    def _stream(self) -> Stream:
+        return Stream(self.client, self.endpoint().names)
+
+    def housekeeping_s(self) -> float:
+        """How often ``housekeep`` must run: a third of the time a silent writer counts as alive."""
+        return self.endpoint().claim_after_s / 3
+
+    def write_from(self, upstreams: list[str]) -> None:
+        self.registered = list(upstreams)
+        self.housekeep()
+
+    def housekeep(self) -> None:
+        """Renew this supervisor's writer registrations (the heartbeat)."""
+        with _unavailable_as(self.endpoint().url):
+            for upstream in self.registered:
+                self._stream.register(_supervisor_id(), upstream, self.endpoint().claim_after_s)
+
+    def end(self) -> None:
+        if self.writing:
+            self.writing = False
+            for upstream in self.registered:
+                try:
+                    self._stream.deregister(_supervisor_id(), upstream)
+                except redis.RedisError:
+                    pass  # it expires after claim_after all the same
+            self.registered = []
+
+    def depth(self) -> int | None:
+        try:
+            lag, pending = self._stream.backlog()
+        except redis.RedisError:
+            return None
+        return lag + pending
+
+    def reclaim(self) -> None:
+        """Nothing to give back: the bound is the group's lag, which no process holds."""
+
+    def attach(self) -> tuple[dict[str, Any], tuple[int, ...]]:
+        endpoint = self.endpoint()
+        fields = {
+            "backend": "redis",
+            "url": endpoint.url,
+            "stream": endpoint.stream,
+            "group": endpoint.group,
+            "codec": endpoint.codec,
+            "claim_after_s": endpoint.claim_after_s,
+            "slots": endpoint.slots,
+            "upstream": list(endpoint.upstream),
+        }
+        return fields, ()
+
+    def holders(self) -> list[int]:
+        return []
+
+    def close(self) -> None:
+        self.end()
+        self.client.close()
+
+
+class _TryAgain(Exception):
+    """Nothing arrived this time; the reader looks again."""
+
+
+def _patiently(call: Any) -> Any:
+    """``call()``, retried with backoff while the server cannot be reached (a worker waits for
+    Redis to come back; the supervisor says that it is away)."""
+    pause = 0.05
+    while True:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError):
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
+
+
+def _supervisor_id() -> str:
+    return f"{HOST}:{os.getpid()}"
+
+
+def create(stage: str, spec: QueueSpec) -> RedisInput:
+    """Make the stream and its group, and register this supervisor as a writer for every upstream
+    stage (each host that runs one of them does the same).
+
+    Raises:
+        redis.RedisError: the server cannot be reached or refused the login.
+    """
+    assert spec.url is not None
+    endpoint = RedisEndpoint(
+        spec.url,
+        spec.stream or f"procd:{stage}",
+        stage,
+        spec.codec,
+        spec.claim_after_s,
+        spec.slots,
+        spec.upstream,
+    )
+    client = connect(spec.url)
+    made = RedisInput(stage, spec, endpoint_=endpoint, client=client)
+    try:
+        with _unavailable_as(spec.url):
+            made._stream.create()
+    except BaseException:
+        client.close()
+        raise
+    return made
+
+
+@contextlib.contextmanager
+def _unavailable_as(url: str) -> Iterator[None]:
+    """Turn the client's connection and login errors into ``transport.Unavailable``."""
+    where = redact(url)
+    try:
+        yield
+    except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as error:
+        raise Unavailable(f"Redis at {where} refused the login: {error}", final=True) from None
+    except redis.ResponseError as error:
+        if "NOAUTH" in str(error) or "WRONGPASS" in str(error):
+            raise Unavailable(f"Redis at {where} refused the login: {error}", final=True) from None
+        raise
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+        raise Unavailable(f"Redis at {where} cannot be reached: {error}") from None
+
+
+def attached_writer(fields: dict[str, Any], fds: list[int]) -> Writer:
+    endpoint = RedisEndpoint(
+        str(fields["url"]),
+        str(fields["stream"]),
+        str(fields["group"]),
+        str(fields["codec"]),
+        float(fields["claim_after_s"]),
+        int(fields["slots"]),
+        tuple(fields["upstream"]),
+    )
+    return RedisWriter(endpoint, None)
+
+
+class RedisWriter(Writer):
+    """Appends batches as entries; registered as a live writer while it sends."""
+
+    def __init__(self, endpoint: RedisEndpoint, slot: Slot | None) -> None:
+        self._endpoint = endpoint
+        self._slot = slot
+        self._client = connect(endpoint.url)
+        self._stream = Stream(self._client, endpoint.names)
+        self._me = f"{HOST}:{os.getpid()}"
+        self._renewed = 0.0
+
+    def send(self, items: list[Any]) -> None:
+        payload = encode(self._endpoint.codec, items)
+        now = time.monotonic()
+        if now - self._renewed > self._endpoint.claim_after_s / 3:
+            _patiently(lambda: self._stream.register(self._me, "writer", self._endpoint.claim_after_s))
+            self._renewed = now
+        slot = self._slot
+
+        def waiting() -> bool:
+            if slot is not None:
+                slot.output_token(NO_TOKEN, WAITING_OUTPUT)
+            return False
+
+        _patiently(lambda: self._stream.send([(payload, len(items))], self._endpoint.slots, stop=waiting))
+        if slot is not None:
+            slot.output_token(NO_TOKEN, RUNNING)
+
+    def close(self) -> None:
+        if self._renewed:
+            try:
+                self._stream.deregister(self._me, "writer")
+            except redis.RedisError:
+                pass
+        self._client.close()
+
+
+class RedisReader(Reader):
+    """Reads entries for one consumer (host, pid, stage) and keeps the one in hand in the slot."""
+
+    def __init__(self, endpoint: RedisEndpoint, slot: Slot | None) -> None:
+        self._endpoint = endpoint
+        self._slot = slot
+        self._client = connect(endpoint.url)
+        self._stream = Stream(self._client, endpoint.names)
+        self._consumer = f"{HOST}:{os.getpid()}:{endpoint.group}"
+        self._entry = ""  # the id of the entry in hand
+        self._next_claim = 0.0
+
+    def receive(self, stop_fd: int | None = None) -> list[Any] | None:
+        pause = 0.05
+        while True:
+            if stop_fd is not None and select.select([stop_fd], [], [], 0)[0]:
+                raise Interrupted
+            try:
+                return self._receive()
+            except _TryAgain:
+                pause = 0.05
+            except (redis.ConnectionError, redis.TimeoutError):  # the server is away: wait for it
+                if stop_fd is not None and select.select([stop_fd], [], [], pause)[0]:
+                    raise Interrupted from None
+                if stop_fd is None:
+                    time.sleep(pause)
+                pause = min(pause * 2, 2.0)
+
+    def _receive(self) -> list[Any] | None:
+        """One try: an entry, None at the end of stream, or ``_TryAgain``."""
+        endpoint, stream = self._endpoint, self._stream
+        claim_ms = int(endpoint.claim_after_s * 1000)
+        entry = None
+        now = time.monotonic()
+        if now >= self._next_claim:
+            entry = stream.claim_idle(self._consumer, claim_ms)
+            if entry is None:
+                self._next_claim = now + endpoint.claim_after_s / _CLAIM_CHECKS_PER_WINDOW
+        if entry is None:
+            self._mark_reading()
+            entry = stream.read(self._consumer)
+        if entry is None:
+            if stream.check_ended(list(endpoint.upstream), endpoint.claim_after_s):
+                if self._slot is not None:
+                    self._slot.disarm()
+                return None
+            raise _TryAgain
+        self._hold(entry.id, entry.count, entry.deliveries)
+        return decode(endpoint.codec, entry.payload)
+
+    def _mark_reading(self) -> None:
+        """Say in the slot which consumer is about to read: an entry Redis hands it is pending
+        under that name from then on, and if this process is killed before it holds the entry,
+        the slot's next process finds the name and claims the entry at once (not only another
+        consumer after ``claim_after``)."""
+        slot = self._slot
+        if slot is None:
+            return
+        body = self._consumer.encode()
+        slot.disarm(WAITING_INPUT)
+        MESSAGE.pack_into(slot.buffer, 0, READING, 0, len(body))
+        slot.buffer[MESSAGE.size : MESSAGE.size + len(body)] = body
+
+    def _hold(self, entry_id: str, count: int, deliveries: int) -> None:
+        self._entry = entry_id
+        slot = self._slot
+        if slot is None:
+            return
+        body = entry_id.encode()
+        slot.arm()
+        MESSAGE.pack_into(slot.buffer, 0, ENTRY, count, len(body))
+        slot.buffer[MESSAGE.size : MESSAGE.size + len(body)] = body
+        slot.hold(MESSAGE.size + len(body), deliveries)
+        slot.input_token(False)  # no capacity to give back: the bound is the group's lag
+
+    def held(self) -> Held | None:
+        slot = self._slot
+        if slot is None:
+            return None
+        header = slot.header()
+        if header.holds and header.kind == ENTRY:
+            entry = self._stream.claim(self._consumer, slot.message()[MESSAGE.size :].decode())
+        else:
+            entry = self._claim_from(self._reading_consumer())
+        if entry is None:  # acknowledged just before its process was killed
+            slot.clear()
+            return None
+        slot.hold(len(slot.message()), entry.deliveries)
+        self._entry = entry.id
+        items = decode(self._endpoint.codec, entry.payload)
+        return Held(items, header.index, header.crashes, entry.deliveries - 1, header.last_signal, header.last_code)
+
+    def _reading_consumer(self) -> str | None:
+        """The consumer the slot's previous process was reading as, if it was killed reading."""
+        assert self._slot is not None
+        kind, _count, size = MESSAGE.unpack_from(self._slot.buffer, 0)
+        if kind != READING or not 0 < size <= 1024:
+            return None
+        return bytes(self._slot.buffer[MESSAGE.size : MESSAGE.size + size]).decode(errors="replace")
+
+    def _claim_from(self, consumer: str | None) -> Entry | None:
+        """Claim what ``consumer`` (a killed process of this slot) had been handed, if anything;
+        then hold it in the slot like a received batch."""
+        if consumer is None or consumer == self._consumer:
+            return None
+        entry = self._stream.claim_pending_of(consumer, self._consumer)
+        if entry is not None:
+            self._hold(entry.id, entry.count, entry.deliveries)
+        return entry
+
+    def done(self) -> None:
+        if self._entry:
+            entry_id = self._entry
+            _patiently(lambda: self._stream.acknowledge(entry_id))
+            self._entry = ""
+        if self._slot is not None:
+            self._slot.clear()
+
+    def close(self) -> None:
+        if not self._entry:  # a consumer per worker process: forget this one once it holds nothing
+            try:
+                self._client.xgroup_delconsumer(self._endpoint.stream, self._endpoint.group, self._consumer)
+            except redis.RedisError:
+                pass
+        self._client.close()

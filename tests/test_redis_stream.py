@@ -1,0 +1,119 @@
+"""The Redis Streams operations behind the ``redis`` backend, against a real redis-server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis_server import RedisServer
+
+from procd import config
+from procd.transport import redisstream
+from procd.transport.redisstream import Names, Stream
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def stream(server: RedisServer) -> Iterator[Stream]:
+    client = redisstream.connect(server.url)
+    stream = Stream(client, Names("procd:p:sink", "sink"))
+    stream.create()
+    yield stream
+    client.close()
+
+
+def test_an_entry_is_read_once_and_gone_from_the_stream_when_acknowledged(stream: Stream) -> None:
+    stream.send([(b"one", 1), (b"two", 2)], bound=10)
+    first = stream.read("c1")
+    second = stream.read("c2")
+    assert first is not None and second is not None
+    assert (first.payload, first.count, first.deliveries) == (b"one", 1, 1)
+    assert (second.payload, second.count) == (b"two", 2)
+    assert stream.read("c1", block_ms=10) is None
+    assert stream.backlog() == (0, 2)
+    stream.acknowledge(first.id)
+    stream.acknowledge(second.id)
+    assert stream.backlog() == (0, 0)
+    assert stream.client.xlen(stream.names.stream) == 0
+
+
+def test_a_writer_blocks_at_the_bound_until_entries_are_read(stream: Stream) -> None:
+    waits = []
+
+    def stop() -> bool:
+        waits.append(1)
+        return len(waits) > 3
+
+    with pytest.raises(InterruptedError):
+        stream.send([(b"a", 1), (b"b", 1), (b"c", 1)], bound=2, stop=stop)
+    assert stream.client.xlen(stream.names.stream) == 2
+    taken = stream.read("c1")
+    assert taken is not None
+    stream.send([(b"c", 1)], bound=2)  # one was delivered: there is room again
+    assert stream.backlog() == (2, 1)
+
+
+def test_the_next_process_of_a_slot_takes_over_the_entry_its_predecessor_held(stream: Stream) -> None:
+    stream.send([(b"batch", 3)], bound=10)
+    held = stream.read("host:100:sink:0")
+    assert held is not None
+    again = stream.claim("host:101:sink:0", held.id)
+    assert again is not None and again.payload == b"batch" and again.deliveries == 2
+    assert stream.claim_idle("elsewhere:7:sink:1", idle_ms=60_000) is None  # not idle long enough
+    third = stream.claim_idle("elsewhere:7:sink:1", idle_ms=0)
+    assert third is not None and third.id == held.id and third.deliveries == 3
+
+
+def test_the_input_ends_once_every_writer_is_gone_and_nothing_is_left(stream: Stream) -> None:
+    upstreams = ["transform"]
+    assert not stream.check_ended(upstreams, ttl_s=5)  # no writer seen yet: it may still come
+    stream.register("hostA:1", "transform", ttl_s=30)
+    stream.send([(b"x", 1)], bound=10)
+    stream.deregister("hostA:1", "transform")
+    assert not stream.check_ended(upstreams, ttl_s=5)  # one entry waits
+    entry = stream.read("c")
+    assert entry is not None
+    assert not stream.check_ended(upstreams, ttl_s=5)  # one entry is in a reader's hands
+    stream.acknowledge(entry.id)
+    assert stream.check_ended(upstreams, ttl_s=5)
+    assert stream.ended()
+    stream.register("hostA:2", "transform", ttl_s=30)  # a new run's writer
+    assert not stream.ended()
+
+
+def test_a_writer_that_stopped_renewing_counts_as_gone(stream: Stream) -> None:
+    stream.register("hostB:9", "transform", ttl_s=30)
+    assert not stream.check_ended(["transform"], ttl_s=5)
+    stream.register("hostB:9", "transform", ttl_s=-1)  # its last heartbeat's expiry has passed
+    assert stream.check_ended(["transform"], ttl_s=5)
+    assert not stream.client.hgetall(stream.names.writers)  # the dead writer was cleared away
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://localhost:6379/0", None),
+        ("rediss://user:secret@cache.example:6380/2", None),
+        ("unix:///run/redis/redis.sock?db=1", None),
+        ("http://localhost", 'must start with redis://, rediss://, unix://, got "http"'),
+        ("redis://localhost:port", "cannot be parsed"),
+        ("unix://", "a unix:// URL needs the socket's path"),
+        ("redis:///0", "needs a host"),
+    ],
+)
+def test_urls_are_checked_at_load_time(url: str, problem: str | None) -> None:
+    found = config.check_redis_url(url)
+    assert (found is None) if problem is None else (found is not None and found.startswith(problem))
+
+
+def test_the_password_never_leaves_the_url_unredacted() -> None:
+    assert config.redact_url("redis://app:s3cret@db:6379/0") == "redis://app:***@db:6379/0"
+    assert config.redact_url("redis://:s3cret@db/0") == "redis://:***@db/0"
+    assert config.redact_url("redis://db:6379/0") == "redis://db:6379/0"
