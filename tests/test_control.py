@@ -379,10 +379,21 @@ VICTIM, ATTACKER = 65533, 65534  # two real uids other than ours (root)
 VICTIM_DIR = f"/tmp/procd-{VICTIM}"  # the victim has no XDG_RUNTIME_DIR
 
 
+def _import_what_run_imports() -> None:
+    """``cli.main`` imports what a command needs when it runs it; as the victim's uid it could
+    not read the interpreter's files, so the modules of ``procd run`` are imported here first."""
+    import structlog  # noqa: F401  (procd.log imports it only when it builds a logger)
+
+    import procd.log
+    import procd.notify
+    import procd.supervisor  # noqa: F401
+
+
 def _victim(argv: list[str], cwd: str, output: tuple[int, int] | None = None) -> int:
     """Fork a child that runs ``procd ARGV`` in-process as the victim's uid (its interpreter
     under /root is out of that uid's reach), stdout and stderr to ``output`` (else /dev/null);
     return its pid."""
+    _import_what_run_imports()
     pid = os.fork()
     if pid == 0:
         code = 70

@@ -30,7 +30,7 @@ LAYERS = {
     },
     "logging": {"log", "events"},
     "model": {"config", "plan", "starter"},
-    "core": {"lifecycle", "errors", "restarts", "reports", "throttle", "__init__"},
+    "core": {"lifecycle", "errors", "frozen", "restarts", "reports", "throttle", "__init__"},
 }
 ORDER = ["core", "model", "logging", "os", "transport", "processes", "loop", "interface"]
 RANK = {module: ORDER.index(layer) for layer, modules in LAYERS.items() for module in modules}

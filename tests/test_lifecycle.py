@@ -111,3 +111,26 @@ def test_exit_descriptions() -> None:
     assert Exited(code=3).describe() == "code 3"
     assert Exited(signal=9).describe() == "signal SIGKILL"
     assert Exited(code=0).ok and not Exited(signal=15).ok
+
+
+def test_events_and_actions_behave_as_frozen_dataclasses() -> None:
+    import dataclasses
+    import pickle
+
+    exited = Exited(code=3)
+    assert exited == Exited(3) and hash(exited) == hash(Exited(3)) and exited != Exited(signal=9)
+    assert StopRequested() != DrainRequested()  # same (no) fields, different facts
+    assert repr(Signal(15)) == "Signal(signum=15, group=True)"
+    assert [f.name for f in dataclasses.fields(exited)] == ["code", "signal"]
+    assert dataclasses.replace(exited, code=4) == Exited(4)
+    assert pickle.loads(pickle.dumps(Transition(State.RUNNING, (Spawn(),)))) == Transition(State.RUNNING, (Spawn(),))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        exited.code = 5  # type: ignore[misc]
+    match exited:
+        case Exited(code, None):
+            assert code == 3
+        case _:
+            pytest.fail("Exited(code, signal) does not match positionally")
+    for make in (lambda: Spawned(), lambda: Spawned(1, 2), lambda: Spawned(pid=1, x=2), lambda: Spawned(1, pid=2)):  # type: ignore[call-arg, misc]
+        with pytest.raises(TypeError):
+            make()

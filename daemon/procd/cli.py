@@ -6,26 +6,23 @@ Exit codes: 0 finished (or stopped on request after a clean drain), 1 runtime fa
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import io
-import json
 import os
-import re
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
 
-from procd import __version__, callables, config, control, environment, log, plan, signals
-from procd.control import ControlError
-from procd.environment import BuildError, Environment
-from procd.errors import ConfigError, StoreError
-from procd.log import LEVELS, open_logger
-from procd.notify import Notifier
-from procd.supervisor import Supervisor
-from procd.transport import Unavailable
+# Only what a verb needs is imported, inside the function that needs it: ``--version`` imports
+# nothing more than this module, ``status`` the control client and argparse, ``check`` the config
+# loader; the supervisor, structlog and the environment builder only ``run`` (bench/README.md,
+# "Start-up"). The names below are for the type checker only (mypy reads ``TYPE_CHECKING`` by name).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Iterator, Sequence
+    from typing import Any
+
+    from procd import config
+    from procd.environment import BuildError, Environment
+    from procd.errors import ConfigError
+    from procd.notify import Notifier
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -36,6 +33,11 @@ _BUILD_TICK_EXTENSION_USEC = 5_000_000
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+
+    from procd import __version__, control
+    from procd.log import LEVELS
+
     parser = argparse.ArgumentParser(
         prog="procd",
         description="Run a declarative TOML pipeline of supervised process groups.",
@@ -117,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
 def _load(file: str, *, imports: bool, apart: bool = False) -> config.PipelineSpec:
     """Load and validate; with ``imports``, also import every function stage's code (in a
     forked child with ``apart``, so that this process stays free of user modules)."""
+    from procd import callables, config
+
     if not imports:
         return config.load_pipeline(file)
     return callables.load_or_raise(file, apart=apart)
@@ -136,6 +140,9 @@ def _prepare(file: str) -> tuple[config.PipelineSpec, Environment | None]:
         ConfigError: the file is invalid, or stage code cannot be imported.
         BuildError: the environment cannot be built.
     """
+    from procd import environment
+    from procd.errors import ConfigError
+
     spec, env, problems = environment.load_and_check(file, apart=True, reuse=True)
     if problems:
         if env is not None:
@@ -175,6 +182,16 @@ def _reserve_standard_fds() -> None:
 
 
 def _run(file: str, log_file: str | None, control_path: str | None, stages: str | None = None) -> int:
+    import io
+
+    from procd import config
+    from procd.control import ControlError
+    from procd.errors import ConfigError, StoreError
+    from procd.log import open_logger
+    from procd.notify import Notifier
+    from procd.supervisor import Supervisor
+    from procd.transport import Unavailable
+
     try:
         spec, problems = config.read_pipeline(file)
         if not spec.has_environment:  # else its code is checked in its environment, once built
@@ -232,6 +249,9 @@ def _prepare_logged(
     Raises:
         ConfigError: stage code cannot be imported in the environment.
     """
+    from procd import callables, environment
+    from procd.environment import BuildError
+    from procd.errors import ConfigError
 
     def extend_start_timeout() -> None:
         try:
@@ -267,27 +287,48 @@ def _prepare_logged(
 def _check(files: Sequence[str]) -> int:
     code = EXIT_OK
     for file in files:
-        try:
-            # whatever the stage code does, 0 or 78; with packages, imported in the environment
-            spec, env, problems = environment.load_and_check(file, apart=True)
+        result = _check_file(file)
+        if result != EXIT_OK:
+            code = result
+    return code
+
+
+def _check_file(file: str) -> int:
+    """Whatever the stage code does, 0, 1 (an environment that cannot be built) or 78; a pipeline
+    with packages has its code imported in its environment, built first."""
+    from procd import callables, config
+    from procd.errors import ConfigError
+
+    try:
+        spec, problems = config.read_pipeline(file)
+        env = None
+        if spec.has_environment:
+            from procd import environment  # only a pipeline with packages needs the builder
+
+            try:
+                spec, env, problems = environment.load_and_check(file, apart=True)
+            except environment.BuildError as error:
+                return _report_build(error, "check")
             if env is not None:
                 env.release()
-            if problems:
-                raise ConfigError(file, problems)
-        except ConfigError as error:
-            code = _report(error)
-            continue
-        except BuildError as error:
-            code = _report_build(error, "check")
-            continue
-        workers = sum(s.processes for s in spec.stages)
-        where = f"; environment {env.path}" if env is not None else ""
-        print(f"{file}: ok ({len(spec.stages)} stages, {workers} processes{where})")
-    return code
+        else:
+            codes = callables.check_callables_apart(spec, callables.IMPORT_TIMEOUT_S)
+            spec, problems = callables.complete(spec, codes, problems)
+        if problems:
+            raise ConfigError(file, problems)
+    except ConfigError as error:
+        return _report(error)
+    workers = sum(s.processes for s in spec.stages)
+    where = f"; environment {env.path}" if env is not None else ""
+    print(f"{file}: ok ({len(spec.stages)} stages, {workers} processes{where})")
+    return EXIT_OK
 
 
 def _build(file: str) -> int:
     """Build a pipeline's environment (or find it up to date) and say what and where."""
+    from procd import config, environment
+    from procd.environment import BuildError
+
     spec = config.load_pipeline(file)
     if not spec.has_environment:
         print(f"{file}: no packages or requirements; its workers run in procd's own interpreter")
@@ -303,6 +344,8 @@ def _build(file: str) -> int:
 
 
 def _init(name: str, directory: str) -> int:
+    import re
+
     if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
         print(
             f"procd init: NAME must start with a-z and have only a-z, 0-9, '_' and '-', got {name!r}", file=sys.stderr
@@ -361,16 +404,24 @@ class _UsageError(Exception):
     """A client verb's arguments cannot make a request."""
 
 
-@dataclass(frozen=True)
 class _Verb:
     """The client side of one command of ``control.COMMANDS``: its arguments, the request's
-    fields made from them, and what a successful reply prints."""
+    fields made from them, and what a successful reply prints. (A plain class: a dataclass
+    would import ``dataclasses`` and ``inspect`` into every command, ``--version`` included.)"""
 
-    arguments: Callable[[argparse.ArgumentParser], object] = lambda p: p.add_argument(
-        "pipeline", metavar="PIPELINE", nargs="?"
-    )
-    fields: Callable[[argparse.Namespace], dict[str, Any]] = lambda _args: {}
-    show: Callable[[argparse.Namespace, dict[str, Any]], str] = lambda _args, _reply: ""
+    __slots__ = ("arguments", "fields", "show")
+
+    def __init__(
+        self,
+        arguments: Callable[[argparse.ArgumentParser], object] = lambda p: p.add_argument(
+            "pipeline", metavar="PIPELINE", nargs="?"
+        ),
+        fields: Callable[[argparse.Namespace], dict[str, Any]] = lambda _args: {},
+        show: Callable[[argparse.Namespace, dict[str, Any]], str] = lambda _args, _reply: "",
+    ) -> None:
+        self.arguments = arguments
+        self.fields = fields
+        self.show = show
 
 
 def _status_arguments(parser: argparse.ArgumentParser) -> None:
@@ -396,10 +447,16 @@ def _scale_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {"stage": stage, "processes": int(count)}  # the pipeline says how many it may run
 
 
+def _json(value: Any, **options: Any) -> str:
+    import json
+
+    return json.dumps(value, **options)
+
+
 _VERBS: dict[str, _Verb] = {
     "status": _Verb(
         _status_arguments,
-        show=lambda args, reply: json.dumps(reply, indent=2) + "\n" if args.json else _format_status(reply),
+        show=lambda args, reply: _json(reply, indent=2) + "\n" if args.json else _format_status(reply),
     ),
     "stop": _Verb(),
     "reload": _Verb(show=lambda _args, reply: _format_reload(reply)),
@@ -418,6 +475,9 @@ _VERBS: dict[str, _Verb] = {
 
 def _control(args: argparse.Namespace) -> int:
     """A verb of the command table: one request to a running pipeline's control socket."""
+    from procd import control
+    from procd.control import ControlError
+
     verb = _VERBS[args.command]
     try:
         fields = verb.fields(args)
@@ -440,6 +500,8 @@ def _control(args: argparse.Namespace) -> int:
 
 
 def _dlq_list(file: str, as_json: bool) -> int:
+    import json
+
     from procd import deadletters
 
     try:
@@ -489,6 +551,10 @@ def _replayable(file: str) -> tuple[list[Any], list[str]]:
 
 
 def _dlq_replay(args: argparse.Namespace) -> int:
+    from procd import control
+    from procd.control import ControlError
+    from procd.errors import StoreError
+
     try:
         items, refused = _replayable(args.file)
     except OSError as exc:
@@ -526,6 +592,15 @@ def _dlq_replay(args: argparse.Namespace) -> int:
 
 def _replay_fresh(pipeline_file: str, file: str, into: str) -> int:
     """Run the pipeline from ``into`` down, fed only by the dead-letter file."""
+    import dataclasses
+
+    from procd import config, control, plan
+    from procd.control import ControlError
+    from procd.environment import BuildError
+    from procd.errors import ConfigError
+    from procd.log import open_logger
+    from procd.supervisor import Supervisor
+
     try:
         spec, env = _prepare(pipeline_file)
     except ConfigError as error:
@@ -559,7 +634,8 @@ def _replay_fresh(pipeline_file: str, file: str, into: str) -> int:
 
 
 def _top(args: argparse.Namespace) -> int:
-    from procd import top  # only this command draws
+    from procd import control, top  # only this command draws
+    from procd.control import ControlError
 
     try:
         path = control.find_socket(args.pipeline, args.control)
@@ -583,7 +659,11 @@ def _top(args: argparse.Namespace) -> int:
 
 
 def _logs(args: argparse.Namespace) -> int:
-    from procd import events  # only this command reads records back
+    import json
+    import re
+    import time
+
+    from procd import events, log  # only this command reads records back
 
     now = time.time()
     try:
@@ -647,6 +727,8 @@ def _lines(source: Any, follow: bool) -> Iterator[str]:
                 yield partial
             return
         else:
+            import time
+
             time.sleep(0.2)
 
 
@@ -698,6 +780,14 @@ def _timeline(records: list[dict[str, Any]], stage: str, worker: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``procd`` command; return its exit code."""
+    if (sys.argv[1:] if argv is None else list(argv)) == ["--version"]:  # the answer needs no parser
+        from procd import __version__
+
+        print(f"procd {__version__}")
+        return EXIT_OK
+    from procd import signals
+    from procd.errors import ConfigError
+
     args = _parser().parse_args(argv)
     if not (args.command == "run" or (args.command == "dlq" and args.dlq_command == "replay" and args.pipeline)):
         signals.release_held()  # no supervisor here to take them over
@@ -726,9 +816,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _build(args.file)
         spec = _load(args.file, imports=False)
         if args.command == "graph":
+            from procd import plan
+
             sys.stdout.write(plan.to_dot(spec))
         else:
             import tomli_w  # only `show` writes TOML
+
+            from procd import config
 
             sys.stdout.write(tomli_w.dumps(config.as_document(spec)))
         return EXIT_OK

@@ -15,12 +15,13 @@ import re
 import sys
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from procd.errors import ConfigError, Problem
+from procd.frozen import frozen_dataclass
 from procd.lifecycle import Restart
 
 START_METHODS = ("fork", "spawn", "forkserver")
@@ -98,7 +99,7 @@ _RESTART_KEYS = ("policy", "max", "within", "backoff")
 _POLICIES = tuple(p.value for p in Restart)
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class QueueSpec:
     """A stage's input queue: its bound in items and the number of items a message carries."""
 
@@ -120,7 +121,7 @@ class QueueSpec:
         return max(1, math.ceil(self.maxsize / self.batch))
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class RestartSpec:
     """When a stage's worker is started again, how soon, and how often before the stage is fatal."""
 
@@ -131,7 +132,7 @@ class RestartSpec:
     backoff_max_s: float = 30.0
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class StageSpec:
     """One stage, every default filled in."""
 
@@ -158,7 +159,7 @@ class StageSpec:
         return not self.inputs
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class PipelineSpec:
     """A whole pipeline file, validated."""
 

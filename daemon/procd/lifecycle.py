@@ -9,6 +9,8 @@ state, the event and the events that state accepts.
 Discussion: a restart decision needs the stage's restart history (how many restarts within the
 window), which is not a property of one slot. The caller computes that and passes it in as
 ``Policy``; the table stays a function of its arguments alone.
+
+The events and actions are ``frozen.frozen_dataclass`` classes: defining them compiles nothing.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from __future__ import annotations
 import enum
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from procd.errors import TransitionError
+from procd.frozen import frozen_dataclass
 
 
 class State(enum.StrEnum):
@@ -41,7 +43,7 @@ class Restart(enum.StrEnum):
     ALWAYS = "always"
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class Policy:
     """What the caller knows about restarting this slot right now."""
 
@@ -52,31 +54,31 @@ class Policy:
 # -- events: facts, named in the past tense ---------------------------------------------------
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class StartRequested:
     """The slot should run a process."""
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class Spawned:
     """fork() returned a pid for the slot."""
 
     pid: int
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class SpawnFailed:
     """fork() itself failed; there is no process."""
 
     errno: int
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class Ready:
     """The child finished its set-up (imports, exec) and is processing."""
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class Exited:
     """The process was reaped: exactly one of ``code`` and ``signal`` is set."""
 
@@ -101,27 +103,27 @@ class Exited:
         return f"code {self.code}"
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class StopRequested:
     """Stop now: the process is sent SIGTERM (producers, or an operator's stop)."""
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class RetireRequested:
     """Finish the batch in hand, then exit (scale-down): SIGTERM to the process alone."""
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class DrainRequested:
     """Stop once the input has ended: no signal, the process exits at end of stream."""
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class StopTimedOut:
     """The stop deadline passed and the process is still there."""
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class BackoffElapsed:
     """The restart delay is over."""
 
@@ -150,12 +152,12 @@ class Timer(enum.StrEnum):
     RESTART = "restart"
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class Spawn:
     """Fork a new process for the slot."""
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class Signal:
     """Send a signal to the slot's process group, or to its process alone."""
 
@@ -163,14 +165,14 @@ class Signal:
     group: bool = True
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class ArmTimer:
     """Start a deadline; its length is the caller's (stop timeout, backoff delay)."""
 
     timer: Timer
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class CancelTimer:
     """Forget a deadline."""
 
@@ -180,7 +182,7 @@ class CancelTimer:
 Action = Spawn | Signal | ArmTimer | CancelTimer
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class Transition:
     """The outcome of one step."""
 
@@ -266,7 +268,10 @@ _TABLE: dict[tuple[State, type], Handler] = {
 }
 
 
-def step(state: State, event: Event, policy: Policy = Policy()) -> Transition:
+_NO_RESTART = Policy()
+
+
+def step(state: State, event: Event, policy: Policy = _NO_RESTART) -> Transition:
     """Apply one event to one worker slot.
 
     Args:

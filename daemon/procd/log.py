@@ -6,21 +6,42 @@ and, with ``--log-file``, are appended to a file. Each record is written with a 
 several writers never interleave within one. Writing a record never stops the pipeline: a console
 that went away is dropped, a full disk costs records that are counted (``RecordWriter``). The
 logger is built with ``structlog.wrap_logger``, not the global ``structlog.configure``, so nothing
-here is process-wide state."""
+here is process-wide state.
+
+structlog itself is imported by ``open_logger`` alone: of procd's commands only those that run a
+pipeline log through it; ``procd logs`` and ``procd dlq`` use ``render`` and the writers here
+without it.
+
+Discussion: ``import structlog`` (26.x) imports every part of the package, and two of them
+(``structlog.stdlib`` and ``structlog._native``, for their ``async`` methods) import asyncio at
+module level, which brings ssl and libcrypto with it. On the 2-core machines procd is measured on
+asyncio is about 70 ms of a ~110 ms ``import structlog`` and several MiB of every worker forked
+from the supervisor (bench/README.md, "Start-up"), for methods procd never calls. There is no way
+to import a part of structlog without its ``__init__``, and ``importlib.util.LazyLoader`` does not
+help on 3.11 (the import system reads ``__spec__`` of a module found in ``sys.modules``, which
+makes a lazy module load at once). So ``_defer`` puts a module object for asyncio (and uuid,
+which ``structlog.threadlocal`` imports and which brings platform) into
+``sys.modules`` that has its spec but has not run yet; the first attribute anyone reads from it
+(``asyncio.run``, ``from asyncio import Queue``, ``import asyncio.subprocess``, which reads
+``__path__``) runs asyncio's own code into that same object, and from then on it is asyncio. A
+stage that uses asyncio in a worker (a fork of the supervisor) gets it the same way."""
 
 from __future__ import annotations
 
+import _thread
 import datetime
 import errno
 import fcntl
 import json
 import os
 import sys
+import types
 from collections.abc import Mapping
 from typing import Any, TextIO
 
-import structlog
-from structlog.typing import EventDict, WrappedLogger
+TYPE_CHECKING = False  # mypy reads the name; at run time structlog waits for ``open_logger``
+if TYPE_CHECKING:
+    from structlog.typing import EventDict, WrappedLogger
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -273,6 +294,59 @@ def _hand_over(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> dic
     return {"record": event_dict}
 
 
+class _Deferred(types.ModuleType):
+    """A module in ``sys.modules`` whose code has not run yet: it runs on the first read of an
+    attribute the object does not have (see the module's Discussion)."""
+
+    def __getattr__(self, name: str) -> Any:
+        with _DEFERRED_LOCK:  # another thread reading it meanwhile waits for the run to finish
+            if type(self) is _Deferred and id(self) not in _RUNNING:
+                _run_deferred(self)
+            elif type(self) is _Deferred:  # read by its own code while it runs: as a plain import
+                raise AttributeError(f"partially initialized module {self.__name__!r} has no attribute {name!r}")
+        return getattr(self, name)
+
+
+_DEFERRED_LOCK = _thread.RLock()  # ``_thread``, built in: ``threading`` would be an import more
+_RUNNING: set[int] = set()
+
+
+def _run_deferred(module: types.ModuleType) -> None:
+    """Run a deferred module's code into it; if that fails, it leaves ``sys.modules`` (as a
+    failed import does) and the error propagates."""
+    spec = module.__spec__
+    assert spec is not None and spec.loader is not None
+    if spec.submodule_search_locations is not None:
+        module.__path__ = spec.submodule_search_locations
+    _RUNNING.add(id(module))
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(spec.name, None)
+        raise
+    finally:
+        _RUNNING.discard(id(module))
+    module.__class__ = types.ModuleType
+
+
+def _defer(name: str) -> None:
+    """Put ``name`` into ``sys.modules`` unrun, to run on first use; nothing if it is there.
+
+    Without ``__path__`` until it runs, so that importing one of its submodules runs the package
+    first, in its own order, as a plain import would."""
+    if name in sys.modules:
+        return
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    module.__dict__.pop("__path__", None)
+    module.__class__ = _Deferred
+    sys.modules[name] = module
+
+
 def open_logger(
     pipeline: str,
     *,
@@ -292,6 +366,10 @@ def open_logger(
     Raises:
         OSError: the log file cannot be opened.
     """
+    _defer("asyncio")
+    _defer("uuid")  # for ``structlog.threadlocal``, deprecated, which procd does not use
+    import structlog
+
     out = stream if stream is not None else sys.stderr
     writer = RecordWriter(out, log_file, console=out.isatty(), pipeline=pipeline)
     logger = structlog.wrap_logger(

@@ -1,0 +1,100 @@
+"""Start-up: each command imports only what it needs, and what the supervisor does not import, its
+workers (forks of it) do not carry. Asserted on ``sys.modules``, never on timings (those are
+bench/startup.py's)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import Workspace
+
+# Modules that cost a command tens of milliseconds (bench/README.md, "Start-up").
+HEAVY = ("argparse", "structlog", "dataclasses", "asyncio.base_events", "ssl", "tomllib", "procd.supervisor")
+
+
+def _modules_after(argv: list[str], cwd: str) -> tuple[int, set[str]]:
+    """Run ``cli.main(argv)`` in a fresh interpreter; its exit code and the modules it imported."""
+    script = (
+        "import json, sys\n"
+        "from procd import cli\n"
+        f"code = cli.main({argv!r})\n"
+        "print(json.dumps([code, sorted(sys.modules)]), file=sys.stderr)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=30, check=False
+    )
+    code, modules = json.loads(proc.stderr.splitlines()[-1])
+    return code, set(modules)
+
+
+def test_version_imports_nothing_beyond_the_cli(ws: Workspace) -> None:
+    code, modules = _modules_after(["--version"], str(ws.path))
+    assert code == 0
+    assert {m for m in modules if m.startswith("procd")} == {"procd", "procd.cli"}
+    assert not modules & set(HEAVY)
+
+
+def test_status_and_check_import_neither_the_supervisor_nor_structlog(ws: Workspace) -> None:
+    code, modules = _modules_after(["status", "--control", str(ws.path / "none.sock")], str(ws.path))
+    assert code == 1  # no pipeline there: said so, and the imports are what was needed to say it
+    assert "procd.control" in modules
+    assert not modules & {"structlog", "procd.supervisor", "procd.config", "tomllib", "asyncio.base_events"}
+
+    ws.write("st.py", "def numbers():\n    yield 1\n\ndef drop(item):\n    pass\n")
+    ws.pipeline(
+        '[stages.numbers]\nfunction = "st:numbers"\n[stages.drop]\nfunction = "st:drop"\ninputs = ["numbers"]\n'
+    )
+    code, modules = _modules_after(["check", f"{ws.name}.toml"], str(ws.path))
+    assert code == 0
+    assert not modules & {"structlog", "procd.supervisor", "procd.environment", "asyncio.base_events", "ssl"}
+
+
+# The stage module is imported in the worker, after the fork: what it finds already run in
+# sys.modules is what the supervisor ran. Then it uses asyncio, submodule first, as a stage may.
+ASYNC_STAGES = """
+import sys
+
+SUPERVISOR_RAN_ASYNCIO = "asyncio.base_events" in sys.modules
+SUPERVISOR_RAN_UUID = "uuid4" in sys.modules["uuid"].__dict__ if "uuid" in sys.modules else False
+
+import asyncio.subprocess
+import asyncio
+import uuid
+
+
+def numbers():
+    yield {"supervisor_ran": [SUPERVISOR_RAN_ASYNCIO, SUPERVISOR_RAN_UUID], "uuid": len(str(uuid.uuid4()))}
+    for n in range(3):
+        yield {"n": n}
+
+
+async def _double(n):
+    await asyncio.sleep(0)
+    return 2 * n
+
+
+def double(item):
+    if "n" in item:
+        item["doubled"] = asyncio.run(_double(item["n"]))
+    return item
+
+
+def show(item):
+    print("item", __import__("json").dumps(item, sort_keys=True), flush=True)
+"""
+
+
+def test_the_supervisor_does_not_run_asyncio_or_uuid_and_a_stage_still_can(ws: Workspace) -> None:
+    ws.write("st.py", ASYNC_STAGES)
+    ws.pipeline(
+        '[stages.numbers]\nfunction = "st:numbers"\n'
+        '[stages.double]\nfunction = "st:double"\ninputs = ["numbers"]\n'
+        '[stages.show]\nfunction = "st:show"\ninputs = ["double"]\n'
+    )
+    result = ws.run("run", f"{ws.name}.toml")
+    assert result.code == 0, result.stderr
+    items = [json.loads(line.split(" ", 1)[1]) for line in result.output_lines("show") if line.startswith("item ")]
+    assert {"supervisor_ran": [False, False], "uuid": 36} in items
+    assert sorted(i["doubled"] for i in items if "n" in i) == [0, 2, 4]
