@@ -121,7 +121,7 @@ def test_events_and_actions_behave_as_frozen_dataclasses() -> None:
     assert exited == Exited(3) and hash(exited) == hash(Exited(3)) and exited != Exited(signal=9)
     assert StopRequested() != DrainRequested()  # same (no) fields, different facts
     assert repr(Signal(15)) == "Signal(signum=15, group=True)"
-    assert [f.name for f in dataclasses.fields(exited)] == ["code", "signal"]
+    assert [f.name for f in dataclasses.fields(exited)] == ["code", "signal", "clean"]
     assert dataclasses.replace(exited, code=4) == Exited(4)
     assert pickle.loads(pickle.dumps(Transition(State.RUNNING, (Spawn(),)))) == Transition(State.RUNNING, (Spawn(),))
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -138,8 +138,10 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     units, wheels, scratch = work / "units", work / "wheels", work / "scratch"
     for folder in (units, wheels, scratch):
         folder.mkdir()
+    # The service's venv comes from Debian's /usr/bin/python3 (3.11.2), for which redis-py also
+    # needs async-timeout (required below Python 3.11.3); this interpreter resolves without it.
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", str(REPO), "-w", str(wheels)],
+        [sys.executable, "-m", "pip", "wheel", "-q", str(REPO), "async-timeout>=4.0.3", "-w", str(wheels)],
         capture_output=True,
         text=True,
         timeout=300,

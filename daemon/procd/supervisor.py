@@ -33,8 +33,6 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from structlog.typing import FilteringBoundLogger
-
 from procd import (
     config,
     control,
@@ -88,7 +86,12 @@ from procd.throttle import OutputThrottle
 from procd.transport import Input
 from procd.worker import Slot
 
-if TYPE_CHECKING:  # imported only by a pipeline that serves metrics (``run``)
+# Annotations only: the metrics classes are imported by a pipeline that serves metrics, and
+# importing structlog's typing module would load all of structlog, asyncio included, before
+# log.open_logger can defer it.
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
     from procd.metrics import HttpClient, MetricsServer
 
 TERMINAL = (State.EXITED, State.FATAL)
