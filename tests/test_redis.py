@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -168,6 +169,9 @@ def test_a_daemon_killed_mid_run_loses_nothing_the_other_takes_its_entries(ws: W
     b = daemon(ws, "b", "--stages", "work")
     try:
         wait_until(lambda: items_in_flight(ws.path / "b.jsonl"), timeout=20)
+        # one consumer per worker process, named host:pid:stage:index
+        names = wait_until(lambda: len(found := consumers(server, f"procd:{ws.name}:work", "work")) >= 2 and found)
+        assert all(re.fullmatch(r"[^:]+:\d+:work:[01]", name) for name in names), names
         b.send_signal(signal.SIGKILL)  # its workers die with it (PDEATHSIG), holding entries
         b.wait(timeout=10)
         assert finish(a, timeout=90) == 0
@@ -214,6 +218,17 @@ def test_a_poison_entry_is_dead_lettered_across_two_daemons(ws: Workspace, serve
     ]
     assert len(letters) == 1 and letters[0]["item"] == {"n": 7}
     assert summary(read_records(ws.path / "a.jsonl"))["got"] == 99
+
+
+def consumers(server: RedisServer, stream: str, group: str) -> list[str]:
+    """The consumer names of ``group`` on ``stream``, as redis-cli lists them."""
+    listed = subprocess.run(
+        ["redis-cli", "-s", str(server.socket), "XINFO", "CONSUMERS", stream, group],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout.splitlines()
+    return [listed[i + 1] for i, line in enumerate(listed[:-1]) if line == "name"]
 
 
 def items_in_flight(log: Path) -> bool:

@@ -535,7 +535,7 @@ def _consume(
             outlet.hand_on(item, outputs)
             return
 
-    reader = ctx.input.reader(slot, keep_batch=stage.redeliver)
+    reader = ctx.input.reader(slot, keep_batch=stage.redeliver, worker=ctx.index)
     held = reader.held()
     if held is not None and slot is not None:
         received[0] += _redeliver(ctx, held, slot, attempt, outlet.flush, letters, reporter)
@@ -710,7 +710,7 @@ def _run_command(ctx: WorkerContext, reporter: Reporter) -> int:
     feeder: _Feeder | None = None
     collector = _Collector(stdout_r, outlet)
     if ctx.input is not None:
-        reader = ctx.input.reader(slot, keep_batch=ctx.stage.redeliver)
+        reader = ctx.input.reader(slot, keep_batch=ctx.stage.redeliver, worker=ctx.index)
         feeder = _Feeder(ctx, reader, slot, pid, stdin_w, collector, reporter)
         threading.Thread(target=feeder.run, args=(stop_fd,), name="feed", daemon=True).start()
 

@@ -178,9 +178,10 @@ class Endpoint(abc.ABC):
         lets the supervisor give back capacity this process held if it is killed mid-send."""
 
     @abc.abstractmethod
-    def reader(self, slot: Slot | None = None, *, keep_batch: bool = True) -> Reader:
+    def reader(self, slot: Slot | None = None, *, keep_batch: bool = True, worker: int = 0) -> Reader:
         """A reader; with ``keep_batch`` each batch is received into ``slot`` and held there until
-        ``done`` (at-least-once), else only the capacity is tracked there."""
+        ``done`` (at-least-once), else only the capacity is tracked there. ``worker`` is the
+        reading worker's index in its stage (a shared backend names its consumer with it)."""
 
 
 @dataclass(eq=False)

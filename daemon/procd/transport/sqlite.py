@@ -107,7 +107,7 @@ class SqliteEndpoint(LocalEndpoint):
     def writer(self, slot: Slot | None = None, token: int = 0) -> Writer:
         return SqliteWriter(self, slot, token)
 
-    def reader(self, slot: Slot | None = None, *, keep_batch: bool = True) -> Reader:
+    def reader(self, slot: Slot | None = None, *, keep_batch: bool = True, worker: int = 0) -> Reader:
         return SqliteReader(self, slot, keep_batch=keep_batch)
 
 

@@ -94,8 +94,8 @@ class RedisEndpoint(Endpoint):
     def writer(self, slot: Slot | None = None, token: int = 0) -> Writer:
         return RedisWriter(self, slot)
 
-    def reader(self, slot: Slot | None = None, *, keep_batch: bool = True) -> Reader:
-        return RedisReader(self, slot if keep_batch else None)
+    def reader(self, slot: Slot | None = None, *, keep_batch: bool = True, worker: int = 0) -> Reader:
+        return RedisReader(self, slot if keep_batch else None, worker)
 
     def __repr__(self) -> str:  # the URL may carry a password
         return f"RedisEndpoint({redact(self.url)!r}, stream={self.stream!r})"
@@ -293,14 +293,15 @@ class RedisWriter(Writer):
 
 
 class RedisReader(Reader):
-    """Reads entries for one consumer (host, pid, stage) and keeps the one in hand in the slot."""
+    """Reads entries for one consumer (host, pid, stage, worker index) and keeps the one in hand
+    in the slot."""
 
-    def __init__(self, endpoint: RedisEndpoint, slot: Slot | None) -> None:
+    def __init__(self, endpoint: RedisEndpoint, slot: Slot | None, worker: int = 0) -> None:
         self._endpoint = endpoint
         self._slot = slot
         self._client = connect(endpoint.url)
         self._stream = Stream(self._client, endpoint.names)
-        self._consumer = f"{HOST}:{os.getpid()}:{endpoint.group}"
+        self._consumer = f"{HOST}:{os.getpid()}:{endpoint.group}:{worker}"
         self._entry = ""  # the id of the entry in hand
         self._next_claim = 0.0
 
