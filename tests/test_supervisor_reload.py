@@ -77,7 +77,8 @@ def test_status_answers_while_a_reload_imports_and_the_reload_answers_when_the_c
         with reaped(_reload(ws)) as reload:
             log = ws.path / "log.jsonl"
             wait_until(lambda: any(r["event"] == "reload_requested" for r in read_records(log)))
-            assert processes_titled(f"procd: {ws.name} reload check")  # the check runs, gated
+            # the check runs, gated (its title is set just after the fork that the record follows)
+            assert wait_until(lambda: processes_titled(f"procd: {ws.name} reload check"))
             reply = _status(ws)  # the loop answers while the check imports
             assert _pids(reply) == before
             assert reload.poll() is None  # and the reload is still waiting for its answer
@@ -220,3 +221,18 @@ def test_the_watchdog_is_pinged_while_a_reload_imports(ws: Workspace) -> None:
             assert proc.wait(timeout=30) == 0
     finally:
         receiver.close()
+
+
+def test_a_reload_check_dies_with_a_sigkilled_supervisor(ws: Workspace) -> None:
+    """No orphans: the check child (and the import child under it) must not outlive procd."""
+    ws.write("st.py", STAGES)
+    ws.write("gated.py", GATED)
+    ws.pipeline(PIPELINE % ("60s", "st:same"))
+    with reaped(ws.start_ready()) as proc:
+        ws.pipeline(PIPELINE % ("60s", "gated:same"))  # its gate never opens
+        with reaped(_reload(ws)):
+            checks = wait_until(lambda: processes_titled(f"procd: {ws.name} reload check"))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+            wait_until(lambda: not processes_titled(f"procd: {ws.name} reload check"), timeout=10)
+    assert checks

@@ -37,7 +37,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from procd import config, reaper
+from procd import config, procctl, reaper
 from procd.config import PipelineSpec, StageSpec
 from procd.errors import ConfigError, Problem
 
@@ -408,9 +408,11 @@ def _check_in_child(
         ended, and whether the deadline passed.
     """
     read_fd, write_fd = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         try:
+            procctl.die_with_parent(signal.SIGKILL, parent)  # an import that hangs dies with its checker
             os.close(read_fd)
             signal.set_wakeup_fd(-1)  # the supervisor's: a signal to this child is not the supervisor's
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):

@@ -124,6 +124,7 @@ def start(spec: PipelineSpec, problems: list[Problem], title: str, timeout_s: fl
         OSError: the pipe or the fork failed.
     """
     read_fd, write_fd = os.pipe()
+    supervisor = os.getpid()
     try:
         pid, mask = procctl.fork_blocked()
     except OSError:
@@ -135,6 +136,7 @@ def start(spec: PipelineSpec, problems: list[Problem], title: str, timeout_s: fl
             signals.reset_in_child()
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.setpgid(0, 0)
+            procctl.die_with_parent(signal.SIGKILL, supervisor)  # no orphan if procd is killed
             procctl.close_all_but({0, 1, 2, write_fd})
             procctl.set_title(title)
             _report(spec, timeout_s, write_fd)
