@@ -16,7 +16,6 @@ consumer processes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -26,7 +25,7 @@ import sys
 import tempfile
 import time
 
-from throughput import STAGES, _ts
+from throughput import STAGES, inside_seconds
 
 PIPELINE = """
 [pipeline]
@@ -126,13 +125,7 @@ def run(
                 p.wait()
     elapsed = time.perf_counter() - start
     assert codes == [0] * len(procs), codes
-    with open(logs[0]) as fh:
-        records = [json.loads(line) for line in fh]
-    sink = [r["line"] for r in records if r.get("event") == "worker_output" and r["line"].startswith("SINK")]
-    assert sink and sink[0].endswith("True"), sink
-    first = next(r for r in records if r["event"] == "pipeline_starting")
-    last = next(r for r in records if r["event"] == "pipeline_stopped")
-    return elapsed, _ts(last) - _ts(first)
+    return elapsed, inside_seconds(logs[0])
 
 
 def main() -> None:
