@@ -98,5 +98,5 @@ def test_the_supervisor_never_unpickles() -> None:
 
 
 def test_only_the_reaper_calls_waitpid() -> None:
-    callers = [p.name for p in PACKAGE.glob("*.py") if "os.waitpid(" in p.read_text()]
+    callers = [p.name for p in PACKAGE.rglob("*.py") if "os.waitpid(" in p.read_text()]
     assert callers == ["reaper.py"]
