@@ -77,12 +77,16 @@ class _Start:
 
 
 def _ignored_signals() -> list[int]:
-    """The signals this process ignores (``SigIgn`` in /proc/self/status)."""
-    with open("/proc/self/status", "rb") as fh:
-        for line in fh:
-            if line.startswith(b"SigIgn:"):
-                mask = int(line.split()[1], 16)
-                return [signum for signum in range(1, signal.NSIG) if mask >> (signum - 1) & 1]
+    """The signals this process ignores (``SigIgn`` in /proc/self/status; without /proc, those
+    Python knows it ignores)."""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"SigIgn:"):
+                    mask = int(line.split()[1], 16)
+                    return [signum for signum in range(1, signal.NSIG) if mask >> (signum - 1) & 1]
+    except OSError:
+        pass
     return [signum for signum in signal.valid_signals() if signal.getsignal(signum) == signal.SIG_IGN]
 
 
