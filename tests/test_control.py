@@ -597,6 +597,6 @@ def test_a_handler_that_fails_is_answered_and_logged_never_fatal(ws: Workspace) 
         (record,) = [r for r in parse_records(stream.getvalue()) if r["event"] == "control_failed"]
         assert record["command"] == "status" and record["error"] == "ZeroDivisionError('division by zero')"
         assert record["traceback"].startswith("Traceback") and record["level"] == "error"
-        supervisor.selector.close()
+        supervisor.loop.close()
     finally:
         writer.close()

@@ -144,12 +144,15 @@ class Supervisor:
         # stages whose every process has ended (those another host runs: from the start, here)
         self.finished: set[str] = {s.name for s in spec.stages if not spec.runs_here(s.name)}
         self.transport_down: set[str] = set()  # inputs whose shared backend cannot be reached now
-        self.timers: dict[TimerKey, float] = {}
+        self.loop = loop.Loop(clock)
+        self.timers: loop.Timers[TimerKey] = loop.Timers(self.loop, self._timer_due)  # the driver's
         self.ready: set[WorkerSlot] = set()
         self.ready_logged = False
         self.regrouping: list[WorkerSlot] = []  # stopped for a rest_for_one restart, started once all have ended
         self.notifier = notifier or Notifier(None, None)
-        self.deadlines: dict[str, float] = {}  # the loop's own: "watchdog", "status", "output", "starts"
+        self.deadlines: loop.Timers[str] = loop.Timers(self.loop, lambda _output: self._report_suppressed_due())
+        self.watchdog = loop.Alarm(self.loop, self._ping_watchdog)
+        self.status_due = loop.Alarm(self.loop, self._update_status)
         self.status_sent = ("", 0.0)  # the last STATUS= line and when it went
         self.ledger = status.Ledger(self.started_at)  # stage totals and rates, for every view
         self.notify_failed = False
@@ -162,14 +165,20 @@ class Supervisor:
         self.start_queue: list[WorkerSlot] = []  # started by scale or reload, waiting for their turn
         self.spawn_tokens = float(SPAWN_BURST)
         self.tokens_at = clock()
+        self.starts_due = loop.Alarm(self.loop, lambda: self._start_paced([]))
         self.failed: list[str] = []
         self.stop_reason: str | None = None  # the first stop request's
-        self.selector = selectors.DefaultSelector()
+        self.selector = _Pipes(self.loop, self._read_reports, self._read_output)  # the driver's
         self.listeners: dict[Listener, str] = {}  # the control socket and the metrics endpoint
+        self.accepts: dict[Listener, loop.Handler] = {}  # how each accepts a connection
         self.watched: set[Listener] = set()  # those in the selector (a paused one is not)
         self.connections: dict[Connection, Listener] = {}
+        self.tend_due = loop.Alarm(self.loop, self._tend_connections)
         self.reloading: _Reloading | None = None  # a reload waiting for its check
         self.checks_killed: set[int] = set()  # processes of a check killed at its deadline, to reap
+        self.reload_due = loop.Alarm(self.loop, self._reload_timed_out)
+        self.housekeeping_due = loop.Alarm(self.loop, self._housekeep_inputs)
+        self.held: loop.Timers[str] = loop.Timers(self.loop, self._name_holders)  # inputs ended a while ago
         self.handlers: dict[str, control.Handler] = {  # one per command of control.COMMANDS
             "status": lambda _request: {"ok": True, **self.status()},
             "stop": self._stop_command,
@@ -202,10 +211,12 @@ class Supervisor:
         procctl.set_title(f"procd: {self.spec.name} supervisor")
         procctl.become_subreaper()
         wake = signals.open_wakeup()
-        self.selector.register(wake.read_fd, selectors.EVENT_READ, ("wake", None))
+        self.loop.watch(wake.read_fd, lambda _events: self._on_signals(wake.drain()))
         self.listeners[server] = "control"
+        self.accepts[server] = functools.partial(self._accept, server)
         if metrics is not None:
             self.listeners[metrics] = "metrics"
+            self.accepts[metrics] = functools.partial(self._accept_http, metrics)
         self._tend_connections()
         try:
             for stage in self.spec.stages:
@@ -213,7 +224,7 @@ class Supervisor:
                 if not stage.is_producer and (writing or self.spec.runs_here(stage.name)):
                     self.channels[stage.name] = self._create_input(stage, writing, wake)
             if any(channel.housekeeping_s() for channel in self.channels.values()):
-                self.deadlines["transport"] = self.clock()
+                self.housekeeping_due.set(self.clock())
             self.log.info(
                 "pipeline_starting",
                 stages=[s.name for s in self.spec.stages],
@@ -223,39 +234,17 @@ class Supervisor:
                 control=self.control_path,
             )
             if self.notifier.watchdog_interval_s:
-                self.deadlines["watchdog"] = self.clock()
+                self.watchdog.set(self.clock())
             for slot in reversed(self.slots):  # readers first, so no writer waits on a missing one
                 self._feed(slot, StartRequested())
             trim_due = True
             while not all(_ended(slot) for slot in self.slots):
-                timeout = self._timeout()
-                if timeout is None and trim_due:
+                if trim_due and self.loop.next_deadline() is None:
                     # about to sleep with nothing scheduled: give the heap that the last burst
                     # of work freed back to the kernel (about 16 us; an idle supervisor stays small)
                     procctl.release_free_memory()
                     trim_due = False
-                ready = self.selector.select(loop.wait_s(self.clock, timeout))
-                loop.waited(self.clock, timeout, bool(ready))  # a test's clock jumps to the deadline
-                for key, mask in ready:
-                    trim_due = True
-                    kind, source = key.data
-                    if kind == "wake":
-                        self._on_signals(wake.drain())
-                    elif kind == "report":
-                        self._read_reports(source)
-                    elif kind == "output":
-                        self._read_output(source)
-                    elif kind == "control":
-                        self._accept(source)
-                    elif kind == "metrics":
-                        self._accept_http(source)
-                    elif kind == "http":
-                        self._serve_http(source, mask)
-                    elif kind == "check":
-                        self._read_check(source)
-                    else:
-                        self._serve(source, mask)
-                self._fire_timers()
+                trim_due = bool(self.loop.run_once()) or trim_due
                 self._tend_connections()
                 self._update_stages()
                 if self.retired_envs:
@@ -271,46 +260,21 @@ class Supervisor:
             if metrics is not None:
                 metrics.close()
             wake.close()
-            self.selector.close()
+            self.loop.close()
             for channel in [*self.channels.values(), *self.retired]:
                 channel.close()
             for slot in self.slots:
                 if slot.slot_fd is not None:
                     os.close(slot.slot_fd)
 
-    def _timeout(self) -> float | None:
-        deadlines = [*self.timers.values(), *self.deadlines.values()]
-        if not deadlines:
-            return None
-        return max(0.0, min(deadlines) - self.clock())
+    def _timer_due(self, key: TimerKey) -> None:
+        slot, timer = key
+        self._feed(slot, StopTimedOut() if timer is Timer.KILL else BackoffElapsed())
 
-    def _fire_timers(self) -> None:
-        now = self.clock()
-        if self.deadlines.get("watchdog", now + 1) <= now:
-            self._notify(WATCHDOG=1)  # sent from the loop itself: a stuck loop sends nothing
-            assert self.notifier.watchdog_interval_s is not None
-            self.deadlines["watchdog"] = now + self.notifier.watchdog_interval_s
-        if self.deadlines.get("status", now + 1) <= now:
-            del self.deadlines["status"]
-            self._update_status()
-        if self.deadlines.get("output", now + 1) <= now:
-            del self.deadlines["output"]
-            self._report_suppressed_due()
-        if self.deadlines.get("starts", now + 1) <= now:
-            self._start_paced([])
-        if self.deadlines.get("reload", now + 1) <= now:
-            self._reload_timed_out()
-        if self.deadlines.get("transport", now + 1) <= now:
-            self._housekeep_inputs()
-        for held in [k for k, due in self.deadlines.items() if k.startswith("held:") and due <= now]:
-            del self.deadlines[held]
-            self._name_holders(held.removeprefix("held:"))
-        for key, deadline in sorted(self.timers.items(), key=lambda kv: kv[1]):
-            if deadline > now or key not in self.timers:
-                continue
-            del self.timers[key]
-            slot, timer = key
-            self._feed(slot, StopTimedOut() if timer is Timer.KILL else BackoffElapsed())
+    def _ping_watchdog(self) -> None:
+        self._notify(WATCHDOG=1)  # sent from the loop itself: a stuck loop sends nothing
+        assert self.notifier.watchdog_interval_s is not None
+        self.watchdog.set(self.clock() + self.notifier.watchdog_interval_s)
 
     # -- shared transports (redis) -------------------------------------------------------------------
 
@@ -364,9 +328,9 @@ class Supervisor:
         if intervals:
             # while the server is away, look again soon: the heartbeat is what keeps this host's
             # writers counted as alive by the other hosts
-            self.deadlines["transport"] = now + (1.0 if self.transport_down else min(intervals))
+            self.housekeeping_due.set(now + (1.0 if self.transport_down else min(intervals)))
         else:
-            self.deadlines.pop("transport", None)
+            self.housekeeping_due.clear()
 
     # -- state changes ----------------------------------------------------------------------------
 
@@ -867,28 +831,33 @@ class Supervisor:
             return
         now = self.clock()
         if now - when < 1.0:
-            self.deadlines.setdefault("status", when + 1.0)
+            if self.status_due.when is None:
+                self.status_due.set(when + 1.0)
             return
         self.status_sent = (line, now)
         self._notify(STATUS=line)
 
     # -- the control socket and the metrics endpoint --------------------------------------------------
 
-    def _accept(self, server: ControlServer) -> None:
+    def _accept(self, server: ControlServer, _events: int = 0) -> None:
         now = self.clock()
         client, refused = server.accept(now)
         if refused is not None:
             self.log.warning("control_refused", peer_pid=refused["pid"], peer_uid=refused["uid"])
-        self._accepted(server, client, "client", now)
+        if client is not None:
+            self.loop.watch(client.fileno(), functools.partial(self._serve, client))
+        self._accepted(server, client, now)
 
-    def _accept_http(self, server: MetricsServer) -> None:
+    def _accept_http(self, server: MetricsServer, _events: int = 0) -> None:
         now = self.clock()
-        self._accepted(server, server.accept(now), "http", now)
+        client = server.accept(now)
+        if client is not None:
+            self.loop.watch(client.fileno(), functools.partial(self._serve_http, client))
+        self._accepted(server, client, now)
 
-    def _accepted(self, listener: Listener, connection: Connection | None, kind: str, now: float) -> None:
+    def _accepted(self, listener: Listener, connection: Connection | None, now: float) -> None:
         if connection is not None:
             self.connections[connection] = listener
-            self.selector.register(connection.fileno(), selectors.EVENT_READ, (kind, connection))
         elif listener.paused_until > now:
             self.log.warning(
                 "connections_paused",
@@ -899,7 +868,7 @@ class Supervisor:
     def _serve(self, client: Client, mask: int) -> None:
         """Answer the requests a client sent, as long as it reads the replies."""
         now = self.clock()
-        if mask & selectors.EVENT_READ and not client.closing and not client.receive(now):
+        if mask & loop.READ and not client.closing and not client.receive(now):
             self._drop(client)
             return
         while True:
@@ -919,8 +888,8 @@ class Supervisor:
         if done and client.closing:
             self._drop(client)
             return
-        reading = 0 if client.full or client.closing or client.pending else selectors.EVENT_READ
-        self.selector.modify(client.fileno(), reading | (0 if done else selectors.EVENT_WRITE), ("client", client))
+        reading = 0 if client.full or client.closing or client.pending else loop.READ
+        self.loop.modify(client.fileno(), reading | (0 if done else loop.WRITE))
 
     def _deferred_reply(self, client: Client, reply: control.Reply) -> None:
         """A reply that was deferred is known: send it, then serve what the client sent since."""
@@ -932,7 +901,7 @@ class Supervisor:
 
     def _serve_http(self, client: HttpClient, mask: int) -> None:
         now = self.clock()
-        if mask & selectors.EVENT_READ and not client.closing:
+        if mask & loop.READ and not client.closing:
             path = client.read_request(now)
             if path is None:
                 self._drop(client)
@@ -943,10 +912,10 @@ class Supervisor:
             if client.flush(now):
                 self._drop(client)
             else:
-                self.selector.modify(client.fileno(), selectors.EVENT_WRITE, ("http", client))
+                self.loop.modify(client.fileno(), loop.WRITE)
 
     def _drop(self, connection: Connection) -> None:
-        self.selector.unregister(connection.fileno())
+        self.loop.forget(connection.fileno())
         connection.close()
         self.connections.pop(connection).release()
 
@@ -963,20 +932,20 @@ class Supervisor:
                 + ("; the peer does not read its replies" if connection.outbox else ""),
             )
             self._drop(connection)
-        for listener, kind in self.listeners.items():
+        for listener, accept in self.accepts.items():
             accepting = listener.accepting(now)
             if accepting and listener not in self.watched:
-                self.selector.register(listener.fileno(), selectors.EVENT_READ, (kind, listener))
+                self.loop.watch(listener.fileno(), accept)
                 self.watched.add(listener)
             elif not accepting and listener in self.watched:
-                self.selector.unregister(listener.fileno())
+                self.loop.forget(listener.fileno())
                 self.watched.discard(listener)
         moments = [c.deadline for c in self.connections if math.isfinite(c.deadline)]  # not one owed a reply
         moments += [listener.paused_until for listener in self.listeners if listener.paused_until > now]
         if moments:
-            self.deadlines["connections"] = min(moments)
+            self.tend_due.set(min(moments))
         else:
-            self.deadlines.pop("connections", None)
+            self.tend_due.clear()
 
     def _answer(self, request: control.Request | str) -> control.Answer:
         """The reply to one request; signals and requests lead to the same internal events."""
@@ -1152,9 +1121,9 @@ class Supervisor:
                 self.spawn_tokens -= 1
                 self._feed(slot, StartRequested())
         if self.start_queue:
-            self.deadlines["starts"] = now + (1 - self.spawn_tokens) / SPAWN_RATE_PER_S
+            self.starts_due.set(now + (1 - self.spawn_tokens) / SPAWN_RATE_PER_S)
         else:
-            self.deadlines.pop("starts", None)
+            self.starts_due.clear()
         return len(self.start_queue)
 
     # -- stages, end of stream, stop ---------------------------------------------------------------
@@ -1172,7 +1141,7 @@ class Supervisor:
         for name, channel in self.channels.items():
             if not channel.ended and all(upstream in self.finished for upstream in self.spec.stage(name).inputs):
                 channel.end()
-                self.deadlines[f"held:{name}"] = self.clock() + _HELD_OPEN_AFTER_S
+                self.held[name] = self.clock() + _HELD_OPEN_AFTER_S
         for channel in list(self.retired):
             if not channel.ended and not channel.writers:
                 channel.end()
@@ -1219,8 +1188,8 @@ class Supervisor:
             self.log.error("reload_failed", cause="fork", error=exc.strerror, message="still running unchanged")
             return self._reloaded({"ok": False, "error": f"cannot start the check: {exc.strerror}; nothing changed"})
         self.reloading = _Reloading(check, source, control.Deferred(), timeout_s)
-        self.selector.register(check.fd, selectors.EVENT_READ, ("check", check))
-        self.deadlines["reload"] = self.clock() + timeout_s
+        self.loop.watch(check.fd, lambda _events: self._read_check(check))
+        self.reload_due.set(self.clock() + timeout_s)
         return self.reloading.reply
 
     def _reloaded(self, reply: dict[str, Any]) -> dict[str, Any]:
@@ -1232,15 +1201,14 @@ class Supervisor:
         if self.reloading is None or self.reloading.check is not check:
             return  # ended earlier in this turn of the loop
         if not check.read():  # its end of the pipe has closed: its exit (SIGCHLD) comes next
-            self.selector.unregister(check.fd)
+            self.loop.forget(check.fd)
 
     def _end_check(self) -> _Reloading:
         """Forget the running check (its descriptor closed, its deadline gone); return it."""
         assert self.reloading is not None
         pending, self.reloading = self.reloading, None
-        self.deadlines.pop("reload", None)
-        if pending.check.fd in self.selector.get_map():
-            self.selector.unregister(pending.check.fd)
+        self.reload_due.clear()
+        self.loop.forget(pending.check.fd)
         return pending
 
     def _reload_checked(self, reaped: reaper.Reaped) -> None:
@@ -1456,7 +1424,7 @@ class Supervisor:
                     message=f"second stop request ({reason}); killing every worker now",
                 )
                 self.stop_deadline = self.clock()
-                for key in list(self.timers):
+                for key in self.timers:
                     if key[1] is Timer.KILL:
                         self.timers[key] = self.stop_deadline
             return
@@ -1541,6 +1509,21 @@ class Supervisor:
             time.sleep(0.005)
         for _ in reaper.reap():
             pass
+
+
+class _Pipes:
+    """The slot driver's ``selector.register(fd, READ, (which, slot))`` and ``unregister(fd)`` on
+    the loop: a worker's report and output pipes, until the driver watches them itself."""
+
+    def __init__(self, on: loop.Loop, reports: Callable[[WorkerSlot], None], output: Callable[[WorkerSlot], None]):
+        self.loop, self.readers = on, {"report": reports, "output": output}
+
+    def register(self, fd: int, _events: int, data: tuple[str, WorkerSlot]) -> None:
+        read, slot = self.readers[data[0]], data[1]
+        self.loop.watch(fd, lambda _ready: read(slot))
+
+    def unregister(self, fd: int) -> None:
+        self.loop.forget(fd)
 
 
 def _queued_batches(channel: Input) -> int | None:
