@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import json
 import math
 import os
 import random
-import select
 import selectors
 import signal
 import time
@@ -69,9 +67,12 @@ from procd.ops import control, status
 from procd.ops.connections import PAUSE_S, Connection, Listener
 from procd.ops.control import Client, ControlError, ControlServer, default_path
 from procd.ops.notify import Notifier
-from procd.restarts import RestartHistory, backoff_delay
+from procd.restarts import backoff_delay
 from procd.supervisor import loop, slots
-from procd.supervisor.slots import WorkerSlot
+from procd.supervisor.groups import StageGroups
+from procd.supervisor.slots import TERMINAL, WorkerSlot
+from procd.supervisor.slots import ended as _ended
+from procd.supervisor.wiring import Wiring
 from procd.throttle import OutputThrottle
 from procd.transport import Input
 
@@ -83,14 +84,6 @@ if TYPE_CHECKING:
 
     from procd.ops.metrics import HttpClient, MetricsServer
 
-TERMINAL = (State.EXITED, State.FATAL)
-# Processes that scale and reload start at once at most, then per second: a request for many
-# processes forks them over a while instead of all in one turn of the loop.
-SPAWN_BURST = 16
-SPAWN_RATE_PER_S = 64.0
-# After an input's end of stream, how long before procd looks for processes that are not workers
-# and still hold its writing end (a stage's forked child), which keep its readers waiting.
-_HELD_OPEN_AFTER_S = 1.0
 _LINE_LIMIT = 4096
 
 TimerKey = tuple[WorkerSlot, Timer]
@@ -131,7 +124,6 @@ class Supervisor:
         self.writer = writer
         self.clock = clock
         self.rand = rand
-        self.histories = {s.name: RestartHistory(s.restart.max, s.restart.within_s) for s in spec.stages}
         self.slots = [
             WorkerSlot(stage, i)
             for stage in plan.topological_order(spec)
@@ -139,12 +131,12 @@ class Supervisor:
             for i in range(stage.processes)
         ]
         self.by_pid: dict[int, WorkerSlot] = {}
-        self.channels: dict[str, Input] = {}  # each stage's current input
-        self.retired: list[Input] = []  # inputs replaced by a reload, still draining
-        # stages whose every process has ended (those another host runs: from the start, here)
-        self.finished: set[str] = {s.name for s in spec.stages if not spec.runs_here(s.name)}
-        self.transport_down: set[str] = set()  # inputs whose shared backend cannot be reached now
         self.loop = loop.Loop(clock)
+        self.groups = StageGroups(self)
+        self.wiring = Wiring(self)
+        self.histories = self.groups.histories  # the driver's view
+        self.channels = self.wiring.channels  # the driver's view
+        self.finished = self.groups.finished  # the driver's view
         self.timers: loop.Timers[TimerKey] = loop.Timers(self.loop, self._timer_due)  # the driver's
         self.ready: set[WorkerSlot] = set()
         self.ready_logged = False
@@ -162,10 +154,6 @@ class Supervisor:
         self.stopping = False
         self.stop_deadline = 0.0
         self.second_stop: str | None = None  # the signal that asked to stop a second time
-        self.start_queue: list[WorkerSlot] = []  # started by scale or reload, waiting for their turn
-        self.spawn_tokens = float(SPAWN_BURST)
-        self.tokens_at = clock()
-        self.starts_due = loop.Alarm(self.loop, lambda: self._start_paced([]))
         self.failed: list[str] = []
         self.stop_reason: str | None = None  # the first stop request's
         self.selector = _Pipes(self.loop, self._read_reports, self._read_output)  # the driver's
@@ -177,13 +165,11 @@ class Supervisor:
         self.reloading: _Reloading | None = None  # a reload waiting for its check
         self.checks_killed: set[int] = set()  # processes of a check killed at its deadline, to reap
         self.reload_due = loop.Alarm(self.loop, self._reload_timed_out)
-        self.housekeeping_due = loop.Alarm(self.loop, self._housekeep_inputs)
-        self.held: loop.Timers[str] = loop.Timers(self.loop, self._name_holders)  # inputs ended a while ago
         self.handlers: dict[str, control.Handler] = {  # one per command of control.COMMANDS
             "status": lambda _request: {"ok": True, **self.status()},
             "stop": self._stop_command,
             "reload": lambda _request: self.reload("control socket"),
-            "scale": lambda request: self._scale(request.args["stage"], request.args["processes"]),
+            "scale": lambda request: self.groups.scale(request.args["stage"], request.args["processes"]),
             "attach": lambda request: self._attach(request.args["stage"]),
             "replayed": self._replayed,
         }
@@ -219,12 +205,7 @@ class Supervisor:
             self.accepts[metrics] = functools.partial(self._accept_http, metrics)
         self._tend_connections()
         try:
-            for stage in self.spec.stages:
-                writing = [u for u in stage.inputs if self.spec.runs_here(u)]
-                if not stage.is_producer and (writing or self.spec.runs_here(stage.name)):
-                    self.channels[stage.name] = self._create_input(stage, writing, wake)
-            if any(channel.housekeeping_s() for channel in self.channels.values()):
-                self.housekeeping_due.set(self.clock())
+            self.wiring.create_inputs(wake)
             self.log.info(
                 "pipeline_starting",
                 stages=[s.name for s in self.spec.stages],
@@ -246,7 +227,8 @@ class Supervisor:
                     trim_due = False
                 trim_due = bool(self.loop.run_once()) or trim_due
                 self._tend_connections()
-                self._update_stages()
+                self.groups.update()
+                self.wiring.end_streams()
                 if self.retired_envs:
                     self._release_environments()
                 self._update_status()
@@ -261,8 +243,7 @@ class Supervisor:
                 metrics.close()
             wake.close()
             self.loop.close()
-            for channel in [*self.channels.values(), *self.retired]:
-                channel.close()
+            self.wiring.close()
             for slot in self.slots:
                 if slot.slot_fd is not None:
                     os.close(slot.slot_fd)
@@ -275,62 +256,6 @@ class Supervisor:
         self._notify(WATCHDOG=1)  # sent from the loop itself: a stuck loop sends nothing
         assert self.notifier.watchdog_interval_s is not None
         self.watchdog.set(self.clock() + self.notifier.watchdog_interval_s)
-
-    # -- shared transports (redis) -------------------------------------------------------------------
-
-    def _create_input(self, stage: config.StageSpec, writing: list[str], wake: signals.WakeUp) -> Input:
-        """The input of ``stage``; a shared backend that cannot be reached is waited for, with
-        backoff and a record, until it can or a stop signal comes.
-
-        Raises:
-            transport.Unavailable: the backend refused us (a login), or a stop came first.
-        """
-        delay = 0.1
-        while True:
-            try:
-                made = transport.create(stage.name, stage.queue)
-                made.write_from(writing)
-            except transport.Unavailable as exc:
-                if exc.final:
-                    raise
-                if stage.name not in self.transport_down:
-                    self.transport_down.add(stage.name)
-                    self.log.error("transport_unavailable", stage=stage.name, error=str(exc), retry_in_s=delay)
-                ready, _, _ = select.select([wake.read_fd], [], [], delay)
-                if ready and {signal.SIGTERM, signal.SIGINT} & set(wake.drain()):
-                    raise transport.Unavailable(f"{exc}; stopped while waiting for it", final=True) from None
-                delay = min(delay * 2, 5.0)
-                continue
-            if stage.name in self.transport_down:
-                self.transport_down.discard(stage.name)
-                self.log.info("transport_restored", stage=stage.name)
-            return made
-
-    def _housekeep_inputs(self) -> None:
-        """A shared backend's heartbeat; an outage and the return are each said once."""
-        now = self.clock()
-        intervals = []
-        for channel in [*self.channels.values(), *self.retired]:
-            interval = channel.housekeeping_s()
-            if interval is None or channel.ended:
-                continue
-            intervals.append(interval)
-            try:
-                channel.housekeep()
-            except transport.Unavailable as exc:
-                if channel.stage not in self.transport_down:
-                    self.transport_down.add(channel.stage)
-                    self.log.error("transport_unavailable", stage=channel.stage, error=str(exc))
-                continue
-            if channel.stage in self.transport_down:
-                self.transport_down.discard(channel.stage)
-                self.log.info("transport_restored", stage=channel.stage)
-        if intervals:
-            # while the server is away, look again soon: the heartbeat is what keeps this host's
-            # writers counted as alive by the other hosts
-            self.housekeeping_due.set(now + (1.0 if self.transport_down else min(intervals)))
-        else:
-            self.housekeeping_due.clear()
 
     # -- state changes ----------------------------------------------------------------------------
 
@@ -994,160 +919,10 @@ class Supervisor:
             uptime_s=now - self.started_at,
             now=now,
         )
-        reply["transport_unavailable"] = sorted(self.transport_down)  # inputs whose server is away
+        reply["transport_unavailable"] = sorted(self.wiring.transport_down)  # inputs whose server is away
         return reply
 
-    def _scale(self, name: object, processes: object) -> dict[str, Any]:
-        """Start or retire only the difference; retired readers finish their batch first.
-
-        Never more than the pipeline's process ceiling, and the new processes start at the pace of
-        ``_start_paced``: one request cannot make the loop fork thousands at once. A producer is
-        scaled only if it takes a ``shard``: its processes are then all replaced, each new one with
-        its share of the new count (another copy of an unsharded producer would yield every item
-        again).
-        """
-        names = [s.name for s in self.spec.stages]
-        if name not in names:
-            return {"ok": False, "error": f"unknown stage {name!r}; stages are {', '.join(names)}"}
-        ceiling = self.spec.process_ceiling
-        if not isinstance(processes, int) or isinstance(processes, bool) or not 1 <= processes <= ceiling:
-            shown = processes if not isinstance(processes, int) or processes < 10**12 else f"{str(processes)[:12]}…"
-            return {
-                "ok": False,
-                "error": f"processes must be an integer from 1 to {ceiling} (pipeline.max_processes), got {shown}",
-            }
-        if self.stopping or name in self.finished:
-            return {"ok": False, "error": f"stage {name} is no longer running"}
-        stage = self.spec.stage(str(name))
-        live = [s for s in self.slots if s.stage.name == name and s.state not in TERMINAL and not s.retiring]
-        others = sum(1 for s in self.slots if s.stage.name != name and s.state not in TERMINAL and not s.retiring)
-        if others + processes > ceiling:
-            return {
-                "ok": False,
-                "error": (
-                    f"stage {name} cannot have {processes} processes: the pipeline would run {others + processes}, "
-                    f"more than pipeline.max_processes ({ceiling}); raise it in the file and reload"
-                ),
-            }
-        if stage.is_producer:
-            return self._scale_producer(stage, live, processes)
-        started, retiring = [], []
-        if processes > len(live):
-            used = {s.index for s in self.slots if s.stage.name == name}
-            free = (i for i in itertools.count() if i not in used)
-            position = max(i for i, s in enumerate(self.slots) if s.stage.name == name) + 1
-            started = [WorkerSlot(stage, next(free)) for _ in range(processes - len(live))]
-            self.slots[position:position] = started
-        for slot in sorted(live, key=lambda s: s.index)[processes:]:
-            slot.retiring = True
-            retiring.append(slot)
-        self.log.info(
-            "stage_scaled",
-            stage=name,
-            processes_from=len(live),
-            processes_to=processes,
-            started=[s.index for s in started],
-            retiring=[s.index for s in retiring],
-        )
-        for slot in retiring:
-            self._feed(slot, RetireRequested())
-            if slot.state in TERMINAL:  # it had no process (waiting to restart, or to start)
-                self._remove(slot)
-        waiting = self._start_paced(started)
-        return {
-            "ok": True,
-            "stage": name,
-            "processes": processes,
-            "started": [s.index for s in started],
-            "retiring": [s.index for s in retiring],
-            "waiting": waiting,
-        }
-
-    def _scale_producer(self, stage: config.StageSpec, live: list[WorkerSlot], processes: int) -> dict[str, Any]:
-        """A sharded producer's every process is replaced by ``processes`` new ones, each with
-        its shard of the new count (a process's share cannot change while it runs)."""
-        if not stage.shardable:
-            return {
-                "ok": False,
-                "error": (
-                    f"stage {stage.name} is a producer: another process would yield every item again; "
-                    'a producer that accepts a "shard" parameter and keeps no checkpoint can be scaled (see the README)'
-                ),
-            }
-        if processes == len(live):
-            return {
-                "ok": True,
-                "stage": stage.name,
-                "processes": processes,
-                "started": [],
-                "retiring": [],
-                "waiting": 0,
-            }
-        resharded = dataclasses.replace(stage, processes=processes)
-        new = dataclasses.replace(
-            self.spec, stages=tuple(resharded if s.name == stage.name else s for s in self.spec.stages)
-        )
-        leaving, arriving = self._apply(new, plan.reload_plan(self.spec, new, self.finished))
-        self.log.info(
-            "stage_scaled",
-            stage=stage.name,
-            processes_from=len(live),
-            processes_to=processes,
-            started=[s.index for s in arriving],
-            retiring=[s.index for s in leaving],
-            resharded=True,
-        )
-        return {
-            "ok": True,
-            "stage": stage.name,
-            "processes": processes,
-            "started": [s.index for s in arriving],
-            "retiring": [s.index for s in leaving],
-            "waiting": sum(1 for s in arriving if s.state is State.STOPPED),
-            "resharded": True,
-        }
-
-    def _start_paced(self, slots: list[WorkerSlot]) -> int:
-        """Start ``slots`` at most ``SPAWN_BURST`` at once and ``SPAWN_RATE_PER_S`` after that (a
-        token bucket); return how many still wait. A waiting slot shows as ``stopped``; one
-        retired or stopped meanwhile is not started."""
-        self.start_queue.extend(slots)
-        now = self.clock()
-        self.spawn_tokens = min(SPAWN_BURST, self.spawn_tokens + (now - self.tokens_at) * SPAWN_RATE_PER_S)
-        self.tokens_at = now
-        while self.start_queue and self.spawn_tokens >= 1:
-            slot = self.start_queue.pop(0)
-            if slot in self.slots and slot.state is State.STOPPED and not self.stopping and not slot.retiring:
-                self.spawn_tokens -= 1
-                self._feed(slot, StartRequested())
-        if self.start_queue:
-            self.starts_due.set(now + (1 - self.spawn_tokens) / SPAWN_RATE_PER_S)
-        else:
-            self.starts_due.clear()
-        return len(self.start_queue)
-
     # -- stages, end of stream, stop ---------------------------------------------------------------
-
-    def _update_stages(self) -> None:
-        """Mark stages whose processes have all ended; close the inputs that have no writer left."""
-        for stage in self.spec.stages:
-            if stage.name in self.finished:
-                continue
-            slots = [s for s in self.slots if s.stage.name == stage.name]
-            if all(_ended(s) for s in slots):
-                self.finished.add(stage.name)
-                items_in, items_out = self.ledger.totals(self.slots).get(stage.name, (0, 0))
-                self.log.info("stage_drained", stage=stage.name, items_in=items_in, items_out=items_out)
-        for name, channel in self.channels.items():
-            if not channel.ended and all(upstream in self.finished for upstream in self.spec.stage(name).inputs):
-                channel.end()
-                self.held[name] = self.clock() + _HELD_OPEN_AFTER_S
-        for channel in list(self.retired):
-            if not channel.ended and not channel.writers:
-                channel.end()
-            if channel.drained():
-                channel.close()
-                self.retired.remove(channel)
 
     def reload(self, source: str) -> control.Answer:
         """Re-read the pipeline file and apply the difference once its stage code is checked.
@@ -1340,14 +1115,8 @@ class Supervisor:
                 channel.close()
             raise
         self.spec = new
-        for stage in new.stages:
-            self.histories.setdefault(stage.name, RestartHistory(stage.restart.max, stage.restart.within_s))
-        for name in removed | (changed & replaced_queues):
-            leaving_channel = self.channels.pop(name) if name in self.channels else None
-            if leaving_channel is not None:
-                leaving_channel.current = False
-                self.retired.append(leaving_channel)
-        self.channels.update(fresh)
+        self.groups.adopt(new)
+        self.wiring.replace(fresh, removed | (changed & replaced_queues))
 
         leaving = [s for s in self.slots if s.stage.name in removed | changed and s.state not in TERMINAL]
         generations = {(s.stage.name, s.index): s.generation for s in self.slots}
@@ -1358,7 +1127,7 @@ class Supervisor:
             for i in range(stage.processes)
         ]
         self.slots = [s for s in self.slots if s.stage.name not in removed | changed or s in leaving] + arriving
-        self.finished -= changed
+        self.groups.finished -= changed
         for slot in leaving:
             slot.retiring = True
             if slot.stage.is_producer:
@@ -1369,7 +1138,7 @@ class Supervisor:
                 self._feed(slot, RetireRequested())  # its queue stays: the new readers go on
             if slot.state in TERMINAL:
                 self._remove(slot)
-        self._start_paced(list(reversed(arriving)))
+        self.groups.start_paced(list(reversed(arriving)))
         return leaving, arriving
 
     def _ping_while_blocked(self) -> None:
@@ -1529,11 +1298,6 @@ class _Pipes:
 def _queued_batches(channel: Input) -> int | None:
     """Batches waiting in a stage's input (None when that cannot be read)."""
     return channel.depth()
-
-
-def _ended(slot: WorkerSlot) -> bool:
-    """No process, and none to come (a slot stopped for a group restart will start again)."""
-    return slot.state in TERMINAL and not slot.regrouping
 
 
 def _signal_name(signum: int | None) -> str | None:
