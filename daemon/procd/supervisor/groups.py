@@ -145,7 +145,7 @@ class StageGroups:
         new = dataclasses.replace(
             sup.spec, stages=tuple(resharded if s.name == stage.name else s for s in sup.spec.stages)
         )
-        leaving, arriving = sup._apply(new, plan.reload_plan(sup.spec, new, self.finished))
+        leaving, arriving = sup.reloader.apply(new, plan.reload_plan(sup.spec, new, self.finished))
         started, retiring = [s.index for s in arriving], [s.index for s in leaving]
         sup.log.info(
             "stage_scaled",
