@@ -96,7 +96,7 @@ class Supervisor:
         environment: Environment | None = None,
     ) -> None:
         self.spec = spec
-        self.environment = environment  # where function-stage workers run (the driver reads it, reload replaces it)
+        self.environment = environment  # where function-stage workers run (a pipeline with packages)
         self.env_of: dict[int, Environment] = {}  # pid -> the environment it was started in
         self.control_path = control_path or default_path(spec.name)
         self.started_at = clock()
