@@ -156,6 +156,8 @@ def test_timers_by_key_move_cancel_and_forget_a_key_before_its_callback(loop: Lo
     timers["kill"] = clock.now + 5.0
     timers["backoff"] = clock.now + 1.0
     timers["kill"] = clock.now + 1.0  # moved, not added
+    timers["kill"] = clock.now + 1.0
+    assert len([d for d in loop._deadlines if not d.cancelled]) == 2 and len(loop._deadlines) == 3  # kill moved once
     assert timers.pop("backoff") == clock.now + 1.0 and timers.pop("backoff") is None
     assert timers.get("kill") == clock.now + 1.0 and len(timers) == 1
     clock.now += 1.0

@@ -245,6 +245,8 @@ class Timers(Generic[K]):
         self._pending: dict[K, Deadline] = {}
 
     def __setitem__(self, key: K, when: float) -> None:
+        if self.get(key) == when:
+            return  # already so: nothing new in the heap (an owner may set it on every turn)
         self.pop(key)
         self._pending[key] = self._loop.call_at(when, lambda: self._fire(key))
 
