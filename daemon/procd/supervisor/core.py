@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import math
 import os
 import random
@@ -33,7 +32,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from procd import config, plan, procctl, procinfo, reaper, signals, transport
+from procd import config, plan, procctl, procinfo, reaper, reports, signals, transport
 from procd.config import PipelineSpec
 from procd.context import Output
 from procd.errors import ConfigError, Problem, StoreError
@@ -696,36 +695,34 @@ class Supervisor:
     def _read_reports(self, slot: WorkerSlot) -> None:
         for line in self._read_lines(slot, "report"):
             try:
-                report = json.loads(line)
-                kind = report.pop("kind")
-            except (ValueError, KeyError, AttributeError):
-                self._bound(slot).warning("worker_report_invalid", line=line[:_LINE_LIMIT])
+                report = reports.decode(line)
+            except ValueError as exc:  # a worker's fault, never the supervisor's end
+                self._bound(slot).warning("worker_report_invalid", line=line[:_LINE_LIMIT], error=str(exc))
                 continue
             bound = self._bound(slot)
-            if kind == "ready":
-                self.ready.add(slot)
-                self._feed(slot, Ready())
-                if not self.ready_logged and len(self.ready) == len(self.slots):
-                    self.ready_logged = True
-                    self.log.info("pipeline_ready", workers=len(self.slots))
-                    self._notify(READY=1, STATUS=self._status_line())
-            elif kind == "error":
-                slot.failure = f"{report.get('error_type')}: {report.get('error')}"
-                bound.error("worker_error", **report)
-            elif kind == "exec_failed":
-                slot.exec_failed = True
-                slot.failure = f"cannot execute {report.get('program')}: {report.get('error')}"
-                bound.error("spawn_failed", **report)
-            elif kind == "counts":
-                slot.counts = {k: int(v) for k, v in report.items()}
-                self.ledger.observe(slot)
-                self.ledger.sample(self.slots, self.clock())
-                self._show_progress()
-            elif kind == "dead_lettered":
-                self.dead_letters[slot.stage.name] = self.dead_letters.get(slot.stage.name, 0) + 1
-                bound.warning("item_dead_lettered", **report)
-            else:
-                bound.warning("worker_report_invalid", line=line[:_LINE_LIMIT])
+            match report:
+                case reports.WorkerReady():
+                    self.ready.add(slot)
+                    self._feed(slot, Ready())
+                    if not self.ready_logged and len(self.ready) == len(self.slots):
+                        self.ready_logged = True
+                        self.log.info("pipeline_ready", workers=len(self.slots))
+                        self._notify(READY=1, STATUS=self._status_line())
+                case reports.Error():
+                    slot.failure = f"{report.error_type}: {report.error}"
+                    bound.error("worker_error", **dataclasses.asdict(report))
+                case reports.ExecFailed():
+                    slot.exec_failed = True
+                    slot.failure = f"cannot execute {report.program}: {report.error}"
+                    bound.error("spawn_failed", **dataclasses.asdict(report))
+                case reports.Counts():
+                    slot.counts = {"items_in": report.items_in, "items_out": report.items_out}
+                    self.ledger.observe(slot)
+                    self.ledger.sample(self.slots, self.clock())
+                    self._show_progress()
+                case reports.DeadLettered():
+                    self.dead_letters[slot.stage.name] = self.dead_letters.get(slot.stage.name, 0) + 1
+                    bound.warning("item_dead_lettered", **report.fields())
 
     def _read_output(self, slot: WorkerSlot) -> None:
         """Each line the worker printed is a ``worker_output`` record, as far as its budget goes
