@@ -79,7 +79,7 @@ class StageGroups:
                 "ok": False,
                 "error": f"processes must be an integer from 1 to {ceiling} (pipeline.max_processes), got {shown}",
             }
-        if sup.stopping or name in self.finished:
+        if sup.stopper.stopping or name in self.finished:
             return {"ok": False, "error": f"stage {name} is no longer running"}
         stage = sup.spec.stage(str(name))
         live = [s for s in sup.slots if s.stage.name == name and s.state not in TERMINAL and not s.retiring]
@@ -94,16 +94,14 @@ class StageGroups:
             }
         if stage.is_producer:
             return self._scale_producer(stage, live, processes)
-        started, retiring = [], []
+        started: list[WorkerSlot] = []
         if processes > len(live):
             used = {s.index for s in sup.slots if s.stage.name == name}
             free = (i for i in itertools.count() if i not in used)
             position = max(i for i, s in enumerate(sup.slots) if s.stage.name == name) + 1
             started = [WorkerSlot(stage, next(free)) for _ in range(processes - len(live))]
             sup.slots[position:position] = started
-        for slot in sorted(live, key=lambda s: s.index)[processes:]:
-            slot.retiring = True
-            retiring.append(slot)
+        retiring = sorted(live, key=lambda s: s.index)[processes:]
         sup.log.info(
             "stage_scaled",
             stage=name,
@@ -113,9 +111,9 @@ class StageGroups:
             retiring=[s.index for s in retiring],
         )
         for slot in retiring:
-            sup._feed(slot, RetireRequested())
+            sup.driver.feed(slot, RetireRequested())
             if slot.state in TERMINAL:  # it had no process (waiting to restart, or to start)
-                sup._remove(slot)
+                sup.driver.remove(slot)
         waiting = self.start_paced(started)
         return {
             "ok": True,
@@ -170,9 +168,9 @@ class StageGroups:
         self.tokens_at = now
         while self.start_queue and self.spawn_tokens >= 1:
             slot = self.start_queue.pop(0)
-            if slot in sup.slots and slot.state is State.STOPPED and not sup.stopping and not slot.retiring:
+            if slot in sup.slots and slot.state is State.STOPPED and not sup.stopper.stopping and not slot.retiring:
                 self.spawn_tokens -= 1
-                sup._feed(slot, StartRequested())
+                sup.driver.feed(slot, StartRequested())
         if self.start_queue:
             self.starts_due.set(now + (1 - self.spawn_tokens) / SPAWN_RATE_PER_S)
         else:

@@ -25,6 +25,7 @@ from procd.ops.connections import PAUSE_S, Connection, Listener
 from procd.ops.control import Client, ControlError, ControlServer
 from procd.ops.notify import Notifier
 from procd.supervisor import loop
+from procd.supervisor.slots import WorkerSlot
 
 if TYPE_CHECKING:
     from procd.ops.metrics import HttpClient, MetricsServer
@@ -124,6 +125,22 @@ class Operations:
         must still hear from procd then."""
         if self.notifier.watchdog_interval_s:
             self.notify(WATCHDOG=1)
+
+    def worker_ready(self, slot: WorkerSlot) -> None:
+        """A worker has said it is ready; once every one has, so is the pipeline."""
+        sup = self.sup
+        sup.ready.add(slot)
+        if not sup.ready_logged and len(sup.ready) == len(sup.slots):
+            sup.ready_logged = True
+            sup.log.info("pipeline_ready", workers=len(sup.slots))
+            self.notify(READY=1, STATUS=self.status_line())
+
+    def counted(self, slot: WorkerSlot) -> None:
+        """A worker has reported its counts."""
+        sup = self.sup
+        sup.ledger.observe(slot)
+        sup.ledger.sample(sup.slots, sup.clock())
+        self.show_progress()
 
     def _rate(self) -> tuple[status.Totals, float]:
         sup = self.sup

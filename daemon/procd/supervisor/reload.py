@@ -22,7 +22,7 @@ from procd.config import PipelineSpec
 from procd.errors import ConfigError, Problem, StoreError
 from procd.launch import environment, reloadcheck
 from procd.launch.environment import BuildError, Environment
-from procd.lifecycle import DrainRequested, Exited, RetireRequested, StopRequested
+from procd.lifecycle import Exited, Leave, RetireRequested
 from procd.ops import control
 from procd.supervisor import loop
 from procd.supervisor.slots import TERMINAL, WorkerSlot
@@ -255,15 +255,14 @@ class Reloader:
         sup.slots = [s for s in sup.slots if s.stage.name not in removed | changed or s in leaving] + arriving
         sup.groups.finished -= changed
         for slot in leaving:
-            slot.retiring = True
             if slot.stage.is_producer:
-                sup._feed(slot, StopRequested())
+                sup.driver.feed(slot, RetireRequested(Leave.AT_ONCE))
             elif slot.input is not None and not slot.input.current:
-                sup._feed(slot, DrainRequested())  # its queue is going: read it to the end
+                sup.driver.feed(slot, RetireRequested(Leave.AT_END))  # its queue is going: read it to the end
             else:
-                sup._feed(slot, RetireRequested())  # its queue stays: the new readers go on
+                sup.driver.feed(slot, RetireRequested())  # its queue stays: the new readers go on
             if slot.state in TERMINAL:
-                sup._remove(slot)
+                sup.driver.remove(slot)
         sup.groups.start_paced(list(reversed(arriving)))
         return leaving, arriving
 

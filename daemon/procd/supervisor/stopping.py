@@ -67,7 +67,7 @@ class Stopper:
         self.stop_deadline = sup.clock() + sup.spec.stop_timeout_s
         sup.log.info("stop_requested", reason=reason, stop_timeout_s=sup.spec.stop_timeout_s)
         for slot in sup.slots:
-            sup._feed(slot, StopRequested() if slot.stage.is_producer else DrainRequested())
+            sup.driver.feed(slot, StopRequested() if slot.stage.is_producer else DrainRequested())
 
     def finish(self) -> int:
         """Every process has ended: say what was abandoned and how the pipeline ended; return

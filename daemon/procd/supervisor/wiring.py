@@ -6,7 +6,7 @@ It creates them (a shared backend that cannot be reached is waited for), keeps a
 heartbeat, and ends each stream: the supervisor holds a copy of each input's writing end until
 every stage that feeds it has finished (all its processes exited); dropping that copy is what lets
 the readers see the end of their input. A while after an end, an input whose readers still wait
-has its holders named (the slot driver's ``_name_holders``).
+has its holders named (``input_held_open``).
 
 It never starts, stops or signals a worker, and never decides when a stage has finished (the
 stage groups do): it reads ``groups.finished``.
@@ -14,12 +14,13 @@ stage groups do): it reads ``groups.finished``.
 
 from __future__ import annotations
 
+import os
 import select
 import signal
 from collections.abc import Set
 from typing import TYPE_CHECKING
 
-from procd import config, signals, transport
+from procd import config, procinfo, signals, transport
 from procd.supervisor import loop
 from procd.transport import Input
 
@@ -40,7 +41,7 @@ class Wiring:
         self.retired: list[Input] = []  # inputs replaced by a reload, still draining
         self.transport_down: set[str] = set()  # inputs whose shared backend cannot be reached now
         self.housekeeping_due = loop.Alarm(sup.loop, self.housekeep)
-        self.held: loop.Timers[str] = loop.Timers(sup.loop, sup._name_holders)  # inputs ended a while ago
+        self.held: loop.Timers[str] = loop.Timers(sup.loop, self._name_holders)  # inputs ended a while ago
 
     def create_inputs(self, wake: signals.WakeUp) -> None:
         """Create the input of every stage that reads, here or from a stage that runs here.
@@ -142,3 +143,23 @@ class Wiring:
         """procd ends: let go of every input."""
         for channel in [*self.channels.values(), *self.retired]:
             channel.close()
+
+    def _name_holders(self, name: str) -> None:
+        """An input was ended a while ago and its readers still run: name any process that is not
+        a worker and holds its writing end (its readers cannot see the end until it lets go)."""
+        sup = self.sup
+        channel = self.channels.get(name)
+        if channel is None or name in sup.groups.finished or not channel.readers:
+            return
+        holders = [pid for pid in channel.holders() if pid not in sup.by_pid and pid != os.getpid()]
+        if holders:
+            sup.log.warning(
+                "input_held_open",
+                stage=name,
+                holders=holders,
+                titles=[procinfo.title(pid) for pid in holders],
+                message=(
+                    f"the input of {name} has ended, but process {', '.join(map(str, holders))} still holds its "
+                    "writing end (a child forked by stage code?); its readers wait until that process exits"
+                ),
+            )

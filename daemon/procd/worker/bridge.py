@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any
 
-from procd import procctl, procinfo, reaper, signals
+from procd import procctl, procinfo, reaper, reports, signals
 from procd.context import WorkerContext
 from procd.transport import Reader
 from procd.transport.deadletters import DeadLetterFile
@@ -117,10 +117,10 @@ def run_command(ctx: WorkerContext, reporter: Reporter) -> int:
     os.close(err_r)
     if failure:
         number = int(failure)
-        reporter.send("exec_failed", errno=number, error=os.strerror(number), program=argv[0])
+        reporter.send(reports.ExecFailed(errno=number, error=os.strerror(number), program=argv[0]))
         reaper.wait_for(pid)
         return EXEC_FAILED
-    reporter.send("ready")
+    reporter.send(reports.WorkerReady())
 
     slot = SlotFile(ctx.slot_fd) if ctx.slot_fd is not None else None
     if slot is not None:
@@ -143,7 +143,7 @@ def run_command(ctx: WorkerContext, reporter: Reporter) -> int:
     if feeder is not None:
         feeder.program_ended.set()
     outlet.close()
-    reporter.send("counts", items_in=received(), items_out=outlet.count)
+    reporter.send(reports.Counts(items_in=received(), items_out=outlet.count))
     if status.signal is not None:
         _die_like(status.signal)
     return status.code or 0
