@@ -16,7 +16,10 @@ consumer processes.
 from __future__ import annotations
 
 import argparse
+import collections
+import linecache
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -83,7 +86,13 @@ def start_redis(directory: str) -> tuple[str, int]:
 
 
 def run(
-    count: int, workdir: str, url: str | None, second_daemon: bool, codec: str = "json", batch: int = 256
+    count: int,
+    workdir: str,
+    url: str | None,
+    second_daemon: bool,
+    codec: str = "json",
+    batch: int = 256,
+    wrap: list[str] | None = None,
 ) -> tuple[float, float]:
     with open(os.path.join(workdir, "benchstages.py"), "w") as fh:
         fh.write(STAGES)
@@ -97,7 +106,20 @@ def run(
     for log in logs:
         if os.path.exists(log):
             os.unlink(log)
-    commands = [[sys.executable, "-m", "procd", "run", path, "--log-file", logs[0], "--control", f"{workdir}/a.sock"]]
+    commands = [
+        [
+            *(wrap or []),
+            sys.executable,
+            "-m",
+            "procd",
+            "run",
+            path,
+            "--log-file",
+            logs[0],
+            "--control",
+            f"{workdir}/a.sock",
+        ]
+    ]
     if second_daemon:
         commands.append(
             [
@@ -128,12 +150,86 @@ def run(
     return elapsed, inside_seconds(logs[0])
 
 
+FRAME = re.compile(r"^(?P<func>.+) \((?P<file>[^:()]+):(?P<line>\d+)\)$")
+ROLE = re.compile(r'process \d+:"procd: [^/]+/(?P<stage>[a-z]+)\[\d+\]"')
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "daemon")
+
+
+def kind(frames: list[str]) -> str:
+    """What a sample's process was doing, from its stack (innermost frame last)."""
+    leaf = FRAME.match(frames[-1])
+    file, func = (leaf["file"], leaf["func"]) if leaf else (frames[-1], "")
+    text = linecache.getline(os.path.join(PACKAGE, file), int(leaf["line"])) if leaf else ""
+    if "redis/" in file and func.endswith(("_read_from_socket", "recv_into", "recv")):
+        return "waiting for a Redis reply (socket read)"
+    if "redis/" in file and func.endswith("send_packed_command"):
+        return "sending a command (socket write)"
+    if "redis/" in file or "_parsers" in file:
+        return "redis-py (packing commands, parsing replies)"
+    if "json/" in file or "pickle" in func:
+        return "json / pickle (the codec)"
+    if file == "benchstages.py":
+        return "stage code (the user's)"
+    if "sleep(" in text:
+        return "sleeping (backpressure: the queue is full)"
+    if "select" in func or "select(" in text:
+        return "select (waiting)"
+    if "procd/transport/" in file:
+        return "procd transport (slot, backlog, bookkeeping)"
+    if file.startswith("procd/"):
+        return "procd's per-item Python"
+    return "other (start-up, stdlib)"
+
+
+def profile(count: int, url: str, workdir: str, rate: int, batch: int) -> None:
+    """py-spy (``--idle``: blocked time counts) of every process of the one-daemon Redis run."""
+    spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
+    if spy is None:
+        sys.exit("py-spy is not installed: .venv/bin/pip install py-spy")
+    raw = os.path.join(workdir, "raw.txt")
+    wrap = [spy, "record", "--idle", "--subprocesses", "--rate", str(rate), "--format", "raw", "--output", raw, "--"]
+    run(count, workdir, url, False, batch=batch, wrap=wrap)
+    by_role: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    lines: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    with open(raw) as fh:
+        for text in fh:
+            stack, _, number = text.rstrip("\n").rpartition(" ")
+            frames = stack.split(";")
+            if any("_Ticker" in f for f in frames):
+                continue  # the worker's clock thread, asleep between ticks
+            role = next((m["stage"] for f in frames if (m := ROLE.match(f))), "supervisor")
+            by_role[role][kind(frames)] += int(number)
+            procd = [f for f in frames if "(procd/" in f]
+            lines[role][f"{procd[-1] if procd else '-'}  <  {frames[-1]}"] += int(number)
+    print(f"py-spy --idle, {rate} Hz, {count:,} items, redis one daemon, batch {batch}; load {os.getloadavg()}")
+    for role in ("produce", "transform", "sink", "supervisor"):
+        counter = by_role.get(role)
+        if not counter:
+            continue
+        total = sum(counter.values())
+        print(f"\n{role}: {total} samples ({total / rate:.2f} s of wall time, all its processes)")
+        for what, number in counter.most_common():
+            print(f"  {number / total * 100:5.1f}%  {what}")
+        for where, number in lines[role].most_common(8):
+            print(f"         {number / total * 100:5.1f}%  {where[:150]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--items", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--batch", type=int, default=256, help="items per entry on the redis queues")
+    parser.add_argument("--profile", action="store_true", help="py-spy every process of one redis run instead")
+    parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second (with --profile)")
     args = parser.parse_args()
+    if args.profile:
+        with tempfile.TemporaryDirectory() as workdir:
+            url, pid = start_redis(workdir)
+            try:
+                profile(args.items, url, workdir, args.rate, args.batch)
+            finally:
+                os.kill(pid, signal.SIGTERM)
+        return
     variants = {
         "local queues, one daemon": (False, False, "json"),
         "redis queues, one daemon": (True, False, "json"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,7 +11,8 @@ import pytest
 from redis_server import RedisServer
 
 from procd import config
-from procd.transport import redisstream
+from procd.config import QueueSpec
+from procd.transport import Interrupted, redisstream, slot, streams
 from procd.transport.redisstream import Names, Stream
 
 
@@ -58,6 +61,86 @@ def test_a_writer_blocks_at_the_bound_until_entries_are_read(stream: Stream) -> 
     assert taken is not None
     stream.send([(b"c", 1)], bound=2)  # one was delivered: there is room again
     assert stream.backlog() == (2, 1)
+
+
+def test_a_read_acknowledges_what_was_handed_on_in_the_same_round_trip(stream: Stream) -> None:
+    stream.send([(b"one", 1), (b"two", 1)], bound=10)
+    first = stream.read("c")
+    assert first is not None
+    second = stream.read("c", acknowledge=(first.id,))
+    assert second is not None and second.payload == b"two"
+    assert stream.backlog() == (0, 1)  # the first is no longer pending
+    assert [raw_id.decode() for raw_id, _ in stream.client.xrange(stream.names.stream)] == [second.id]
+    assert stream.read("c", block_ms=10, acknowledge=(second.id,)) is None
+    assert stream.backlog() == (0, 0) and stream.client.xlen(stream.names.stream) == 0
+
+
+def _input(server: RedisServer) -> streams.RedisInput:
+    spec = QueueSpec(64, 1, "redis", url=server.url, stream="procd:p:q", codec="json", upstream=("up",))
+    made = streams.create("q", spec)
+    made.write_from(["up"])
+    return made
+
+
+def test_a_reader_killed_after_handing_a_batch_on_leaves_it_to_its_slot_s_next_process(server: RedisServer) -> None:
+    """The acknowledgement waits for the next read; a process killed before it leaves the entry
+    pending, and the slot says whose: its next process delivers it again at once."""
+    queue = _input(server)
+    endpoint = queue.endpoint()
+    writer = endpoint.writer()
+    writer.send([1, 2])
+    fd = slot.create(slot.MESSAGE_CAPACITY)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            reader = endpoint.reader(slot.Slot(fd))
+            assert reader.receive() == [1, 2]
+            reader.done()  # handed on; killed before it reads again
+            os.write(ready_w, b"x")
+            signal.pause()
+        finally:
+            os._exit(1)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        assert Stream(queue.client, endpoint.names).backlog() == (0, 1)  # not yet acknowledged
+        assert not slot.read(fd).holds  # the supervisor counts no batch in hand
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    successor = endpoint.reader(slot.Slot(fd))
+    held = successor.held()
+    assert held is not None and held.items == [1, 2] and held.deliveries == 1
+    successor.done()
+    writer.close()
+    queue.end()
+    assert successor.receive() is None  # the acknowledgement went with this last read
+    assert Stream(queue.client, endpoint.names).backlog() == (0, 0)
+    successor.close()
+    queue.close()
+    for end in (fd, ready_r, ready_w):
+        os.close(end)
+
+
+def test_a_reader_told_to_stop_acknowledges_what_it_handed_on(server: RedisServer) -> None:
+    queue = _input(server)
+    endpoint = queue.endpoint()
+    writer = endpoint.writer()
+    writer.send(["a"])
+    fd = slot.create(slot.MESSAGE_CAPACITY)
+    reader = endpoint.reader(slot.Slot(fd))
+    assert reader.receive() == ["a"]
+    reader.done()
+    stop_r, stop_w = os.pipe()
+    os.write(stop_w, b"x")
+    with pytest.raises(Interrupted):
+        reader.receive(stop_r)
+    assert Stream(queue.client, endpoint.names).backlog() == (0, 0)
+    reader.close()
+    writer.close()
+    queue.close()
+    for end in (fd, stop_r, stop_w):
+        os.close(end)
 
 
 def test_the_next_process_of_a_slot_takes_over_the_entry_its_predecessor_held(stream: Stream) -> None:

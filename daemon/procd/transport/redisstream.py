@@ -149,9 +149,21 @@ class Stream:
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def read(self, consumer: str, block_ms: int = READ_BLOCK_MS) -> Entry | None:
-        """The next entry no consumer has had, or None when none came within ``block_ms``."""
-        found = self.client.xreadgroup(self.names.group, consumer, {self.names.stream: ">"}, count=1, block=block_ms)
+    def read(self, consumer: str, block_ms: int = READ_BLOCK_MS, acknowledge: tuple[str, ...] = ()) -> Entry | None:
+        """The next entry no consumer has had, or None when none came within ``block_ms``.
+
+        Args:
+            acknowledge: entries to acknowledge first, in the same round trip (a reader's last
+                batch, handed on since).
+        """
+        stream = {self.names.stream: ">"}
+        if not acknowledge:
+            found = self.client.xreadgroup(self.names.group, consumer, stream, count=1, block=block_ms)
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            self._acknowledge(pipe, acknowledge)
+            pipe.xreadgroup(self.names.group, consumer, stream, count=1, block=block_ms)
+            found = pipe.execute()[-1]
         for _stream, entries in found or ():
             for raw_id, fields in entries:
                 if fields:  # an entry deleted after delivery comes back without fields
@@ -193,12 +205,20 @@ class Stream:
         pending = self.client.xpending_range(self.names.stream, self.names.group, min=raw_id, max=raw_id, count=1)
         return int(pending[0]["times_delivered"]) if pending else 1
 
-    def acknowledge(self, entry_id: str) -> None:
-        """The entry is handled: out of the pending list and out of the stream."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.xack(self.names.stream, self.names.group, entry_id)
-        pipe.xdel(self.names.stream, entry_id)
+    def acknowledge(self, *entry_ids: str) -> None:
+        """The entries are handled: out of the pending list and out of the stream."""
+        pipe = self.client.pipeline(transaction=False)
+        self._acknowledge(pipe, entry_ids)
         pipe.execute()
+
+    def _acknowledge(self, pipe: Any, entry_ids: tuple[str, ...]) -> None:
+        """Queue XACK and XDEL of ``entry_ids`` on ``pipe``, as one transaction: an entry is never
+        acknowledged and left in the stream (``MULTI`` inside a plain pipeline, so that a blocking
+        read can follow in the same round trip; ``EXEC``'s reply is read raw)."""
+        pipe.execute_command("MULTI")
+        pipe.execute_command("XACK", self.names.stream, self.names.group, *entry_ids)
+        pipe.execute_command("XDEL", self.names.stream, *entry_ids)
+        pipe.execute_command("EXEC")
 
     # -- end of stream ---------------------------------------------------------------------------
 

@@ -303,12 +303,14 @@ class RedisReader(Reader):
         self._stream = Stream(self._client, endpoint.names)
         self._consumer = f"{HOST}:{os.getpid()}:{endpoint.group}:{worker}"
         self._entry = ""  # the id of the entry in hand
+        self._handled: list[str] = []  # entries handed on, acknowledged with the next read
         self._next_claim = 0.0
 
     def receive(self, stop_fd: int | None = None) -> list[Any] | None:
         pause = 0.05
         while True:
             if stop_fd is not None and select.select([stop_fd], [], [], 0)[0]:
+                self._acknowledge_once()  # the worker stops here: what it handed on must not wait
                 raise Interrupted
             try:
                 return self._receive()
@@ -333,7 +335,8 @@ class RedisReader(Reader):
                 self._next_claim = now + endpoint.claim_after_s / _CLAIM_CHECKS_PER_WINDOW
         if entry is None:
             self._mark_reading()
-            entry = stream.read(self._consumer)
+            entry = stream.read(self._consumer, acknowledge=tuple(self._handled))
+            self._handled.clear()
         if entry is None:
             if stream.check_ended(list(endpoint.upstream), endpoint.claim_after_s):
                 if self._slot is not None:
@@ -404,15 +407,28 @@ class RedisReader(Reader):
         return entry
 
     def done(self) -> None:
+        """The entry in hand is acknowledged with the next read, in its round trip. Until then
+        the slot names this consumer as one that is about to read: if this process is killed
+        first, the slot's next process claims what is still pending under that name (a batch
+        handed on but not yet acknowledged is delivered again, as one whose process was killed
+        just before an acknowledgement would be)."""
         if self._entry:
-            entry_id = self._entry
-            _patiently(lambda: self._stream.acknowledge(entry_id))
+            self._handled.append(self._entry)
             self._entry = ""
         if self._slot is not None:
-            self._slot.clear()
+            self._mark_reading()
+
+    def _acknowledge_once(self) -> None:
+        """Acknowledge the entries handed on now, as no read will follow; if Redis cannot be
+        reached, they stay pending under this consumer, which the slot names."""
+        if self._handled:
+            with contextlib.suppress(redis.RedisError):
+                self._stream.acknowledge(*self._handled)
+                self._handled.clear()
 
     def close(self) -> None:
-        if not self._entry:  # a consumer per worker process: forget this one once it holds nothing
+        self._acknowledge_once()
+        if not self._entry and not self._handled:  # a consumer per worker process: forget it once it holds nothing
             try:
                 self._client.xgroup_delconsumer(self._endpoint.stream, self._endpoint.group, self._consumer)
             except redis.RedisError:
