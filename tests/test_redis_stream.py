@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from redis_server import RedisServer
 
+from conftest import wait_until
 from procd import config
 from procd.config import QueueSpec
 from procd.transport import Interrupted, redisstream, slot, streams
@@ -141,6 +143,36 @@ def test_a_reader_told_to_stop_acknowledges_what_it_handed_on(server: RedisServe
     queue.close()
     for end in (fd, stop_r, stop_w):
         os.close(end)
+
+
+def test_the_end_of_the_input_wakes_a_reader_blocked_in_a_read(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader blocked in a read when the last writer leaves is woken (``CLIENT UNBLOCK``),
+    looks, and sees the end, rather than when its read times out."""
+    monkeypatch.setattr(redisstream, "READ_BLOCK_MS", 4000)  # below the client's socket timeout
+    queue = _input(server)
+    endpoint = queue.endpoint()
+    results: list[object] = []
+    reader = endpoint.reader(None)
+    thread = threading.Thread(target=lambda: results.append(reader.receive()))
+    thread.start()
+    stream = Stream(queue.client, endpoint.names)
+
+    def blocked() -> bool:
+        return any("b" in c["flags"] and c["cmd"] == "xreadgroup" for c in stream.client.client_list())
+
+    try:
+        wait_until(blocked, timeout=5)
+        assert stream.wake_readers() == 1  # the writer is still there: it looks, and reads again
+        wait_until(blocked, timeout=5)
+        queue.end()  # the last writer leaves, and wakes it
+    finally:
+        thread.join(timeout=10)
+    assert results == [None]
+    reader.close()
+    assert not stream.client.hgetall(stream.names.readers)  # it let go of its place
+    queue.close()
 
 
 def test_the_next_process_of_a_slot_takes_over_the_entry_its_predecessor_held(stream: Stream) -> None:

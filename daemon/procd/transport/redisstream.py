@@ -8,9 +8,9 @@ becomes:
 - send: ``XADD`` of one entry per batch (fields ``n``, the item count, and ``b``, the encoded
   batch). Backpressure comes from the group's ``lag`` (entries not yet delivered, Redis 7's
   ``XINFO GROUPS``): a writer blocks while the backlog is at the bound. It reads the lag only
-  when it has used up the credit the last reading gave it, so a fast writer pays one round trip
-  per bound's worth of batches, not one per batch. Never ``MAXLEN``: trimming drops unread
-  entries.
+  when it has used up the credit the last reading gave it, and then in the same round trip as
+  the entry that used it up: a writer whose readers keep up pays no round trip of its own for
+  the bound. Never ``MAXLEN``: trimming drops unread entries.
 - receive / hold / acknowledge: ``XREADGROUP ... >`` hands an entry to one consumer and keeps it
   in the group's pending list until ``XACK``; the acknowledgement also ``XDEL``s it, so the stream
   does not grow without bound. The entry id is the delivery id the slot holds.
@@ -38,8 +38,10 @@ from typing import Any
 import redis
 
 # How long one blocking read waits before the reader looks at its stop descriptor and the
-# ``ended`` key again.
+# ``ended`` key again; once every writer it had seen has gone, it looks more often (the input is
+# about to end, and a blocked read is not woken by the end).
 READ_BLOCK_MS = 100
+ENDING_BLOCK_MS = 10
 
 
 def connect(url: str, *, timeout_s: float = 5.0) -> redis.Redis:
@@ -76,6 +78,11 @@ class Names:
     def ended(self) -> str:
         return f"{self.stream}:ended"
 
+    @property
+    def readers(self) -> str:
+        """Reader slot (host, group, index) -> the client id its blocking reads come from."""
+        return f"{self.stream}:readers"
+
 
 def _entry(raw_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> Entry:
     return Entry(raw_id.decode(), fields[b"b"], int(fields[b"n"]), deliveries)
@@ -90,6 +97,8 @@ class Stream:
         self.client: Any = client
         self.names = names
         self._credit = 0
+        self._writers_seen = False  # a read found a writer registered
+        self._writers_left = False  # and the last read still did
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -106,7 +115,11 @@ class Stream:
 
     def backlog(self) -> tuple[int, int]:
         """(entries not yet delivered, entries delivered and not yet acknowledged)."""
-        for group in self.client.xinfo_groups(self.names.stream):
+        return self._backlog(self.client.xinfo_groups(self.names.stream))
+
+    def _backlog(self, groups: list[dict[str, Any]]) -> tuple[int, int]:
+        """The backlog of this input's group, from an ``XINFO GROUPS`` reply."""
+        for group in groups:
             if group["name"].decode() == self.names.group:
                 lag = group["lag"]
                 if lag is None:  # Redis cannot tell (entries deleted out of order): count instead
@@ -116,6 +129,9 @@ class Stream:
 
     def send(self, payloads: list[tuple[bytes, int]], bound: int, stop: Any = None) -> None:
         """Append each (payload, item count) as one entry, blocking while ``bound`` entries wait.
+
+        The lag is read again in the same round trip as the entries that use up the credit the
+        last reading gave, so a writer whose readers keep up never waits for it on its own.
 
         Args:
             stop: optional callable; while blocked, ``stop()`` returning True ends the wait
@@ -137,38 +153,71 @@ class Stream:
                     continue
                 pause = 0.0005
             chunk = payloads[start : start + self._credit]
-            if len(chunk) == 1:  # the usual case: one batch, one command
-                self.client.xadd(self.names.stream, {"n": chunk[0][1], "b": chunk[0][0]})
-            else:
-                pipe = self.client.pipeline(transaction=False)
-                for payload, count in chunk:
-                    pipe.xadd(self.names.stream, {"n": count, "b": payload})
-                pipe.execute()
             self._credit -= len(chunk)
             start += len(chunk)
+            pipe = self.client.pipeline(transaction=False)
+            for payload, count in chunk:
+                pipe.xadd(self.names.stream, {"n": count, "b": payload})
+            if self._credit <= 0:
+                pipe.xinfo_groups(self.names.stream)
+            replies = pipe.execute()
+            if self._credit <= 0:
+                lag, _pending = self._backlog(replies[-1])
+                self._credit = bound - lag
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def read(self, consumer: str, block_ms: int = READ_BLOCK_MS, acknowledge: tuple[str, ...] = ()) -> Entry | None:
-        """The next entry no consumer has had, or None when none came within ``block_ms``.
+    def read(self, consumer: str, block_ms: int | None = None, acknowledge: tuple[str, ...] = ()) -> Entry | None:
+        """The next entry no consumer has had, or None when none came within ``block_ms``
+        (default: ``READ_BLOCK_MS``, or ``ENDING_BLOCK_MS`` once the writers have gone).
 
         Args:
             acknowledge: entries to acknowledge first, in the same round trip (a reader's last
                 batch, handed on since).
         """
-        stream = {self.names.stream: ">"}
-        if not acknowledge:
-            found = self.client.xreadgroup(self.names.group, consumer, stream, count=1, block=block_ms)
-        else:
-            pipe = self.client.pipeline(transaction=False)
+        if block_ms is None:
+            block_ms = ENDING_BLOCK_MS if self._writers_seen and not self._writers_left else READ_BLOCK_MS
+        pipe = self.client.pipeline(transaction=False)
+        if acknowledge:
             self._acknowledge(pipe, acknowledge)
-            pipe.xreadgroup(self.names.group, consumer, stream, count=1, block=block_ms)
-            found = pipe.execute()[-1]
+        pipe.hlen(self.names.writers)  # whether the writers are still there, for the next read
+        pipe.xreadgroup(self.names.group, consumer, {self.names.stream: ">"}, count=1, block=block_ms)
+        *_, writers, found = pipe.execute()
+        self._writers_left = writers > 0
+        self._writers_seen = self._writers_seen or self._writers_left
         for _stream, entries in found or ():
             for raw_id, fields in entries:
                 if fields:  # an entry deleted after delivery comes back without fields
                     return _entry(raw_id, fields, 1)
         return None
+
+    def register_reader(self, reader: str) -> None:
+        """``reader`` (a worker slot) blocks in reads on this connection: ``wake_readers`` may
+        cut such a read short."""
+        self.client.hset(self.names.readers, reader, self.client.client_id())
+
+    def forget_reader(self, reader: str) -> None:
+        self.client.hdel(self.names.readers, reader)
+
+    def wake_readers(self) -> int:
+        """End every registered reader's blocking read now, as if it had timed out, so that it
+        looks at once whether the input has ended (``CLIENT UNBLOCK``; a client id that has
+        gone, or a read that is not blocked, is left alone).
+
+        Returns:
+            How many reads were cut short.
+
+        Raises:
+            redis.ResponseError: the login may not use ``CLIENT UNBLOCK`` (the readers then
+                see the end when their reads time out).
+        """
+        ids = self.client.hvals(self.names.readers)
+        if not ids:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        for client_id in ids:
+            pipe.client_unblock(int(client_id))
+        return sum(map(int, pipe.execute()))
 
     def claim(self, consumer: str, entry_id: str) -> Entry | None:
         """Take over entry ``entry_id`` (the one this slot's previous process held)."""
@@ -251,6 +300,7 @@ class Stream:
             if float(expiry) > now:
                 return False
             self.client.hdel(self.names.writers, field)  # a host that died without saying so
+        self._writers_seen, self._writers_left = True, False  # only the backlog is left: look often
         lag, pending = self.backlog()
         if lag or pending:
             return False

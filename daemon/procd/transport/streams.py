@@ -143,6 +143,8 @@ class RedisInput(Input):
                 except redis.RedisError:
                     pass  # it expires after claim_after all the same
             self.registered = []
+            with contextlib.suppress(redis.RedisError):  # else they see it when their reads time out
+                self._stream.wake_readers()
 
     def depth(self) -> int | None:
         try:
@@ -302,6 +304,8 @@ class RedisReader(Reader):
         self._client = connect(endpoint.url)
         self._stream = Stream(self._client, endpoint.names)
         self._consumer = f"{HOST}:{os.getpid()}:{endpoint.group}:{worker}"
+        self._place = f"{HOST}:{endpoint.group}:{worker}"  # the slot's, whichever process is in it
+        self._registered = False  # as a reader that ``wake_readers`` may wake
         self._entry = ""  # the id of the entry in hand
         self._handled: list[str] = []  # entries handed on, acknowledged with the next read
         self._next_claim = 0.0
@@ -317,6 +321,7 @@ class RedisReader(Reader):
             except _TryAgain:
                 pause = 0.05
             except (redis.ConnectionError, redis.TimeoutError):  # the server is away: wait for it
+                self._registered = False  # a new connection has a new client id
                 if stop_fd is not None and select.select([stop_fd], [], [], pause)[0]:
                     raise Interrupted from None
                 if stop_fd is None:
@@ -334,6 +339,9 @@ class RedisReader(Reader):
             if entry is None:
                 self._next_claim = now + endpoint.claim_after_s / _CLAIM_CHECKS_PER_WINDOW
         if entry is None:
+            if not self._registered:
+                stream.register_reader(self._place)
+                self._registered = True
             self._mark_reading()
             entry = stream.read(self._consumer, acknowledge=tuple(self._handled))
             self._handled.clear()
@@ -428,6 +436,9 @@ class RedisReader(Reader):
 
     def close(self) -> None:
         self._acknowledge_once()
+        if self._registered:
+            with contextlib.suppress(redis.RedisError):
+                self._stream.forget_reader(self._place)
         if not self._entry and not self._handled:  # a consumer per worker process: forget it once it holds nothing
             try:
                 self._client.xgroup_delconsumer(self._endpoint.stream, self._endpoint.group, self._consumer)
