@@ -20,6 +20,7 @@ import collections
 import linecache
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -91,14 +92,15 @@ def run(
     url: str | None,
     second_daemon: bool,
     codec: str = "json",
-    batch: int = 256,
+    batch: int | None = None,
     wrap: list[str] | None = None,
 ) -> tuple[float, float]:
     with open(os.path.join(workdir, "benchstages.py"), "w") as fh:
         fh.write(STAGES)
     defaults = ""
     if url is not None:
-        defaults = f'[defaults]\nqueue = {{ backend = "redis", url = "{url}", codec = "{codec}", batch = {batch} }}'
+        size = "" if batch is None else f", batch = {batch}"
+        defaults = f'[defaults]\nqueue = {{ backend = "redis", url = "{url}", codec = "{codec}"{size} }}'
     path = os.path.join(workdir, "bench.toml")
     with open(path, "w") as fh:
         fh.write(PIPELINE.format(count=count, defaults=defaults, processes=1 if second_daemon else 2))
@@ -160,7 +162,7 @@ def kind(frames: list[str]) -> str:
     leaf = FRAME.match(frames[-1])
     file, func = (leaf["file"], leaf["func"]) if leaf else (frames[-1], "")
     text = linecache.getline(os.path.join(PACKAGE, file), int(leaf["line"])) if leaf else ""
-    if "redis/" in file and func.endswith(("_read_from_socket", "recv_into", "recv")):
+    if "redis/" in file and func.endswith(("read_from_socket", "_socket_can_read", "recv_into", "recv")):
         return "waiting for a Redis reply (socket read)"
     if "redis/" in file and func.endswith("send_packed_command"):
         return "sending a command (socket write)"
@@ -181,7 +183,7 @@ def kind(frames: list[str]) -> str:
     return "other (start-up, stdlib)"
 
 
-def profile(count: int, url: str, workdir: str, rate: int, batch: int) -> None:
+def profile(count: int, url: str, workdir: str, rate: int, batch: int | None) -> None:
     """py-spy (``--idle``: blocked time counts) of every process of the one-daemon Redis run."""
     spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
     if spy is None:
@@ -201,7 +203,10 @@ def profile(count: int, url: str, workdir: str, rate: int, batch: int) -> None:
             by_role[role][kind(frames)] += int(number)
             procd = [f for f in frames if "(procd/" in f]
             lines[role][f"{procd[-1] if procd else '-'}  <  {frames[-1]}"] += int(number)
-    print(f"py-spy --idle, {rate} Hz, {count:,} items, redis one daemon, batch {batch}; load {os.getloadavg()}")
+    print(
+        f"py-spy --idle, {rate} Hz, {count:,} items, redis one daemon, batch {batch or 'default'}; "
+        f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     for role in ("produce", "transform", "sink", "supervisor"):
         counter = by_role.get(role)
         if not counter:
@@ -214,11 +219,21 @@ def profile(count: int, url: str, workdir: str, rate: int, batch: int) -> None:
             print(f"         {number / total * 100:5.1f}%  {where[:150]}")
 
 
+def cpu_seconds(redis_pid: int) -> float:
+    """CPU time so far of every process this bench has waited for (the daemons and, through
+    them, their workers) and of the redis-server."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(f"/proc/{redis_pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    server = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return usage.ru_utime + usage.ru_stime + server
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--items", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=256, help="items per entry on the redis queues")
+    parser.add_argument("--batch", type=int, help="items per entry on the redis queues (default: procd's)")
     parser.add_argument("--profile", action="store_true", help="py-spy every process of one redis run instead")
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second (with --profile)")
     args = parser.parse_args()
@@ -236,25 +251,32 @@ def main() -> None:
         "redis queues, two daemons": (True, True, "json"),
         "redis, pickle, two daemons": (True, True, "pickle"),
     }
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     with tempfile.TemporaryDirectory() as workdir:
         url, pid = start_redis(workdir)
         try:
             for _ in range(args.repeat):
                 for name, (redis, second, codec) in variants.items():
-                    runs[name].append(run(args.items, workdir, url if redis else None, second, codec, args.batch))
+                    cpu = cpu_seconds(pid)
+                    total, inside = run(args.items, workdir, url if redis else None, second, codec, args.batch)
+                    runs[name].append((total, inside, cpu_seconds(pid) - cpu))
         finally:
             os.kill(pid, signal.SIGTERM)
     n = args.items
     print(
-        f"items: {n}, runs: {args.repeat} (medians), redis batch {args.batch}, cores: {os.cpu_count()}, "
-        f"load average {os.getloadavg()[0]:.2f}"
+        f"items: {n}, runs: {args.repeat} (medians), redis batch {args.batch or 'default'}, cores: {os.cpu_count()}, "
+        f"load average before {load_before}, after {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
-    print(f"{'':28}  end to end                   | inside the pipeline")
+    print(f"{'':28}  end to end                   | inside the pipeline          | CPU, all processes")
     for name, results in runs.items():
         total = statistics.median(r[0] for r in results)
         inside = statistics.median(r[1] for r in results)
-        print(f"{name:28}: {n / total:10,.0f} items/s ({total:.3f} s) | {n / inside:10,.0f} items/s ({inside:.3f} s)")
+        cpu = statistics.median(r[2] for r in results)
+        print(
+            f"{name:28}: {n / total:10,.0f} items/s ({total:.3f} s) | {n / inside:10,.0f} items/s ({inside:.3f} s) "
+            f"| {cpu / n * 1e6:5.1f} us/item"
+        )
     print(
         "target: redis >= 150,000 items/s with two consumer processes; anchor: redis-py one record per entry, 22-27k/s"
     )
