@@ -175,6 +175,42 @@ def test_the_end_of_the_input_wakes_a_reader_blocked_in_a_read(
     queue.close()
 
 
+def test_an_idle_reader_costs_one_round_trip_per_read_while_writers_are_registered(server: RedisServer) -> None:
+    """It reads the writers' count in its read's pipeline, and looks at the end (SMEMBERS,
+    HGETALL, XINFO) only now and then while a writer is registered."""
+    queue = _input(server)
+    endpoint = queue.endpoint()
+    reader = endpoint.reader(None)
+    stop_r, stop_w = os.pipe()
+    results: list[object] = []
+
+    def receive() -> None:
+        try:
+            reader.receive(stop_r)
+        except Interrupted:
+            results.append("interrupted")
+
+    thread = threading.Thread(target=receive)
+    client = queue.client
+
+    def calls(command: str) -> int:
+        return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    client.config_resetstat()
+    thread.start()
+    try:
+        wait_until(lambda: calls("xreadgroup") >= 10, timeout=10)
+    finally:
+        os.write(stop_w, b"x")
+        thread.join(timeout=10)
+    assert results == ["interrupted"]
+    assert calls("smembers") <= 1  # one look at the start (claim_after is 30 s)
+    reader.close()
+    queue.close()
+    os.close(stop_r)
+    os.close(stop_w)
+
+
 def test_the_next_process_of_a_slot_takes_over_the_entry_its_predecessor_held(stream: Stream) -> None:
     stream.send([(b"batch", 3)], bound=10)
     held = stream.read("host:100:sink:0")

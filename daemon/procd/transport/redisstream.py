@@ -37,11 +37,11 @@ from typing import Any
 
 import redis
 
-# How long one blocking read waits before the reader looks at its stop descriptor and the
-# ``ended`` key again; once every writer it had seen has gone, it looks more often (the input is
-# about to end, and a blocked read is not woken by the end).
-READ_BLOCK_MS = 100
-ENDING_BLOCK_MS = 10
+# How long one blocking read waits before the reader looks at its stop descriptor again (and,
+# once no writer is registered, whether the input has ended). Short, as a read that began just
+# before the last writer left is not woken by ``wake_readers``; an idle reader costs Redis one
+# pipeline per read, as its look at the end is skipped while writers are registered.
+READ_BLOCK_MS = 20
 
 
 def connect(url: str, *, timeout_s: float = 5.0) -> redis.Redis:
@@ -97,8 +97,8 @@ class Stream:
         self.client: Any = client
         self.names = names
         self._credit = 0
-        self._writers_seen = False  # a read found a writer registered
-        self._writers_left = False  # and the last read still did
+        self.writers_left = True  # the last read found a writer registered (it may have expired)
+        self.writers_seen = True  # the last look at the end found every upstream stage seen
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -169,22 +169,22 @@ class Stream:
 
     def read(self, consumer: str, block_ms: int | None = None, acknowledge: tuple[str, ...] = ()) -> Entry | None:
         """The next entry no consumer has had, or None when none came within ``block_ms``
-        (default: ``READ_BLOCK_MS``, or ``ENDING_BLOCK_MS`` once the writers have gone).
+        (default: ``READ_BLOCK_MS``); ``writers_left`` says whether a writer was registered when
+        the read began.
 
         Args:
             acknowledge: entries to acknowledge first, in the same round trip (a reader's last
                 batch, handed on since).
         """
         if block_ms is None:
-            block_ms = ENDING_BLOCK_MS if self._writers_seen and not self._writers_left else READ_BLOCK_MS
+            block_ms = READ_BLOCK_MS
         pipe = self.client.pipeline(transaction=False)
         if acknowledge:
             self._acknowledge(pipe, acknowledge)
         pipe.hlen(self.names.writers)  # whether the writers are still there, for the next read
         pipe.xreadgroup(self.names.group, consumer, {self.names.stream: ">"}, count=1, block=block_ms)
         *_, writers, found = pipe.execute()
-        self._writers_left = writers > 0
-        self._writers_seen = self._writers_seen or self._writers_left
+        self.writers_left = writers > 0
         for _stream, entries in found or ():
             for raw_id, fields in entries:
                 if fields:  # an entry deleted after delivery comes back without fields
@@ -293,14 +293,15 @@ class Stream:
         if self.ended():
             return True
         seen = {name.decode() for name in self.client.smembers(self.names.seen)}
-        if not set(upstreams) <= seen:
+        self.writers_seen = set(upstreams) <= seen
+        if not self.writers_seen:
             return False
         now = time.time()
         for field, expiry in self.client.hgetall(self.names.writers).items():
             if float(expiry) > now:
                 return False
             self.client.hdel(self.names.writers, field)  # a host that died without saying so
-        self._writers_seen, self._writers_left = True, False  # only the backlog is left: look often
+        self.writers_left = False
         lag, pending = self.backlog()
         if lag or pending:
             return False

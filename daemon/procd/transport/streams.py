@@ -45,6 +45,9 @@ READING = b"r"[0]  # a slot message that is not a batch: the consumer name a pro
 HOST = socket.gethostname()
 # How often a reader with nothing to read looks for entries other consumers left idle.
 _CLAIM_CHECKS_PER_WINDOW = 4
+# How often a reader looks whether its input has ended while not every upstream stage has
+# registered a writer yet (once they all have and none is left, it looks after every empty read).
+_SEEN_CHECK_S = 0.1
 
 
 def encode(codec: str, items: list[Any]) -> bytes:
@@ -309,6 +312,7 @@ class RedisReader(Reader):
         self._entry = ""  # the id of the entry in hand
         self._handled: list[str] = []  # entries handed on, acknowledged with the next read
         self._next_claim = 0.0
+        self._next_end_check = 0.0  # while writers are registered, look at the end only this often
 
     def receive(self, stop_fd: int | None = None) -> list[Any] | None:
         pause = 0.05
@@ -346,10 +350,16 @@ class RedisReader(Reader):
             entry = stream.read(self._consumer, acknowledge=tuple(self._handled))
             self._handled.clear()
         if entry is None:
+            if now < self._next_end_check and (stream.writers_left or not stream.writers_seen):
+                raise _TryAgain  # a writer may still send, or none has come yet: look later
             if stream.check_ended(list(endpoint.upstream), endpoint.claim_after_s):
                 if self._slot is not None:
                     self._slot.disarm()
                 return None
+            # with writers registered, look now and then all the same: one that died without
+            # saying so stays registered until a look clears it
+            wait_s = endpoint.claim_after_s / _CLAIM_CHECKS_PER_WINDOW if stream.writers_left else _SEEN_CHECK_S
+            self._next_end_check = now + wait_s
             raise _TryAgain
         self._hold(entry.id, entry.count, entry.deliveries)
         return decode(endpoint.codec, entry.payload)
