@@ -12,8 +12,10 @@ becomes:
   the entry that used it up: a writer whose readers keep up pays no round trip of its own for
   the bound. Never ``MAXLEN``: trimming drops unread entries.
 - receive / hold / acknowledge: ``XREADGROUP ... >`` hands an entry to one consumer and keeps it
-  in the group's pending list until ``XACK``; the acknowledgement also ``XDEL``s it, so the stream
-  does not grow without bound. The entry id is the delivery id the slot holds.
+  in the group's pending list until ``XACK``; the acknowledgement also ``XDEL``s it (both in one
+  ``MULTI``), so the stream does not grow without bound. The entry id is the delivery id the
+  slot holds. A reader sends the acknowledgement of the batch it handed on in the same pipeline
+  as its next ``XREADGROUP`` (and the writers' count, ``HLEN``): one round trip per batch.
 - a worker killed holding an entry: its slot's next process ``XCLAIM``s that id first; a host
   that died: the entries its consumers held stay pending, and any other consumer takes them with
   ``XAUTOCLAIM`` once they have been idle ``claim_after``. Redis counts every delivery
@@ -22,8 +24,11 @@ becomes:
   writer (a hash field whose value is an expiry time, renewed by a heartbeat) and removes the
   field when that stage has finished on its host. The input has ended once every upstream stage
   has been seen and none has a live writer, and nothing is left in the backlog or pending; the
-  first supervisor to see that sets the ``ended`` key, which the readers check whenever a read
-  finds nothing. A host that died without deregistering counts as gone when its expiry passes.
+  first supervisor to see that sets the ``ended`` key. A reader looks at all this when a read
+  finds nothing and no writer is registered (while one is, only now and then, to clear away a
+  host that died without deregistering: it counts as gone when its expiry passes). A supervisor
+  that deregisters wakes the readers blocked in a read (``CLIENT UNBLOCK`` of the client ids
+  they registered), so that they look at once.
 
 Every call here can raise ``redis.exceptions.ConnectionError`` (or ``TimeoutError``); retrying
 with backoff and telling the operator is the caller's decision.
@@ -37,11 +42,10 @@ from typing import Any
 
 import redis
 
-# How long one blocking read waits before the reader looks at its stop descriptor again (and,
-# once no writer is registered, whether the input has ended). Short, as a read that began just
-# before the last writer left is not woken by ``wake_readers``; an idle reader costs Redis one
-# pipeline per read, as its look at the end is skipped while writers are registered.
-READ_BLOCK_MS = 20
+# How long one blocking read waits before the reader looks at its stop descriptor again (an idle
+# reader costs Redis one pipeline per read: it looks whether the input has ended only now and
+# then while writers are registered).
+READ_BLOCK_MS = 100
 
 
 def connect(url: str, *, timeout_s: float = 5.0) -> redis.Redis:
@@ -169,8 +173,8 @@ class Stream:
 
     def read(self, consumer: str, block_ms: int | None = None, acknowledge: tuple[str, ...] = ()) -> Entry | None:
         """The next entry no consumer has had, or None when none came within ``block_ms``
-        (default: ``READ_BLOCK_MS``); ``writers_left`` says whether a writer was registered when
-        the read began.
+        (default ``READ_BLOCK_MS``; 0: do not wait); ``writers_left`` then says whether a writer
+        was registered when the read ended.
 
         Args:
             acknowledge: entries to acknowledge first, in the same round trip (a reader's last
@@ -181,9 +185,9 @@ class Stream:
         pipe = self.client.pipeline(transaction=False)
         if acknowledge:
             self._acknowledge(pipe, acknowledge)
-        pipe.hlen(self.names.writers)  # whether the writers are still there, for the next read
-        pipe.xreadgroup(self.names.group, consumer, {self.names.stream: ">"}, count=1, block=block_ms)
-        *_, writers, found = pipe.execute()
+        pipe.xreadgroup(self.names.group, consumer, {self.names.stream: ">"}, count=1, block=block_ms or None)
+        pipe.hlen(self.names.writers)  # after the read: a read that the end woke sees the end
+        *_, found, writers = pipe.execute()
         self.writers_left = writers > 0
         for _stream, entries in found or ():
             for raw_id, fields in entries:

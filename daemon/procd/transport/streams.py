@@ -9,6 +9,10 @@ interface. What differs from the local backends:
 - The slot file holds the entry id (message kind ``ENTRY``), so a killed reader's entry is
   claimed by the slot's next process at once (``XCLAIM``); an entry whose consumer went silent
   for ``claim_after`` (its host died) is taken by any reader on any host (``XAUTOCLAIM``).
+  ``done`` does not wait for Redis: the acknowledgement goes with the next read, in its round
+  trip, and until then the slot names the consumer (message kind ``READING``), so a process
+  killed in between leaves the entry to the slot's next process, which delivers it again (as
+  when a kill lands just before an acknowledgement). A reader told to stop acknowledges first.
 - The bound is the group's lag, which no dead process can hold: ``reclaim`` has nothing to do.
 - End of stream is agreed through Redis: the supervisor registers itself as a writer for every
   upstream stage it runs and renews that with a heartbeat (``housekeep``); each writing process
@@ -48,6 +52,9 @@ _CLAIM_CHECKS_PER_WINDOW = 4
 # How often a reader looks whether its input has ended while not every upstream stage has
 # registered a writer yet (once they all have and none is left, it looks after every empty read).
 _SEEN_CHECK_S = 0.1
+# How long a reader whose writers have all gone waits between looks, while other readers finish
+# the last entries.
+_ENDING_PAUSE_S = 0.01
 
 
 def encode(codec: str, items: list[Any]) -> bytes:
@@ -182,7 +189,11 @@ class RedisInput(Input):
 
 
 class _TryAgain(Exception):
-    """Nothing arrived this time; the reader looks again."""
+    """Nothing arrived this time; the reader looks again after ``wait_s``."""
+
+    def __init__(self, wait_s: float = 0.0) -> None:
+        super().__init__(wait_s)
+        self.wait_s = wait_s
 
 
 def _patiently(call: Any) -> Any:
@@ -313,6 +324,7 @@ class RedisReader(Reader):
         self._handled: list[str] = []  # entries handed on, acknowledged with the next read
         self._next_claim = 0.0
         self._next_end_check = 0.0  # while writers are registered, look at the end only this often
+        self._busy = True  # the last read brought an entry (or none was made yet)
 
     def receive(self, stop_fd: int | None = None) -> list[Any] | None:
         pause = 0.05
@@ -322,8 +334,12 @@ class RedisReader(Reader):
                 raise Interrupted
             try:
                 return self._receive()
-            except _TryAgain:
+            except _TryAgain as again:
                 pause = 0.05
+                if again.wait_s and stop_fd is not None:
+                    select.select([stop_fd], [], [], again.wait_s)
+                elif again.wait_s:
+                    time.sleep(again.wait_s)
             except (redis.ConnectionError, redis.TimeoutError):  # the server is away: wait for it
                 self._registered = False  # a new connection has a new client id
                 if stop_fd is not None and select.select([stop_fd], [], [], pause)[0]:
@@ -347,8 +363,18 @@ class RedisReader(Reader):
                 stream.register_reader(self._place)
                 self._registered = True
             self._mark_reading()
-            entry = stream.read(self._consumer, acknowledge=tuple(self._handled))
+            # A read that finds nothing waits (blocks) only while writers are registered, and
+            # Redis's writers' count comes after the read: so, right after a batch, a look that
+            # does not wait comes first, and the count it brings says whether to wait at all
+            # (the last writer may have left, and woken the blocked readers, while this one was
+            # busy). Redis ends a blocked read late when idle (100 ms at its default hz = 10).
+            ending = stream.writers_seen and not stream.writers_left
+            handled = tuple(self._handled)
+            entry = stream.read(self._consumer, 0 if self._busy or ending else None, acknowledge=handled)
             self._handled.clear()
+            if entry is None and self._busy and stream.writers_left:
+                entry = stream.read(self._consumer)
+            self._busy = entry is not None
         if entry is None:
             if now < self._next_end_check and (stream.writers_left or not stream.writers_seen):
                 raise _TryAgain  # a writer may still send, or none has come yet: look later
@@ -360,7 +386,8 @@ class RedisReader(Reader):
             # saying so stays registered until a look clears it
             wait_s = endpoint.claim_after_s / _CLAIM_CHECKS_PER_WINDOW if stream.writers_left else _SEEN_CHECK_S
             self._next_end_check = now + wait_s
-            raise _TryAgain
+            ending = stream.writers_seen and not stream.writers_left
+            raise _TryAgain(_ENDING_PAUSE_S if ending else 0.0)  # other readers finish the backlog
         self._hold(entry.id, entry.count, entry.deliveries)
         return decode(endpoint.codec, entry.payload)
 
