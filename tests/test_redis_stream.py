@@ -175,6 +175,27 @@ def test_the_end_of_the_input_wakes_a_reader_blocked_in_a_read(
     queue.close()
 
 
+def test_a_reader_busy_when_the_last_writer_left_sees_the_end_without_waiting(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end's wake-up reaches only readers blocked in a read; one that was handing a batch on
+    looks without waiting first, and that look says no writer is left (were it to wait, its read
+    would outlast the client's socket timeout and the test its own)."""
+    monkeypatch.setattr(redisstream, "READ_BLOCK_MS", 600_000)
+    queue = _input(server)
+    endpoint = queue.endpoint()
+    writer = endpoint.writer()
+    writer.send(["last"])
+    writer.close()
+    reader = endpoint.reader(None)
+    assert reader.receive() == ["last"]
+    queue.end()  # meanwhile: the last writer leaves; nobody is blocked, so nobody is woken
+    reader.done()
+    assert reader.receive() is None
+    reader.close()
+    queue.close()
+
+
 def test_an_idle_reader_costs_one_round_trip_per_read_while_writers_are_registered(server: RedisServer) -> None:
     """It reads the writers' count in its read's pipeline, and looks at the end (SMEMBERS,
     HGETALL, XINFO) only now and then while a writer is registered."""
