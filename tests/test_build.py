@@ -493,7 +493,8 @@ def test_a_state_directory_inside_the_project_is_not_part_of_it(ws: Workspace) -
 
 
 def test_what_a_killed_build_left_is_removed_by_the_next(ws: Workspace) -> None:
-    from procd import config, environment
+    from procd import config
+    from procd.launch import environment
 
     setuptools_project(ws, "stages", "1.0", dependencies="[]")
     path = pipeline(ws, '["stages"]')

@@ -304,7 +304,8 @@ def test_a_second_daemon_for_the_same_socket_is_refused_and_default_path(ws: Wor
 
 
 def test_the_command_table_is_the_one_source_of_verbs_and_requests() -> None:
-    from procd import cli, control
+    from procd import cli
+    from procd.ops import control
 
     verbs = {name for name, command in control.COMMANDS.items() if command.verb}
     assert verbs == set(cli._VERBS) == {"status", "stop", "reload", "scale"}
@@ -387,8 +388,8 @@ def _import_what_run_imports() -> None:
     import structlog  # noqa: F401  (procd.log imports it only when it builds a logger)
 
     import procd.log
-    import procd.notify
-    import procd.supervisor  # noqa: F401
+    import procd.ops.notify
+    import procd.supervisor.core  # noqa: F401
 
 
 def _victim(argv: list[str], cwd: str, output: tuple[int, int] | None = None) -> int:
@@ -575,9 +576,10 @@ def test_under_systemd_the_socket_is_in_runtime_directory(ws: Workspace) -> None
 def test_a_handler_that_fails_is_answered_and_logged_never_fatal(ws: Workspace) -> None:
     import io
 
-    from procd import config, control
+    from procd import config
     from procd.log import open_logger
-    from procd.supervisor import Supervisor
+    from procd.ops import control
+    from procd.supervisor.core import Supervisor
 
     ws.pipeline('[stages.a]\ncommand = ["true"]\n')
     spec = config.load_pipeline(str(ws.path / f"{ws.name}.toml"))

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from procd.loop import READ, WRITE, Loop
+from procd.supervisor.loop import READ, WRITE, Loop
 
 
 class Clock:

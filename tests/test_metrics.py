@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 
 from conftest import Workspace, processes_titled, read_records, wait_until
-from procd.metrics import MAX_SCRAPERS
+from procd.ops.metrics import MAX_SCRAPERS
 
 STAGES = """
 import itertools, time
@@ -145,7 +145,7 @@ def test_idle_connections_cannot_starve_the_supervisor(ws: Workspace) -> None:
 
 
 def test_a_listener_keeps_descriptors_in_reserve_and_pauses_instead_of_spinning() -> None:
-    from procd.connections import PAUSE_S, RESERVE_FDS, Listener
+    from procd.ops.connections import PAUSE_S, RESERVE_FDS, Listener
 
     pid = os.fork()
     if pid == 0:  # in a child: the descriptor limit changes
@@ -227,7 +227,7 @@ def test_stage_totals_never_go_backwards_across_scale_restart_and_reload(ws: Wor
 
 
 def test_the_rate_window_in_the_help_is_the_supervisors() -> None:
-    from procd import metrics, status
+    from procd.ops import metrics, status
 
     reply = {"pipeline": "p", "uptime_s": 1, "items_per_s": 5.0, "rate_window_s": 1.0, "stages": []}
     assert f"over the last {status.RATE_WINDOW_S:g}s" in metrics.render(reply)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from conftest import Workspace, read_records, wait_until
-from procd.notify import Notifier
+from procd.ops.notify import Notifier
 
 STAGES = """
 import itertools, time

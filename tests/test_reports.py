@@ -10,7 +10,7 @@ from procd import reports
 @pytest.mark.parametrize(
     "report",
     [
-        reports.Ready(),
+        reports.WorkerReady(),
         reports.Error("KeyError", "'id'", item="{'x': 1}", traceback="Traceback ..."),
         reports.ExecFailed(2, "No such file or directory", "nosuch"),
         reports.Counts(items_in=3, items_out=7),

@@ -11,7 +11,7 @@ import sys
 from conftest import Workspace
 
 # Modules that cost a command tens of milliseconds (bench/README.md, "Start-up").
-HEAVY = ("argparse", "structlog", "dataclasses", "asyncio.base_events", "ssl", "tomllib", "procd.supervisor")
+HEAVY = ("argparse", "structlog", "dataclasses", "asyncio.base_events", "ssl", "tomllib", "procd.supervisor.core")
 
 
 def _modules_after(argv: list[str], cwd: str) -> tuple[int, set[str]]:
@@ -39,8 +39,8 @@ def test_version_imports_nothing_beyond_the_cli(ws: Workspace) -> None:
 def test_status_and_check_import_neither_the_supervisor_nor_structlog(ws: Workspace) -> None:
     code, modules = _modules_after(["status", "--control", str(ws.path / "none.sock")], str(ws.path))
     assert code == 1  # no pipeline there: said so, and the imports are what was needed to say it
-    assert "procd.control" in modules
-    assert not modules & {"structlog", "procd.supervisor", "procd.config", "tomllib", "asyncio.base_events"}
+    assert "procd.ops.control" in modules
+    assert not modules & {"structlog", "procd.supervisor.core", "procd.config", "tomllib", "asyncio.base_events"}
 
     ws.write("st.py", "def numbers():\n    yield 1\n\ndef drop(item):\n    pass\n")
     ws.pipeline(
@@ -48,7 +48,13 @@ def test_status_and_check_import_neither_the_supervisor_nor_structlog(ws: Worksp
     )
     code, modules = _modules_after(["check", f"{ws.name}.toml"], str(ws.path))
     assert code == 0
-    assert not modules & {"structlog", "procd.supervisor", "procd.environment", "asyncio.base_events", "ssl"}
+    assert not modules & {
+        "structlog",
+        "procd.supervisor.core",
+        "procd.launch.environment",
+        "asyncio.base_events",
+        "ssl",
+    }
 
 
 # The stage module is imported in the worker, after the fork: what it finds already run in

@@ -20,8 +20,8 @@ from structlog.testing import capture_logs
 
 from conftest import Workspace
 from procd import callables
-from procd.loop import AutojumpClock
-from procd.supervisor import Supervisor
+from procd.supervisor.core import Supervisor
+from procd.supervisor.loop import AutojumpClock
 
 _PR_SET_CHILD_SUBREAPER = 36
 

@@ -100,7 +100,7 @@ def _reader_process(
                 os.close(fd)
             except OSError:  # the input has ended: this process never had it
                 pass
-        held_slot = slot.Slot(slot_fd) if slot_fd is not None else None
+        held_slot = slot.SlotFile(slot_fd) if slot_fd is not None else None
         reader = endpoint.reader(held_slot)
         held = reader.held()
         if held is not None:
@@ -223,7 +223,7 @@ def test_items_of_a_user_class_travel_and_the_slot_header_counts_them_without_un
     endpoint = queue.endpoint()
     fd = slot.create(slot.MESSAGE_CAPACITY)
     try:
-        writer, reader = _own(endpoint, "writer").writer(), _own(endpoint, "reader").reader(slot.Slot(fd))
+        writer, reader = _own(endpoint, "writer").writer(), _own(endpoint, "reader").reader(slot.SlotFile(fd))
         points = [Point(n, str(n)) for n in range(3)]
         writer.send(points)
         assert reader.receive() == points

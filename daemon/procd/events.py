@@ -45,7 +45,7 @@ def parse_when(text: str, now: float) -> float:
 
 
 @dataclass
-class Reader:
+class RecordReader:
     """Turns lines into records, counting the lines that are not procd's."""
 
     skipped: int = 0

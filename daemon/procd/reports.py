@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 
 @dataclass(frozen=True)
-class Ready:
+class WorkerReady:
     """The worker finished its set-up (imports, exec) and is processing."""
 
     kind: ClassVar[str] = "ready"
@@ -65,8 +65,8 @@ class DeadLettered:
     item_repr: str | None = None  # its repr, when it is not JSON
 
 
-Report = Ready | Error | ExecFailed | Counts | DeadLettered
-_KINDS: dict[str, type[Report]] = {cls.kind: cls for cls in (Ready, Error, ExecFailed, Counts, DeadLettered)}
+Report = WorkerReady | Error | ExecFailed | Counts | DeadLettered
+_KINDS: dict[str, type[Report]] = {cls.kind: cls for cls in (WorkerReady, Error, ExecFailed, Counts, DeadLettered)}
 
 
 def encode(report: Report) -> bytes:

@@ -74,3 +74,12 @@ def reset_in_child() -> None:
     signal.set_wakeup_fd(-1)
     for signum in HANDLED:
         signal.signal(signum, signal.SIG_DFL)
+
+
+def stop_fd_on_sigterm() -> int:
+    """Make SIGTERM mean "finish the current batch, then end": returns a descriptor that becomes
+    readable when SIGTERM arrives (Python's wake-up fd; SIGTERM is the only signal handled)."""
+    read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
+    return read_fd

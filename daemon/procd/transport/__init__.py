@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from procd.config import QueueSpec
-from procd.transport.slot import Slot
+from procd.transport.slot import SlotFile
 
 _BACKENDS = {"memory": "local", "sqlite": "sqlite", "redis": "streams"}
 
@@ -173,12 +173,12 @@ class Endpoint(abc.ABC):
         """Descriptors a writing worker keeps."""
 
     @abc.abstractmethod
-    def writer(self, slot: Slot | None = None, token: int = 0) -> Writer:
+    def writer(self, slot: SlotFile | None = None, token: int = 0) -> Writer:
         """A writer; ``slot`` (with the output's number, ``token``, among the worker's outputs)
         lets the supervisor give back capacity this process held if it is killed mid-send."""
 
     @abc.abstractmethod
-    def reader(self, slot: Slot | None = None, *, keep_batch: bool = True, worker: int = 0) -> Reader:
+    def reader(self, slot: SlotFile | None = None, *, keep_batch: bool = True, worker: int = 0) -> Reader:
         """A reader; with ``keep_batch`` each batch is received into ``slot`` and held there until
         ``done`` (at-least-once), else only the capacity is tracked there. ``worker`` is the
         reading worker's index in its stage (a shared backend names its consumer with it)."""

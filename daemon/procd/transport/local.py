@@ -18,7 +18,7 @@ The bound: an ``eventfd`` counts free message slots (``ceil(maxsize / batch)``).
 one before it sends (waiting while the input is full: backpressure), a reader gives one back
 after each receive. Taking and sending (or receiving and giving back) are two system calls, and a
 process can be killed between them; so each process marks in its slot file's header, before the
-first call, that it may hold a unit (``Slot.input_token``, ``Slot.output_token``), and clears the
+first call, that it may hold a unit (``SlotFile.input_token``, ``SlotFile.output_token``), and clears the
 mark after the second. When a process dies with the mark set, the supervisor gives the unit back
 (``LocalInput.reclaim``). The marks are set before the call that takes and cleared after the
 one that passes the unit on, so a mark is never missing while a unit is held: a killed process
@@ -53,7 +53,7 @@ from procd.transport.slot import (
     SPILLED,
     WAITING_INPUT,
     WAITING_OUTPUT,
-    Slot,
+    SlotFile,
 )
 
 # The socket buffer (a byte bound besides the slot count): raised to this where the kernel allows
@@ -104,10 +104,10 @@ class LocalEndpoint(Endpoint):
     def writer_fds(self) -> set[int]:
         return {self.write_fd, self.slots_fd}
 
-    def writer(self, slot: Slot | None = None, token: int = 0) -> Writer:
+    def writer(self, slot: SlotFile | None = None, token: int = 0) -> Writer:
         return LocalWriter(self, slot, token)
 
-    def reader(self, slot: Slot | None = None, *, keep_batch: bool = True, worker: int = 0) -> Reader:
+    def reader(self, slot: SlotFile | None = None, *, keep_batch: bool = True, worker: int = 0) -> Reader:
         return LocalReader(self, slot, keep_batch=keep_batch)
 
 
@@ -191,7 +191,9 @@ def attached_writer(fields: dict[str, Any], fds: list[int]) -> Writer:
 class LocalWriter(Writer):
     """Sends batches: takes a unit of the bound, then sends (see the module docstring)."""
 
-    def __init__(self, endpoint: LocalEndpoint, slot: Slot | None, token: int, *, owns_slots_fd: bool = False) -> None:
+    def __init__(
+        self, endpoint: LocalEndpoint, slot: SlotFile | None, token: int, *, owns_slots_fd: bool = False
+    ) -> None:
         self._endpoint = endpoint
         self._sock = socket.socket(fileno=endpoint.write_fd)
         self._slots_fd = endpoint.slots_fd
@@ -255,7 +257,7 @@ class LocalWriter(Writer):
 class LocalReader(Reader):
     """Receives batches, into the slot file when there is one (see ``slot``)."""
 
-    def __init__(self, endpoint: LocalEndpoint, slot: Slot | None, *, keep_batch: bool = True) -> None:
+    def __init__(self, endpoint: LocalEndpoint, slot: SlotFile | None, *, keep_batch: bool = True) -> None:
         self._endpoint = endpoint
         self._sock = socket.socket(fileno=endpoint.read_fd)
         self._slots_fd = endpoint.slots_fd

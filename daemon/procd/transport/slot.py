@@ -110,7 +110,7 @@ def clear_tokens(fd: int) -> None:
     os.pwrite(fd, struct.pack("<iiI", 0, NO_TOKEN, RUNNING), _IN_TOKEN)
 
 
-class Slot:
+class SlotFile:
     """The worker's side: a shared mapping of the slot file."""
 
     def __init__(self, fd: int) -> None:

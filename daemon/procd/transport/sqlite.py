@@ -34,7 +34,7 @@ from procd.transport.local import (
     make_spill_dir,
     open_pair,
 )
-from procd.transport.slot import MESSAGE, ROW, Slot
+from procd.transport.slot import MESSAGE, ROW, SlotFile
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -104,10 +104,10 @@ class SqliteEndpoint(LocalEndpoint):
     def durable(self) -> bool:
         return True
 
-    def writer(self, slot: Slot | None = None, token: int = 0) -> Writer:
+    def writer(self, slot: SlotFile | None = None, token: int = 0) -> Writer:
         return SqliteWriter(self, slot, token)
 
-    def reader(self, slot: Slot | None = None, *, keep_batch: bool = True, worker: int = 0) -> Reader:
+    def reader(self, slot: SlotFile | None = None, *, keep_batch: bool = True, worker: int = 0) -> Reader:
         return SqliteReader(self, slot, keep_batch=keep_batch)
 
 
@@ -151,7 +151,9 @@ def attached_writer(fields: dict[str, Any], fds: list[int]) -> Writer:
 class SqliteWriter(LocalWriter):
     """Writes each batch as a row, then rings its doorbell."""
 
-    def __init__(self, endpoint: SqliteEndpoint, slot: Slot | None, token: int, *, owns_slots_fd: bool = False) -> None:
+    def __init__(
+        self, endpoint: SqliteEndpoint, slot: SlotFile | None, token: int, *, owns_slots_fd: bool = False
+    ) -> None:
         super().__init__(endpoint, slot, token, owns_slots_fd=owns_slots_fd)
         self._store_path = endpoint.store_path
         self._store: Store | None = None  # opened on first send
@@ -171,7 +173,7 @@ class SqliteWriter(LocalWriter):
 class SqliteReader(LocalReader):
     """Receives doorbells into the slot, loads and acknowledges rows."""
 
-    def __init__(self, endpoint: SqliteEndpoint, slot: Slot | None, *, keep_batch: bool = True) -> None:
+    def __init__(self, endpoint: SqliteEndpoint, slot: SlotFile | None, *, keep_batch: bool = True) -> None:
         super().__init__(endpoint, slot, keep_batch=keep_batch)
         self._store = Store(endpoint.store_path)
         self._row = 0  # the row of the batch in hand

@@ -42,7 +42,7 @@ from procd.config import QueueSpec
 from procd.config import redact_url as redact
 from procd.transport import Endpoint, Held, Input, Interrupted, Reader, Unavailable, Writer, encoded
 from procd.transport.redisstream import Entry, Names, Stream, connect
-from procd.transport.slot import ENTRY, MESSAGE, NO_TOKEN, RUNNING, WAITING_INPUT, WAITING_OUTPUT, Slot
+from procd.transport.slot import ENTRY, MESSAGE, NO_TOKEN, RUNNING, WAITING_INPUT, WAITING_OUTPUT, SlotFile
 
 READING = b"r"[0]  # a slot message that is not a batch: the consumer name a process reads as
 
@@ -101,10 +101,10 @@ class RedisEndpoint(Endpoint):
     def writer_fds(self) -> set[int]:
         return set()
 
-    def writer(self, slot: Slot | None = None, token: int = 0) -> Writer:
+    def writer(self, slot: SlotFile | None = None, token: int = 0) -> Writer:
         return RedisWriter(self, slot)
 
-    def reader(self, slot: Slot | None = None, *, keep_batch: bool = True, worker: int = 0) -> Reader:
+    def reader(self, slot: SlotFile | None = None, *, keep_batch: bool = True, worker: int = 0) -> Reader:
         return RedisReader(self, slot if keep_batch else None, worker)
 
     def __repr__(self) -> str:  # the URL may carry a password
@@ -272,7 +272,7 @@ def attached_writer(fields: dict[str, Any], fds: list[int]) -> Writer:
 class RedisWriter(Writer):
     """Appends batches as entries; registered as a live writer while it sends."""
 
-    def __init__(self, endpoint: RedisEndpoint, slot: Slot | None) -> None:
+    def __init__(self, endpoint: RedisEndpoint, slot: SlotFile | None) -> None:
         self._endpoint = endpoint
         self._slot = slot
         self._client = connect(endpoint.url)
@@ -312,7 +312,7 @@ class RedisReader(Reader):
     """Reads entries for one consumer (host, pid, stage, worker index) and keeps the one in hand
     in the slot."""
 
-    def __init__(self, endpoint: RedisEndpoint, slot: Slot | None, worker: int = 0) -> None:
+    def __init__(self, endpoint: RedisEndpoint, slot: SlotFile | None, worker: int = 0) -> None:
         self._endpoint = endpoint
         self._slot = slot
         self._client = connect(endpoint.url)

@@ -33,28 +33,14 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from procd import (
-    config,
-    control,
-    environment,
-    loop,
-    plan,
-    procctl,
-    procinfo,
-    reaper,
-    reloadcheck,
-    signals,
-    status,
-    transport,
-    worker,
-)
-from procd.child import Output
+from procd import config, plan, procctl, procinfo, reaper, signals, transport
 from procd.config import PipelineSpec
-from procd.connections import PAUSE_S, Connection, Listener
-from procd.control import Client, ControlError, ControlServer, default_path
-from procd.environment import BuildError, Environment
+from procd.context import Output
 from procd.errors import ConfigError, Problem, StoreError
-from procd.forkserver import ForkServer
+from procd.launch import environment, reloadcheck
+from procd.launch.environment import BuildError, Environment
+from procd.launch.forkserver import ForkServer
+from procd.launch.spawn import start_forkserver
 from procd.lifecycle import (
     Action,
     ArmTimer,
@@ -79,12 +65,15 @@ from procd.lifecycle import (
     step,
 )
 from procd.log import RecordWriter
-from procd.notify import Notifier
+from procd.ops import control, status
+from procd.ops.connections import PAUSE_S, Connection, Listener
+from procd.ops.control import Client, ControlError, ControlServer, default_path
+from procd.ops.notify import Notifier
 from procd.restarts import RestartHistory, backoff_delay
-from procd.spawn import start_forkserver
+from procd.supervisor import loop, slots
+from procd.supervisor.slots import WorkerSlot
 from procd.throttle import OutputThrottle
 from procd.transport import Input
-from procd.worker import Slot
 
 # Annotations only: the metrics classes are imported by a pipeline that serves metrics, and
 # importing structlog's typing module would load all of structlog, asyncio included, before
@@ -92,7 +81,7 @@ from procd.worker import Slot
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
-    from procd.metrics import HttpClient, MetricsServer
+    from procd.ops.metrics import HttpClient, MetricsServer
 
 TERMINAL = (State.EXITED, State.FATAL)
 # Processes that scale and reload start at once at most, then per second: a request for many
@@ -104,7 +93,7 @@ SPAWN_RATE_PER_S = 64.0
 _HELD_OPEN_AFTER_S = 1.0
 _LINE_LIMIT = 4096
 
-TimerKey = tuple[Slot, Timer]
+TimerKey = tuple[WorkerSlot, Timer]
 
 
 @dataclasses.dataclass
@@ -144,33 +133,33 @@ class Supervisor:
         self.rand = rand
         self.histories = {s.name: RestartHistory(s.restart.max, s.restart.within_s) for s in spec.stages}
         self.slots = [
-            Slot(stage, i)
+            WorkerSlot(stage, i)
             for stage in plan.topological_order(spec)
             if spec.runs_here(stage.name)
             for i in range(stage.processes)
         ]
-        self.by_pid: dict[int, Slot] = {}
+        self.by_pid: dict[int, WorkerSlot] = {}
         self.channels: dict[str, Input] = {}  # each stage's current input
         self.retired: list[Input] = []  # inputs replaced by a reload, still draining
         # stages whose every process has ended (those another host runs: from the start, here)
         self.finished: set[str] = {s.name for s in spec.stages if not spec.runs_here(s.name)}
         self.transport_down: set[str] = set()  # inputs whose shared backend cannot be reached now
         self.timers: dict[TimerKey, float] = {}
-        self.ready: set[Slot] = set()
+        self.ready: set[WorkerSlot] = set()
         self.ready_logged = False
-        self.regrouping: list[Slot] = []  # stopped for a rest_for_one restart, started once all have ended
+        self.regrouping: list[WorkerSlot] = []  # stopped for a rest_for_one restart, started once all have ended
         self.notifier = notifier or Notifier(None, None)
         self.deadlines: dict[str, float] = {}  # the loop's own: "watchdog", "status", "output", "starts"
         self.status_sent = ("", 0.0)  # the last STATUS= line and when it went
         self.ledger = status.Ledger(self.started_at)  # stage totals and rates, for every view
         self.notify_failed = False
         self.dead_letters: dict[str, int] = {}
-        self.throttles: dict[Slot, OutputThrottle] = {}  # each worker slot's output budget
+        self.throttles: dict[WorkerSlot, OutputThrottle] = {}  # each worker slot's output budget
         self.forkserver: ForkServer | None = None  # started on first need (start_method = "forkserver")
         self.stopping = False
         self.stop_deadline = 0.0
         self.second_stop: str | None = None  # the signal that asked to stop a second time
-        self.start_queue: list[Slot] = []  # started by scale or reload, waiting for their turn
+        self.start_queue: list[WorkerSlot] = []  # started by scale or reload, waiting for their turn
         self.spawn_tokens = float(SPAWN_BURST)
         self.tokens_at = clock()
         self.failed: list[str] = []
@@ -203,7 +192,7 @@ class Supervisor:
         try:
             metrics = None
             if self.spec.metrics:
-                from procd.metrics import MetricsServer  # only a pipeline that asks serves metrics
+                from procd.ops.metrics import MetricsServer  # only a pipeline that asks serves metrics
 
                 metrics = MetricsServer(*self.spec.metrics)
         except OSError as exc:
@@ -381,7 +370,7 @@ class Supervisor:
 
     # -- state changes ----------------------------------------------------------------------------
 
-    def _policy(self, slot: Slot, event: Event | None = None) -> Policy:
+    def _policy(self, slot: WorkerSlot, event: Event | None = None) -> Policy:
         """The restart policy in force for ``slot`` now: none while stopping; none for a process
         that ended cleanly after its input had ended (a new one would only see the end again)
         unless the slot holds a batch its next process must deliver. A process that failed after
@@ -395,25 +384,25 @@ class Supervisor:
             return Policy(Restart.NO)
         return Policy(stage.restart.policy, self.histories[stage.name].exceeded(self.clock()))
 
-    def _holds_batch(self, slot: Slot) -> bool:
+    def _holds_batch(self, slot: WorkerSlot) -> bool:
         """The slot file's header says a batch is held (read as numbers: nothing is unpickled)."""
         return slot.slot_fd is not None and transport.slot.read(slot.slot_fd).holds
 
-    def _saw_input_end(self, slot: Slot) -> bool:
+    def _saw_input_end(self, slot: WorkerSlot) -> bool:
         """The slot file's header says its process received its input's end of stream."""
         return slot.slot_fd is None or bool(transport.slot.read(slot.slot_fd).input_ended)
 
-    def _input_ended(self, slot: Slot) -> bool:
+    def _input_ended(self, slot: WorkerSlot) -> bool:
         channel = slot.input or self.channels.get(slot.stage.name)
         return channel is not None and channel.ended
 
-    def _feed(self, slot: Slot, event: Event) -> None:
+    def _feed(self, slot: WorkerSlot, event: Event) -> None:
         transition = step(slot.state, event, self._policy(slot, event))
         slot.state = transition.state
         for action in transition.actions:
             self._do(slot, action)
 
-    def _do(self, slot: Slot, action: Action) -> None:
+    def _do(self, slot: WorkerSlot, action: Action) -> None:
         if isinstance(action, Spawn):
             self._spawn(slot)
         elif isinstance(action, Signal):
@@ -430,10 +419,10 @@ class Supervisor:
         elif isinstance(action, CancelTimer):
             self.timers.pop((slot, action.timer), None)
 
-    def _bound(self, slot: Slot) -> FilteringBoundLogger:
+    def _bound(self, slot: WorkerSlot) -> FilteringBoundLogger:
         return self.log.bind(stage=slot.stage.name, worker=slot.index, pid=slot.pid, generation=slot.generation)
 
-    def _spawn(self, slot: Slot) -> None:
+    def _spawn(self, slot: WorkerSlot) -> None:
         slot.input = self.channels.get(slot.stage.name)
         slot.outputs = [self.channels[reader.name] for reader in self.spec.readers(slot.stage.name)]
         try:
@@ -447,7 +436,7 @@ class Supervisor:
             if start_method == "forkserver" and self.forkserver is None:
                 self.forkserver = start_forkserver(f"procd: {self.spec.name} forkserver", python)
                 self.log.info("forkserver_started", pid=self.forkserver.pid)
-            pid = worker.start(
+            pid = slots.start(
                 slot,
                 server=self.forkserver,
                 python=python,
@@ -482,7 +471,7 @@ class Supervisor:
         self._bound(slot).info("worker_spawned", title=f"procd: {self.spec.name}/{slot.name}")
         self._feed(slot, Spawned(pid))
 
-    def _signal(self, slot: Slot, signum: int, *, group: bool = True) -> None:
+    def _signal(self, slot: WorkerSlot, signum: int, *, group: bool = True) -> None:
         if slot.pid is None:
             return
         if signum == signal.SIGKILL:
@@ -574,7 +563,7 @@ class Supervisor:
         if slot.state is State.BACKOFF and slot.stage.strategy == "rest_for_one":
             self._stop_group(slot)
 
-    def _check_held(self, slot: Slot, event: Exited) -> None:
+    def _check_held(self, slot: WorkerSlot, event: Exited) -> None:
         """After a process ended: give back the queue capacity its slot file says it may have
         held; if it held a batch, its slot's next process will deliver it again."""
         if slot.slot_fd is None:
@@ -619,7 +608,7 @@ class Supervisor:
                 ),
             )
 
-    def _remove(self, slot: Slot) -> None:
+    def _remove(self, slot: WorkerSlot) -> None:
         """A retired slot leaves for good."""
         self.slots.remove(slot)
         self.ready.discard(slot)
@@ -628,7 +617,7 @@ class Supervisor:
             os.close(slot.slot_fd)
             slot.slot_fd = None
 
-    def _stop_group(self, failed: Slot) -> None:
+    def _stop_group(self, failed: WorkerSlot) -> None:
         """rest_for_one: the failed stage's other workers and every stage downstream of it stop
         (readers finish their batch) and start again, upstream first, once all have ended."""
         stages = {failed.stage.name} | {
@@ -664,7 +653,7 @@ class Supervisor:
             member.regrouping = False
             self._feed(member, StartRequested())
 
-    def _after_end(self, slot: Slot, cause: str | None) -> None:
+    def _after_end(self, slot: WorkerSlot, cause: str | None) -> None:
         """After a process ended (or never started): a restart is on its way, or the stage gave
         up, or a failure stops the pipeline."""
         if slot.state is State.BACKOFF:
@@ -688,7 +677,7 @@ class Supervisor:
             self.failed.append(f"{slot.name}: {cause}")
             self._request_stop(f"{slot.name} failed: {cause}")
 
-    def _failure(self, slot: Slot, event: Exited) -> str | None:
+    def _failure(self, slot: WorkerSlot, event: Exited) -> str | None:
         """Why this exit is a failure, or None when it is the end procd expected."""
         if slot.forced:
             return f"killed by SIGKILL after {self._kill_cause()}"
@@ -704,7 +693,7 @@ class Supervisor:
             return None
         return slot.failure or f"exited with {event.describe()}"
 
-    def _read_reports(self, slot: Slot) -> None:
+    def _read_reports(self, slot: WorkerSlot) -> None:
         for line in self._read_lines(slot, "report"):
             try:
                 report = json.loads(line)
@@ -738,7 +727,7 @@ class Supervisor:
             else:
                 bound.warning("worker_report_invalid", line=line[:_LINE_LIMIT])
 
-    def _read_output(self, slot: Slot) -> None:
+    def _read_output(self, slot: WorkerSlot) -> None:
         """Each line the worker printed is a ``worker_output`` record, as far as its budget goes
         (``throttle``); the rest is counted and reported once a second, and when it ends."""
         now = self.clock()
@@ -757,7 +746,7 @@ class Supervisor:
         elif due is not None:
             self.deadlines["output"] = min(self.deadlines.get("output", due), due)
 
-    def _report_suppressed(self, slot: Slot, throttle: OutputThrottle, now: float) -> None:
+    def _report_suppressed(self, slot: WorkerSlot, throttle: OutputThrottle, now: float) -> None:
         taken = throttle.take(now)
         if taken is None:
             return
@@ -783,11 +772,11 @@ class Supervisor:
         if pending:
             self.deadlines["output"] = min(pending)
 
-    def _read_lines(self, slot: Slot, which: str) -> list[str]:
+    def _read_lines(self, slot: WorkerSlot, which: str) -> list[str]:
         """Read what is there without blocking; return complete lines (all of them at EOF)."""
         return [raw.decode("utf-8", errors="replace") for raw in self._read_raw_lines(slot, which)]
 
-    def _read_raw_lines(self, slot: Slot, which: str) -> list[bytes]:
+    def _read_raw_lines(self, slot: WorkerSlot, which: str) -> list[bytes]:
         """``_read_lines``, undecoded: a flood of output is counted, not decoded."""
         fd = slot.report_fd if which == "report" else slot.output_fd
         if fd is None:
@@ -823,7 +812,7 @@ class Supervisor:
                 slot.output_fd = None
         return lines
 
-    def _close_pipes(self, slot: Slot) -> None:
+    def _close_pipes(self, slot: WorkerSlot) -> None:
         """A reaped worker has written all it will: read the rest, then close (a grandchild that
         still holds a pipe must not keep it open)."""
         self._read_reports(slot)
@@ -1078,7 +1067,7 @@ class Supervisor:
             used = {s.index for s in self.slots if s.stage.name == name}
             free = (i for i in itertools.count() if i not in used)
             position = max(i for i, s in enumerate(self.slots) if s.stage.name == name) + 1
-            started = [Slot(stage, next(free)) for _ in range(processes - len(live))]
+            started = [WorkerSlot(stage, next(free)) for _ in range(processes - len(live))]
             self.slots[position:position] = started
         for slot in sorted(live, key=lambda s: s.index)[processes:]:
             slot.retiring = True
@@ -1105,7 +1094,7 @@ class Supervisor:
             "waiting": waiting,
         }
 
-    def _scale_producer(self, stage: config.StageSpec, live: list[Slot], processes: int) -> dict[str, Any]:
+    def _scale_producer(self, stage: config.StageSpec, live: list[WorkerSlot], processes: int) -> dict[str, Any]:
         """A sharded producer's every process is replaced by ``processes`` new ones, each with
         its shard of the new count (a process's share cannot change while it runs)."""
         if not stage.shardable:
@@ -1149,7 +1138,7 @@ class Supervisor:
             "resharded": True,
         }
 
-    def _start_paced(self, slots: list[Slot]) -> int:
+    def _start_paced(self, slots: list[WorkerSlot]) -> int:
         """Start ``slots`` at most ``SPAWN_BURST`` at once and ``SPAWN_RATE_PER_S`` after that (a
         token bucket); return how many still wait. A waiting slot shows as ``stopped``; one
         retired or stopped meanwhile is not started."""
@@ -1365,7 +1354,7 @@ class Supervisor:
             "unchanged": sorted(diff.unchanged),
         }
 
-    def _apply(self, new: PipelineSpec, diff: plan.ReloadPlan) -> tuple[list[Slot], list[Slot]]:
+    def _apply(self, new: PipelineSpec, diff: plan.ReloadPlan) -> tuple[list[WorkerSlot], list[WorkerSlot]]:
         """Make ``new`` the running pipeline: the changed and removed stages' processes leave
         (readers finish their batch), the changed and added stages' start (paced); return both.
 
@@ -1395,7 +1384,7 @@ class Supervisor:
         leaving = [s for s in self.slots if s.stage.name in removed | changed and s.state not in TERMINAL]
         generations = {(s.stage.name, s.index): s.generation for s in self.slots}
         arriving = [
-            Slot(stage, i, generation=generations.get((stage.name, i), 0))
+            WorkerSlot(stage, i, generation=generations.get((stage.name, i), 0))
             for stage in plan.topological_order(new)
             if stage.name in added | changed
             for i in range(stage.processes)
@@ -1559,7 +1548,7 @@ def _queued_batches(channel: Input) -> int | None:
     return channel.depth()
 
 
-def _ended(slot: Slot) -> bool:
+def _ended(slot: WorkerSlot) -> bool:
     """No process, and none to come (a slot stopped for a group restart will start again)."""
     return slot.state in TERMINAL and not slot.regrouping
 

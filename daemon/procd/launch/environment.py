@@ -596,7 +596,7 @@ def check_stage_code(
     env_vars = dict(os.environ)
     env_vars.pop("PYTHONPATH", None)
     code, out, err = _Steps(lambda line: None, tick or (lambda: None)).run(
-        [env.python, "-c", "from procd import environment; environment.report_check()"],
+        [env.python, "-c", "from procd.launch import environment; environment.report_check()"],
         cwd=spec.base_dir,
         env=env_vars,
         data=pickle.dumps(spec),

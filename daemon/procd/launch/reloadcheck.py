@@ -30,9 +30,10 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any
 
-from procd import callables, environment, procctl, signals
+from procd import callables, procctl, signals
 from procd.config import PipelineSpec
 from procd.errors import Problem
+from procd.launch import environment
 
 _READ_SIZE = 1 << 16
 

@@ -37,8 +37,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from procd.connections import Connection, Listener
 from procd.errors import ProcdError
+from procd.ops.connections import Connection, Listener
 
 MAX_REQUEST = 64 * 1024
 MAX_CLIENTS = 32

@@ -20,9 +20,9 @@ if TYPE_CHECKING:
     from typing import Any
 
     from procd import config
-    from procd.environment import BuildError, Environment
     from procd.errors import ConfigError
-    from procd.notify import Notifier
+    from procd.launch.environment import BuildError, Environment
+    from procd.ops.notify import Notifier
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -35,8 +35,9 @@ _BUILD_TICK_EXTENSION_USEC = 5_000_000
 def _parser() -> argparse.ArgumentParser:
     import argparse
 
-    from procd import __version__, control
+    from procd import __version__
     from procd.log import LEVELS
+    from procd.ops import control
 
     parser = argparse.ArgumentParser(
         prog="procd",
@@ -140,8 +141,8 @@ def _prepare(file: str) -> tuple[config.PipelineSpec, Environment | None]:
         ConfigError: the file is invalid, or stage code cannot be imported.
         BuildError: the environment cannot be built.
     """
-    from procd import environment
     from procd.errors import ConfigError
+    from procd.launch import environment
 
     spec, env, problems = environment.load_and_check(file, apart=True, reuse=True)
     if problems:
@@ -185,11 +186,11 @@ def _run(file: str, log_file: str | None, control_path: str | None, stages: str 
     import io
 
     from procd import config
-    from procd.control import ControlError
     from procd.errors import ConfigError, StoreError
     from procd.log import open_logger
-    from procd.notify import Notifier
-    from procd.supervisor import Supervisor
+    from procd.ops.control import ControlError
+    from procd.ops.notify import Notifier
+    from procd.supervisor.core import Supervisor
     from procd.transport import Unavailable
 
     try:
@@ -249,9 +250,10 @@ def _prepare_logged(
     Raises:
         ConfigError: stage code cannot be imported in the environment.
     """
-    from procd import callables, environment
-    from procd.environment import BuildError
+    from procd import callables
     from procd.errors import ConfigError
+    from procd.launch import environment
+    from procd.launch.environment import BuildError
 
     def extend_start_timeout() -> None:
         try:
@@ -303,7 +305,7 @@ def _check_file(file: str) -> int:
         spec, problems = config.read_pipeline(file)
         env = None
         if spec.has_environment:
-            from procd import environment  # only a pipeline with packages needs the builder
+            from procd.launch import environment  # only a pipeline with packages needs the builder
 
             try:
                 spec, env, problems = environment.load_and_check(file, apart=True)
@@ -326,8 +328,9 @@ def _check_file(file: str) -> int:
 
 def _build(file: str) -> int:
     """Build a pipeline's environment (or find it up to date) and say what and where."""
-    from procd import config, environment
-    from procd.environment import BuildError
+    from procd import config
+    from procd.launch import environment
+    from procd.launch.environment import BuildError
 
     spec = config.load_pipeline(file)
     if not spec.has_environment:
@@ -351,7 +354,7 @@ def _init(name: str, directory: str) -> int:
             f"procd init: NAME must start with a-z and have only a-z, 0-9, '_' and '-', got {name!r}", file=sys.stderr
         )
         return EXIT_USAGE
-    from procd import starter  # only this command needs it
+    from procd.cli import starter  # only this command needs it
 
     files = starter.render(name)
     existing = [f for f in files if os.path.exists(os.path.join(directory, f))]
@@ -475,8 +478,8 @@ _VERBS: dict[str, _Verb] = {
 
 def _control(args: argparse.Namespace) -> int:
     """A verb of the command table: one request to a running pipeline's control socket."""
-    from procd import control
-    from procd.control import ControlError
+    from procd.ops import control
+    from procd.ops.control import ControlError
 
     verb = _VERBS[args.command]
     try:
@@ -502,7 +505,7 @@ def _control(args: argparse.Namespace) -> int:
 def _dlq_list(file: str, as_json: bool) -> int:
     import json
 
-    from procd import deadletters
+    from procd.transport import deadletters
 
     try:
         records = list(deadletters.read(file))
@@ -534,7 +537,7 @@ def _dlq_list(file: str, as_json: bool) -> int:
 
 
 def _replayable(file: str) -> tuple[list[Any], list[str]]:
-    from procd import deadletters
+    from procd.transport import deadletters
 
     items: list[Any] = []
     refused: list[str] = []
@@ -551,9 +554,9 @@ def _replayable(file: str) -> tuple[list[Any], list[str]]:
 
 
 def _dlq_replay(args: argparse.Namespace) -> int:
-    from procd import control
-    from procd.control import ControlError
     from procd.errors import StoreError
+    from procd.ops import control
+    from procd.ops.control import ControlError
 
     try:
         items, refused = _replayable(args.file)
@@ -594,12 +597,13 @@ def _replay_fresh(pipeline_file: str, file: str, into: str) -> int:
     """Run the pipeline from ``into`` down, fed only by the dead-letter file."""
     import dataclasses
 
-    from procd import config, control, plan
-    from procd.control import ControlError
-    from procd.environment import BuildError
+    from procd import config, plan
     from procd.errors import ConfigError
+    from procd.launch.environment import BuildError
     from procd.log import open_logger
-    from procd.supervisor import Supervisor
+    from procd.ops import control
+    from procd.ops.control import ControlError
+    from procd.supervisor.core import Supervisor
 
     try:
         spec, env = _prepare(pipeline_file)
@@ -613,7 +617,7 @@ def _replay_fresh(pipeline_file: str, file: str, into: str) -> int:
         return EXIT_USAGE
     keep = {into} | {s.name for s in spec.stages if into in plan.upstream_closure(spec, s.name)}
     source = config.StageSpec(
-        name="dlq-replay", function="procd.deadletters:replay", options={"path": os.path.abspath(file)}
+        name="dlq-replay", function="procd.transport.deadletters:replay", options={"path": os.path.abspath(file)}
     )
     stages = [source] + [
         dataclasses.replace(s, inputs=("dlq-replay",) if s.name == into else tuple(i for i in s.inputs if i in keep))
@@ -634,8 +638,9 @@ def _replay_fresh(pipeline_file: str, file: str, into: str) -> int:
 
 
 def _top(args: argparse.Namespace) -> int:
-    from procd import control, top  # only this command draws
-    from procd.control import ControlError
+    from procd.cli import top  # only this command draws
+    from procd.ops import control
+    from procd.ops.control import ControlError
 
     try:
         path = control.find_socket(args.pipeline, args.control)
@@ -694,7 +699,7 @@ def _logs(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"procd logs: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return EXIT_FAILURE
-    reader = events.Reader()
+    reader = events.RecordReader()
     with source:
         if args.summary or timeline:
             records = list(reader.records(source))

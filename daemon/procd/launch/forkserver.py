@@ -33,7 +33,8 @@ import struct
 import time
 
 from procd import procctl, reaper
-from procd.child import WorkerContext, run
+from procd.context import WorkerContext
+from procd.worker import run
 
 _PID = struct.Struct("<i")
 _MAX_FDS = 64

@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from procd.connections import Connection, Listener
+from procd.ops.connections import Connection, Listener
 
 MAX_REQUEST = 8192
 MAX_SCRAPERS = 16

@@ -24,8 +24,8 @@ from typing import Any
 from procd import plan, transport
 from procd.config import PipelineSpec
 from procd.lifecycle import State
+from procd.supervisor.slots import WorkerSlot
 from procd.transport import Input
-from procd.worker import Slot
 
 _ENDED = (State.EXITED, State.FATAL)
 
@@ -40,15 +40,15 @@ class Ledger:
     """Per-stage totals that never go backwards, and the rates over the window."""
 
     def __init__(self, started_at: float) -> None:
-        self._seen: dict[Slot, tuple[str, int, int]] = {}  # each slot's totals, as last reported
+        self._seen: dict[WorkerSlot, tuple[str, int, int]] = {}  # each slot's totals, as last reported
         self._departed: dict[str, tuple[int, int]] = {}  # what slots no longer there had counted
         self._samples: deque[tuple[float, Totals]] = deque([(started_at, {})])
 
-    def observe(self, slot: Slot) -> None:
+    def observe(self, slot: WorkerSlot) -> None:
         """Note a slot's totals after a report, so that they outlive the slot."""
         self._seen[slot] = (slot.stage.name, slot.total("items_in"), slot.total("items_out"))
 
-    def totals(self, slots: Sequence[Slot]) -> Totals:
+    def totals(self, slots: Sequence[WorkerSlot]) -> Totals:
         """Every stage's (items in, items out), departed slots included."""
         present = set(slots)
         for slot in [s for s in self._seen if s not in present]:
@@ -61,7 +61,7 @@ class Ledger:
             totals[slot.stage.name] = (before_in + slot.total("items_in"), before_out + slot.total("items_out"))
         return totals
 
-    def sample(self, slots: Sequence[Slot], now: float) -> None:
+    def sample(self, slots: Sequence[WorkerSlot], now: float) -> None:
         """Keep the totals as of ``now`` (at most every half second) as a start for the window."""
         if now - self._samples[-1][0] >= _SAMPLE_EVERY_S:
             self._add(now, self.totals(slots))
@@ -103,7 +103,7 @@ def sink_rate(spec: PipelineSpec, rates: dict[str, tuple[float, float]]) -> floa
 _WAITING = {transport.slot.WAITING_INPUT: "input", transport.slot.WAITING_OUTPUT: "output"}
 
 
-def _worker(slot: Slot, now: float) -> dict[str, Any]:
+def _worker(slot: WorkerSlot, now: float) -> dict[str, Any]:
     state, blocked = str(slot.state), None
     if slot.state is State.RUNNING and slot.pid is not None and slot.slot_fd is not None:
         blocked = _WAITING.get(transport.slot.read(slot.slot_fd).waiting)  # the worker says so itself
@@ -124,7 +124,7 @@ def _worker(slot: Slot, now: float) -> dict[str, Any]:
 
 def snapshot(
     spec: PipelineSpec,
-    slots: Sequence[Slot],
+    slots: Sequence[WorkerSlot],
     channels: dict[str, Input],
     ledger: Ledger,
     *,
@@ -175,7 +175,7 @@ def snapshot(
     }
 
 
-def summary_line(spec: PipelineSpec, slots: Sequence[Slot], per_s: float) -> str:
+def summary_line(spec: PipelineSpec, slots: Sequence[WorkerSlot], per_s: float) -> str:
     """For ``systemctl status``: stages, workers running, the rate, restarts."""
     running = sum(1 for s in slots if s.state is State.RUNNING)
     restarts = sum(s.restarts for s in slots)

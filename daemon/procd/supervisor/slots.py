@@ -10,16 +10,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from procd.child import Output, WorkerContext
 from procd.config import StageSpec
-from procd.forkserver import ForkServer
+from procd.context import Output, WorkerContext
+from procd.launch.forkserver import ForkServer
+from procd.launch.spawn import fork_worker
 from procd.lifecycle import State
-from procd.spawn import fork_worker
 from procd.transport import Endpoint, Input
 
 
 @dataclass(eq=False)  # compared and hashed by identity: a reload may hold two slots named alike
-class Slot:
+class WorkerSlot:
     """The supervisor's record of one worker slot."""
 
     stage: StageSpec
@@ -55,11 +55,11 @@ class Slot:
         return f"{self.stage.name}[{self.index}]"
 
     def __repr__(self) -> str:
-        return f"<Slot {self.name} {self.state} pid={self.pid} generation={self.generation}>"
+        return f"<WorkerSlot {self.name} {self.state} pid={self.pid} generation={self.generation}>"
 
 
 def start(
-    slot: Slot,
+    slot: WorkerSlot,
     *,
     pipeline: str,
     base_dir: str,

@@ -19,15 +19,17 @@ import socket
 import sys
 
 from procd import procctl, signals
-from procd.child import EXEC_FAILED, Reporter, WorkerContext, run
-from procd.forkserver import ForkServer, context_memfd, read_context
+from procd.context import WorkerContext
+from procd.launch.forkserver import ForkServer, context_memfd, read_context
+from procd.worker import run
+from procd.worker.reporter import EXEC_FAILED, Reporter
 
 
 def _exec_fresh(ctx: WorkerContext, python: str | None) -> None:
     """Replace this child with a fresh interpreter that runs ``ctx``. Returns only on failure."""
     context_fd = context_memfd(ctx)
     os.set_inheritable(context_fd, True)
-    code = "import sys, procd.spawn as s; s.run_spawned(int(sys.argv[1]))"
+    code = "import sys, procd.launch.spawn as s; s.run_spawned(int(sys.argv[1]))"
     program = python or sys.executable
     os.execve(program, [program, "-c", code, str(context_fd)], _environ(python))
 
@@ -72,7 +74,7 @@ def start_forkserver(title: str, python: str | None = None) -> ForkServer:
             fd = theirs.fileno()
             procctl.close_all_but({0, 1, 2, fd})
             os.set_inheritable(fd, True)
-            code = "import sys, procd.forkserver as f; f.serve(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])"
+            code = "import sys, procd.launch.forkserver as f; f.serve(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])"
             program = python or sys.executable
             os.execve(program, [program, "-c", code, str(fd), str(supervisor), title], _environ(python))
         finally:

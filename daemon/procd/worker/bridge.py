@@ -1,0 +1,274 @@
+"""A command stage's worker, the bridge: it forks and execs the program, writes each input item to
+its stdin as a JSON line, and turns each line of its stdout into an item.
+
+The batch in hand stays in the slot file until it has been handed on (see ``_Feeder``): "handed
+on" for a program means it has read the whole batch (its stdin pipe is empty), is asleep reading
+stdin, and its stdout up to that point has been sent.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import select
+import signal
+import struct
+import sys
+import termios
+import threading
+import time
+from typing import Any
+
+from procd import procctl, procinfo, reaper, signals
+from procd.context import WorkerContext
+from procd.transport import Reader
+from procd.transport.deadletters import DeadLetterFile
+from procd.transport.slot import SlotFile
+from procd.worker.outlet import Outlet, Ticker
+from procd.worker.redelivery import dead_letter, redeliver, unsendable
+from procd.worker.reporter import EXEC_FAILED, Reporter
+
+
+def _exec_program(argv: tuple[str, ...], stdin_fd: int, stdout_fd: int, err_w: int, parent: int) -> None:
+    """In the program's process: wire stdin/stdout, restore default signals, exec. Never returns."""
+    try:
+        procctl.die_with_parent(signal.SIGKILL, parent)
+        for signum in range(1, signal.NSIG):
+            try:
+                signal.signal(signum, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass
+        os.dup2(stdin_fd, 0)
+        os.dup2(stdout_fd, 1)
+        os.environ["PYTHONUNBUFFERED"] = "1"
+        os.closerange(3, err_w)
+        os.closerange(err_w + 1, os.sysconf("SC_OPEN_MAX"))
+        os.execvp(argv[0], list(argv))
+    except OSError as exc:
+        os.write(err_w, str(exc.errno or errno.EIO).encode())
+    finally:
+        os._exit(EXEC_FAILED)
+
+
+def run_command(ctx: WorkerContext, reporter: Reporter) -> int:
+    argv = ctx.stage.command
+    assert argv is not None
+    stdout_r, stdout_w = os.pipe()
+    if ctx.input is not None:
+        stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+    else:
+        stdin_r, stdin_w = os.open(os.devnull, os.O_RDONLY), -1
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        _exec_program(argv, stdin_r, stdout_w, err_w, parent)
+    os.close(err_w)
+    os.close(stdin_r)
+    os.close(stdout_w)
+    # SIGTERM to the whole group (a producer being stopped) is for the program: we follow its
+    # lead. SIGTERM to us alone (a reader being retired): stop feeding after the current batch
+    # and close the program's stdin, so it ends at its own end of stream.
+    stop_fd = signals.stop_fd_on_sigterm()
+    failure = os.read(err_r, 64)
+    os.close(err_r)
+    if failure:
+        number = int(failure)
+        reporter.send("exec_failed", errno=number, error=os.strerror(number), program=argv[0])
+        reaper.wait_for(pid)
+        return EXEC_FAILED
+    reporter.send("ready")
+
+    slot = SlotFile(ctx.slot_fd) if ctx.slot_fd is not None else None
+    if slot is not None:
+        slot.input_ended(False)
+    outlet = Outlet(ctx.outputs, slot, unsendable(ctx, DeadLetterFile(ctx.stage.dead_letter), reporter))
+    feeder: _Feeder | None = None
+    collector = _Collector(stdout_r, outlet)
+    if ctx.input is not None:
+        reader = ctx.input.reader(slot, keep_batch=ctx.stage.redeliver, worker=ctx.index)
+        feeder = _Feeder(ctx, reader, slot, pid, stdin_w, collector, reporter)
+        threading.Thread(target=feeder.run, args=(stop_fd,), name="feed", daemon=True).start()
+
+    def received() -> int:
+        return feeder.received if feeder is not None else 0
+
+    ticker = Ticker(reporter, lambda: (received(), outlet.count))
+    collector.run()
+    ticker.stop()
+    status = reaper.wait_for(pid)
+    if feeder is not None:
+        feeder.program_ended.set()
+    outlet.close()
+    reporter.send("counts", items_in=received(), items_out=outlet.count)
+    if status.signal is not None:
+        _die_like(status.signal)
+    return status.code or 0
+
+
+def _die_like(signum: int) -> None:
+    """End this bridge the way its program ended, so the supervisor sees the program's signal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    except (OSError, ValueError):
+        pass
+    os.kill(os.getpid(), signum)
+    os._exit(128 + signum)  # reached only for a signal whose default action is not to end
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting in pipe ``fd`` (either end)."""
+    buffer = bytearray(4)
+    fcntl.ioctl(fd, termios.FIONREAD, buffer)
+    (count,) = struct.unpack("i", buffer)
+    return int(count)
+
+
+class _Collector:
+    """The bridge's main thread: each stdout line of the program → one item, sent on in batches.
+
+    Everything read is parsed and, once no more output waits, handed on while ``lock`` is held,
+    so that ``drained`` can tell that nothing the program has written is still on its way."""
+
+    def __init__(self, fd: int, outlet: Outlet) -> None:
+        self.fd = fd
+        self.outlet = outlet
+        self.lock = threading.Lock()
+        self.partial = b""
+        self.closed = False
+
+    def run(self) -> None:
+        outlet = self.outlet
+        while True:
+            select.select([self.fd], [], [])
+            with self.lock:
+                chunk = os.read(self.fd, 1 << 16)
+                if not chunk:
+                    break
+                lines = (self.partial + chunk).split(b"\n")
+                self.partial = lines.pop()
+                for raw in lines:
+                    outlet.add(_parse_line(raw))
+                if not _unread(self.fd):
+                    outlet.flush()
+        with self.lock:
+            if self.partial:
+                outlet.add(_parse_line(self.partial))
+                self.partial = b""
+            outlet.flush()
+            self.closed = True
+            os.close(self.fd)
+
+    def drained(self) -> bool:
+        """Every byte the program has written to stdout so far has been handed on."""
+        with self.lock:
+            return self.closed or (not _unread(self.fd) and not self.partial and not self.outlet.pending)
+
+
+class _Feeder:
+    """The bridge's feeding thread: batches → JSON lines on the program's stdin, one batch at a
+    time, each held in the slot until it has been handed on.
+
+    Discussion. A program's output lines cannot be matched to its input lines (a filter emits
+    fewer, a splitter more), so "handed on" is defined by what the program has consumed: a batch
+    is done when the program has read all of its lines (its stdin pipe is empty), then sits
+    waiting for more input (it sleeps reading stdin, or in poll or select: it has finished with
+    what it read), and every line it wrote to stdout until then has been sent downstream. A
+    program killed before that point gets the whole batch again in the slot's next program,
+    item by item (so one line that kills the program ``max_attempts`` times is dead-lettered).
+    What a program keeps in its own output buffer is invisible to procd: programs must write
+    their output unbuffered or line by line (``python -u``, ``grep --line-buffered``, awk's
+    ``fflush()``); ``PYTHONUNBUFFERED=1`` is set for them."""
+
+    def __init__(
+        self,
+        ctx: WorkerContext,
+        reader: Reader,
+        slot: SlotFile | None,
+        program: int,
+        stdin_w: int,
+        collector: _Collector,
+        reporter: Reporter,
+    ) -> None:
+        self.ctx = ctx
+        self.reader = reader
+        self.slot = slot
+        self.program = program
+        self.stdin_w = stdin_w
+        self.collector = collector
+        self.reporter = reporter
+        self.letters = DeadLetterFile(ctx.stage.dead_letter)
+        self.received = 0
+        self.program_ended = threading.Event()
+
+    def run(self, stop_fd: int) -> None:
+        try:
+            held = self.reader.held()
+            if held is not None and self.slot is not None:
+                delivered = redeliver(
+                    self.ctx,
+                    held,
+                    self.slot,
+                    lambda item: self._write([item]),
+                    self._handed_on,
+                    self.letters,
+                    self.reporter,
+                )
+                if delivered < 0:
+                    return
+                self.received += delivered
+                self.reader.done()
+            for batch in self.reader.batches(stop_fd):
+                self.received += len(batch)
+                if not self._write(batch) or not self._handed_on():
+                    return  # the program has ended: the batch stays held for the next one
+                self.reader.done()
+            if self.reader.at_end and self.slot is not None:
+                self.slot.input_ended()
+        finally:
+            os.close(self.stdin_w)
+
+    def _write(self, batch: list[Any]) -> bool:
+        lines = []
+        for item in batch:
+            try:
+                lines.append(json.dumps(item, separators=(",", ":")) + "\n")
+            except (TypeError, ValueError) as exc:
+                dead_letter(self.ctx, self.letters, self.reporter, item, type(exc).__name__, f"not JSON: {exc}", 1, "")
+        data = memoryview("".join(lines).encode())
+        try:
+            while data:
+                data = data[os.write(self.stdin_w, data) :]
+        except BrokenPipeError:
+            return False  # the program closed its stdin; its exit status tells the rest
+        return True
+
+    def _handed_on(self) -> bool:
+        """Wait until the program has consumed what it was given and its output has gone on;
+        False if it ended first."""
+        delay = 0.0001
+        while not self.program_ended.is_set():
+            if (
+                not _unread(self.stdin_w)
+                and procinfo.waits_on(self.program, 0) is not False
+                and self.collector.drained()
+            ):
+                return True
+            time.sleep(delay)  # no kernel event says "this pipe is empty"
+            delay = min(delay * 2, 0.005)
+        return False
+
+
+def _parse_line(raw: bytes) -> Any:
+    text = raw.decode("utf-8", errors="replace").rstrip("\r")
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
