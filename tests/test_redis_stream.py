@@ -96,7 +96,7 @@ def test_a_reader_killed_after_handing_a_batch_on_leaves_it_to_its_slot_s_next_p
     pid = os.fork()
     if pid == 0:
         try:
-            reader = endpoint.reader(slot.Slot(fd))
+            reader = endpoint.reader(slot.SlotFile(fd))
             assert reader.receive() == [1, 2]
             reader.done()  # handed on; killed before it reads again
             os.write(ready_w, b"x")
@@ -110,7 +110,7 @@ def test_a_reader_killed_after_handing_a_batch_on_leaves_it_to_its_slot_s_next_p
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-    successor = endpoint.reader(slot.Slot(fd))
+    successor = endpoint.reader(slot.SlotFile(fd))
     held = successor.held()
     assert held is not None and held.items == [1, 2] and held.deliveries == 1
     successor.done()
@@ -130,7 +130,7 @@ def test_a_reader_told_to_stop_acknowledges_what_it_handed_on(server: RedisServe
     writer = endpoint.writer()
     writer.send(["a"])
     fd = slot.create(slot.MESSAGE_CAPACITY)
-    reader = endpoint.reader(slot.Slot(fd))
+    reader = endpoint.reader(slot.SlotFile(fd))
     assert reader.receive() == ["a"]
     reader.done()
     stop_r, stop_w = os.pipe()
