@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import linecache
 import os
 import re
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 from throughput import STAGES, inside_seconds
 
@@ -154,7 +156,9 @@ def run(
 
 FRAME = re.compile(r"^(?P<func>.+) \((?P<file>[^:()]+):(?P<line>\d+)\)$")
 ROLE = re.compile(r'process \d+:"procd: [^/]+/(?P<stage>[a-z]+)\[\d+\]"')
-PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "daemon")
+# the procd that the daemons run (PYTHONPATH may point at another tree's): its source lines
+_SPEC = importlib.util.find_spec("procd")
+PACKAGE = os.path.dirname(os.path.dirname(_SPEC.origin)) if _SPEC and _SPEC.origin else ""
 
 
 def kind(frames: list[str]) -> str:
@@ -197,7 +201,7 @@ def profile(count: int, url: str, workdir: str, rate: int, batch: int | None) ->
         for text in fh:
             stack, _, number = text.rstrip("\n").rpartition(" ")
             frames = stack.split(";")
-            if any("_Ticker" in f for f in frames):
+            if any("Ticker._" in f for f in frames):
                 continue  # the worker's clock thread, asleep between ticks
             role = next((m["stage"] for f in frames if (m := ROLE.match(f))), "supervisor")
             by_role[role][kind(frames)] += int(number)
@@ -219,6 +223,38 @@ def profile(count: int, url: str, workdir: str, rate: int, batch: int | None) ->
             print(f"         {number / total * 100:5.1f}%  {where[:150]}")
 
 
+def round_trips(url: str, batches: int) -> None:
+    """CPU and wall time of one client's ``Stream.send`` (an ``XADD`` of a 256-dict JSON batch)
+    and ``Stream.read`` with the acknowledgement of the previous entry, against an idle server."""
+    import json
+
+    import redis as redis_py
+
+    from procd.transport.redisstream import Names, Stream, connect
+
+    stream = Stream(connect(url), Names("bench:round-trips", "g"))
+    stream.create()
+    payload = json.dumps([{"id": i, "name": f"user{i}", "score": i % 97} for i in range(256)]).encode()
+
+    def timed(name: str, step: Any) -> None:
+        cpu, wall = time.process_time(), time.perf_counter()
+        for _ in range(batches):
+            step()
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        print(f"{name:45}: {cpu / batches * 1e6:6.0f} us CPU, {wall / batches * 1e6:6.0f} us wall per batch")
+
+    handled: list[str] = []
+
+    def read() -> None:
+        entry = stream.read("c", acknowledge=tuple(handled[-1:]))
+        assert entry is not None
+        handled.append(entry.id)
+
+    print(f"redis-py {redis_py.__version__}, hiredis: {redis_py.utils.HIREDIS_AVAILABLE}, load {os.getloadavg()}")
+    timed("send (XADD)", lambda: stream.send([(payload, 256)], batches + 1))
+    timed("read with the last one's acknowledgement", read)
+
+
 def cpu_seconds(redis_pid: int) -> float:
     """CPU time so far of every process this bench has waited for (the daemons and, through
     them, their workers) and of the redis-server."""
@@ -236,7 +272,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="items per entry on the redis queues (default: procd's)")
     parser.add_argument("--profile", action="store_true", help="py-spy every process of one redis run instead")
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second (with --profile)")
+    parser.add_argument("--round-trips", action="store_true", help="time one client's send and read instead")
     args = parser.parse_args()
+    if args.round_trips:
+        with tempfile.TemporaryDirectory() as workdir:
+            url, pid = start_redis(workdir)
+            try:
+                round_trips(url, 3000)
+            finally:
+                os.kill(pid, signal.SIGTERM)
+        return
     if args.profile:
         with tempfile.TemporaryDirectory() as workdir:
             url, pid = start_redis(workdir)
