@@ -358,6 +358,8 @@ class RedisReader(Reader):
             entry = stream.claim_idle(self._consumer, claim_ms)
             if entry is None:
                 self._next_claim = now + endpoint.claim_after_s / _CLAIM_CHECKS_PER_WINDOW
+            elif self._handled:  # no read follows, and the slot is about to name the claimed one
+                self._acknowledge_once()
         if entry is None:
             if not self._registered:
                 stream.register_reader(self._place)
