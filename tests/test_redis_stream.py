@@ -256,6 +256,7 @@ def test_the_input_ends_once_every_writer_is_gone_and_nothing_is_left(stream: St
     stream.acknowledge(entry.id)
     assert stream.check_ended(upstreams, ttl_s=5)
     assert stream.ended()
+    assert not stream.check_ended(upstreams, ttl_s=5, since=stream.server_time())  # for a later run
     stream.register("hostA:2", "transform", ttl_s=30)  # a new run's writer
     assert not stream.ended()
 

@@ -290,11 +290,13 @@ class Stream:
         """Stage ``upstream`` has finished on ``writer``'s host."""
         self.client.hdel(self.names.writers, f"{upstream}@{writer}")
 
-    def check_ended(self, upstreams: list[str], ttl_s: float) -> bool:
+    def check_ended(self, upstreams: list[str], ttl_s: float, since: float = 0.0) -> bool:
         """Whether this input has ended for good. The first to see it says so in the ``ended``
-        key (kept ``ttl_s``, long enough for every host's readers to see it) and forgets which
-        writers it saw, so that a later run waits for its own writers."""
-        if self.ended():
+        key (with Redis's clock, kept ``ttl_s``, long enough for every host's readers to see it)
+        and forgets which writers it saw, so that a later run waits for its own writers; an end
+        said before ``since`` (when this reader's supervisor made the input) is an earlier run's.
+        """
+        if self.ended(since):
             return True
         seen = {name.decode() for name in self.client.smembers(self.names.seen)}
         self.writers_seen = set(upstreams) <= seen
@@ -310,10 +312,17 @@ class Stream:
         if lag or pending:
             return False
         pipe = self.client.pipeline(transaction=True)
-        pipe.set(self.names.ended, 1, ex=max(1, round(ttl_s)))
+        pipe.set(self.names.ended, self.server_time(), ex=max(1, round(ttl_s)))
         pipe.delete(self.names.seen)
         pipe.execute()
         return True
 
-    def ended(self) -> bool:
-        return bool(self.client.exists(self.names.ended))
+    def ended(self, since: float = 0.0) -> bool:
+        """An end was said at ``since`` or later (and has not expired)."""
+        said = self.client.get(self.names.ended)
+        return said is not None and float(said) >= since
+
+    def server_time(self) -> float:
+        """Redis's clock (one clock for every host), in seconds."""
+        seconds, microseconds = self.client.time()
+        return float(seconds) + float(microseconds) / 1e6

@@ -17,7 +17,9 @@ interface. What differs from the local backends:
 - End of stream is agreed through Redis: the supervisor registers itself as a writer for every
   upstream stage it runs and renews that with a heartbeat (``housekeep``); each writing process
   registers itself while it sends. A reader that finds nothing to read checks whether every
-  upstream stage was seen, no writer is alive and nothing is left (``Stream.check_ended``).
+  upstream stage was seen, no writer is alive and nothing is left (``Stream.check_ended``). An
+  end said before its supervisor made the input (Redis's clock, ``RedisEndpoint.since``) was an
+  earlier run's: a host that starts before this run's writers waits for them.
 - Items are encoded with the input's codec: JSON by default for Redis (any program can read it),
   pickle on request (it lets anyone who can write to that Redis run code in the workers).
 """
@@ -25,6 +27,7 @@ interface. What differs from the local backends:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -86,6 +89,7 @@ class RedisEndpoint(Endpoint):
     claim_after_s: float
     slots: int
     upstream: tuple[str, ...]
+    since: float = 0.0  # Redis's clock when the supervisor made the input: an earlier end is stale
 
     @property
     def durable(self) -> bool:
@@ -177,6 +181,7 @@ class RedisInput(Input):
             "claim_after_s": endpoint.claim_after_s,
             "slots": endpoint.slots,
             "upstream": list(endpoint.upstream),
+            "since": endpoint.since,
         }
         return fields, ()
 
@@ -234,6 +239,7 @@ def create(stage: str, spec: QueueSpec) -> RedisInput:
     try:
         with _unavailable_as(spec.url):
             made._stream.create()
+            made.endpoint_ = dataclasses.replace(endpoint, since=made._stream.server_time())
     except BaseException:
         client.close()
         raise
@@ -265,6 +271,7 @@ def attached_writer(fields: dict[str, Any], fds: list[int]) -> Writer:
         float(fields["claim_after_s"]),
         int(fields["slots"]),
         tuple(fields["upstream"]),
+        float(fields.get("since", 0.0)),
     )
     return RedisWriter(endpoint, None)
 
@@ -380,7 +387,7 @@ class RedisReader(Reader):
         if entry is None:
             if now < self._next_end_check and (stream.writers_left or not stream.writers_seen):
                 raise _TryAgain  # a writer may still send, or none has come yet: look later
-            if stream.check_ended(list(endpoint.upstream), endpoint.claim_after_s):
+            if stream.check_ended(list(endpoint.upstream), endpoint.claim_after_s, endpoint.since):
                 if self._slot is not None:
                     self._slot.disarm()
                 return None
