@@ -20,7 +20,6 @@ import collections
 import importlib.util
 import linecache
 import os
-import re
 import resource
 import shutil
 import signal
@@ -29,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from profile import FRAME, ROLE, py_spy
 from typing import Any
 
 from throughput import STAGES, inside_seconds
@@ -88,6 +88,11 @@ def start_redis(directory: str) -> tuple[str, int]:
         return f"unix://{socket_path}", int(fh.read())
 
 
+def daemon(path: str, log: str, control: str, *extra: str) -> list[str]:
+    """The command of one ``procd run`` of the bench's pipeline file."""
+    return [sys.executable, "-m", "procd", "run", path, "--log-file", log, "--control", control, *extra]
+
+
 def run(
     count: int,
     workdir: str,
@@ -110,36 +115,9 @@ def run(
     for log in logs:
         if os.path.exists(log):
             os.unlink(log)
-    commands = [
-        [
-            *(wrap or []),
-            sys.executable,
-            "-m",
-            "procd",
-            "run",
-            path,
-            "--log-file",
-            logs[0],
-            "--control",
-            f"{workdir}/a.sock",
-        ]
-    ]
+    commands = [[*(wrap or []), *daemon(path, logs[0], f"{workdir}/a.sock")]]
     if second_daemon:
-        commands.append(
-            [
-                sys.executable,
-                "-m",
-                "procd",
-                "run",
-                path,
-                "--log-file",
-                logs[1],
-                "--control",
-                f"{workdir}/b.sock",
-                "--stages",
-                "transform",
-            ]
-        )
+        commands.append(daemon(path, logs[1], f"{workdir}/b.sock", "--stages", "transform"))
     start = time.perf_counter()
     procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in commands]
     try:
@@ -154,8 +132,6 @@ def run(
     return elapsed, inside_seconds(logs[0])
 
 
-FRAME = re.compile(r"^(?P<func>.+) \((?P<file>[^:()]+):(?P<line>\d+)\)$")
-ROLE = re.compile(r'process \d+:"procd: [^/]+/(?P<stage>[a-z]+)\[\d+\]"')
 # the procd that the daemons run (PYTHONPATH may point at another tree's): its source lines
 _SPEC = importlib.util.find_spec("procd")
 PACKAGE = os.path.dirname(os.path.dirname(_SPEC.origin)) if _SPEC and _SPEC.origin else ""
@@ -189,11 +165,20 @@ def kind(frames: list[str]) -> str:
 
 def profile(count: int, url: str, workdir: str, rate: int, batch: int | None) -> None:
     """py-spy (``--idle``: blocked time counts) of every process of the one-daemon Redis run."""
-    spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
-    if spy is None:
-        sys.exit("py-spy is not installed: .venv/bin/pip install py-spy")
     raw = os.path.join(workdir, "raw.txt")
-    wrap = [spy, "record", "--idle", "--subprocesses", "--rate", str(rate), "--format", "raw", "--output", raw, "--"]
+    wrap = [
+        py_spy(),
+        "record",
+        "--idle",
+        "--subprocesses",
+        "--rate",
+        str(rate),
+        "--format",
+        "raw",
+        "--output",
+        raw,
+        "--",
+    ]
     run(count, workdir, url, False, batch=batch, wrap=wrap)
     by_role: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     lines: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
