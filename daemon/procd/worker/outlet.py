@@ -76,10 +76,11 @@ class Outlet:
 
     def flush(self) -> None:
         with self.lock:
-            # emptied in place: a producer's hot loop holds on to this very list
+            # emptied in place: a producer's or a consumer's hot loop holds on to these lists
             pending = self.pending[:]
             del self.pending[: len(pending)]
-            sources, self.sources = self.sources, []
+            sources = self.sources[:]
+            self.sources.clear()
             if not pending:
                 return
             pending, messages = self._encode(pending, sources)
