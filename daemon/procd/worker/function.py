@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import os
 import signal
 import traceback
@@ -21,6 +22,9 @@ from procd.transport.slot import SlotFile
 from procd.worker.outlet import ITSELF, Outlet, Ticker
 from procd.worker.redelivery import dead_letter, redeliver, unsendable
 from procd.worker.reporter import Reporter, report_error
+
+_END: Any = object()  # what ``next`` returns when a producer's iterator is exhausted
+_SECOND = operator.itemgetter(1)
 
 
 class _StopProducing(Exception):
@@ -140,24 +144,26 @@ def _produce(
     try:
         in_user_code = True
         source = instance if instance is not None else target(**options)
-        next_item = iter(source if source is not None else ()).__next__
+        items = iter(source if source is not None else ())
         in_user_code = False
+        # The hot loop of every producer, once per batch: a full batch is sent here, a
+        # part-filled one by the ticker thread ``linger`` after the event (see ``Ticker``).
         while not stopping:
+            if pending:
+                first_item()  # what a chunk the ticker ended left behind waits no longer than linger
             in_user_code = True
-            try:
-                item = next_item()
-            except StopIteration:
+            item = next(items, _END)  # a batch's first item, waited for alone
+            in_user_code = False
+            if item is _END:
                 break
-            finally:
-                in_user_code = False
-            # The hot loop of every producer: a full batch is sent here, a part-filled one by the
-            # ticker thread ``linger`` after its first item.
             pending.append(item)
-            size = len(pending)
-            if size >= largest:
+            permits = ticker.permits(largest - len(pending))
+            first_item()
+            in_user_code = True
+            pending.extend(map(_SECOND, zip(permits, items, strict=False)))  # the rest: no Python per item
+            in_user_code = False
+            if len(pending) >= largest:
                 outlet.flush()
-            elif size == 1:
-                first_item()
     except _StopProducing:
         pass
     except Exception as exc:
