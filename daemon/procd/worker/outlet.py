@@ -65,6 +65,15 @@ class Outlet:
         if len(pending) >= self.largest:
             self.flush()
 
+    def extend(self, items: list[Any]) -> None:
+        """Outputs that each stand for themselves (a command's lines)."""
+        pending = self.pending
+        if self.sources:
+            self.sources.append((len(pending), ITSELF))
+        pending += items
+        if len(pending) >= self.largest:
+            self.flush()
+
     def hand_on(self, source: Any, outputs: list[Any]) -> None:
         """The outputs of one completed attempt on ``source`` (an input item, or ``ITSELF``)."""
         if not outputs:
