@@ -151,7 +151,9 @@ def _produce(
         while not stopping:
             if pending:
                 first_item()  # what a chunk the ticker ended left behind waits no longer than linger
-            in_user_code = True
+            in_user_code = True  # from here a SIGTERM raises _StopProducing; before, it is seen here:
+            if stopping:
+                break
             item = next(items, _END)  # a batch's first item, waited for alone
             in_user_code = False
             if item is _END:
@@ -160,6 +162,8 @@ def _produce(
             permits = ticker.permits(largest - len(pending))
             first_item()
             in_user_code = True
+            if stopping:
+                break
             pending.extend(map(_SECOND, zip(permits, items, strict=False)))  # the rest: no Python per item
             in_user_code = False
             if len(pending) >= largest:
