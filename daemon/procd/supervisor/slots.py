@@ -118,3 +118,11 @@ def start(
     slot.failure = None
     slot.exec_failed = False
     return pid
+
+
+TERMINAL = (State.EXITED, State.FATAL)
+
+
+def ended(slot: WorkerSlot) -> bool:
+    """No process, and none to come (a slot stopped for a group restart will start again)."""
+    return slot.state in TERMINAL and not slot.regrouping
