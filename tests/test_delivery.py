@@ -740,3 +740,68 @@ def test_a_line_that_kills_a_command_stage_program_is_dead_lettered(ws: Workspac
     assert dead["error_type"] == "WorkerCrashed" and dead["attempts"] == 3
     (entry,) = [json.loads(line) for line in (ws.path / "dead.jsonl").read_text().splitlines()]
     assert entry["item"] == 13
+
+
+UNREAD_PROGRAM = """
+import fcntl, os, struct, sys, termios, time
+
+def waiting_input():
+    count = bytearray(4)
+    fcntl.ioctl(0, termios.FIONREAD, count)
+    return struct.unpack("i", count)[0] > 0
+
+# Say so once a line waits on stdin, and read nothing until the test says go.
+while not waiting_input():
+    time.sleep(0.002)
+open(f"waiting.{os.getpid()}", "w").close()
+while not os.path.exists("go"):
+    time.sleep(0.002)
+for line in sys.stdin:
+    sys.stdout.write(line)
+    sys.stdout.flush()
+"""
+
+
+def test_a_program_killed_before_it_read_the_line_in_hand_is_not_charged_with_it(ws: Workspace) -> None:
+    """Careful mode charges the line in hand with a crash only if the program read it: programs
+    killed while the line still waits in their stdin pipe (starting up, under load) never saw it,
+    and three such kills must not dead-letter it (a line missing from the sink in the kill storm
+    of ``test_a_command_stage_killed_five_times_delivers_every_line_python`` under load)."""
+    count = 10
+    ws.write("st.py", LOSSES)
+    ws.write("unread.py", UNREAD_PROGRAM)
+    ws.pipeline(
+        f'[pipeline]\nname = "{ws.name}"\n'
+        f'[stages.numbers]\nfunction = "st:numbers"\noptions = {{ count = {count} }}\n'
+        f'[stages.cmd]\ncommand = ["{sys.executable}", "unread.py"]\ninputs = ["numbers"]\nmax_attempts = 3\n'
+        'dead_letter = "dead.jsonl"\nqueue = { maxsize = 100, batch = 10 }\n'
+        'restart = { policy = "on-failure", backoff = "0s", max = 10 }\n'
+        f'[stages.check]\nfunction = "st:Check"\ninputs = ["cmd"]\noptions = {{ count = {count} }}\n'
+    )
+    log = ws.path / "log.jsonl"
+    proc = _start_quiet(ws)
+    killed: set[str] = set()
+    try:
+        # the first program gets the batch, the next two its first line alone (careful mode)
+        for _ in range(3):
+
+            def new_waiting() -> list[str]:
+                return [p.name for p in ws.path.glob("waiting.*") if p.name not in killed]
+
+            (name,) = wait_until(new_waiting, 20)
+            os.kill(int(name.split(".")[1]), signal.SIGKILL)
+            killed.add(name)
+        wait_until(
+            lambda: len([r for r in read_records(log) if r["event"] == "worker_spawned" and r["stage"] == "cmd"]) == 4,
+            20,
+        )
+        (ws.path / "go").touch()
+        _finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    records = read_records(log)
+    assert proc.returncode == 0
+    assert [r for r in records if r["event"] == "item_dead_lettered"] == []
+    assert _summary(records)["missing_count"] == 0, _summary(records)

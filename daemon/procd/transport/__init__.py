@@ -56,7 +56,7 @@ class Held:
 
     items: list[Any]
     index: int  # the item in hand when a redelivered batch killed a process, else -1
-    crashes: int  # how often that item has
+    crashes: int  # the processes it is charged with having killed (see worker.redelivery)
     deliveries: int  # deliveries of this batch so far
     last_signal: int  # how the last process ended (-1: not by a signal)
     last_code: int

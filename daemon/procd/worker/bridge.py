@@ -31,7 +31,7 @@ from procd.transport import Reader
 from procd.transport.deadletters import DeadLetterFile
 from procd.transport.slot import SlotFile
 from procd.worker.outlet import Outlet, Ticker
-from procd.worker.redelivery import dead_letter, redeliver, unsendable
+from procd.worker.redelivery import dead_letter, redeliver, uncharge, unsendable
 from procd.worker.reporter import EXEC_FAILED, Reporter
 
 # The C parts that json.dumps and json.loads use, built once instead of per line (see
@@ -150,11 +150,20 @@ def run_command(ctx: WorkerContext, reporter: Reporter) -> int:
     status = reaper.wait_for(pid)
     if feeder is not None:
         feeder.program_ended.set()
+        # a line of a redelivered batch that the program never read is not charged with its
+        # end (``_Feeder.run``): that is written to the slot before this process ends
+        feeder.careful_done.wait(CAREFUL_SETTLE_S)
     outlet.close()
     reporter.send(reports.Counts(items_in=received(), items_out=outlet.count))
     if status.signal is not None:
         _die_like(status.signal)
     return status.code or 0
+
+
+# At most this long the bridge waits, once its program has ended, for the feeder to settle the
+# line in hand of a redelivered batch (it writes to a pipe nobody reads: EPIPE at once, unless a
+# descendant of the program still holds the pipe without reading it).
+CAREFUL_SETTLE_S = 5.0
 
 
 def _die_like(signum: int) -> None:
@@ -228,7 +237,10 @@ class _Feeder:
     waiting for more input (it sleeps reading stdin, or in poll or select: it has finished with
     what it read), and every line it wrote to stdout until then has been sent downstream. A
     program killed before that point gets the whole batch again in the slot's next program,
-    item by item (so one line that kills the program ``max_attempts`` times is dead-lettered).
+    item by item (so one line that kills the program ``max_attempts`` times is dead-lettered; a
+    program that ended before it read any of the line in hand is not charged with it: under load
+    a storm of kills can otherwise end three programs still starting up, and dead-letter a line
+    none of them saw).
     What a program keeps in its own output buffer is invisible to procd: programs must write
     their output unbuffered or line by line (``python -u``, ``grep --line-buffered``, awk's
     ``fflush()``); ``PYTHONUNBUFFERED=1`` is set for them."""
@@ -252,25 +264,32 @@ class _Feeder:
         self.reporter = reporter
         self.letters = DeadLetterFile(ctx.stage.dead_letter)
         self.received = 0
+        self.written = 0  # bytes of the last ``_write`` that reached the pipe
         self.program_ended = threading.Event()
+        self.careful_done = threading.Event()  # past the redelivered batch (or there was none)
 
     def run(self, stop_fd: int) -> None:
         try:
-            held = self.reader.held()
-            if held is not None and self.slot is not None:
-                delivered = redeliver(
-                    self.ctx,
-                    held,
-                    self.slot,
-                    lambda item: self._write([item]),
-                    self._handed_on,
-                    self.letters,
-                    self.reporter,
-                )
-                if delivered < 0:
-                    return
-                self.received += delivered
-                self.reader.done()
+            try:
+                held = self.reader.held()
+                if held is not None and self.slot is not None:
+                    delivered = redeliver(
+                        self.ctx,
+                        held,
+                        self.slot,
+                        lambda item: self._write([item]),
+                        self._handed_on,
+                        self.letters,
+                        self.reporter,
+                    )
+                    if delivered < 0:
+                        if _unread(self.stdin_w) == self.written:
+                            uncharge(self.slot)  # it ended without reading any of the line
+                        return
+                    self.received += delivered
+                    self.reader.done()
+            finally:
+                self.careful_done.set()
             for batch in self.reader.batches(stop_fd):
                 self.received += len(batch)
                 if not self._write(batch) or not self._handed_on():
@@ -295,9 +314,12 @@ class _Feeder:
                     )
             text = "".join(lines)
         data = memoryview(text.encode())
+        self.written = 0
         try:
             while data:
-                data = data[os.write(self.stdin_w, data) :]
+                count = os.write(self.stdin_w, data)
+                self.written += count
+                data = data[count:]
         except BrokenPipeError:
             return False  # the program closed its stdin; its exit status tells the rest
         return True

@@ -43,13 +43,19 @@ def redeliver(
     with the item in hand recorded in the slot: an item that kills processes ``max_attempts``
     times in all is dead-lettered instead of taking the slot down for ever.
 
+    The slot records the item in hand with the crashes charged to it, this attempt's included
+    (``slot.at(index, tries + 1)`` before the attempt): the next process reads the count as it
+    is. A command bridge whose program ended before it read any of the line takes the charge
+    back (``uncharge``): that program never saw the line.
+
     Returns the number of items processed; stops early (returning -1) if ``attempt`` or
     ``flush`` returns False (a command stage's program has ended)."""
     items = held.items
     start, crashes = 0, 0
     if held.index >= 0:
-        crashes = held.crashes + 1
-        if crashes + 1 >= ctx.stage.max_attempts:  # the first crash, before careful mode, counts too
+        crashes = held.crashes
+        # the first crash, before careful mode, counts too; a line no process read is not charged
+        if crashes and crashes + 1 >= ctx.stage.max_attempts:
             if held.last_signal >= 0:
                 how = f"killed by {signal_name(held.last_signal)}"
             else:
@@ -68,10 +74,19 @@ def redeliver(
         else:
             start = held.index
     for index in range(start, len(items)):
-        slot.at(index, crashes if index == held.index else 0)
+        slot.at(index, (crashes if index == held.index else 0) + 1)
         if attempt(items[index]) is False or flush() is False:
             return -1
     return len(items) - start
+
+
+def uncharge(slot: SlotFile) -> None:
+    """The process of a careful attempt ended without having read the item in hand (a command
+    stage's program killed while the line still waited in its stdin pipe): take back the crash
+    ``redeliver`` charged to that item for this attempt."""
+    header = slot.header()
+    if header.index >= 0 and header.crashes > 0:
+        slot.at(header.index, header.crashes - 1)
 
 
 def dead_letter(
