@@ -4,6 +4,7 @@ bench/startup.py's)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -12,6 +13,10 @@ from conftest import Workspace
 
 # Modules that cost a command tens of milliseconds (bench/README.md, "Start-up").
 HEAVY = ("argparse", "structlog", "dataclasses", "asyncio.base_events", "ssl", "tomllib", "procd.supervisor.core")
+# What ``inspect`` imports when it runs (it is deferred: in sys.modules, unrun, for the commands
+# that do not start a supervisor), and what ``hashlib`` loads (libcrypto): neither a client verb
+# nor the ``procd check`` process itself (its stage code is checked in a child) needs them.
+INSPECT_RAN = {"ast", "dis"}
 
 
 def _modules_after(argv: list[str], cwd: str) -> tuple[int, set[str]]:
@@ -41,6 +46,7 @@ def test_status_and_check_import_neither_the_supervisor_nor_structlog(ws: Worksp
     assert code == 1  # no pipeline there: said so, and the imports are what was needed to say it
     assert "procd.ops.control" in modules
     assert not modules & {"structlog", "procd.supervisor.core", "procd.config", "tomllib", "asyncio.base_events"}
+    assert not modules & {"procd.log", "_hashlib", *INSPECT_RAN}
 
     ws.write("st.py", "def numbers():\n    yield 1\n\ndef drop(item):\n    pass\n")
     ws.pipeline(
@@ -54,7 +60,24 @@ def test_status_and_check_import_neither_the_supervisor_nor_structlog(ws: Worksp
         "procd.launch.environment",
         "asyncio.base_events",
         "ssl",
+        "procd.log",
+        *INSPECT_RAN,
     }
+
+
+def test_a_command_builds_its_own_parser_alone_and_the_same_one() -> None:
+    from procd import cli
+
+    def verbs(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        return parser._subparsers._group_actions[0].choices  # type: ignore[union-attr,return-value]
+
+    every = verbs(cli._parser())
+    assert {"run", "status", "stop", "reload", "scale", "logs", "dlq", "check", "init"} <= set(every)
+    for name, full in every.items():
+        alone = verbs(cli._parser(name))
+        assert list(alone) == [name]
+        assert alone[name].format_help() == full.format_help()
+    assert list(verbs(cli._parser("no-such-command"))) == list(every)
 
 
 # The stage module is imported in the worker, after the fork: what it finds already run in

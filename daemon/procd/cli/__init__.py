@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
     from typing import Any
 
+    _Commands = argparse._SubParsersAction[argparse.ArgumentParser]
+
     from procd import config
     from procd.errors import ConfigError
     from procd.launch.environment import BuildError, Environment
@@ -32,12 +34,15 @@ EXIT_CONFIG = 78
 _BUILD_TICK_EXTENSION_USEC = 5_000_000
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser. Given ``command``, the first argument when it names a
+    sub-command, only that sub-command is built: the others cannot take part in parsing such a
+    command line, and building all fourteen (with their help formatters) was a few milliseconds
+    of every command (bench/README.md, "Start-up"). Otherwise (``procd``, ``procd --help``, a
+    misspelt command) all of them, in the order the help lists them."""
     import argparse
 
     from procd import __version__
-    from procd.log import LEVELS
-    from procd.ops import control
 
     parser = argparse.ArgumentParser(
         prog="procd",
@@ -46,7 +51,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"procd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    if command in _SUBCOMMANDS:
+        _SUBCOMMANDS[command](commands)
+    elif command in _VERBS:
+        _add_verbs(commands, command)
+    else:
+        for name, add in _SUBCOMMANDS.items():
+            add(commands)
+            if name == "run":  # the control verbs follow run in the help
+                _add_verbs(commands)
+    return parser
 
+
+def _add_run(commands: _Commands) -> None:
     run = commands.add_parser("run", help="run a pipeline until it finishes or is stopped")
     run.add_argument("file", metavar="FILE")
     run.add_argument("--log-file", metavar="PATH", help="also append every record to PATH")
@@ -59,15 +76,27 @@ def _parser() -> argparse.ArgumentParser:
         help="run only these stages on this host (every host runs the same file; the queues between hosts are redis)",
     )
 
-    for command in control.COMMANDS.values():  # status, stop, reload, scale: one request each
-        if command.verb:
+
+def _add_verbs(commands: _Commands, only: str | None = None) -> None:
+    """The verbs of the control command table (status, stop, reload, scale: one request each);
+    with ``only``, that one."""
+    from procd.ops import control
+
+    for command in control.COMMANDS.values():
+        if command.verb and only in (None, command.name):
             verb = commands.add_parser(command.name, help=command.summary)
             _VERBS[command.name].arguments(verb)
             verb.add_argument("--control", metavar="PATH", help="the control socket (default: found by name)")
 
+
+def _add_top(commands: _Commands) -> None:
     top = commands.add_parser("top", help="a live view of a running pipeline (q quits)")
     top.add_argument("pipeline", metavar="PIPELINE", nargs="?")
     top.add_argument("--control", metavar="PATH")
+
+
+def _add_logs(commands: _Commands) -> None:
+    from procd.log import LEVELS
 
     logs = commands.add_parser("logs", help="read procd's records from a log file or standard input")
     logs.add_argument("file", metavar="FILE", nargs="?", default="-", help="a --log-file, or - for stdin (default)")
@@ -83,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--summary", action="store_true", help="per stage: spawns, exits, restarts, items")
     logs.add_argument("--timeline", metavar="STAGE[INDEX]", help="one worker slot, generation by generation")
 
+
+def _add_dlq(commands: _Commands) -> None:
     dlq = commands.add_parser("dlq", help="dead-letter files: list them, replay them")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
     dlq_list = dlq_commands.add_parser("list", help="show the records of a dead-letter file")
@@ -99,22 +130,23 @@ def _parser() -> argparse.ArgumentParser:
     dlq_replay.add_argument("--name", metavar="PIPELINE", help="the running pipeline (default: the only one)")
     dlq_replay.add_argument("--control", metavar="PATH")
 
+
+def _add_check(commands: _Commands) -> None:
     check = commands.add_parser("check", help="validate pipeline files (exit 0 or 78)")
     check.add_argument("files", metavar="FILE", nargs="+")
 
-    build = commands.add_parser("build", help="build and install a pipeline's packages into its environment")
-    build.add_argument("file", metavar="FILE")
 
-    graph = commands.add_parser("graph", help="print the stage graph in Graphviz DOT")
-    graph.add_argument("file", metavar="FILE")
+def _add_file_command(name: str, summary: str) -> Callable[[_Commands], None]:
+    def add(commands: _Commands) -> None:
+        commands.add_parser(name, help=summary).add_argument("file", metavar="FILE")
 
-    show = commands.add_parser("show", help="print the effective pipeline, every default filled in")
-    show.add_argument("file", metavar="FILE")
+    return add
 
+
+def _add_init(commands: _Commands) -> None:
     init = commands.add_parser("init", help="write a commented starter pipeline and its stage module")
     init.add_argument("name", metavar="NAME")
     init.add_argument("--dir", default=".", help="where to write the files (default: here)")
-    return parser
 
 
 def _load(file: str, *, imports: bool, apart: bool = False) -> config.PipelineSpec:
@@ -476,6 +508,20 @@ _VERBS: dict[str, _Verb] = {
 }
 
 
+# The sub-commands other than the control verbs, in the order the help lists them.
+_SUBCOMMANDS: dict[str, Callable[[_Commands], None]] = {
+    "run": _add_run,
+    "top": _add_top,
+    "logs": _add_logs,
+    "dlq": _add_dlq,
+    "check": _add_check,
+    "build": _add_file_command("build", "build and install a pipeline's packages into its environment"),
+    "graph": _add_file_command("graph", "print the stage graph in Graphviz DOT"),
+    "show": _add_file_command("show", "print the effective pipeline, every default filled in"),
+    "init": _add_init,
+}
+
+
 def _control(args: argparse.Namespace) -> int:
     """A verb of the command table: one request to a running pipeline's control socket."""
     from procd.ops import control
@@ -785,15 +831,24 @@ def _timeline(records: list[dict[str, Any]], stage: str, worker: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``procd`` command; return its exit code."""
-    if (sys.argv[1:] if argv is None else list(argv)) == ["--version"]:  # the answer needs no parser
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words == ["--version"]:  # the answer needs no parser
         from procd import __version__
 
         print(f"procd {__version__}")
         return EXIT_OK
+    command = words[0] if words and not words[0].startswith("-") else None
+    if command not in ("run", "dlq"):
+        # ``dataclasses`` imports ``inspect`` (12 ms) only for a class without a docstring; a
+        # command that needs it (``check`` reading a stage's signature) runs it on first use.
+        # Not before a supervisor starts: each worker that reads a signature would run it anew.
+        from procd.deferred import defer
+
+        defer("inspect")
     from procd import signals
     from procd.errors import ConfigError
 
-    args = _parser().parse_args(argv)
+    args = _parser(command).parse_args(words)
     if not (args.command == "run" or (args.command == "dlq" and args.dlq_command == "replay" and args.pipeline)):
         signals.release_held()  # no supervisor here to take them over
     if args.command == "run":
