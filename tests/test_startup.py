@@ -87,6 +87,7 @@ import sys
 
 SUPERVISOR_RAN_ASYNCIO = "asyncio.base_events" in sys.modules
 SUPERVISOR_RAN_UUID = "uuid4" in sys.modules["uuid"].__dict__ if "uuid" in sys.modules else False
+SUPERVISOR_HAD = sorted(m for m in ("_hashlib", "procd.launch.environment", "procd.launch.reloadcheck") if m in sys.modules)
 
 import asyncio.subprocess
 import asyncio
@@ -95,6 +96,7 @@ import uuid
 
 def numbers():
     yield {"supervisor_ran": [SUPERVISOR_RAN_ASYNCIO, SUPERVISOR_RAN_UUID], "uuid": len(str(uuid.uuid4()))}
+    yield {"supervisor_had": SUPERVISOR_HAD}
     for n in range(3):
         yield {"n": n}
 
@@ -126,4 +128,7 @@ def test_the_supervisor_does_not_run_asyncio_or_uuid_and_a_stage_still_can(ws: W
     assert result.code == 0, result.stderr
     items = [json.loads(line.split(" ", 1)[1]) for line in result.output_lines("show") if line.startswith("item ")]
     assert {"supervisor_ran": [False, False], "uuid": 36} in items
+    # Nor libcrypto (hashlib: code hashes are the check child's), the environment builder or the
+    # reload check, which a pipeline without packages, not reloaded, never uses.
+    assert {"supervisor_had": []} in items
     assert sorted(i["doubled"] for i in items if "n" in i) == [0, 2, 4]

@@ -20,7 +20,6 @@ file's directory; ``load_and_check`` makes them absolute.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import inspect
 import json
@@ -313,6 +312,8 @@ def _own_modules(base_dir: str) -> dict[str, str]:
 
 
 def _digest(files: Mapping[str, str], base_dir: str) -> str:
+    import hashlib  # here: the supervisor, which never hashes code, need not load libcrypto
+
     digest = hashlib.sha256()
     for path in sorted(set(files.values())):
         try:

@@ -37,8 +37,6 @@ from procd import config, plan, procctl, procinfo, reaper, signals, transport
 from procd.config import PipelineSpec
 from procd.context import Output
 from procd.errors import ConfigError, Problem, StoreError
-from procd.launch import environment, reloadcheck
-from procd.launch.environment import BuildError, Environment
 from procd.launch.forkserver import ForkServer
 from procd.launch.spawn import start_forkserver
 from procd.lifecycle import (
@@ -78,9 +76,14 @@ from procd.transport import Input
 # Annotations only: the metrics classes are imported by a pipeline that serves metrics, and
 # importing structlog's typing module would load all of structlog, asyncio included, before
 # log.open_logger can defer it.
+# The environment builder and the reload check (with hashlib and libcrypto, subprocess) are
+# imported where a reload or a pipeline with packages needs them, not into every supervisor and
+# the workers forked from it (bench/README.md, "Start-up").
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
+    from procd.launch import reloadcheck
+    from procd.launch.environment import BuildError, Environment
     from procd.ops.metrics import HttpClient, MetricsServer
 
 TERMINAL = (State.EXITED, State.FATAL)
@@ -1212,6 +1215,8 @@ class Supervisor:
         if problems and new.has_environment:  # a file with problems builds nothing
             return self._reloaded(self._reload_invalid(ConfigError(self.spec.file, problems)))
         timeout_s = self.spec.reload_timeout_s
+        from procd.launch import reloadcheck
+
         try:
             # the child's own waits are longer: the loop's deadline is what ends a check
             check = reloadcheck.start(new, problems, f"procd: {self.spec.name} reload check", 2 * timeout_s + 1)
@@ -1309,6 +1314,9 @@ class Supervisor:
             return self._reload_invalid(ConfigError(self.spec.file, problems))
         new_env = None
         if outcome.prepared is not None:
+            from procd.launch import environment
+            from procd.launch.environment import BuildError
+
             try:
                 # complete since the check prepared it: this takes this process's claim on it
                 new_env = environment.prepare(new, tick=self._ping_while_blocked)
@@ -1436,6 +1444,8 @@ class Supervisor:
         for env in [e for e in self.retired_envs if id(e) not in in_use]:
             self.retired_envs.remove(env)
             env.release()
+            from procd.launch import environment
+
             keep = self.environment.key if self.environment is not None else ""
             for path in environment.remove_unused(self.spec, keep=keep):
                 self.log.info("environment_removed", path=path)
