@@ -24,7 +24,6 @@ import importlib
 import inspect
 import json
 import os
-import pathlib
 import re
 import select
 import shutil
@@ -165,8 +164,9 @@ def _is_path(annotation: Any) -> bool:
     if isinstance(annotation, str):
         parts = [p.strip() for p in annotation.replace("Optional[", "").rstrip("]").split("|")]
         return any(_PATH_TEXT.match(p) for p in parts) and all(_PATH_TEXT.match(p) or p == "None" for p in parts)
-    if isinstance(annotation, type):
-        return issubclass(annotation, pathlib.PurePath)
+    if isinstance(annotation, type):  # a class can be a path only once pathlib has been imported
+        pathlib = sys.modules.get("pathlib")
+        return pathlib is not None and issubclass(annotation, pathlib.PurePath)
     import typing
 
     arguments = typing.get_args(annotation)
@@ -536,6 +536,8 @@ def complete(
         problems += [p for p in code.problems if not _covered(p, problems)]
         options = dict(stage.options)
         for key in code.path_options:
+            import pathlib  # only a stage with path options needs it
+
             options[key] = pathlib.Path(spec.base_dir, options[key])
         stages.append(dataclasses.replace(stage, options=options, code_hash=code.code_hash, shardable=code.shardable))
     return dataclasses.replace(spec, stages=tuple(stages)), problems
