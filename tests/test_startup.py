@@ -46,7 +46,7 @@ def test_status_and_check_import_neither_the_supervisor_nor_structlog(ws: Worksp
     assert code == 1  # no pipeline there: said so, and the imports are what was needed to say it
     assert "procd.ops.control" in modules
     assert not modules & {"structlog", "procd.supervisor.core", "procd.config", "tomllib", "asyncio.base_events"}
-    assert not modules & {"procd.log", "_hashlib", *INSPECT_RAN}
+    assert not modules & {"procd.log", "_hashlib", "shutil", "pathlib", *INSPECT_RAN}
 
     ws.write("st.py", "def numbers():\n    yield 1\n\ndef drop(item):\n    pass\n")
     ws.pipeline(
@@ -61,6 +61,9 @@ def test_status_and_check_import_neither_the_supervisor_nor_structlog(ws: Worksp
         "asyncio.base_events",
         "ssl",
         "procd.log",
+        "_hashlib",
+        "shutil",
+        "pathlib",
         *INSPECT_RAN,
     }
 

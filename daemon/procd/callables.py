@@ -26,7 +26,6 @@ import json
 import os
 import re
 import select
-import shutil
 import signal
 import sys
 import time
@@ -282,6 +281,8 @@ def find_program(program: str) -> str:
             raise ResolveError(f'program "{program}" is not an executable file')
         return program
     search = os.environ.get("PATH", os.defpath)
+    import shutil  # only a command stage needs it
+
     found = shutil.which(program, path=search)
     if found is None:
         present = [

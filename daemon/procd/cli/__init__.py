@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
     from typing import Any
 
-    _Commands = argparse._SubParsersAction[argparse.ArgumentParser]
+    _Commands = argparse._SubParsersAction[Any]  # of the Parser class made in _parser
 
     from procd import config
     from procd.errors import ConfigError
@@ -44,7 +44,21 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
 
     from procd import __version__
 
-    parser = argparse.ArgumentParser(
+    class Formatter(argparse.HelpFormatter):
+        """argparse's own, told the terminal's width: argparse would ask ``shutil``, importing it
+        (with bz2, lzma and zlib) into every command for one call per argument."""
+
+        def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None):
+            width = _terminal_columns() - 2 if width is None else width
+            super().__init__(prog, indent_increment, max_help_position, width)
+
+    class Parser(argparse.ArgumentParser):
+        """Every parser, the sub-commands' too (argparse makes them of the parent's class)."""
+
+        def __init__(self, **options: Any) -> None:
+            super().__init__(formatter_class=Formatter, **options)
+
+    parser = Parser(
         prog="procd",
         description="Run a declarative TOML pipeline of supervised process groups.",
         epilog="exit codes: 0 finished, 1 runtime failure, 2 usage error, 78 configuration error",
@@ -61,6 +75,21 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
             if name == "run":  # the control verbs follow run in the help
                 _add_verbs(commands)
     return parser
+
+
+def _terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns``, as it finds them: ``$COLUMNS``, else the width of
+    the terminal on standard output, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
 
 
 def _add_run(commands: _Commands) -> None:
