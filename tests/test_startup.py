@@ -135,3 +135,45 @@ def test_the_supervisor_does_not_run_asyncio_or_uuid_and_a_stage_still_can(ws: W
     # reload check, which a pipeline without packages, not reloaded, never uses.
     assert {"supervisor_had": []} in items
     assert sorted(i["doubled"] for i in items if "n" in i) == [0, 2, 4]
+
+
+# Imported in the check child and in each worker: it notes whether the process it runs in had the
+# supervisor's modules when it was forked.
+NOTING_STAGES = """
+import os
+import sys
+
+with open(os.path.join(os.path.dirname(__file__), "imported.txt"), "a") as note:
+    note.write(f"{'procd.supervisor.core' in sys.modules}\\n")
+
+
+def numbers():
+    yield 1
+
+
+def drop(item):
+    pass
+"""
+
+
+def test_procd_run_checks_the_stage_code_while_it_imports_the_supervisor(ws: Workspace) -> None:
+    ws.write("st.py", NOTING_STAGES)
+    ws.pipeline(
+        '[stages.numbers]\nfunction = "st:numbers"\n[stages.drop]\nfunction = "st:drop"\ninputs = ["numbers"]\n'
+    )
+    result = ws.run("run", f"{ws.name}.toml")
+    assert result.code == 0, result.stderr
+    # the check child (which imports the module once per stage) was forked before the supervisor's
+    # modules were imported; the two workers after
+    noted = (ws.path / "imported.txt").read_text().split()
+    assert set(noted[:-2]) == {"False"} and noted[-2:] == ["True", "True"]
+
+
+def test_a_check_not_waited_for_is_ended_by_close(ws: Workspace) -> None:
+    from procd import callables, config
+
+    ws.write("slow.py", "import time\ntime.sleep(60)\n\ndef numbers():\n    yield 1\n")
+    spec = config.load_pipeline(str(ws.pipeline('[stages.numbers]\nfunction = "slow:numbers"\n')))
+    check = callables.CheckApart(spec, timeout_s=60)
+    check.close()  # killed and reaped at once: the conftest's check finds no child left behind
+    check.close()  # and a second close does nothing

@@ -381,34 +381,59 @@ def check_callables_apart(spec: PipelineSpec, timeout_s: float = IMPORT_TIMEOUT_
     a problem of the stage being imported; a new child checks the stages after it. The whole
     check takes at most ``timeout_s``; a stage not reached by then is reported as not checked.
     """
-    deadline = time.monotonic() + timeout_s
-    codes: dict[str, StageCode] = {}
-    remaining = list(spec.stages)
-    while remaining:
-        found, importing, ended, timed_out = _check_in_child(spec, remaining, deadline)
-        codes.update(found)
-        how = f"did not finish within {timeout_s:g}s" if timed_out else f"ended the check process ({ended})"
-        if importing is not None:
-            ref = spec.stage(importing).function
-            codes[importing] = StageCode((Problem(f"stages.{importing}.function", f'importing "{ref}" {how}'),))
-        if timed_out or importing is None:  # out of time, or the child ended between two stages
-            for stage in remaining:
-                if stage.name not in codes:
-                    problem = Problem(f"stages.{stage.name}", f"not checked: the check of the stage code {how}")
-                    codes[stage.name] = StageCode((problem,))
-        remaining = [s for s in remaining if s.name not in codes]
-    return codes
+    check = CheckApart(spec, timeout_s)
+    try:
+        return check.result()
+    finally:
+        check.close()
 
 
-def _check_in_child(
-    spec: PipelineSpec, stages: list[StageSpec], deadline: float
-) -> tuple[dict[str, StageCode], str | None, str, bool]:
-    """Check ``stages`` in one forked child until it ends or ``deadline`` passes.
+class CheckApart:
+    """``check_callables_apart`` begun: its first child is forked at once and ``result`` waits for
+    the whole check, so that what the caller does meanwhile runs alongside it (``procd run``
+    imports the supervisor while its stage code is checked). ``close`` ends a check whose result
+    is not wanted any more: its child is killed and reaped."""
 
-    Returns:
-        What it found, the stage it was importing when it ended (None if it was not), how it
-        ended, and whether the deadline passed.
-    """
+    def __init__(self, spec: PipelineSpec, timeout_s: float = IMPORT_TIMEOUT_S) -> None:
+        self._spec = spec
+        self._timeout_s = timeout_s
+        self._deadline = time.monotonic() + timeout_s
+        self._remaining = list(spec.stages)
+        self._child = _fork_checker(spec, self._remaining) if self._remaining else None
+
+    def result(self) -> dict[str, StageCode]:
+        """What the check found for every stage (see ``check_callables_apart``)."""
+        spec, codes = self._spec, {}
+        while self._remaining:
+            pid, read_fd = self._child or _fork_checker(spec, self._remaining)
+            self._child = None
+            found, importing, ended, timed_out = _collect(pid, read_fd, self._deadline)
+            codes.update(found)
+            how = f"did not finish within {self._timeout_s:g}s" if timed_out else f"ended the check process ({ended})"
+            if importing is not None:
+                ref = spec.stage(importing).function
+                codes[importing] = StageCode((Problem(f"stages.{importing}.function", f'importing "{ref}" {how}'),))
+            if timed_out or importing is None:  # out of time, or the child ended between two stages
+                for stage in self._remaining:
+                    if stage.name not in codes:
+                        problem = Problem(f"stages.{stage.name}", f"not checked: the check of the stage code {how}")
+                        codes[stage.name] = StageCode((problem,))
+            self._remaining = [s for s in self._remaining if s.name not in codes]
+        return codes
+
+    def close(self) -> None:
+        """Kill and reap a child whose result was not collected; nothing otherwise."""
+        if self._child is not None:
+            pid, read_fd = self._child
+            self._child = None
+            os.close(read_fd)
+            os.kill(pid, signal.SIGKILL)
+            reaper.wait_for(pid)
+
+
+def _fork_checker(spec: PipelineSpec, stages: list[StageSpec]) -> tuple[int, int]:
+    """Fork a child that checks ``stages`` one after the other; its pid, and the descriptor it
+    reports on, one JSON line as it starts to import a stage and one with what it found."""
     read_fd, write_fd = os.pipe()
     parent = os.getpid()
     pid = os.fork()
@@ -426,6 +451,16 @@ def _check_in_child(
         finally:
             os._exit(0)
     os.close(write_fd)
+    return pid, read_fd
+
+
+def _collect(pid: int, read_fd: int, deadline: float) -> tuple[dict[str, StageCode], str | None, str, bool]:
+    """Read a checking child's reports until it ends or ``deadline`` passes, and reap it.
+
+    Returns:
+        What it found, the stage it was importing when it ended (None if it was not), how it
+        ended, and whether the deadline passed.
+    """
     data, timed_out = _read_all(read_fd, pid, deadline)
     if timed_out:
         os.kill(pid, signal.SIGKILL)

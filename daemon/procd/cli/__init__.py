@@ -178,16 +178,6 @@ def _add_init(commands: _Commands) -> None:
     init.add_argument("--dir", default=".", help="where to write the files (default: here)")
 
 
-def _load(file: str, *, imports: bool, apart: bool = False) -> config.PipelineSpec:
-    """Load and validate; with ``imports``, also import every function stage's code (in a
-    forked child with ``apart``, so that this process stays free of user modules)."""
-    from procd import callables, config
-
-    if not imports:
-        return config.load_pipeline(file)
-    return callables.load_or_raise(file, apart=apart)
-
-
 def _report(error: ConfigError) -> int:
     _say(*error.lines())
     return EXIT_CONFIG
@@ -244,33 +234,40 @@ def _reserve_standard_fds() -> None:
 
 
 def _run(file: str, log_file: str | None, control_path: str | None, stages: str | None = None) -> int:
-    import io
+    from procd import callables, config
+    from procd.errors import ConfigError
 
-    from procd import config
-    from procd.errors import ConfigError, StoreError
-    from procd.log import open_logger
-    from procd.ops.control import ControlError
-    from procd.ops.notify import Notifier
-    from procd.supervisor.core import Supervisor
-    from procd.transport import Unavailable
-
+    check = None
     try:
         spec, problems = config.read_pipeline(file)
         if not spec.has_environment:  # else its code is checked in its environment, once built
-            spec = _load(file, imports=True, apart=True)  # every problem, the stage code's too
-        elif problems:
-            raise ConfigError(file, problems)
-        if stages is not None:
-            spec, problems = config.select_stages(spec, [n.strip() for n in stages.split(",") if n.strip()])
+            # Begun before the supervisor's modules are imported: its child checks the stage
+            # code while they load, on another core (bench/README.md, "Start-up").
+            check = callables.CheckApart(spec)
+    except ConfigError as error:
+        return _config_invalid(file, log_file, error)
+    try:
+        from procd.errors import StoreError
+        from procd.log import open_logger
+        from procd.ops.control import ControlError
+        from procd.ops.notify import Notifier
+        from procd.supervisor.core import Supervisor
+        from procd.transport import Unavailable
+
+        try:
+            if check is not None:  # every problem, the stage code's too
+                spec, problems = callables.complete(spec, check.result(), problems)
             if problems:
                 raise ConfigError(file, problems)
-    except ConfigError as error:
-        if log_file:
-            name = os.path.splitext(os.path.basename(file))[0]
-            log, writer = open_logger(name, log_file=log_file, stream=io.StringIO())
-            log.error("config_invalid", file=file, problems=error.lines())
-            writer.close()
-        return _report(error)
+            if stages is not None:
+                spec, problems = config.select_stages(spec, [n.strip() for n in stages.split(",") if n.strip()])
+                if problems:
+                    raise ConfigError(file, problems)
+        except ConfigError as error:
+            return _config_invalid(file, log_file, error)
+    finally:
+        if check is not None:
+            check.close()  # a check not waited for (an import above failed): its child goes
     try:
         log, writer = open_logger(spec.name, log_file=log_file)
     except OSError as exc:
@@ -299,6 +296,20 @@ def _run(file: str, log_file: str | None, control_path: str | None, stages: str 
         return EXIT_FAILURE
     finally:
         writer.close()
+
+
+def _config_invalid(file: str, log_file: str | None, error: ConfigError) -> int:
+    """Report an invalid pipeline file: on stderr, and as a record in the log file if there is one."""
+    import io
+
+    from procd.log import open_logger
+
+    if log_file:
+        name = os.path.splitext(os.path.basename(file))[0]
+        log, writer = open_logger(name, log_file=log_file, stream=io.StringIO())
+        log.error("config_invalid", file=file, problems=error.lines())
+        writer.close()
+    return _report(error)
 
 
 def _prepare_logged(
@@ -903,15 +914,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _init(args.name, args.dir)
         if args.command == "build":
             return _build(args.file)
-        spec = _load(args.file, imports=False)
+        from procd import config
+
+        spec = config.load_pipeline(args.file)
         if args.command == "graph":
             from procd import plan
 
             sys.stdout.write(plan.to_dot(spec))
         else:
             import tomli_w  # only `show` writes TOML
-
-            from procd import config
 
             sys.stdout.write(tomli_w.dumps(config.as_document(spec)))
         return EXIT_OK
