@@ -37,6 +37,7 @@ from typing import Any
 from procd import config, procctl, reaper
 from procd.config import PipelineSpec, StageSpec
 from procd.errors import ConfigError, Problem
+from procd.frozen import frozen_dataclass
 
 # Parameters procd fills in itself for a producer that declares them.
 INJECTED = ("checkpoint", "shard")
@@ -172,7 +173,7 @@ def _is_path(annotation: Any) -> bool:
     return bool(arguments) and all(a is type(None) or _is_path(a) for a in arguments) and any(map(_is_path, arguments))
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)  # internal: its methods need not be compiled at each start
 class StageCode:
     """What checking one stage's code found: its problems, and the facts described at the top."""
 
