@@ -17,8 +17,9 @@ written (to a temporary ``PYTHONPYCACHEPREFIX``, never into the source tree), an
 is the only step that may reach beyond loopback, to the package index pip is configured with;
 ``--no-installed`` skips it). Memory: an idle 3-stage pipeline (1 producer → 2 transforms → 1
 sink) against the same classic pattern: the total PSS (/proc/PID/smaps_rollup) of every process
-of each, and each worker's RSS; procd's as the editable install without bytecode, and with it. Targets (issue 12): ``run`` <= 60 ms; ``--version``, ``status``,
-``check`` <= 4x ``python -c pass``; PSS <= 1.2x classic.
+of each, and each worker's RSS; procd's as the editable install without bytecode, and with it.
+Targets (issue 12): ``run`` <= 60 ms; ``--version``, ``status``, ``check`` <= 4x ``python -c
+pass``; PSS <= 1.2x classic.
 """
 
 from __future__ import annotations
