@@ -37,8 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness import Pipeline, Script, run_command, timestamp
-from procfs import descendants, pss_kib, rss_kib, wait_for
-from report import Row, print_rows
+from procfs import descendants, load_text, pss_kib, rss_kib, wait_for
+from report import Row, header, table
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -315,7 +315,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, help="runs of each command, median reported (default 10)")
     parser.add_argument("--no-installed", action="store_true", help="skip the pip-installed procd (it takes ~10 s)")
     args = parser.parse_args()
-    print_rows(measure(args.quick, args.repeat, not args.no_installed))
+    print(header(), flush=True)  # the load before the runs (report.print_rows prints it after them)
+    print(table(measure(args.quick, args.repeat, not args.no_installed)))
+    print(f"at end: {load_text()}")
 
 
 if __name__ == "__main__":
