@@ -11,27 +11,24 @@ import sys
 
 # Only what a verb needs is imported, inside the function that needs it: ``--version`` imports
 # nothing more than this module, ``status`` the control client and argparse, ``check`` the config
-# loader; the supervisor, structlog and the environment builder only ``run`` (bench/README.md,
-# "Start-up"). The names below are for the type checker only (mypy reads ``TYPE_CHECKING`` by name).
+# loader; the supervisor, structlog and the environment builder only ``run`` (``cli.running``),
+# and ``logs`` and ``dlq`` their own module (``cli.records``) (bench/README.md, "Start-up").
+# The names below are for the type checker only (mypy reads ``TYPE_CHECKING`` by name).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Sequence
     from typing import Any
 
-    _Commands = argparse._SubParsersAction[Any]  # of the Parser class made in _parser
-
-    from procd import config
     from procd.errors import ConfigError
-    from procd.launch.environment import BuildError, Environment
-    from procd.ops.notify import Notifier
+    from procd.launch.environment import BuildError
+
+    _Commands = argparse._SubParsersAction[Any]  # of the Parser class made in _parser
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_CONFIG = 78
-# While procd run builds, each tick (about a second apart) asks systemd for this much more time to start.
-_BUILD_TICK_EXTENSION_USEC = 5_000_000
 
 
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -178,38 +175,21 @@ def _add_init(commands: _Commands) -> None:
     init.add_argument("--dir", default=".", help="where to write the files (default: here)")
 
 
-def _report(error: ConfigError) -> int:
-    _say(*error.lines())
+def report_invalid(error: ConfigError) -> int:
+    """Print every problem of an invalid pipeline file; return the exit code for it (78)."""
+    say(*error.lines())
     return EXIT_CONFIG
 
 
-def _prepare(file: str) -> tuple[config.PipelineSpec, Environment | None]:
-    """Load and validate, build the pipeline's environment if it has one (reusing it when nothing
-    changed), and import every function stage's code: in the environment's interpreter, or in a
-    forked child, so that this process stays free of user modules.
-
-    Raises:
-        ConfigError: the file is invalid, or stage code cannot be imported.
-        BuildError: the environment cannot be built.
-    """
-    from procd.errors import ConfigError
-    from procd.launch import environment
-
-    spec, env, problems = environment.load_and_check(file, apart=True, reuse=True)
-    if problems:
-        if env is not None:
-            env.release()
-        raise ConfigError(file, problems)
-    return spec, env
-
-
-def _report_build(error: BuildError, command: str) -> int:
+def report_build(error: BuildError, command: str) -> int:
+    """Print why ``command`` could not build the environment, with the build's last lines; return
+    the exit code for it (1)."""
     tail = ["the last lines of its output:", *(f"    {line}" for line in error.tail.splitlines())]
-    _say(f"procd {command}: {error}", *(tail if error.tail else []))
+    say(f"procd {command}: {error}", *(tail if error.tail else []))
     return EXIT_FAILURE
 
 
-def _say(*lines: str) -> None:
+def say(*lines: str) -> None:
     """Lines to stderr, for a reader who may have gone (``| head``): the exit code stays true."""
     try:
         for line in lines:
@@ -217,145 +197,6 @@ def _say(*lines: str) -> None:
         sys.stderr.flush()
     except OSError:
         pass
-
-
-def _reserve_standard_fds() -> None:
-    """Open /dev/null on whichever of 0, 1 and 2 is closed (``procd run ... 2>&-``), so that no
-    descriptor procd opens later (the log file, a queue, a pipe to a worker) lands there and
-    receives what is meant for stderr."""
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
-    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
-        if getattr(sys, name) is None:  # Python found it closed at start-up
-            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115
-
-
-def _run(file: str, log_file: str | None, control_path: str | None, stages: str | None = None) -> int:
-    from procd import callables, config
-    from procd.errors import ConfigError
-
-    check = None
-    try:
-        spec, problems = config.read_pipeline(file)
-        if not spec.has_environment:  # else its code is checked in its environment, once built
-            # Begun before the supervisor's modules are imported: its child checks the stage
-            # code while they load, on another core (bench/README.md, "Start-up").
-            check = callables.CheckApart(spec)
-    except ConfigError as error:
-        return _config_invalid(file, log_file, error)
-    try:
-        from procd.errors import StoreError
-        from procd.log import open_logger
-        from procd.ops.control import ControlError
-        from procd.ops.notify import Notifier
-        from procd.supervisor.core import Supervisor
-        from procd.transport import Unavailable
-
-        try:
-            if check is not None:  # every problem, the stage code's too
-                spec, problems = callables.complete(spec, check.result(), problems)
-            if problems:
-                raise ConfigError(file, problems)
-            if stages is not None:
-                spec, problems = config.select_stages(spec, [n.strip() for n in stages.split(",") if n.strip()])
-                if problems:
-                    raise ConfigError(file, problems)
-        except ConfigError as error:
-            return _config_invalid(file, log_file, error)
-    finally:
-        if check is not None:
-            check.close()  # a check not waited for (an import above failed): its child goes
-    try:
-        log, writer = open_logger(spec.name, log_file=log_file)
-    except OSError as exc:
-        _say(f"procd: cannot open the log file {log_file}: {exc.strerror}")
-        return EXIT_USAGE
-    try:
-        env = None
-        notifier = Notifier.from_environ()
-        if spec.has_environment:
-            prepared = _prepare_logged(spec, log, notifier)
-            if prepared is None:
-                return EXIT_FAILURE
-            spec, env = prepared
-        return Supervisor(spec, log, writer, control_path=control_path, notifier=notifier, environment=env).run()
-    except ConfigError as error:
-        log.error("config_invalid", file=file, problems=error.lines())
-        return EXIT_CONFIG
-    except ControlError as exc:
-        log.error("control_unavailable", error=str(exc))
-        return EXIT_FAILURE
-    except StoreError as exc:
-        log.error("queue_unavailable", error=str(exc))
-        return EXIT_FAILURE
-    except Unavailable as exc:  # a shared queue's server refused us (its record says so)
-        log.error("transport_unavailable", error=str(exc), message="nothing was started")
-        return EXIT_FAILURE
-    finally:
-        writer.close()
-
-
-def _config_invalid(file: str, log_file: str | None, error: ConfigError) -> int:
-    """Report an invalid pipeline file: on stderr, and as a record in the log file if there is one."""
-    import io
-
-    from procd.log import open_logger
-
-    if log_file:
-        name = os.path.splitext(os.path.basename(file))[0]
-        log, writer = open_logger(name, log_file=log_file, stream=io.StringIO())
-        log.error("config_invalid", file=file, problems=error.lines())
-        writer.close()
-    return _report(error)
-
-
-def _prepare_logged(
-    spec: config.PipelineSpec, log: Any, notifier: Notifier
-) -> tuple[config.PipelineSpec, Environment] | None:
-    """Build (or reuse) the pipeline's environment and import its stage code there, with a record
-    of either; None if the build failed (its record names the project and shows the output's tail).
-    While a build runs, the service manager's start timeout is pushed back each second.
-
-    Raises:
-        ConfigError: stage code cannot be imported in the environment.
-    """
-    from procd import callables
-    from procd.errors import ConfigError
-    from procd.launch import environment
-    from procd.launch.environment import BuildError
-
-    def extend_start_timeout() -> None:
-        try:
-            notifier.send(EXTEND_TIMEOUT_USEC=_BUILD_TICK_EXTENSION_USEC, STATUS="building the pipeline's environment")
-        except OSError:
-            pass  # the supervisor reports a service manager that does not listen, once
-
-    try:
-        env = environment.prepare(spec, tick=extend_start_timeout)
-    except BuildError as error:
-        log.error(
-            "environment_build_failed",
-            project=error.project,
-            error=str(error),
-            output_tail=error.tail,
-            message="nothing was started",
-        )
-        return None
-    log.info(
-        "environment_built" if env.built else "environment_reused",
-        path=env.path,
-        projects=[b.project for b in env.projects],
-        seconds=round(env.seconds, 3),
-    )
-    codes = environment.check_stage_code(spec, env, reuse=True, tick=extend_start_timeout)
-    spec, problems = callables.complete(spec, codes, [])
-    if problems:
-        env.release()
-        raise ConfigError(spec.file, problems)
-    return spec, env
 
 
 def _check(files: Sequence[str]) -> int:
@@ -382,7 +223,7 @@ def _check_file(file: str) -> int:
             try:
                 spec, env, problems = environment.load_and_check(file, apart=True)
             except environment.BuildError as error:
-                return _report_build(error, "check")
+                return report_build(error, "check")
             if env is not None:
                 env.release()
         else:
@@ -391,7 +232,7 @@ def _check_file(file: str) -> int:
         if problems:
             raise ConfigError(file, problems)
     except ConfigError as error:
-        return _report(error)
+        return report_invalid(error)
     workers = sum(s.processes for s in spec.stages)
     where = f"; environment {env.path}" if env is not None else ""
     print(f"{file}: ok ({len(spec.stages)} stages, {workers} processes{where})")
@@ -411,7 +252,7 @@ def _build(file: str) -> int:
     try:
         env = environment.prepare(spec, progress=print)
     except BuildError as error:
-        return _report_build(error, "build")
+        return report_build(error, "build")
     env.release()
     how = "built" if env.built else "up to date, reused"
     print(f"environment {env.path}: {how} in {env.seconds:.2f}s; workers run {env.python}")
@@ -588,141 +429,6 @@ def _control(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _dlq_list(file: str, as_json: bool) -> int:
-    import json
-
-    from procd.transport import deadletters
-
-    try:
-        records = list(deadletters.read(file))
-    except OSError as exc:
-        print(f"procd dlq list: cannot read {file}: {exc.strerror}", file=sys.stderr)
-        return EXIT_FAILURE
-    skipped = 0
-    for number, entry in records:
-        if entry is None:
-            skipped += 1
-        elif as_json:
-            print(json.dumps(entry))
-        else:
-            if "item" in entry:
-                item = json.dumps(entry["item"], ensure_ascii=False, separators=(",", ":"))
-            else:
-                item = f"(repr, not JSON) {entry.get('item_repr', '?')}"
-            error = f"{entry.get('error_type')}: {entry.get('error')}"
-            print(
-                f"{number:>5}  {entry.get('ts', '?')}  {entry.get('stage', '?')}  "
-                f"attempts {entry.get('attempts', '?')}  {error}  item {item[:120]}"
-            )
-    good = len(records) - skipped
-    print(
-        f"{good} dead letters" + (f"; {skipped} lines are not dead-letter records (skipped)" if skipped else ""),
-        file=sys.stderr,
-    )
-    return EXIT_OK
-
-
-def _replayable(file: str) -> tuple[list[Any], list[str]]:
-    from procd.transport import deadletters
-
-    items: list[Any] = []
-    refused: list[str] = []
-    for number, entry in deadletters.read(file):
-        if entry is None:
-            refused.append(f"line {number}: not a dead-letter record")
-            continue
-        ok, value = deadletters.item_of(entry)
-        if ok:
-            items.append(value)
-        else:
-            refused.append(f"line {number}: {value}")
-    return items, refused
-
-
-def _dlq_replay(args: argparse.Namespace) -> int:
-    from procd.errors import StoreError
-    from procd.ops import control
-    from procd.ops.control import ControlError
-
-    try:
-        items, refused = _replayable(args.file)
-    except OSError as exc:
-        print(f"procd dlq replay: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
-        return EXIT_FAILURE
-    for reason in refused:
-        print(f"procd dlq replay: skipped {reason}", file=sys.stderr)
-    if args.pipeline:
-        return _replay_fresh(args.pipeline, args.file, args.into)
-    try:
-        path = control.find_socket(args.name, args.control)
-        reply, fds = control.call_fds(path, "attach", stage=args.into)
-        if not reply.get("ok"):
-            print(f"procd dlq replay: {reply.get('error')}", file=sys.stderr)
-            return EXIT_FAILURE
-        from procd import transport
-
-        writer = transport.attached_writer(reply, fds)
-        batch = int(reply["batch"])
-        try:
-            for start in range(0, len(items), batch):
-                writer.send(items[start : start + batch])
-        except (StoreError, OSError) as exc:
-            print(f"procd dlq replay: cannot write into {args.into}: {exc}; nothing more was sent", file=sys.stderr)
-            return EXIT_FAILURE
-        finally:
-            writer.close()
-        control.call(path, "replayed", stage=args.into, items=len(items), file=args.file)
-    except ControlError as exc:
-        print(f"procd dlq replay: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    print(f"replayed {len(items)} items into {args.into}")
-    return EXIT_OK
-
-
-def _replay_fresh(pipeline_file: str, file: str, into: str) -> int:
-    """Run the pipeline from ``into`` down, fed only by the dead-letter file."""
-    import dataclasses
-
-    from procd import config, plan
-    from procd.errors import ConfigError
-    from procd.launch.environment import BuildError
-    from procd.log import open_logger
-    from procd.ops import control
-    from procd.ops.control import ControlError
-    from procd.supervisor.core import Supervisor
-
-    try:
-        spec, env = _prepare(pipeline_file)
-    except ConfigError as error:
-        return _report(error)
-    except BuildError as error:
-        return _report_build(error, "dlq replay")
-    names = [s.name for s in spec.stages]
-    if into not in names:
-        print(f"procd dlq replay: unknown stage {into!r}; stages are {', '.join(names)}", file=sys.stderr)
-        return EXIT_USAGE
-    keep = {into} | {s.name for s in spec.stages if into in plan.upstream_closure(spec, s.name)}
-    source = config.StageSpec(
-        name="dlq-replay", function="procd.transport.deadletters:replay", options={"path": os.path.abspath(file)}
-    )
-    stages = [source] + [
-        dataclasses.replace(s, inputs=("dlq-replay",) if s.name == into else tuple(i for i in s.inputs if i in keep))
-        for s in spec.stages
-        if s.name in keep
-    ]
-    derived = dataclasses.replace(spec, stages=tuple(stages))
-    log, writer = open_logger(derived.name)
-    try:
-        return Supervisor(
-            derived, log, writer, control_path=control.default_path(f"{derived.name}-replay"), environment=env
-        ).run()
-    except ControlError as exc:
-        print(f"procd dlq replay: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    finally:
-        writer.close()
-
-
 def _top(args: argparse.Namespace) -> int:
     from procd.cli import top  # only this command draws
     from procd.ops import control
@@ -747,126 +453,6 @@ def _top(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return EXIT_OK
-
-
-def _logs(args: argparse.Namespace) -> int:
-    import json
-    import re
-    import time
-
-    from procd import events, log  # only this command reads records back
-
-    now = time.time()
-    try:
-        keep = events.Filter(
-            stage=args.stage,
-            worker=args.worker,
-            events=frozenset(e.strip() for group in args.event for e in group.split(",") if e.strip()),
-            level=args.level,
-            pid=args.pid,
-            since=events.parse_when(args.since, now) if args.since else None,
-            until=events.parse_when(args.until, now) if args.until else None,
-        )
-    except ValueError as exc:
-        print(f"procd logs: --since/--until take a duration (10m) or an ISO time: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    timeline = None
-    if args.timeline:
-        match = re.fullmatch(r"([a-z][a-z0-9_-]*)\[(\d+)\]", args.timeline)
-        if not match:
-            print(
-                f"procd logs: --timeline takes STAGE[INDEX], such as transform[2], got {args.timeline!r}",
-                file=sys.stderr,
-            )
-            return EXIT_USAGE
-        timeline = (match.group(1), int(match.group(2)))
-    try:
-        source = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8", errors="replace")  # noqa: SIM115
-    except OSError as exc:
-        print(f"procd logs: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
-        return EXIT_FAILURE
-    reader = events.RecordReader()
-    with source:
-        if args.summary or timeline:
-            records = list(reader.records(source))
-            sys.stdout.write(_summary(records) if args.summary else _timeline(records, *timeline))  # type: ignore[misc]
-        else:
-            color = sys.stdout.isatty() and not args.json
-            try:
-                for record in reader.records(_lines(source, args.follow)):
-                    if keep.keeps(record):
-                        print(json.dumps(record) if args.json else log.render(record, color=color), flush=args.follow)
-            except KeyboardInterrupt:
-                pass
-    if reader.skipped:
-        print(f"procd logs: {reader.skipped} lines were not procd records (skipped)", file=sys.stderr)
-    return EXIT_OK
-
-
-def _lines(source: Any, follow: bool) -> Iterator[str]:
-    """Every complete line; with ``follow``, wait for more (a half-written line is held back)."""
-    partial = ""
-    while True:
-        line = source.readline()
-        if line.endswith("\n"):
-            yield partial + line
-            partial = ""
-        elif line:
-            partial += line
-        elif not follow:
-            if partial:
-                yield partial
-            return
-        else:
-            import time
-
-            time.sleep(0.2)
-
-
-def _summary(records: list[dict[str, Any]]) -> str:
-    from procd import events
-
-    rows = [("STAGE", "SPAWNS", "RESTARTS", "EXITS", "REDELIVERED", "DEAD_LETTERS", "IN", "OUT", "FIRST", "LAST")]
-    summaries = events.summarize(records)
-    unexited = sum(max(0, s.spawns - sum(s.exits.values())) for s in summaries.values())
-    for name, s in summaries.items():
-        exits = ", ".join(f"{cause}: {n}" for cause, n in sorted(s.exits.items())) or "-"
-        rows.append(
-            (
-                name,
-                str(s.spawns),
-                str(s.restarts),
-                exits,
-                str(s.redelivered),
-                str(s.dead_letters),
-                str(s.items_in),
-                str(s.items_out),
-                s.first,
-                s.last,
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    table = "".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in rows)
-    if unexited:  # counts reach the log when a worker exits
-        table += (
-            f"IN and OUT count only workers that have exited: {unexited} have no exit record yet "
-            "(still running, or the log ends early); procd status shows their latest counts.\n"
-        )
-    return table
-
-
-def _timeline(records: list[dict[str, Any]], stage: str, worker: int) -> str:
-    from procd import events
-
-    lines = [f"{stage}[{worker}]"]
-    for g in events.timeline(records, stage, worker):
-        ended = f"ended {g.ended} with {g.how} after {g.runtime_s}s" if g.ended else "still running"
-        verdict = "" if g.expected is None else (" (expected)" if g.expected else f" (failure: {g.cause})")
-        lines.append(f"  generation {g.generation}  pid {g.pid}  spawned {g.spawned}  {ended}{verdict}")
-        lines += [f"    {note}" for note in g.notes]
-    if len(lines) == 1:
-        lines.append("  no records for this worker slot")
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -894,20 +480,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         # A daemon that loses its terminal goes on: every record still reaches the log file (or
         # the journal), and the exit code is the pipeline's own. Nothing here ends on EPIPE.
-        _reserve_standard_fds()
+        from procd.cli import running
+
+        running.reserve_standard_fds()
         try:
-            return _run(args.file, args.log_file, args.control, args.stages)
+            return running.run(args.file, args.log_file, args.control, args.stages)
         except ConfigError as error:
-            return _report(error)
+            return report_invalid(error)
     try:
         if args.command in _VERBS:
             return _control(args)
         if args.command == "top":
             return _top(args)
-        if args.command == "logs":
-            return _logs(args)
-        if args.command == "dlq":
-            return _dlq_list(args.file, args.json) if args.dlq_command == "list" else _dlq_replay(args)
+        if args.command in ("logs", "dlq"):
+            from procd.cli import records  # reading records and dead letters back
+
+            if args.command == "logs":
+                return records.logs(args)
+            return records.dlq_list(args.file, args.json) if args.dlq_command == "list" else records.dlq_replay(args)
         if args.command == "check":
             return _check(args.files)
         if args.command == "init":
@@ -927,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(tomli_w.dumps(config.as_document(spec)))
         return EXIT_OK
     except ConfigError as error:
-        return _report(error)
+        return report_invalid(error)
     except BrokenPipeError:
         return EXIT_OK
 
