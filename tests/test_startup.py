@@ -5,9 +5,12 @@ bench/startup.py's)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from conftest import Workspace
 
@@ -179,3 +182,74 @@ def test_a_check_not_waited_for_is_ended_by_close(ws: Workspace) -> None:
     check = callables.CheckApart(spec, timeout_s=60)
     check.close()  # killed and reaped at once: the conftest's check finds no child left behind
     check.close()  # and a second close does nothing
+
+
+INSPECTING_STAGES = """
+import sys
+
+
+def numbers(shard):
+    # after the worker asked whether this producer takes checkpoint and shard (it takes shard)
+    yield {"shard": list(shard), "inspect_ran": "signature" in vars(sys.modules["inspect"])}
+
+
+def show(item):
+    print("item", __import__("json").dumps(item, sort_keys=True), flush=True)
+"""
+
+
+def test_neither_the_supervisor_nor_a_plain_producer_runs_inspect(ws: Workspace) -> None:
+    ws.write("st.py", INSPECTING_STAGES)
+    ws.pipeline(
+        '[stages.numbers]\nfunction = "st:numbers"\nprocesses = 2\n'
+        '[stages.show]\nfunction = "st:show"\ninputs = ["numbers"]\n'
+    )
+    result = ws.run("run", f"{ws.name}.toml")
+    assert result.code == 0, result.stderr
+    items = [json.loads(line.split(" ", 1)[1]) for line in result.output_lines("show") if line.startswith("item ")]
+    assert sorted(items, key=lambda i: i["shard"]) == [
+        {"shard": [0, 2], "inspect_ran": False},
+        {"shard": [1, 2], "inspect_ran": False},
+    ]
+
+
+def _wrapped(function: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def test_accepts_answers_from_the_code_as_inspect_does() -> None:
+    import inspect
+
+    from procd import callables
+
+    def plain(item, checkpoint=None, *rest, shard, **options):  # type: ignore[no-untyped-def]
+        pass
+
+    def positional_only(checkpoint, /, shard):  # type: ignore[no-untyped-def]
+        pass
+
+    def keywords(**checkpoint):  # type: ignore[no-untyped-def]
+        pass
+
+    def signed(item):  # type: ignore[no-untyped-def]
+        pass
+
+    signed.__signature__ = inspect.Signature([inspect.Parameter("checkpoint", inspect.Parameter.KEYWORD_ONLY)])  # type: ignore[attr-defined]
+
+    class Producer:
+        def __init__(self, checkpoint: object) -> None:
+            pass
+
+    targets = [plain, positional_only, keywords, signed, _wrapped(plain), Producer, functools.partial(plain, 1)]
+    for target in targets:
+        for name in ("item", "checkpoint", "shard", "rest", "options", "missing"):
+            parameter = inspect.signature(target).parameters.get(name)
+            expected = parameter is not None and parameter.kind in (
+                parameter.POSITIONAL_OR_KEYWORD,
+                parameter.KEYWORD_ONLY,
+            )
+            assert callables.accepts(target, name) == expected, (target, name)

@@ -30,6 +30,7 @@ import signal
 import sys
 import time
 import traceback
+import types
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -144,11 +145,26 @@ def _signature(target: Any) -> inspect.Signature | None:
 def accepts(target: Any, name: str) -> bool:
     """True if calling ``target`` (a function, or a class through its ``__init__``) takes a
     keyword argument called ``name``."""
+    code = _plain_code(target)
+    if code is not None:  # what ``inspect.signature`` would read, without running ``inspect``
+        return name in code.co_varnames[code.co_posonlyargcount : code.co_argcount + code.co_kwonlyargcount]
     signature = _signature(target)
     if signature is None:
         return False
     parameter = signature.parameters.get(name)
     return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+
+
+def _plain_code(target: Any) -> types.CodeType | None:
+    """The code of a plain Python function whose signature is its code's, else None: not wrapped
+    (``functools.wraps``), with no ``__signature__``. A worker asks whether its producer takes
+    ``checkpoint`` or ``shard``; answered from the code, ``inspect`` (deferred by the command
+    line, about 12 ms and its own copy of the pages) need not run in every worker."""
+    if type(target) is not types.FunctionType:
+        return None
+    if any(hasattr(target, attribute) for attribute in ("__wrapped__", "__signature__", "_partialmethod")):
+        return None
+    return target.__code__
 
 
 def is_class(target: Any) -> bool:

@@ -464,13 +464,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"procd {__version__}")
         return EXIT_OK
     command = words[0] if words and not words[0].startswith("-") else None
-    if command not in ("run", "dlq"):
-        # ``dataclasses`` imports ``inspect`` (12 ms) only for a class without a docstring; a
-        # command that needs it (``check`` reading a stage's signature) runs it on first use.
-        # Not before a supervisor starts: each worker that reads a signature would run it anew.
-        from procd.deferred import defer
+    # ``dataclasses`` imports ``inspect`` (12 ms) only for a class without a docstring: what
+    # reads it runs it on first use (the stage-code check, in its child; a worker whose producer
+    # is not a plain function, ``callables.accepts``).
+    from procd.deferred import defer
 
-        defer("inspect")
+    defer("inspect")
     from procd import signals
     from procd.errors import ConfigError
 
