@@ -1,7 +1,7 @@
 """Restart speed: SIGKILL of a stage's process → its replacement exists, procd against a
 hand-written minimal SIGCHLD supervisor, side by side in one run.
 
-    .venv/bin/python bench/restart.py [--quick] [--kills 50] [--processes 4]
+    .venv/bin/python bench/restart.py [--quick] [--kills 50] [--processes 4] [--start-method M]
 
 Measured from outside through /proc, the way bench/supervise.py does (polled every 0.2 ms):
 - command stage (``command = ["sleep", "3600"]``, reading from an idle producer): SIGKILL the
@@ -12,6 +12,9 @@ Measured from outside through /proc, the way bench/supervise.py does (polled eve
 - the anchor: ``MINIMAL_SUPERVISOR`` below, about 40 lines of Python (SIGCHLD through
   ``set_wakeup_fd``, ``waitpid(WNOHANG)`` in a loop, ``fork`` + ``execvp``), run twice: exec'ing
   ``sleep`` (against the command stage) and forking a Python sleeper (against the function stage).
+  procd and the anchor run at the same time, and the kills alternate between them (one of
+  procd's, one of the anchor's, ...), so that the machine's load, which changes from second to
+  second on a shared machine, falls on both sides alike.
 Restart policy on-failure with no backoff. Targets (issue 12): command stage median <= 5 ms and
 p95 <= 8 ms; function stage median <= 3 ms.
 """
@@ -87,21 +90,17 @@ STAGES = """
 RESTART = 'restart = { policy = "on-failure", max = 1000000, within = "60s", backoff = "0s" }'
 
 
-def kill_and_wait(programs: Callable[[], set[int]], wanted: int, kills: int) -> list[float]:
-    """SIGKILL a random program ``kills`` times; ms from each kill until a new program exists."""
+def kill_one(programs: Callable[[], set[int]], wanted: int) -> float:
+    """SIGKILL one of ``programs()`` at random; ms from the kill until a new program exists (and
+    then wait, untimed, until all ``wanted`` are back)."""
+    before = programs()
+    victim = random.choice(sorted(before))
+    killed = time.perf_counter()
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: programs() - before, timeout=30)
+    latency = (time.perf_counter() - killed) * 1000
     wait_for(lambda: len(programs()) >= wanted, timeout=30, interval=0.001)
-    time.sleep(0.2)
-    latencies = []
-    for _ in range(kills):
-        before = programs()
-        victim = random.choice(sorted(before))
-        killed = time.perf_counter()
-        os.kill(victim, signal.SIGKILL)
-        wait_for(lambda before=before: programs() - before, timeout=30)
-        latencies.append((time.perf_counter() - killed) * 1000)
-        wait_for(lambda: len(programs()) >= wanted, timeout=30, interval=0.001)
-        time.sleep(0.02)
-    return latencies
+    return latency
 
 
 def programs_named(name: str, parents: Callable[[], set[int]]) -> Callable[[], set[int]]:
@@ -113,51 +112,65 @@ def programs_named(name: str, parents: Callable[[], set[int]]) -> Callable[[], s
     return find
 
 
-def procd_restarts(kills: int, processes: int, *, command: bool) -> list[float]:
+def procd_stages(processes: int, *, command: bool, start_method: str | None) -> str:
+    """The pipeline's body: ``processes`` sleepers in one stage, restarted at once when killed."""
+    stage = f'start_method = "{start_method}"\n' if start_method else ""  # still in [pipeline]
     if command:
         # A producing command may run in 1 process only (each would yield every item): the
         # command stage reads from an idle producer instead, which never sends it anything.
-        stage = '[stages.idle]\nfunction = "benchstages:idle"\n'
+        stage += '[stages.idle]\nfunction = "benchstages:idle"\n'
         stage += f'[stages.work]\ncommand = ["sleep", "3600"]\ninputs = ["idle"]\nprocesses = {processes}\n{RESTART}\n'
     else:
-        stage = f'[stages.work]\nfunction = "benchstages:idle"\nprocesses = {processes}\n{RESTART}\n'
-    with Pipeline(stage, STAGES, name="bench-restart") as pipeline:
+        stage += f'[stages.work]\nfunction = "benchstages:idle"\nprocesses = {processes}\n{RESTART}\n'
+    return stage
+
+
+def restarts(
+    kills: int, processes: int, *, command: bool, start_method: str | None = None
+) -> tuple[list[float], list[float]]:
+    """procd's and the minimal supervisor's restart times (ms), ``kills`` each. Both run at the
+    same time, idle but for the kills, which alternate between them: a change in the machine's
+    load falls on both sides."""
+    body = procd_stages(processes, command=command, start_method=start_method)
+    with Pipeline(body, STAGES, name="bench-restart") as pipeline, Script(MINIMAL_SUPERVISOR, "minisup.py") as script:
         pipeline.start()
+        proc = script.start("exec" if command else "fork", str(processes))
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the minimal supervisor did not start")
         pipeline.event("pipeline_ready")
         supervisor = pipeline.pid
 
         def workers() -> set[int]:
             return children(supervisor)
 
-        programs = programs_named("sleep", workers) if command else workers
-        latencies = kill_and_wait(programs, processes, kills)
-        pipeline.remember()
-        return latencies
-
-
-def anchor_restarts(kills: int, processes: int, *, command: bool) -> list[float]:
-    with Script(MINIMAL_SUPERVISOR, "minisup.py") as script:
-        proc = script.start("exec" if command else "fork", str(processes))
-        assert proc.stdout is not None
-        if proc.stdout.readline().strip() != "ready":
-            raise RuntimeError("the minimal supervisor did not start")
-
-        def workers() -> set[int]:
+        def anchor_workers() -> set[int]:
             return children(proc.pid)
 
-        programs = programs_named("sleep", lambda: {proc.pid}) if command else workers
-        latencies = kill_and_wait(programs, processes, kills)
+        ours = programs_named("sleep", workers) if command else workers
+        theirs = programs_named("sleep", lambda: {proc.pid}) if command else anchor_workers
+        for programs in (ours, theirs):
+            wait_for(lambda programs=programs: len(programs()) >= processes, timeout=30, interval=0.001)
+        time.sleep(0.2)
+        mine, anchor = [], []
+        for _ in range(kills):
+            mine.append(kill_one(ours, processes))
+            time.sleep(0.01)
+            anchor.append(kill_one(theirs, processes))
+            time.sleep(0.01)
+        pipeline.remember()
         script.remember()
-        return latencies
+        return mine, anchor
 
 
-def measure(quick: bool = False, kills: int | None = None, processes: int | None = None) -> list[Row]:
+def measure(
+    quick: bool = False, kills: int | None = None, processes: int | None = None, start_method: str | None = None
+) -> list[Row]:
     kills = kills or (5 if quick else 50)
     processes = processes or (2 if quick else 4)
     rows = []
     for command in (True, False):
-        mine = procd_restarts(kills, processes, command=command)
-        theirs = anchor_restarts(kills, processes, command=command)
+        mine, theirs = restarts(kills, processes, command=command, start_method=start_method)
         m50, m95 = median(mine), percentile(mine, 0.95)
         a50, a95 = median(theirs), percentile(theirs, 0.95)
         rows.append(
@@ -182,8 +195,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="5 kills of 2 processes: checks that it runs")
     parser.add_argument("--kills", type=int, help="kills per stage kind (default 50)")
     parser.add_argument("--processes", type=int, help="processes per stage (default 4)")
+    parser.add_argument("--start-method", choices=("fork", "spawn", "forkserver"), help="procd's (default: its own)")
     args = parser.parse_args()
-    print_rows(measure(args.quick, args.kills, args.processes))
+    print_rows(measure(args.quick, args.kills, args.processes, args.start_method))
 
 
 if __name__ == "__main__":

@@ -591,12 +591,12 @@ def test_a_handler_that_fails_is_answered_and_logged_never_fatal(ws: Workspace) 
         def broken(_request: control.Request) -> control.Answer:
             raise ZeroDivisionError("division by zero")
 
-        supervisor.handlers["status"] = broken
-        reply = supervisor._answer(control.parse(b'{"command": "status"}'))
+        supervisor.operations.handlers["status"] = broken
+        reply = supervisor.operations.answer(control.parse(b'{"command": "status"}'))
         assert reply == {"ok": False, "error": "procd failed to answer status: ZeroDivisionError('division by zero')"}
         (record,) = [r for r in parse_records(stream.getvalue()) if r["event"] == "control_failed"]
         assert record["command"] == "status" and record["error"] == "ZeroDivisionError('division by zero')"
         assert record["traceback"].startswith("Traceback") and record["level"] == "error"
-        supervisor.selector.close()
+        supervisor.loop.close()
     finally:
         writer.close()

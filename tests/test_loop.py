@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from procd.supervisor.loop import READ, WRITE, Loop
+from procd.supervisor.loop import READ, WRITE, Alarm, Loop, Timers
 
 
 class Clock:
@@ -128,3 +128,41 @@ def test_a_handler_may_forget_another_source_ready_in_the_same_turn(loop: Loop) 
     finally:
         for fd in (first_r, first_w, second_r, second_w):
             os.close(fd)
+
+
+def test_an_alarm_set_again_moves_and_set_to_its_time_schedules_nothing_new(loop: Loop, clock: Clock) -> None:
+    fired: list[float] = []
+    alarm = Alarm(loop, lambda: fired.append(clock.now))
+    alarm.set(clock.now + 1.0)
+    alarm.set(clock.now + 1.0)  # an owner that sets it every turn
+    assert len(loop._deadlines) == 1
+    alarm.set(clock.now + 2.0)
+    clock.now += 1.0
+    loop.run_once(timeout_s=0)
+    assert fired == [] and alarm.when == clock.now + 1.0
+    clock.now += 1.0
+    loop.run_once(timeout_s=0)
+    assert fired == [102.0] and alarm.when is None
+    alarm.set(clock.now + 1.0)
+    alarm.clear()
+    clock.now += 1.0
+    loop.run_once(timeout_s=0)
+    assert fired == [102.0] and loop.next_deadline() is None
+
+
+def test_timers_by_key_move_cancel_and_forget_a_key_before_its_callback(loop: Loop, clock: Clock) -> None:
+    seen: list[tuple[str, bool]] = []
+    timers: Timers[str] = Timers(loop, lambda key: seen.append((key, key in list(timers))))
+    timers["kill"] = clock.now + 5.0
+    timers["backoff"] = clock.now + 1.0
+    timers["kill"] = clock.now + 1.0  # moved, not added
+    timers["kill"] = clock.now + 1.0
+    assert len([d for d in loop._deadlines if not d.cancelled]) == 2 and len(loop._deadlines) == 3  # kill moved once
+    assert timers.pop("backoff") == clock.now + 1.0 and timers.pop("backoff") is None
+    assert timers.get("kill") == clock.now + 1.0 and len(timers) == 1
+    clock.now += 1.0
+    loop.run_once(timeout_s=0)
+    assert seen == [("kill", False)] and len(timers) == 0
+    clock.now += 5.0
+    loop.run_once(timeout_s=0)
+    assert seen == [("kill", False)]  # the first "kill" was replaced, never fires

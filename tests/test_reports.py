@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import Workspace
 from procd import reports
 
 
@@ -44,3 +45,42 @@ def test_anything_else_is_a_clear_error(line: str, message: str) -> None:
     with pytest.raises(ValueError) as caught:
         reports.decode(line)
     assert str(caught.value).startswith(message)
+
+
+BAD_REPORTER = """
+import gc, os
+from procd.worker.reporter import Reporter
+
+def numbers():
+    yield from range(3)
+
+def garble(n):
+    if n == 0:  # write what no report decodes to, on this worker's own report pipe
+        (reporter,) = [o for o in gc.get_objects() if isinstance(o, Reporter)]
+        os.write(reporter._fd, b'{"kind": "counts", "items_in": "many", "items_out": 0}\\n[1]\\n{"kind": "hello"}\\n')
+    return n
+
+def sink(n):
+    pass
+"""
+
+
+def test_a_line_the_supervisor_cannot_decode_is_a_record_naming_the_worker(ws: Workspace) -> None:
+    ws.write("st.py", BAD_REPORTER)
+    ws.pipeline(
+        '[stages.numbers]\nfunction = "st:numbers"\n'
+        '[stages.garble]\nfunction = "st:garble"\ninputs = ["numbers"]\n'
+        '[stages.sink]\nfunction = "st:sink"\ninputs = ["garble"]\n'
+    )
+    result = ws.run("run", f"{ws.name}.toml")
+    assert result.code == 0, result.stderr  # the supervisor goes on, and the pipeline ends as ever
+    invalid = result.events("worker_report_invalid")
+    assert [(r["stage"], r["worker"]) for r in invalid] == [("garble", 0)] * 3
+    assert [r["error"] for r in invalid] == [
+        "counts: items_in must be int, got 'many'",
+        "expected a JSON object, got list",
+        "unknown report kind 'hello'; kinds are counts, dead_lettered, error, exec_failed, ready",
+    ]
+    assert all(isinstance(r["pid"], int) for r in invalid)
+    (drained,) = result.events("stage_drained", stage="sink")
+    assert drained["items_in"] == 3

@@ -58,6 +58,20 @@ def same(n):
 def sink(n):
     pass
 
+def fail_once_heard(n):
+    if n == 5 and _bump("fail_once") == 1:
+        while not os.path.exists("deaf"):  # once the reader downstream ignores SIGTERM
+            time.sleep(0.001)
+        os._exit(3)
+    return n
+
+class Deaf:  # a reader that, asked to stop, asks the supervisor to stop instead (and goes on)
+
+    def __call__(self, n):
+        if not os.path.exists("deaf"):
+            signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getppid(), signal.SIGTERM))
+            open("deaf", "w").close()
+
 def stubborn():
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     open("ignoring", "w").close()
@@ -218,3 +232,27 @@ def test_a_worker_that_ignores_sigterm_is_killed_at_the_stop_timeout(ws: Workspa
     assert killed["signal"] == "SIGKILL" and killed["runtime_s"] >= 3600.0
     assert records[-1]["event"] == "pipeline_stopped" and sorted(records[-1]["forced"]) == ["sink[0]", "stubborn[0]"]
     assert clock.now >= 1000.0 + 3600.0
+
+
+def test_a_stop_during_a_rest_for_one_restart_ends_the_group_for_good(ws: Workspace) -> None:
+    # the group's member that ignores SIGTERM is still stopping when the pipeline is asked to
+    # stop: it ends with the pipeline (at the end of its input), and the pipeline ends, instead
+    # of waiting for a group restart that a stopping pipeline never makes (it hung)
+    code, records = _run(
+        ws,
+        '[pipeline]\nname = "{name}"\nstop_timeout = "1h"\n'
+        '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 20 }\n'
+        '[stages.middle]\nfunction = "st:fail_once_heard"\ninputs = ["numbers"]\nqueue = { batch = 1 }\n'
+        'strategy = "rest_for_one"\nrestart = { policy = "on-failure", backoff = "10s" }\n'
+        '[stages.last]\nfunction = "st:Deaf"\ninputs = ["middle"]\nqueue = { batch = 1 }\n',
+        AutojumpClock(threshold_s=0.2),
+    )
+    assert code == 0
+    (group,) = _events(records, "group_restart")
+    assert group["workers"] == ["last[0]"]
+    (stop,) = _events(records, "stop_requested")
+    assert stop["reason"] == "SIGTERM" and records.index(group) < records.index(stop)
+    (last,) = _events(records, "worker_exited", stage="last")
+    assert last["expected"] and last["code"] == 0
+    assert len(_events(records, "worker_spawned", stage="last")) == 1  # the group never started again
+    assert records[-1]["event"] == "pipeline_stopped" and records[-1]["outcome"] == "stopped"

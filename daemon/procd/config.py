@@ -7,6 +7,7 @@ child ever parses a duration.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -187,9 +188,10 @@ class PipelineSpec:
         """True when the pipeline runs in its own virtual environment (``environment.py``)."""
         return bool(self.packages or self.requirements)
 
-    @property
+    @functools.cached_property
     def base_dir(self) -> str:
-        """The pipeline file's directory: first on ``sys.path`` for function stages."""
+        """The pipeline file's directory: first on ``sys.path`` for function stages. Resolved once
+        (a ``stat`` per path component and ``getcwd``): every worker's start reads it."""
         return os.path.dirname(os.path.realpath(self.file))
 
     def stage(self, name: str) -> StageSpec:

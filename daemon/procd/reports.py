@@ -3,25 +3,28 @@
 A leaf module. Each report is a frozen dataclass; the worker ``encode``s it as one JSON line on
 its report pipe and the supervisor ``decode``s the line back into the same class, so a kind is
 never a string literal repeated in two processes and a field cannot be misspelt on one side only.
-A line is kept short enough (well under ``PIPE_BUF``) to be written atomically.
+A line is kept short enough (well under ``PIPE_BUF``) to be written atomically. The classes are
+``frozen.frozen_dataclass``es: a spawned worker imports this module, and defining them compiles
+nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from procd.frozen import frozen_dataclass
 
-@dataclass(frozen=True)
+
+@frozen_dataclass(frozen=True)
 class WorkerReady:
     """The worker finished its set-up (imports, exec) and is processing."""
 
     kind: ClassVar[str] = "ready"
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class Error:
     """Stage code raised: while starting (the worker then exits 1), or on an item."""
 
@@ -32,7 +35,7 @@ class Error:
     traceback: str = ""
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class ExecFailed:
     """A program (a command stage's, or a spawned interpreter) could not be executed."""
 
@@ -42,7 +45,7 @@ class ExecFailed:
     program: str
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class Counts:
     """Items this process has taken in and handed on so far."""
 
@@ -51,7 +54,7 @@ class Counts:
     items_out: int
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class DeadLettered:
     """An item was set aside in the dead-letter file (or could not be: see ``file``)."""
 
@@ -63,6 +66,17 @@ class DeadLettered:
     item: Any = None  # the item itself, when it is JSON and short (deadletters.item_fields)
     item_json_start: str | None = None  # the start of its JSON text, when it is long
     item_repr: str | None = None  # its repr, when it is not JSON
+
+    def fields(self) -> dict[str, Any]:
+        """The report's fields with the item in the one form it was sent in (an item that is
+        JSON ``null`` shows as ``item``)."""
+        shown = dataclasses.asdict(self)
+        for name in ("item_json_start", "item_repr"):
+            if shown[name] is None:
+                del shown[name]
+        if "item_json_start" in shown or "item_repr" in shown:
+            del shown["item"]
+        return shown
 
 
 Report = WorkerReady | Error | ExecFailed | Counts | DeadLettered

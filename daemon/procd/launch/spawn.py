@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 
-from procd import procctl, signals
+from procd import procctl, reports, signals
 from procd.context import WorkerContext
 from procd.launch.forkserver import ForkServer, context_memfd, read_context
 from procd.worker import run
@@ -125,7 +125,9 @@ def fork_worker(
                 _exec_fresh(ctx, python)
             except OSError as exc:
                 program = python or sys.executable
-                Reporter(ctx.report_fd).send("exec_failed", errno=exc.errno, error=exc.strerror, program=program)
+                Reporter(ctx.report_fd).send(
+                    reports.ExecFailed(errno=exc.errno or 0, error=exc.strerror or str(exc), program=program)
+                )
             return EXEC_FAILED
 
         procctl.run_and_exit(body)

@@ -23,15 +23,16 @@ import heapq
 import itertools
 import selectors
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Generic, Protocol, TypeVar, overload, runtime_checkable
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
 
 # A source's callback receives the events that are ready (READ, WRITE or both).
 Handler = Callable[[int], None]
+K = TypeVar("K")
 
 
 @runtime_checkable
@@ -153,12 +154,15 @@ class Loop:
 
     # -- turning -----------------------------------------------------------------------------------
 
-    def run_once(self, timeout_s: float | None = None) -> None:
+    def run_once(self, timeout_s: float | None = None) -> int:
         """Wait for the first ready source or the nearest deadline, then dispatch what is due.
 
         Args:
             timeout_s: wait at most this long (0: do not wait); by default until the nearest
                 deadline, or for ever when nothing is scheduled.
+
+        Returns:
+            How many sources were ready.
         """
         nearest = self.next_deadline()
         wait = None if nearest is None else max(0.0, nearest - self.clock())
@@ -171,6 +175,7 @@ class Loop:
             if handler is not None:  # an earlier callback of this turn may have forgotten it
                 handler(events)
         self._fire_due()
+        return len(ready)
 
     def _fire_due(self) -> None:
         now = self.clock()
@@ -192,3 +197,86 @@ class Loop:
     def __repr__(self) -> str:
         pending = sum(1 for d in self._deadlines if not d.cancelled)
         return f"<Loop watching {len(self._handlers)} descriptors, {pending} deadlines pending>"
+
+
+class Alarm:
+    """One callback's one pending deadline: ``set`` moves it, ``clear`` drops it.
+
+    Setting the time it already has schedules nothing new, so an owner may set it on every turn
+    of the loop without filling the heap with cancelled entries.
+    """
+
+    def __init__(self, loop: Loop, callback: Callable[[], object]) -> None:
+        self._loop = loop
+        self._callback = callback
+        self._deadline: Deadline | None = None
+
+    @property
+    def when(self) -> float | None:
+        """When it fires, or None when it is not set (or has fired)."""
+        pending = self._deadline is not None and not self._deadline.cancelled
+        return self._deadline.when if pending and self._deadline is not None else None
+
+    def set(self, when: float) -> None:
+        if self.when == when:
+            return
+        self.clear()
+        self._deadline = self._loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._callback()
+
+    def clear(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def __repr__(self) -> str:
+        return f"<Alarm {getattr(self._callback, '__qualname__', self._callback)} at {self.when}>"
+
+
+class Timers(Generic[K]):
+    """Deadlines by key: ``timers[key] = when`` calls ``on_due(key)`` once at ``when`` (setting a
+    key again moves its deadline), ``pop`` cancels one. A fired key is gone before ``on_due`` runs."""
+
+    def __init__(self, loop: Loop, on_due: Callable[[K], None]) -> None:
+        self._loop = loop
+        self._on_due = on_due
+        self._pending: dict[K, Deadline] = {}
+
+    def __setitem__(self, key: K, when: float) -> None:
+        if self.get(key) == when:
+            return  # already so: nothing new in the heap (an owner may set it on every turn)
+        self.pop(key)
+        self._pending[key] = self._loop.call_at(when, lambda: self._fire(key))
+
+    def _fire(self, key: K) -> None:
+        del self._pending[key]
+        self._on_due(key)
+
+    @overload
+    def get(self, key: K) -> float | None: ...
+    @overload
+    def get(self, key: K, default: float) -> float: ...
+    def get(self, key: K, default: float | None = None) -> float | None:
+        """When ``key`` is due, else ``default``."""
+        deadline = self._pending.get(key)
+        return default if deadline is None else deadline.when
+
+    def pop(self, key: K, default: float | None = None) -> float | None:
+        """Cancel ``key``'s deadline; return when it was due, else ``default``."""
+        deadline = self._pending.pop(key, None)
+        if deadline is None:
+            return default
+        deadline.cancel()
+        return deadline.when
+
+    def __iter__(self) -> Iterator[K]:
+        """The keys pending now (a copy: a key may be set or popped while iterating)."""
+        return iter(list(self._pending))
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def __repr__(self) -> str:
+        return f"<Timers {len(self._pending)} pending>"

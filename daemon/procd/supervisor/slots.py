@@ -1,6 +1,8 @@
 """One supervised worker slot: its state, its current process, and how it is started.
 
-A slot is a stage's ``[index]``; the process in it changes across restarts (``generation``).
+A slot is a stage's ``[index]``; the process in it changes across restarts (``generation``). Its
+state and flags are one ``lifecycle.Life``, which only the slot driver replaces, with what
+``lifecycle.step`` returned; everything else here is bookkeeping of the current process.
 ``start`` makes the two pipes the supervisor reads (report records, and the worker's
 stdout/stderr lines), forks through ``spawn``, and keeps only the supervisor's ends.
 """
@@ -9,13 +11,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from procd.config import StageSpec
 from procd.context import Output, WorkerContext
 from procd.launch.forkserver import ForkServer
 from procd.launch.spawn import fork_worker
-from procd.lifecycle import State
+from procd.lifecycle import Life, State
 from procd.transport import Endpoint, Input
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 
 @dataclass(eq=False)  # compared and hashed by identity: a reload may hold two slots named alike
@@ -24,7 +30,7 @@ class WorkerSlot:
 
     stage: StageSpec
     index: int
-    state: State = State.STOPPED
+    life: Life = field(default_factory=Life)  # its state and flags: set only from what lifecycle.step returns
     pid: int | None = None
     generation: int = 0
     started_at: float = 0.0
@@ -32,22 +38,42 @@ class WorkerSlot:
     output_fd: int | None = None
     report_buffer: bytes = b""
     output_buffer: bytes = b""
-    forced: bool = False
-    failure: str | None = None
-    exec_failed: bool = False
-    failures: int = 0  # consecutive, for the backoff; reset by a run longer than restart.within
     restarts: int = 0
-    retiring: bool = False  # scaled away or replaced: leaves the pipeline once it has exited
-    regrouping: bool = False  # stopped for a rest_for_one restart of its group
     input: Input | None = None  # what its current process reads and writes
     outputs: list[Input] = field(default_factory=list)
     slot_fd: int | None = None  # the slot file, shared with every generation (transport.slot)
     counts: dict[str, int] = field(default_factory=dict)  # the current process's, as last reported
     carried: dict[str, int] = field(default_factory=dict)  # the slot's earlier processes', summed
 
+    # The life's parts, read-only: a flag changes only through ``lifecycle.step``.
+
+    @property
+    def state(self) -> State:
+        """``running``, ``backoff``, ..."""
+        return self.life.state
+
+    @property
+    def forced(self) -> bool:
+        """Its process was sent SIGKILL at a stop's deadline."""
+        return self.life.forced
+
+    @property
+    def retiring(self) -> bool:
+        """Scaled away or replaced: it leaves the pipeline once it has no process."""
+        return self.life.retiring
+
+    @property
+    def regrouping(self) -> bool:
+        """Stopped for a rest_for_one restart: it starts again with its group."""
+        return self.life.regrouping
+
     def total(self, key: str) -> int:
         """Items in or out over every process of the slot (a redelivered batch counts twice)."""
         return self.carried.get(key, 0) + self.counts.get(key, 0)
+
+    def bind(self, log: FilteringBoundLogger) -> FilteringBoundLogger:
+        """``log`` with the slot's stage, worker index, pid and generation bound."""
+        return log.bind(stage=self.stage.name, worker=self.index, pid=self.pid, generation=self.generation)
 
     @property
     def name(self) -> str:
@@ -114,7 +140,12 @@ def start(
     slot.counts = {}
     slot.report_fd, slot.output_fd = report_r, output_r
     slot.report_buffer = slot.output_buffer = b""
-    slot.forced = False
-    slot.failure = None
-    slot.exec_failed = False
     return pid
+
+
+TERMINAL = (State.EXITED, State.FATAL)
+
+
+def ended(slot: WorkerSlot) -> bool:
+    """No process, and none to come (a slot stopped for a group restart will start again)."""
+    return slot.state in TERMINAL and not slot.regrouping

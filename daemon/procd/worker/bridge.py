@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import select
+import shutil
 import signal
 import struct
 import sys
@@ -21,7 +22,7 @@ import threading
 import time
 from typing import Any
 
-from procd import procctl, procinfo, reaper, signals
+from procd import procctl, procinfo, reaper, reports, signals
 from procd.context import WorkerContext
 from procd.transport import Reader
 from procd.transport.deadletters import DeadLetterFile
@@ -31,25 +32,62 @@ from procd.worker.redelivery import dead_letter, redeliver, unsendable
 from procd.worker.reporter import EXEC_FAILED, Reporter
 
 
-def _exec_program(argv: tuple[str, ...], stdin_fd: int, stdout_fd: int, err_w: int, parent: int) -> None:
-    """In the program's process: wire stdin/stdout, restore default signals, exec. Never returns."""
+def _exec_program(argv: tuple[str, ...], stdin_fd: int, stdout_fd: int, err_w: int, parent: int, start: _Start) -> None:
+    """In the program's process: wire stdin/stdout, restore default signals, exec. Never returns.
+
+    This runs in a fork of the bridge, a copy of a supervisor-sized interpreter, in which the
+    first write to each page faults and copies it: every Python step here costs far more than it
+    would in the bridge (bench/README.md, "Restart"). So the bridge works out beforehand what
+    can be (``_Start``), and this does only what must happen in the child.
+    """
     try:
         procctl.die_with_parent(signal.SIGKILL, parent)
-        for signum in range(1, signal.NSIG):
-            try:
-                signal.signal(signum, signal.SIG_DFL)
-            except (OSError, ValueError):
-                pass
+        # exec itself returns every caught signal to its default; an ignored one stays ignored
+        # (Python ignores SIGPIPE and SIGXFSZ) and the mask is inherited: those are reset here
+        for signum in start.ignored:
+            signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
         os.dup2(stdin_fd, 0)
         os.dup2(stdout_fd, 1)
-        os.environ["PYTHONUNBUFFERED"] = "1"
         os.closerange(3, err_w)
-        os.closerange(err_w + 1, os.sysconf("SC_OPEN_MAX"))
-        os.execvp(argv[0], list(argv))
+        os.closerange(err_w + 1, start.fd_limit)
+        if start.path is not None:
+            try:
+                os.execve(start.path, argv, start.env)
+            except OSError:
+                pass  # the search below finds the same file again and raises exec's own error
+        os.execvpe(argv[0], argv, start.env)
     except OSError as exc:
         os.write(err_w, str(exc.errno or errno.EIO).encode())
     finally:
         os._exit(EXEC_FAILED)
+
+
+class _Start:
+    """What the program's process needs, worked out in the bridge before it forks: the program's
+    path (as ``execvp`` would find it on ``PATH``; None if no executable file is there, and then
+    the child's own search reports exec's error), its environment, and the signals this process
+    ignores (read from the kernel, so a disposition set outside Python is not missed)."""
+
+    def __init__(self, argv: tuple[str, ...]) -> None:
+        self.path = shutil.which(argv[0])
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.ignored = _ignored_signals()
+        self.fd_limit = os.sysconf("SC_OPEN_MAX")
+
+
+def _ignored_signals() -> list[int]:
+    """The signals this process ignores (``SigIgn`` in /proc/self/status; without /proc, those
+    Python knows it ignores)."""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"SigIgn:"):
+                    mask = int(line.split()[1], 16)
+                    return [signum for signum in range(1, signal.NSIG) if mask >> (signum - 1) & 1]
+    except OSError:
+        pass
+    return [signum for signum in signal.valid_signals() if signal.getsignal(signum) == signal.SIG_IGN]
 
 
 def run_command(ctx: WorkerContext, reporter: Reporter) -> int:
@@ -61,12 +99,13 @@ def run_command(ctx: WorkerContext, reporter: Reporter) -> int:
     else:
         stdin_r, stdin_w = os.open(os.devnull, os.O_RDONLY), -1
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    start = _Start(argv)
     sys.stdout.flush()
     sys.stderr.flush()
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:
-        _exec_program(argv, stdin_r, stdout_w, err_w, parent)
+        _exec_program(argv, stdin_r, stdout_w, err_w, parent, start)
     os.close(err_w)
     os.close(stdin_r)
     os.close(stdout_w)
@@ -78,10 +117,10 @@ def run_command(ctx: WorkerContext, reporter: Reporter) -> int:
     os.close(err_r)
     if failure:
         number = int(failure)
-        reporter.send("exec_failed", errno=number, error=os.strerror(number), program=argv[0])
+        reporter.send(reports.ExecFailed(errno=number, error=os.strerror(number), program=argv[0]))
         reaper.wait_for(pid)
         return EXEC_FAILED
-    reporter.send("ready")
+    reporter.send(reports.WorkerReady())
 
     slot = SlotFile(ctx.slot_fd) if ctx.slot_fd is not None else None
     if slot is not None:
@@ -104,7 +143,7 @@ def run_command(ctx: WorkerContext, reporter: Reporter) -> int:
     if feeder is not None:
         feeder.program_ended.set()
     outlet.close()
-    reporter.send("counts", items_in=received(), items_out=outlet.count)
+    reporter.send(reports.Counts(items_in=received(), items_out=outlet.count))
     if status.signal is not None:
         _die_like(status.signal)
     return status.code or 0

@@ -12,7 +12,7 @@ import types
 from types import FrameType
 from typing import Any
 
-from procd import callables, signals
+from procd import callables, reports, signals
 from procd.context import WorkerContext
 from procd.transport.deadletters import DeadLetterFile, now_iso
 from procd.transport.slot import SlotFile
@@ -42,7 +42,7 @@ def run_function(ctx: WorkerContext, reporter: Reporter) -> int:
             options["shard"] = callables.Shard(ctx.index, stage.processes)
         instance = target(**options) if callables.is_class(target) else None
     except callables.ResolveError as exc:
-        reporter.send("error", error_type="ResolveError", error=str(exc), item=None, traceback="")
+        reporter.send(reports.Error(error_type="ResolveError", error=str(exc)))
         return 1
     except Exception as exc:
         report_error(reporter, exc)
@@ -51,7 +51,7 @@ def run_function(ctx: WorkerContext, reporter: Reporter) -> int:
     ticker = Ticker(
         reporter, lambda: (received[0], outlet.count), outlet if stage.is_producer else None, stage.linger_s
     )
-    reporter.send("ready")
+    reporter.send(reports.WorkerReady())
     try:
         if stage.is_producer:
             code = _produce(target, instance, options, outlet, ticker, reporter)
@@ -67,7 +67,7 @@ def run_function(ctx: WorkerContext, reporter: Reporter) -> int:
             code = 1
     if code == 0:
         outlet.close()
-    reporter.send("counts", items_in=received[0], items_out=outlet.count)
+    reporter.send(reports.Counts(items_in=received[0], items_out=outlet.count))
     return code
 
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from procd import reports
 from procd.context import Output
 from procd.transport import EncodeError, Writer
 from procd.transport.slot import SlotFile
@@ -200,7 +201,7 @@ class Ticker:
                 counts = self._counts()
                 if counts != reported:
                     reported = counts
-                    self._reporter.send("counts", items_in=counts[0], items_out=counts[1])
+                    self._reporter.send(reports.Counts(items_in=counts[0], items_out=counts[1]))
 
     def stop(self) -> None:
         """Stop the thread (before the worker's last flush and its final counts)."""

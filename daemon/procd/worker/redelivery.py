@@ -12,6 +12,7 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+from procd import reports
 from procd.context import WorkerContext
 from procd.transport import Held, deadletters
 from procd.transport.deadletters import DeadLetterFile, record
@@ -102,20 +103,21 @@ def dead_letter(
         # Neither delivered nor dead-lettered: the item is not handled. Say so and end this
         # process without acknowledging its batch, which the slot's next process gets again.
         reporter.send(
-            "error",
-            error_type="DeadLetterNotWritten",
-            error=f"cannot write a dead letter to {letters.path}: {exc.strerror or exc}",
-            item=deadletters.item_text(entry),
-            traceback="",
+            reports.Error(
+                error_type="DeadLetterNotWritten",
+                error=f"cannot write a dead letter to {letters.path}: {exc.strerror or exc}",
+                item=deadletters.item_text(entry),
+            )
         )
         os._exit(DEAD_LETTER_FAILED)
     reporter.send(
-        "dead_lettered",
-        error_type=error_type,
-        error=error[:1000],
-        attempts=attempts,
-        file=letters.path,
-        **deadletters.item_fields(entry),
+        reports.DeadLettered(
+            error_type=error_type,
+            error=error[:1000],
+            attempts=attempts,
+            file=letters.path,
+            **deadletters.item_fields(entry),
+        )
     )
 
 

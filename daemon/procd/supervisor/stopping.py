@@ -1,0 +1,148 @@
+"""Stopping: a stop request, its escalation, and the pipeline's last word (its exit code).
+
+Owns whether the pipeline is stopping, why (the first request's reason), the stop deadline, the
+signal that asked a second time, and the failures that make the exit code 1. A stop sends
+``StopRequested`` to the producers (SIGTERM) and ``DrainRequested`` to every other worker, which
+drains its input in the usual way; whatever still runs at the deadline gets SIGKILL (the slot
+driver's KILL timers, which a second SIGTERM or SIGINT brings forward to now). Once every process
+has ended, ``finish`` counts what was abandoned and returns the exit code, and ``sweep`` kills and
+reaps whatever of ours is left.
+
+It never decides a slot's state: the transition table turns the stop events into signals and
+timers, and the slot driver carries them out.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import TYPE_CHECKING
+
+from procd import reaper, transport
+from procd.lifecycle import DrainRequested, StopRequested, Timer
+
+if TYPE_CHECKING:
+    from procd.supervisor.core import Supervisor
+
+
+class Stopper:
+    """The stop of one pipeline, from the first request to the exit code."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.second_stop: str | None = None  # the signal that asked to stop a second time
+        self.stop_reason: str | None = None  # the first stop request's
+        self.failed: list[str] = []  # what makes the exit code 1
+
+    def kill_cause(self) -> str:
+        """What made a stop kill: a second stop request, or the stop timeout."""
+        if self.second_stop is not None:
+            return f"a second stop request ({self.second_stop})"
+        return f"the stop timeout ({self.sup.spec.stop_timeout_s:g}s)"
+
+    def request(self, reason: str) -> None:
+        """Stop the pipeline (a signal, the control socket, or a failure); a second SIGTERM or
+        SIGINT kills every worker now."""
+        sup = self.sup
+        if self.stopping:
+            if reason in ("SIGTERM", "SIGINT") and self.second_stop is None:
+                self.second_stop = reason
+                sup.log.warning(
+                    "stop_requested",
+                    reason=reason,
+                    message=f"second stop request ({reason}); killing every worker now",
+                )
+                self.stop_deadline = sup.clock()
+                for key in sup.timers:
+                    if key[1] is Timer.KILL:
+                        sup.timers[key] = self.stop_deadline
+            return
+        self.stopping = True
+        self.stop_reason = reason
+        sup.reloader.abandon("the pipeline is stopping")
+        sup.operations.notify(STOPPING=1, STATUS=f"stopping: {reason}")
+        self.stop_deadline = sup.clock() + sup.spec.stop_timeout_s
+        sup.log.info("stop_requested", reason=reason, stop_timeout_s=sup.spec.stop_timeout_s)
+        for slot in sup.slots:
+            sup.driver.feed(slot, StopRequested() if slot.stage.is_producer else DrainRequested())
+
+    def finish(self) -> int:
+        """Every process has ended: say what was abandoned and how the pipeline ended; return
+        the exit code."""
+        sup = self.sup
+        forced = [s.name for s in sup.slots if s.forced]
+        code = 1 if self.failed or forced else 0
+        totals = {"queued_batches": 0, "queued_items_at_most": 0, "in_hand_items": 0}
+        for stage, counts in self._abandoned().items():
+            if any(counts.values()):
+                sup.log.warning(
+                    "stage_abandoned",
+                    stage=stage,
+                    **counts,
+                    message=(
+                        f"{stage}: {counts['in_hand_items']} items in hand and {counts['queued_batches']} batches "
+                        f"(at most {counts['queued_items_at_most']} items) in its queue were neither delivered "
+                        "nor dead-lettered"
+                    ),
+                )
+            for key, value in counts.items():
+                totals[key] += value
+        # finished: every stage ended by itself; stopped: a stop request (signal or control
+        # socket) and a clean drain; failed: a failure, or a drain that had to be forced
+        outcome = "failed" if code else "stopped" if self.stopping else "finished"
+        sup.log.info(
+            "pipeline_stopped",
+            exit_code=code,
+            outcome=outcome,
+            stop_reason=self.stop_reason,
+            failures=self.failed,
+            forced=forced,
+            forced_by=self.kill_cause() if forced else None,
+            abandoned=totals,
+        )
+        return code
+
+    def _abandoned(self) -> dict[str, dict[str, int]]:
+        """Per stage, once every process has ended: the batches left in its input queue (with the
+        most items they can hold) and the items its slots still hold (from the slot files'
+        headers: nothing is unpickled)."""
+        sup = self.sup
+        found: dict[str, dict[str, int]] = {}
+        for stage in sup.spec.stages:
+            channel = sup.wiring.channels.get(stage.name)
+            queued = (channel.depth() or 0) if channel is not None else 0
+            held = [
+                transport.slot.read(s.slot_fd)
+                for s in sup.slots
+                if s.stage.name == stage.name and s.slot_fd is not None
+            ]
+            found[stage.name] = {
+                "queued_batches": queued,
+                "queued_items_at_most": queued * stage.queue.batch,
+                "in_hand_items": sum(h.items - max(h.index, 0) for h in held if h.holds),
+            }
+        return found
+
+    def sweep(self) -> None:
+        """Nothing left running: SIGKILL any process group of ours that still has a member, and
+        reap what that frees."""
+        sup = self.sup
+        waiting = set(sup.by_pid) | sup.reloader.checks_killed  # and a reload's check killed at a stop
+        if sup.forkserver is not None:
+            sup.forkserver.close()  # the server ends when its socket does
+            waiting.add(sup.forkserver.pid)
+        for pid in sup.by_pid:  # only processes not yet reaped: a reaped pid may be someone else's now
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue
+        deadline = time.monotonic() + 1.0
+        while waiting and time.monotonic() < deadline:
+            for reaped in reaper.reap():
+                waiting.discard(reaped.pid)
+            time.sleep(0.005)
+        for _ in reaper.reap():
+            pass
