@@ -72,6 +72,11 @@ class Deaf:  # a reader that, asked to stop, asks the supervisor to stop instead
             signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getppid(), signal.SIGTERM))
             open("deaf", "w").close()
 
+def stop_and_die_at_2(n):
+    if n == 2:
+        os.kill(os.getppid(), signal.SIGTERM)
+        os._exit(1)
+
 def stubborn():
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     open("ignoring", "w").close()
@@ -247,7 +252,7 @@ def test_a_stop_during_a_rest_for_one_restart_ends_the_group_for_good(ws: Worksp
         '[stages.last]\nfunction = "st:Deaf"\ninputs = ["middle"]\nqueue = { batch = 1 }\n',
         AutojumpClock(threshold_s=0.2),
     )
-    assert code == 0
+    assert code == 1  # the middle's item in hand and those queued behind it were never delivered
     (group,) = _events(records, "group_restart")
     assert group["workers"] == ["last[0]"]
     (stop,) = _events(records, "stop_requested")
@@ -255,4 +260,24 @@ def test_a_stop_during_a_rest_for_one_restart_ends_the_group_for_good(ws: Worksp
     (last,) = _events(records, "worker_exited", stage="last")
     assert last["expected"] and last["code"] == 0
     assert len(_events(records, "worker_spawned", stage="last")) == 1  # the group never started again
-    assert records[-1]["event"] == "pipeline_stopped" and records[-1]["outcome"] == "stopped"
+    assert records[-1]["event"] == "pipeline_stopped" and records[-1]["outcome"] == "failed"
+    assert records[-1]["abandoned"]["in_hand_items"] + records[-1]["abandoned"]["queued_batches"] > 0
+
+
+def test_a_stop_that_leaves_items_in_a_local_queue_does_not_exit_0(ws: Workspace) -> None:
+    # the reader dies holding an item just as the stop comes: a stopping pipeline restarts
+    # nothing, so that item and those queued behind it are neither delivered nor dead-lettered,
+    # and exit 0 would say they were
+    code, records = _run(
+        ws,
+        '[pipeline]\nname = "{name}"\n'
+        '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 10 }\n'
+        '[stages.middle]\nfunction = "st:stop_and_die_at_2"\ninputs = ["numbers"]\nqueue = { batch = 1 }\n'
+        'restart = { policy = "on-failure", backoff = "10s" }\n',
+        AutojumpClock(threshold_s=0.2),
+    )
+    (stopped,) = _events(records, "pipeline_stopped")
+    assert stopped["abandoned"]["in_hand_items"] + stopped["abandoned"]["queued_batches"] > 0
+    assert code == 1
+    assert stopped["outcome"] == "failed" and stopped["exit_code"] == 1
+    assert any("neither delivered nor dead-lettered" in failure for failure in stopped["failures"])

@@ -4,7 +4,8 @@ A pipeline is a TOML file; each stage runs as a group of supervised processes jo
 by bounded queues. See README.md and DESIGN.md; the command line is ``procd.cli``.
 
 Where things are. ``supervisor/`` runs in the supervisor process: ``core.Supervisor`` turns one
-``loop.Loop`` and composes the parts that each own one thing (the slot driver; ``groups``: restart
+``loop.Loop`` and composes the parts that each own one thing (``driver``: the slot driver; ``workerio``: worker
+pipes; ``groups``: restart
 histories, scale, paced starts; ``wiring``: each stage's input and its end of stream; ``reload``;
 ``operations``: control commands, metrics, sd_notify, status; ``stopping``: stop requests and the
 exit code). ``ops/`` holds the protocols operations serves, ``launch/`` starts workers, ``worker/``

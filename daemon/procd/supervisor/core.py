@@ -1,12 +1,14 @@
 """The supervisor: one single-threaded event loop over every worker of one pipeline, composed of parts.
 
 ``Supervisor.run`` turns one ``loop.Loop``: every source registers its own callback (the signal
-wake-up pipe here; each worker's report and output pipes in the slot driver; the control and
+wake-up pipe here; each worker's report and output pipes in ``workerio``; the control and
 metrics sockets in operations; a reload's check in reload) and every timer is a loop deadline.
-Child exits are collected by ``reaper.reap`` alone. The parts, each owning one thing:
+Child exits are collected by ``reaper.reap`` alone (``_on_exit`` routes each to its owner).
+The parts, each owning one thing:
 
-- the slot driver (the methods from ``_policy`` to ``_close_pipes``): every change of a slot's
-  state goes through ``lifecycle.step``; it carries out the actions and logs each fact;
+- ``driver``: feeds each worker slot's events to ``lifecycle.step``, which takes every decision,
+  and carries out the actions it returns (spawn, signals, slot timers, held batches, regroups);
+- ``workerio``: each worker's report and output pipes, read, decoded and throttled;
 - ``groups``: restart histories, finished stages, scale and the paced start queue;
 - ``wiring``: each stage's input, from its creation to its end of stream;
 - ``reload``: a reload from its request to an applied ``plan.ReloadPlan``;

@@ -74,8 +74,8 @@ class Stopper:
         the exit code."""
         sup = self.sup
         forced = [s.name for s in sup.slots if s.forced]
-        code = 1 if self.failed or forced else 0
         totals = {"queued_batches": 0, "queued_items_at_most": 0, "in_hand_items": 0}
+        lost = {"queued_batches": 0, "in_hand_items": 0}  # what ends with this process
         for stage, counts in self._abandoned().items():
             if any(counts.values()):
                 sup.log.warning(
@@ -90,6 +90,16 @@ class Stopper:
                 )
             for key, value in counts.items():
                 totals[key] += value
+            channel = sup.wiring.channels.get(stage)
+            if channel is None or not channel.endpoint().durable:  # a durable input keeps them for the next run
+                for key in lost:
+                    lost[key] += counts[key]
+        if any(lost.values()):  # exit 0 says every item reached a sink or a dead-letter file
+            self.failed.append(
+                f"{lost['in_hand_items']} items in hand and {lost['queued_batches']} batches in queues that do "
+                "not outlive procd were neither delivered nor dead-lettered"
+            )
+        code = 1 if self.failed or forced else 0
         # finished: every stage ended by itself; stopped: a stop request (signal or control
         # socket) and a clean drain; failed: a failure, or a drain that had to be forced
         outcome = "failed" if code else "stopped" if self.stopping else "finished"
