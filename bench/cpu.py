@@ -10,8 +10,9 @@
 - 2 producers → 2 consumers (a sink stage with 2 processes; classic: one queue, 2 × 2 processes).
 - Worker CPU per item over every stage: each worker reads its own CPU time at its end (procd: a
   generator's tail, a stage class's ``close``) and prints it; the sum over all workers divided
-  by the items. The CPU time is utime + stime, read from /proc/self/schedstat in nanoseconds
-  (/proc/self/stat counts 10 ms ticks, too coarse for a short run; it is the fallback).
+  by the items. The CPU time is every thread's (``time.process_time``: a multiprocessing.Queue
+  pickles and sends in a feeder thread, procd's ticker and bridge threads send too), in
+  nanoseconds (/proc/self/stat counts 10 ms ticks, too coarse for a short run).
 - A CPU-bound transform (about 1 ms per item, ``queue.batch = 4``), 2 processes against 1: the
   stage's own span (first item started to last item done, over its workers); of 3 rounds, the
   one in which other processes used the least CPU counts.

@@ -17,18 +17,14 @@ from typing import Any, TypeVar
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 T = TypeVar("T")
 
-# Pasted into stage modules and classic scripts: the CPU time a process has had, in seconds. It is
-# what /proc/self/stat's utime + stime add up to, read from /proc/self/schedstat (nanoseconds)
-# where that exists: stat counts in clock ticks (10 ms), too coarse for a short run.
-CPU_SECONDS_SOURCE = f"""
+# Pasted into stage modules and classic scripts: the CPU time a process has had, in seconds, all
+# its threads together (CLOCK_PROCESS_CPUTIME_ID, in nanoseconds). Not /proc/self/schedstat:
+# that is the main thread's alone, and would leave out what multiprocessing.Queue's feeder
+# thread (which pickles and sends every put) and procd's ticker and bridge threads do.
+CPU_SECONDS_SOURCE = """
 def cpu_seconds():
-    try:
-        with open("/proc/self/schedstat") as fh:
-            return int(fh.read().split()[0]) / 1e9
-    except (OSError, ValueError, IndexError):
-        with open("/proc/self/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / {CLOCK_TICKS}
+    import time
+    return time.process_time()
 """
 
 

@@ -330,6 +330,22 @@ def test_defaults_are_filled_in(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("queue", "batch"),
+    [
+        ('backend = "redis", url = "redis://h/0"', 1024),  # a round trip per batch: larger ones
+        ('backend = "redis", url = "redis://h/0", maxsize = 500', 256),  # not above a small bound
+        ('backend = "redis", url = "redis://h/0", batch = 64', 64),
+        ('backend = "sqlite"', 256),
+        ("maxsize = 5000", 256),
+    ],
+)
+def test_the_default_batch_depends_on_the_backend(queue: str, batch: int, tmp_path: Path) -> None:
+    file = tmp_path / "orders.toml"
+    file.write_text(OK_STAGE + f'[stages.b]\nfunction = "m:f"\ninputs = ["a"]\nqueue = {{ {queue} }}\n')
+    assert config.load_pipeline(file).stage("b").queue.batch == batch
+
+
+@pytest.mark.parametrize(
     ("text", "seconds"), [("250ms", 0.25), ("10s", 10.0), ("5m", 300.0), ("1h", 3600.0), ("1.5s", 1.5)]
 )
 def test_durations(text: str, seconds: float) -> None:

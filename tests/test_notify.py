@@ -136,3 +136,80 @@ def test_without_notify_socket_nothing_happens_and_children_do_not_inherit_it() 
     Notifier.from_environ({}).send(READY=1)  # a no-op, no error
     other = Notifier.from_environ({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"})
     assert other.watchdog_interval_s is None  # the watchdog is someone else's
+
+
+def test_a_service_manager_that_reads_nothing_never_stalls_the_pipeline(ws: Workspace) -> None:
+    """The kernel queues a few datagrams per socket (net.unix.max_dgram_qlen, 10 here): a full
+    queue must cost messages, never the loop. Found stalled in a blocking sendto, with a stop and a
+    reload waiting behind it."""
+    receiver = Receiver(ws.path / "notify.sock")
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    filled = 0
+    while True:  # fill its queue before procd starts: procd's first message finds no room
+        try:
+            filler.sendto(b"FILLER=1", socket.MSG_DONTWAIT, str(ws.path / "notify.sock"))
+        except BlockingIOError:
+            break
+        filled += 1
+    assert filled > 0
+    ws.write("st.py", "def numbers():\n    yield from range(1000)\n\ndef sink(n):\n    pass\n")
+    ws.pipeline(
+        '[stages.numbers]\nfunction = "st:numbers"\n[stages.sink]\nfunction = "st:sink"\ninputs = ["numbers"]\n'
+    )
+    env = {**os.environ, "NOTIFY_SOCKET": str(ws.path / "notify.sock"), "WATCHDOG_USEC": "100000"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "procd",
+            "run",
+            f"{ws.name}.toml",
+            "--log-file",
+            "log.jsonl",
+            "--control",
+            str(ws.control),
+        ],
+        cwd=ws.path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert proc.wait(timeout=30) == 0  # a finite pipeline ends by itself, whatever the socket does
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        filler.close()
+    records = read_records(ws.path / "log.jsonl")
+    assert records[-1]["event"] == "pipeline_stopped" and records[-1]["outcome"] == "finished"
+    assert not [r for r in records if r["event"] == "notify_failed"]  # a full queue is not a failure
+    # nothing read the socket meanwhile: procd never had room, and ended all the same
+    assert [fields for _pid, fields in receiver.drain()] == [{"FILLER": "1"}] * filled
+
+
+def test_messages_the_queue_has_no_room_for_are_kept_in_order_and_sent_once_it_has(ws: Workspace) -> None:
+    receiver = Receiver(ws.path / "notify.sock")
+    notifier = Notifier(str(ws.path / "notify.sock"), None)
+    sent = 0
+    while not notifier.pending:  # fill the queue with procd's own messages
+        notifier.send(STATUS=f"filling {sent}")
+        sent += 1
+    assert notifier.pending == [{"STATUS": f"filling {sent - 1}"}]
+    notifier.send(WATCHDOG=1)  # merged: a later status and ping say all the earlier ones did
+    notifier.send(READY=1, STATUS="ready")
+    notifier.send(STATUS="later")
+    assert notifier.pending == [
+        {"STATUS": f"filling {sent - 1}", "WATCHDOG": 1},
+        {"READY": 1, "STATUS": "ready"},
+        {"STATUS": "later"},
+    ]
+    receiver.drain()  # room again
+    assert notifier.flush() and notifier.pending == []
+    tail = [fields for _pid, fields in receiver.drain()][-3:]
+    assert tail == [
+        {"STATUS": f"filling {sent - 1}", "WATCHDOG": "1"},
+        {"READY": "1", "STATUS": "ready"},
+        {"STATUS": "later"},
+    ]
+    notifier.close()

@@ -41,6 +41,10 @@ def twice_then_fail(n, marker):
         open(marker, "w").close()
         raise RuntimeError("fails once after two outputs")
 
+def mixed(count):
+    for n in range(count):
+        yield {n} if n == 4 else ("a, b" if n == 5 else {"n": n, "s": "\u00e9"})
+
 def quits_at(n, at, marker):
     if n == at and not os.path.exists(marker):
         open(marker, "w").close()
@@ -172,6 +176,26 @@ def test_a_failed_attempt_hands_on_nothing(ws: Workspace) -> None:
     assert sorted(seen) == sorted(f"{n}{x}" for n in range(8) if n != 3 for x in "ab")
     (dead,) = result.events("item_dead_lettered", stage="gen")
     assert dead["error_type"] == "ValueError" and dead["attempts"] == 3
+
+
+def test_a_command_stage_passes_every_json_item_through_and_sets_aside_what_json_cannot_hold(ws: Workspace) -> None:
+    """Items to a command are written a batch at a time and its lines read a chunk at a time:
+    an item JSON cannot hold (a set) is dead-lettered alone, and lines come back as what they
+    hold (a line that is not JSON: its text; here awk adds one after every line)."""
+    ws.write("st.py", STAGES)
+    ws.pipeline(
+        '[stages.mixed]\nfunction = "st:mixed"\noptions = { count = 600 }\n'
+        '[stages.cat]\ncommand = ["awk", "-W", "interactive", "{ print; print \\"plain, text\\"; fflush() }"]\n'
+        'inputs = ["mixed"]\ndead_letter = "dead.jsonl"\n'
+        '[stages.sink]\nfunction = "st:Collect"\ninputs = ["cat"]\n'
+    )
+    result = ws.run("run", f"{ws.name}.toml")
+    assert result.code == 0, result.stderr[-2000:]
+    seen = json.loads(result.output_lines("sink")[0])
+    expected = [x for n in range(600) if n != 4 for x in ("a, b" if n == 5 else {"n": n, "s": "\u00e9"}, "plain, text")]
+    assert seen == expected
+    (dead,) = result.events("item_dead_lettered", stage="cat")
+    assert dead["error_type"] == "TypeError"
 
 
 def test_a_consumer_that_exits_0_before_its_input_ended_is_restarted_and_loses_nothing(ws: Workspace) -> None:

@@ -25,6 +25,12 @@ def three_then_block():
     yield from range(3)
     time.sleep(3600)
 
+def pause_then_one_more():
+    yield from range(3)
+    time.sleep(0.3)  # the three are sent meanwhile, in the middle of the producer's batch
+    yield 3
+    time.sleep(3600)
+
 def crawl(n):
     time.sleep(0.05)
     return n
@@ -69,6 +75,25 @@ def test_a_producer_that_blocks_after_yielding_hands_its_items_on_and_reports_th
     try:
         wait_until(lambda: got.exists() and got.read_text().split() == ["0", "1", "2"], timeout=10)
         wait_until(lambda: _status(ws).get("blocked", {}).get("items_out") == 3, timeout=10)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
+
+
+def test_an_item_yielded_after_a_part_filled_batch_was_sent_is_sent_too(ws: Workspace) -> None:
+    """The producer takes the rest of a batch in one C-level loop: once the ticker has sent the
+    part-filled batch, the item yielded after it (the generator then blocks for good) must not
+    wait for a batch that will never fill."""
+    ws.write("st.py", STAGES)
+    ws.pipeline(
+        '[stages.blocked]\nfunction = "st:pause_then_one_more"\n'
+        '[stages.sink]\nfunction = "st:Record"\ninputs = ["blocked"]\noptions = { path = "got.txt" }\n'
+    )
+    proc = ws.start_ready()
+    got = ws.path / "got.txt"
+    try:
+        wait_until(lambda: got.exists() and got.read_text().split() == ["0", "1", "2", "3"], timeout=10)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)

@@ -163,6 +163,28 @@ def test_two_daemons_split_the_work_and_together_deliver_every_item(ws: Workspac
     assert not [r for r in rb if r.get("stage") in ("produce", "check")]  # b ran only its stage
 
 
+def test_a_host_that_starts_first_in_the_next_run_waits_for_that_run_s_writers(
+    ws: Workspace, server: RedisServer
+) -> None:
+    """The end an earlier run left in Redis (kept ``claim_after`` for its late readers) does not
+    end the input of a daemon that starts after it: its workers wait for this run's writers."""
+    pipeline(ws, server.url, count=2000, delay=0.002)
+    first = [daemon(ws, "a"), daemon(ws, "b", "--stages", "work")]
+    assert [finish(proc) for proc in first] == [0, 0]
+    b = daemon(ws, "b2", "--stages", "work")  # this time the reading host is up first
+    try:
+        wait_until(lambda: any(r["event"] == "pipeline_ready" for r in read_records(ws.path / "b2.jsonl")), timeout=30)
+    except BaseException:
+        finish(b, timeout=0.1)
+        raise
+    a = daemon(ws, "a2")
+    assert finish(a) == 0
+    assert finish(b) == 0
+    ra, rb = read_records(ws.path / "a2.jsonl"), read_records(ws.path / "b2.jsonl")
+    assert summary(ra)["missing"] == 0
+    assert items_in(rb, "work") > 0, "the host that started first ended at once, on the earlier run's end"
+
+
 def test_a_daemon_killed_mid_run_loses_nothing_the_other_takes_its_entries(ws: Workspace, server: RedisServer) -> None:
     pipeline(ws, server.url, count=1500, delay=0.01, claim="2s")
     a = daemon(ws, "a")

@@ -26,6 +26,9 @@ START_METHODS = ("fork", "spawn", "forkserver")
 DEFAULT_STOP_TIMEOUT_S = 10.0
 DEFAULT_QUEUE_MAXSIZE = 10_000
 DEFAULT_QUEUE_BATCH = 256
+# A Redis queue costs a round trip per batch at each end, not a system call: larger batches
+# (bench/README.md, redis section), unless the bound is smaller.
+DEFAULT_REDIS_BATCH = 1024
 
 # Every number, duration, name and path has its range: a value outside it is a problem at load
 # time, never an OverflowError, a MemoryError or an endless wait once processes run.
@@ -687,11 +690,14 @@ def _stage(
     check.unknown_keys(queue_table, _QUEUE_KEYS, f"{prefix}.queue.")
     queue_table = {**default_queue, **queue_table}  # [defaults] queue, for every stage input
     maxsize = check.integer(queue_table.get("maxsize", DEFAULT_QUEUE_MAXSIZE), f"{prefix}.queue.maxsize", MAXSIZE_RANGE)
-    batch = check.integer(queue_table.get("batch", DEFAULT_QUEUE_BATCH), f"{prefix}.queue.batch", BATCH_RANGE)
     backend = queue_table.get("backend", "memory")
     if backend not in BACKENDS:
         check.add(f"{prefix}.queue.backend", f"expected one of {', '.join(BACKENDS)}, {describe(backend)}")
         backend = "memory"
+    default_batch = DEFAULT_QUEUE_BATCH
+    if backend == "redis" and (maxsize or DEFAULT_QUEUE_MAXSIZE) >= DEFAULT_REDIS_BATCH:
+        default_batch = DEFAULT_REDIS_BATCH
+    batch = check.integer(queue_table.get("batch", default_batch), f"{prefix}.queue.batch", BATCH_RANGE)
     path = queue_table.get("path")
     if path is not None:
         path = check.path(path, f"{prefix}.queue.path", "file", base_dir)
@@ -701,7 +707,7 @@ def _stage(
     if backend == "sqlite" and "command" in table:
         check.add(f"{prefix}.queue.backend", "a durable queue needs a function stage to read it")
     redis = _redis_queue(check, queue_table, backend, prefix, f"procd:{pipeline_name}:{name}", tuple(inputs))
-    queue = QueueSpec(maxsize or DEFAULT_QUEUE_MAXSIZE, batch or DEFAULT_QUEUE_BATCH, backend, path, **redis)
+    queue = QueueSpec(maxsize or DEFAULT_QUEUE_MAXSIZE, batch or default_batch, backend, path, **redis)
     if maxsize and batch and batch > maxsize:
         check.add(f"{prefix}.queue.batch", f"must not exceed queue.maxsize ({maxsize}), got {batch}")
 

@@ -5,6 +5,14 @@ About ten lines of socket code, so no dependency (the ``sdnotify`` package is un
 swallows errors). Without ``NOTIFY_SOCKET`` every call is a no-op. Errors are raised to the
 caller, which logs them. The variables are removed from the environment once read, so that the
 workers procd starts never talk to the service manager in procd's name.
+
+Discussion. The kernel queues only a few datagrams for a receiver (``net.unix.max_dgram_qlen``:
+10 on many machines), and a blocking ``sendto`` into a full queue waits until the service manager
+reads. libsystemd's ``sd_notify`` blocks there; procd's loop must not (a stop, a reload, every
+worker would wait behind a busy service manager). The socket is non-blocking: a message the
+queue has no room for is kept, in order, and sent by ``flush`` (the loop retries shortly after).
+Only the latest ``STATUS=`` and one ``WATCHDOG=1`` are worth keeping among the kept messages, so
+such messages are merged into the last kept one when it has only those keys too.
 """
 
 from __future__ import annotations
@@ -14,6 +22,9 @@ import socket
 import time
 from collections.abc import MutableMapping
 
+_MERGEABLE = frozenset({"STATUS", "WATCHDOG"})  # a later one says all an earlier one did
+_KEPT_AT_MOST = 64
+
 
 class Notifier:
     """One connection to the service manager (or none)."""
@@ -22,8 +33,9 @@ class Notifier:
         self.address = address
         self.watchdog_interval_s = watchdog_usec / 2_000_000 if watchdog_usec else None
         self._sock: socket.socket | None = None
+        self.pending: list[dict[str, str | int]] = []  # messages the receiver's queue had no room for
         if address:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
 
     @classmethod
     def from_environ(cls, environ: MutableMapping[str, str] = os.environ) -> Notifier:
@@ -43,15 +55,37 @@ class Notifier:
         return self._sock is not None
 
     def send(self, **fields: str | int) -> None:
-        """Send ``KEY=VALUE`` lines in one datagram, e.g. ``send(READY=1, STATUS="...")``.
+        """Send ``KEY=VALUE`` lines in one datagram, e.g. ``send(READY=1, STATUS="...")``, after
+        any kept before it; one the receiver has no room for now is kept (see ``pending``).
 
         Raises:
             OSError: the service manager's socket refused the message.
         """
-        if self._sock is None or self.address is None:
+        if self._sock is None:
             return
-        message = "\n".join(f"{key}={value}" for key, value in fields.items())
-        self._sock.sendto(message.encode(), self.address)
+        last = self.pending[-1] if self.pending else None
+        if last is not None and set(fields) <= _MERGEABLE and set(last) <= _MERGEABLE:
+            last.update(fields)
+        else:
+            self.pending.append(dict(fields))
+            if len(self.pending) > _KEPT_AT_MOST:  # a receiver gone silent for good: keep the latest
+                del self.pending[0]
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send what was kept, in order, as far as the receiver has room; True once all went.
+
+        Raises:
+            OSError: the service manager's socket refused a message.
+        """
+        while self.pending and self._sock is not None and self.address is not None:
+            message = "\n".join(f"{key}={value}" for key, value in self.pending[0].items())
+            try:
+                self._sock.sendto(message.encode(), self.address)
+            except BlockingIOError:
+                return False
+            del self.pending[0]
+        return True
 
     def reloading(self) -> None:
         """``RELOADING=1`` with the ``MONOTONIC_USEC`` that systemd 253 and later require."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,11 @@ from procd.supervisor.slots import WorkerSlot
 if TYPE_CHECKING:
     from procd.ops.metrics import HttpClient, MetricsServer
     from procd.supervisor.core import Supervisor
+
+# A message the service manager's queue had no room for is tried again this soon; at the end,
+# procd waits this long at most for room for what it still keeps.
+NOTIFY_RETRY_S = 0.05
+NOTIFY_FINAL_WAIT_S = 1.0
 
 
 class Operations:
@@ -49,6 +55,7 @@ class Operations:
         self.watchdog = loop.Alarm(sup.loop, self._ping_watchdog)
         self.status_due = loop.Alarm(sup.loop, self.update_status)
         self.tend_due = loop.Alarm(sup.loop, self.tend)
+        self.notify_retry = loop.Alarm(sup.loop, self._flush_notify)  # kept messages, tried again
         self.handlers: dict[str, control.Handler] = {  # one per command of control.COMMANDS
             "status": lambda _request: {"ok": True, **self.status()},
             "stop": self._stop,
@@ -88,6 +95,7 @@ class Operations:
         self.tend()
 
     def close(self) -> None:
+        self._flush_notify(final=True)
         for connection in self.connections:
             connection.close()
         if self.server is not None:
@@ -102,12 +110,35 @@ class Operations:
             self.notifier.send(**fields)
         except OSError as exc:
             self._notify_failed(exc)
+        self._retry_kept()
 
     def notify_reloading(self) -> None:
         try:
             self.notifier.reloading()
         except OSError as exc:
             self._notify_failed(exc)
+        self._retry_kept()
+
+    def _retry_kept(self) -> None:
+        """The service manager's queue was full (see ``ops.notify``): try again shortly."""
+        if self.notifier.pending and self.notify_retry.when is None:
+            self.notify_retry.set(self.sup.clock() + NOTIFY_RETRY_S)
+
+    def _flush_notify(self, final: bool = False) -> None:
+        """Send the kept messages; at the end, wait a little for room (STOPPING=1 is among them),
+        then let the rest go."""
+        give_up_at = self.sup.clock() + NOTIFY_FINAL_WAIT_S
+        while True:
+            try:
+                if self.notifier.flush() or not final or self.sup.clock() >= give_up_at:
+                    break
+            except OSError as exc:
+                self._notify_failed(exc)
+                self.notifier.pending.clear()
+                break
+            time.sleep(NOTIFY_RETRY_S)  # procd is ending: nothing else waits on the loop
+        if not final:
+            self._retry_kept()
 
     def _notify_failed(self, exc: OSError) -> None:
         if not self.notify_failed:  # once: the service manager may simply be gone

@@ -9,11 +9,17 @@ interface. What differs from the local backends:
 - The slot file holds the entry id (message kind ``ENTRY``), so a killed reader's entry is
   claimed by the slot's next process at once (``XCLAIM``); an entry whose consumer went silent
   for ``claim_after`` (its host died) is taken by any reader on any host (``XAUTOCLAIM``).
+  ``done`` does not wait for Redis: the acknowledgement goes with the next read, in its round
+  trip, and until then the slot names the consumer (message kind ``READING``), so a process
+  killed in between leaves the entry to the slot's next process, which delivers it again (as
+  when a kill lands just before an acknowledgement). A reader told to stop acknowledges first.
 - The bound is the group's lag, which no dead process can hold: ``reclaim`` has nothing to do.
 - End of stream is agreed through Redis: the supervisor registers itself as a writer for every
   upstream stage it runs and renews that with a heartbeat (``housekeep``); each writing process
   registers itself while it sends. A reader that finds nothing to read checks whether every
-  upstream stage was seen, no writer is alive and nothing is left (``Stream.check_ended``).
+  upstream stage was seen, no writer is alive and nothing is left (``Stream.check_ended``). An
+  end said before its supervisor made the input (Redis's clock, ``RedisEndpoint.since``) was an
+  earlier run's: a host that starts before this run's writers waits for them.
 - Items are encoded with the input's codec: JSON by default for Redis (any program can read it),
   pickle on request (it lets anyone who can write to that Redis run code in the workers).
 """
@@ -21,6 +27,7 @@ interface. What differs from the local backends:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -45,6 +52,12 @@ READING = b"r"[0]  # a slot message that is not a batch: the consumer name a pro
 HOST = socket.gethostname()
 # How often a reader with nothing to read looks for entries other consumers left idle.
 _CLAIM_CHECKS_PER_WINDOW = 4
+# How often a reader looks whether its input has ended while not every upstream stage has
+# registered a writer yet (once they all have and none is left, it looks after every empty read).
+_SEEN_CHECK_S = 0.1
+# How long a reader whose writers have all gone waits between looks, while other readers finish
+# the last entries.
+_ENDING_PAUSE_S = 0.01
 
 
 def encode(codec: str, items: list[Any]) -> bytes:
@@ -76,6 +89,7 @@ class RedisEndpoint(Endpoint):
     claim_after_s: float
     slots: int
     upstream: tuple[str, ...]
+    since: float = 0.0  # Redis's clock when the supervisor made the input: an earlier end is stale
 
     @property
     def durable(self) -> bool:
@@ -143,6 +157,8 @@ class RedisInput(Input):
                 except redis.RedisError:
                     pass  # it expires after claim_after all the same
             self.registered = []
+            with contextlib.suppress(redis.RedisError):  # else they see it when their reads time out
+                self._stream.wake_readers()
 
     def depth(self) -> int | None:
         try:
@@ -165,6 +181,7 @@ class RedisInput(Input):
             "claim_after_s": endpoint.claim_after_s,
             "slots": endpoint.slots,
             "upstream": list(endpoint.upstream),
+            "since": endpoint.since,
         }
         return fields, ()
 
@@ -177,7 +194,11 @@ class RedisInput(Input):
 
 
 class _TryAgain(Exception):
-    """Nothing arrived this time; the reader looks again."""
+    """Nothing arrived this time; the reader looks again after ``wait_s``."""
+
+    def __init__(self, wait_s: float = 0.0) -> None:
+        super().__init__(wait_s)
+        self.wait_s = wait_s
 
 
 def _patiently(call: Any) -> Any:
@@ -218,6 +239,7 @@ def create(stage: str, spec: QueueSpec) -> RedisInput:
     try:
         with _unavailable_as(spec.url):
             made._stream.create()
+            made.endpoint_ = dataclasses.replace(endpoint, since=made._stream.server_time())
     except BaseException:
         client.close()
         raise
@@ -249,6 +271,7 @@ def attached_writer(fields: dict[str, Any], fds: list[int]) -> Writer:
         float(fields["claim_after_s"]),
         int(fields["slots"]),
         tuple(fields["upstream"]),
+        float(fields.get("since", 0.0)),
     )
     return RedisWriter(endpoint, None)
 
@@ -302,19 +325,30 @@ class RedisReader(Reader):
         self._client = connect(endpoint.url)
         self._stream = Stream(self._client, endpoint.names)
         self._consumer = f"{HOST}:{os.getpid()}:{endpoint.group}:{worker}"
+        self._place = f"{HOST}:{endpoint.group}:{worker}"  # the slot's, whichever process is in it
+        self._registered = False  # as a reader that ``wake_readers`` may wake
         self._entry = ""  # the id of the entry in hand
+        self._handled: list[str] = []  # entries handed on, acknowledged with the next read
         self._next_claim = 0.0
+        self._next_end_check = 0.0  # while writers are registered, look at the end only this often
+        self._busy = True  # the last read brought an entry (or none was made yet)
 
     def receive(self, stop_fd: int | None = None) -> list[Any] | None:
         pause = 0.05
         while True:
             if stop_fd is not None and select.select([stop_fd], [], [], 0)[0]:
+                self._acknowledge_once()  # the worker stops here: what it handed on must not wait
                 raise Interrupted
             try:
                 return self._receive()
-            except _TryAgain:
+            except _TryAgain as again:
                 pause = 0.05
+                if again.wait_s and stop_fd is not None:
+                    select.select([stop_fd], [], [], again.wait_s)
+                elif again.wait_s:
+                    time.sleep(again.wait_s)
             except (redis.ConnectionError, redis.TimeoutError):  # the server is away: wait for it
+                self._registered = False  # a new connection has a new client id
                 if stop_fd is not None and select.select([stop_fd], [], [], pause)[0]:
                     raise Interrupted from None
                 if stop_fd is None:
@@ -331,15 +365,38 @@ class RedisReader(Reader):
             entry = stream.claim_idle(self._consumer, claim_ms)
             if entry is None:
                 self._next_claim = now + endpoint.claim_after_s / _CLAIM_CHECKS_PER_WINDOW
+            elif self._handled:  # no read follows, and the slot is about to name the claimed one
+                self._acknowledge_once()
         if entry is None:
+            if not self._registered:
+                stream.register_reader(self._place)
+                self._registered = True
             self._mark_reading()
-            entry = stream.read(self._consumer)
+            # A read that finds nothing waits (blocks) only while writers are registered, and
+            # Redis's writers' count comes after the read: so, right after a batch, a look that
+            # does not wait comes first, and the count it brings says whether to wait at all
+            # (the last writer may have left, and woken the blocked readers, while this one was
+            # busy). Redis ends a blocked read late when idle (100 ms at its default hz = 10).
+            ending = stream.writers_seen and not stream.writers_left
+            handled = tuple(self._handled)
+            entry = stream.read(self._consumer, 0 if self._busy or ending else None, acknowledge=handled)
+            self._handled.clear()
+            if entry is None and self._busy and stream.writers_left:
+                entry = stream.read(self._consumer)
+            self._busy = entry is not None
         if entry is None:
-            if stream.check_ended(list(endpoint.upstream), endpoint.claim_after_s):
+            if now < self._next_end_check and (stream.writers_left or not stream.writers_seen):
+                raise _TryAgain  # a writer may still send, or none has come yet: look later
+            if stream.check_ended(list(endpoint.upstream), endpoint.claim_after_s, endpoint.since):
                 if self._slot is not None:
                     self._slot.disarm()
                 return None
-            raise _TryAgain
+            # with writers registered, look now and then all the same: one that died without
+            # saying so stays registered until a look clears it
+            wait_s = endpoint.claim_after_s / _CLAIM_CHECKS_PER_WINDOW if stream.writers_left else _SEEN_CHECK_S
+            self._next_end_check = now + wait_s
+            ending = stream.writers_seen and not stream.writers_left
+            raise _TryAgain(_ENDING_PAUSE_S if ending else 0.0)  # other readers finish the backlog
         self._hold(entry.id, entry.count, entry.deliveries)
         return decode(endpoint.codec, entry.payload)
 
@@ -404,15 +461,31 @@ class RedisReader(Reader):
         return entry
 
     def done(self) -> None:
+        """The entry in hand is acknowledged with the next read, in its round trip. Until then
+        the slot names this consumer as one that is about to read: if this process is killed
+        first, the slot's next process claims what is still pending under that name (a batch
+        handed on but not yet acknowledged is delivered again, as one whose process was killed
+        just before an acknowledgement would be)."""
         if self._entry:
-            entry_id = self._entry
-            _patiently(lambda: self._stream.acknowledge(entry_id))
+            self._handled.append(self._entry)
             self._entry = ""
         if self._slot is not None:
-            self._slot.clear()
+            self._mark_reading()
+
+    def _acknowledge_once(self) -> None:
+        """Acknowledge the entries handed on now, as no read will follow; if Redis cannot be
+        reached, they stay pending under this consumer, which the slot names."""
+        if self._handled:
+            with contextlib.suppress(redis.RedisError):
+                self._stream.acknowledge(*self._handled)
+                self._handled.clear()
 
     def close(self) -> None:
-        if not self._entry:  # a consumer per worker process: forget this one once it holds nothing
+        self._acknowledge_once()
+        if self._registered:
+            with contextlib.suppress(redis.RedisError):
+                self._stream.forget_reader(self._place)
+        if not self._entry and not self._handled:  # a consumer per worker process: forget it once it holds nothing
             try:
                 self._client.xgroup_delconsumer(self._endpoint.stream, self._endpoint.group, self._consumer)
             except redis.RedisError:

@@ -4,13 +4,16 @@ its generator (a producer), and hand the results on through the ``Outlet``.
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import os
 import signal
 import traceback
 import types
+from collections.abc import Callable, Mapping
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 from procd import callables, reports, signals
 from procd.context import WorkerContext
@@ -19,6 +22,9 @@ from procd.transport.slot import SlotFile
 from procd.worker.outlet import ITSELF, Outlet, Ticker
 from procd.worker.redelivery import dead_letter, redeliver, unsendable
 from procd.worker.reporter import Reporter, report_error
+
+_END: Any = object()  # what ``next`` returns when a producer's iterator is exhausted
+_SECOND = operator.itemgetter(1)
 
 
 class _StopProducing(Exception):
@@ -138,24 +144,30 @@ def _produce(
     try:
         in_user_code = True
         source = instance if instance is not None else target(**options)
-        next_item = iter(source if source is not None else ()).__next__
+        items = iter(source if source is not None else ())
         in_user_code = False
+        # The hot loop of every producer, once per batch: a full batch is sent here, a
+        # part-filled one by the ticker thread ``linger`` after the event (see ``Ticker``).
         while not stopping:
-            in_user_code = True
-            try:
-                item = next_item()
-            except StopIteration:
+            if pending:
+                first_item()  # what a chunk the ticker ended left behind waits no longer than linger
+            in_user_code = True  # from here a SIGTERM raises _StopProducing; before, it is seen here:
+            if stopping:
                 break
-            finally:
-                in_user_code = False
-            # The hot loop of every producer: a full batch is sent here, a part-filled one by the
-            # ticker thread ``linger`` after its first item.
+            item = next(items, _END)  # a batch's first item, waited for alone
+            in_user_code = False
+            if item is _END:
+                break
             pending.append(item)
-            size = len(pending)
-            if size >= largest:
+            permits = ticker.permits(largest - len(pending))
+            first_item()
+            in_user_code = True
+            if stopping:
+                break
+            pending.extend(map(_SECOND, zip(permits, items, strict=False)))  # the rest: no Python per item
+            in_user_code = False
+            if len(pending) >= largest:
                 outlet.flush()
-            elif size == 1:
-                first_item()
     except _StopProducing:
         pass
     except Exception as exc:
@@ -190,41 +202,118 @@ def _consume(
     goes to the dead-letter file; it never ends the worker. Only an attempt that completes hands
     its outputs on (a generator's values are collected until it returns), so a retry repeats
     nothing. A batch that the slot's previous process held when it died is processed first, one
-    item at a time (see ``_redeliver``).
+    item at a time (see ``redelivery.redeliver``).
     """
     assert ctx.input is not None
-    stage = ctx.stage
-    call = instance if instance is not None else target
-    options = stage.options if instance is None else {}
-
-    def attempt(item: Any) -> None:
-        first_failed_at = None
-        for number in range(1, stage.max_attempts + 1):
-            try:
-                outputs = _outputs(call(item, **options))
-            except Exception as exc:
-                first_failed_at = first_failed_at or now_iso()
-                if number == stage.max_attempts:
-                    lines = traceback.format_exception(exc)
-                    trace = "".join(lines[-6:])[-4000:]
-                    dead_letter(
-                        ctx, letters, reporter, item, type(exc).__name__, str(exc), number, trace, first_failed_at
-                    )
-                continue
-            outlet.hand_on(item, outputs)
-            return
-
-    reader = ctx.input.reader(slot, keep_batch=stage.redeliver, worker=ctx.index)
+    attempts = _Attempts(ctx, _caller(target, instance, ctx.stage.options), outlet, letters, reporter)
+    reader = ctx.input.reader(slot, keep_batch=ctx.stage.redeliver, worker=ctx.index)
     held = reader.held()
     if held is not None and slot is not None:
-        received[0] += redeliver(ctx, held, slot, attempt, outlet.flush, letters, reporter)
+        received[0] += redeliver(ctx, held, slot, attempts.one, outlet.flush, letters, reporter)
         reader.done()
     for batch in reader.batches(signals.stop_fd_on_sigterm()):
         received[0] += len(batch)
-        for item in batch:
-            attempt(item)
+        attempts.batch(batch)
         outlet.flush()
         reader.done()
     if reader.at_end and slot is not None:
         slot.input_ended()
     return 0
+
+
+def _caller(target: Any, instance: Any, options: Mapping[str, Any]) -> Callable[[Any], Any]:
+    """The stage code as a call of one item: the instance, or the function with its options."""
+    if instance is not None:
+        return cast(Callable[[Any], Any], instance)
+    return functools.partial(target, **options) if options else cast(Callable[[Any], Any], target)
+
+
+class _Outputs(list[Any]):
+    """The values a generator yielded for one item (a list the stage returned is one item)."""
+
+
+class _Attempts:
+    """Calls the stage code on input items and hands their outputs to the outlet.
+
+    Discussion. This is the consumer's hot path: per item, one call of the stage code and one
+    append, in one loop over the batch (``batch``). Everything that exists for failures (the
+    retries, the first failure's time, the traceback, the dead letter: ``retry``) runs only
+    for an item whose first attempt raised. An exception from the outlet (a send that failed)
+    is not the item's: the outlet is called outside the ``try``.
+    """
+
+    def __init__(
+        self,
+        ctx: WorkerContext,
+        call: Callable[[Any], Any],
+        outlet: Outlet,
+        letters: DeadLetterFile,
+        reporter: Reporter,
+    ) -> None:
+        self._ctx = ctx
+        self._call = call
+        self._outlet = outlet
+        self._letters = letters
+        self._reporter = reporter
+        self._max_attempts = ctx.stage.max_attempts
+
+    def batch(self, items: list[Any]) -> None:
+        """Attempt every item of ``items``, in order."""
+        call = self._call
+        outlet = self._outlet
+        pending = outlet.pending
+        sources = outlet.sources  # both emptied in place by a flush
+        largest = outlet.largest
+        generator = types.GeneratorType
+        for item in items:
+            try:
+                result = call(item)
+                if result.__class__ is generator:
+                    result = _Outputs(result)
+            except Exception as exc:
+                self.retry(item, exc)
+                continue
+            if result is None:
+                continue
+            if result.__class__ is _Outputs:
+                outlet.hand_on(item, result)
+                continue
+            sources.append((len(pending), item))
+            pending.append(result)
+            if len(pending) >= largest:
+                outlet.flush()
+
+    def one(self, item: Any) -> None:
+        """Attempt one item (a redelivered batch goes item by item)."""
+        try:
+            outputs = _outputs(self._call(item))
+        except Exception as exc:
+            self.retry(item, exc)
+            return
+        self._outlet.hand_on(item, outputs)
+
+    def retry(self, item: Any, failure: Exception) -> None:
+        """The item's first attempt raised ``failure``: attempt it again, up to ``max_attempts``
+        in all, then dead-letter it with the last exception."""
+        first_failed_at = now_iso()
+        for _number in range(2, self._max_attempts + 1):
+            try:
+                outputs = _outputs(self._call(item))
+            except Exception as exc:
+                failure = exc
+                continue
+            self._outlet.hand_on(item, outputs)
+            return
+        lines = traceback.format_exception(failure)
+        trace = "".join(lines[-6:])[-4000:]
+        dead_letter(
+            self._ctx,
+            self._letters,
+            self._reporter,
+            item,
+            type(failure).__name__,
+            str(failure),
+            self._max_attempts,
+            trace,
+            first_failed_at,
+        )

@@ -9,7 +9,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from procd import reports
@@ -66,6 +66,15 @@ class Outlet:
         if len(pending) >= self.largest:
             self.flush()
 
+    def extend(self, items: list[Any]) -> None:
+        """Outputs that each stand for themselves (a command's lines)."""
+        pending = self.pending
+        if self.sources:
+            self.sources.append((len(pending), ITSELF))
+        pending += items
+        if len(pending) >= self.largest:
+            self.flush()
+
     def hand_on(self, source: Any, outputs: list[Any]) -> None:
         """The outputs of one completed attempt on ``source`` (an input item, or ``ITSELF``)."""
         if not outputs:
@@ -77,10 +86,11 @@ class Outlet:
 
     def flush(self) -> None:
         with self.lock:
-            # emptied in place: a producer's hot loop holds on to this very list
+            # emptied in place: a producer's or a consumer's hot loop holds on to these lists
             pending = self.pending[:]
             del self.pending[: len(pending)]
-            sources, self.sources = self.sources, []
+            sources = self.sources[:]
+            self.sources.clear()
             if not pending:
                 return
             pending, messages = self._encode(pending, sources)
@@ -154,6 +164,13 @@ class Ticker:
     A flush blocked by a full queue holds the lock, so the main thread blocks at its next full
     batch: backpressure is unchanged. Items are in hand until flushed, as before: a producer
     killed holding them repeats them on restart like everything since its start.
+
+    The producer takes a batch's first item alone, then the rest in one C-level ``extend``
+    through ``permits`` (no Python runs per item but the generator's own). Whenever the ticker
+    sends a part-filled batch it first takes the current permits back, so a chunk whose later
+    items nobody would send ends at its next item; the producer sets ``first_item`` again
+    before it waits for another. It sets the event after it has taken the permits, so every
+    item of a chunk is covered by a send that starts after the event.
     """
 
     def __init__(
@@ -168,6 +185,7 @@ class Ticker:
         self._counts = counts
         self._outlet = outlet
         self.first_item = threading.Event()  # set by a producer on a batch's first item
+        self._permits: list[None] = []
         self._done = False
         self._thread = threading.Thread(target=self._run, name="ticker", daemon=True)
         self._thread.start()
@@ -194,14 +212,22 @@ class Ticker:
             now = time.monotonic()
             if now >= flush_at:
                 flush_at = math.inf
-                if outlet is not None and outlet.pending:
-                    outlet.flush()
+                if outlet is not None:
+                    self._permits.clear()
+                    if outlet.pending:
+                        outlet.flush()
             if now >= due:
                 due = now + COUNTS_INTERVAL_S
                 counts = self._counts()
                 if counts != reported:
                     reported = counts
                     self._reporter.send(reports.Counts(items_in=counts[0], items_out=counts[1]))
+
+    def permits(self, room: int) -> Iterator[None]:
+        """Main thread: ``room`` permits for a producer's items, taken back when the ticker sends
+        a part-filled batch (an iteration through them then ends)."""
+        self._permits = permits = [None] * max(0, room)
+        return iter(permits)
 
     def stop(self) -> None:
         """Stop the thread (before the worker's last flush and its final counts)."""
