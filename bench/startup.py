@@ -17,8 +17,9 @@ written (to a temporary ``PYTHONPYCACHEPREFIX``, never into the source tree), an
 is the only step that may reach beyond loopback, to the package index pip is configured with;
 ``--no-installed`` skips it). Memory: an idle 3-stage pipeline (1 producer → 2 transforms → 1
 sink) against the same classic pattern: the total PSS (/proc/PID/smaps_rollup) of every process
-of each, and each worker's RSS. Targets (issue 12): ``run`` <= 60 ms; ``--version``, ``status``,
-``check`` <= 4x ``python -c pass``; PSS <= 1.2x classic.
+of each, and each worker's RSS; procd's as the editable install without bytecode, and with it.
+Targets (issue 12): ``run`` <= 60 ms; ``--version``, ``status``, ``check`` <= 4x ``python -c
+pass``; PSS <= 1.2x classic.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness import Pipeline, Script, run_command, timestamp
-from procfs import descendants, pss_kib, rss_kib, wait_for
-from report import Row, print_rows
+from procfs import descendants, load_text, pss_kib, rss_kib, wait_for
+from report import Row, header, table
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -169,11 +170,19 @@ def trivial_run(procd: str, pipeline: Pipeline, env: dict[str, str], shares: lis
 
 
 def installed_procd(workdir: str) -> str:
-    """``pip install .`` into a new venv under ``workdir``; the path of its ``procd``."""
+    """``pip install .`` into a new venv under ``workdir``; the path of its ``procd``. From a copy of
+    the tree: built in place, setuptools would leave ``build/`` and ``*.egg-info`` in it (and a
+    later build would take stale modules from ``build/lib``)."""
     venv = os.path.join(workdir, "venv")
+    source = os.path.join(workdir, "source")
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"),
+    )
     subprocess.run([sys.executable, "-m", "venv", venv], check=True, capture_output=True, timeout=300)
     pip = subprocess.run(
-        [os.path.join(venv, "bin", "pip"), "install", "-q", str(REPO)], capture_output=True, text=True, timeout=600
+        [os.path.join(venv, "bin", "pip"), "install", "-q", source], capture_output=True, text=True, timeout=600
     )
     if pip.returncode != 0:
         raise RuntimeError(f"pip install . failed: {pip.stdout[-1000:]}{pip.stderr[-2000:]}")
@@ -187,13 +196,22 @@ def total_pss_mib(root: int) -> tuple[float, list[float]]:
     return total, [rss_kib(p) / 1024 for p in below]
 
 
-def memory(settle_s: float) -> tuple[tuple[float, list[float]], tuple[float, list[float]]]:
-    with Pipeline(IDLE, STAGES, name="bench-idle") as pipeline:
+def idle_pss(settle_s: float, env: dict[str, str]) -> tuple[float, list[float]]:
+    """The idle 3-stage pipeline's ``total_pss_mib``, once it has settled."""
+    with Pipeline(IDLE, STAGES, name="bench-idle", env=env) as pipeline:
         pipeline.start()
         pipeline.event("pipeline_ready")
         wait_for(lambda: len(pipeline.remember()) >= 4, timeout=30, interval=0.01)
         time.sleep(settle_s)
-        mine = total_pss_mib(pipeline.pid)
+        return total_pss_mib(pipeline.pid)
+
+
+def memory(settle_s: float, workdir: str) -> tuple[tuple[float, list[float]], float, tuple[float, list[float]]]:
+    """procd's idle pipeline as these machines run it (``PYTHONDONTWRITEBYTECODE=1``: the
+    supervisor compiles procd's modules, and the compiler's garbage stays in its heap), its total
+    PSS with bytecode, and the classic pattern's."""
+    mine = idle_pss(settle_s, environment())
+    with_bytecode = idle_pss(settle_s, environment(os.path.join(workdir, "pycache")))[0]
     with Script(CLASSIC_IDLE) as script:
         proc = script.start()
         assert proc.stdout is not None
@@ -201,7 +219,7 @@ def memory(settle_s: float) -> tuple[tuple[float, list[float]], tuple[float, lis
         wait_for(lambda: len(script.remember()) >= 4, timeout=30, interval=0.01)
         time.sleep(settle_s)
         theirs = total_pss_mib(proc.pid)
-    return mine, theirs
+    return mine, with_bytecode, theirs
 
 
 def measure(quick: bool = False, repeat: int | None = None, installed: bool = True) -> list[Row]:
@@ -234,6 +252,8 @@ def measure(quick: bool = False, repeat: int | None = None, installed: bool = Tr
                 commands[f"{key}:status"] = functools.partial(run_command, status, env=env)
                 commands[f"{key}:check"] = functools.partial(run_command, check, env=env)
             times = interleaved(commands, repeat)
+        # after the runs above, which wrote the bytecode that the second measure reads
+        (pss, rss), bytecode_pss, (classic_pss, classic_rss) = memory(0.2 if quick else 1.0, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     bare, classic_one = times["pass"], times["classic"]
@@ -274,12 +294,11 @@ def measure(quick: bool = False, repeat: int | None = None, installed: bool = Tr
                 seconds / bare <= 4,
             )
         )
-    (pss, rss), (classic_pss, classic_rss) = memory(0.2 if quick else 1.0)
     rows.append(
         Row(
             "idle_memory",
-            "idle 3-stage pipeline, total PSS (each worker's RSS)",
-            f"{pss:.1f} MiB ({min(rss):.1f}-{max(rss):.1f} MiB)",
+            "idle 3-stage pipeline, total PSS (each worker's RSS) (editable, PYTHONDONTWRITEBYTECODE=1)",
+            f"{pss:.1f} MiB ({min(rss):.1f}-{max(rss):.1f} MiB); bytecode {bytecode_pss:.1f} MiB",
             f"classic {classic_pss:.1f} MiB ({min(classic_rss):.1f}-{max(classic_rss):.1f} MiB)",
             f"{pss / classic_pss:.2f}x",
             "<= 1.2x classic",
@@ -296,7 +315,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, help="runs of each command, median reported (default 10)")
     parser.add_argument("--no-installed", action="store_true", help="skip the pip-installed procd (it takes ~10 s)")
     args = parser.parse_args()
-    print_rows(measure(args.quick, args.repeat, not args.no_installed))
+    print(header(), flush=True)  # the load before the runs (report.print_rows prints it after them)
+    print(table(measure(args.quick, args.repeat, not args.no_installed)))
+    print(f"at end: {load_text()}")
 
 
 if __name__ == "__main__":

@@ -35,9 +35,22 @@ def _alive(pid: int) -> bool:
 
 
 def _bridge(ws: Workspace) -> int:
-    bridges = wait_until(lambda: processes_titled(f"procd: {ws.name}/work[0]"), timeout=10)
-    (bridge,) = bridges
-    return int(bridge)
+    """The one bridge (a program forked but not yet exec'd has its bridge's title too)."""
+
+    def one() -> int | None:
+        titled = {int(pid) for pid in processes_titled(f"procd: {ws.name}/work[0]")}
+        bridges = [pid for pid in titled if _parent(pid) not in titled]
+        return bridges[0] if len(bridges) == 1 else None
+
+    return int(wait_until(one, timeout=10))
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def test_program_has_default_signals_and_no_procd_descriptor(ws: Workspace) -> None:

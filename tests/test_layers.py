@@ -33,7 +33,7 @@ LAYERS = {
     "os": {"signals", "reaper", "procctl", "procinfo"},
     "logging": {"log", "events"},
     "model": {"config", "plan"},
-    "core": {"lifecycle", "errors", "frozen", "restarts", "reports", "throttle", "__init__"},
+    "core": {"lifecycle", "errors", "frozen", "deferred", "restarts", "reports", "throttle", "__init__"},
 }
 ORDER = ["core", "model", "logging", "os", "transport", "processes", "supervisor", "interface"]
 PLACE = {entry: ORDER.index(layer) for layer, entries in LAYERS.items() for entry in entries}

@@ -71,28 +71,24 @@ class Receiver:
         return [key for _pid, fields in self.drain() for key in fields if key != "STATUS"]
 
 
-def test_ready_status_watchdog_reloading_stopping(ws: Workspace) -> None:
-    receiver = Receiver(ws.path / "notify.sock")
-    ws.write("st.py", STAGES)
-    ws.pipeline('[stages.ticks]\nfunction = "st:ticks"\n[stages.same]\nfunction = "st:same"\ninputs = ["ticks"]\n')
-    env = {**os.environ, "NOTIFY_SOCKET": str(ws.path / "notify.sock"), "WATCHDOG_USEC": "200000"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "procd",
-            "run",
-            f"{ws.name}.toml",
-            "--log-file",
-            "log.jsonl",
-            "--control",
-            str(ws.control),
-        ],
+def _start(ws: Workspace, watchdog_usec: int) -> subprocess.Popen[bytes]:
+    """``procd run`` of the workspace's pipeline as a service: its notify socket and watchdog set."""
+    env = {**os.environ, "NOTIFY_SOCKET": str(ws.path / "notify.sock"), "WATCHDOG_USEC": str(watchdog_usec)}
+    argv = [sys.executable, "-m", "procd", "run", f"{ws.name}.toml", "--log-file", "log.jsonl"]
+    return subprocess.Popen(
+        [*argv, "--control", str(ws.control)],
         cwd=ws.path,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def test_ready_status_watchdog_reloading_stopping(ws: Workspace) -> None:
+    receiver = Receiver(ws.path / "notify.sock")
+    ws.write("st.py", STAGES)
+    ws.pipeline('[stages.ticks]\nfunction = "st:ticks"\n[stages.same]\nfunction = "st:same"\ninputs = ["ticks"]\n')
+    proc = _start(ws, watchdog_usec=200_000)
     try:
         wait_until(lambda: "READY" in receiver.sent_keys(), timeout=15)
         ready_at = next(i for i, (_p, f) in enumerate(receiver.messages) if "READY" in f)
@@ -156,24 +152,7 @@ def test_a_service_manager_that_reads_nothing_never_stalls_the_pipeline(ws: Work
     ws.pipeline(
         '[stages.numbers]\nfunction = "st:numbers"\n[stages.sink]\nfunction = "st:sink"\ninputs = ["numbers"]\n'
     )
-    env = {**os.environ, "NOTIFY_SOCKET": str(ws.path / "notify.sock"), "WATCHDOG_USEC": "100000"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "procd",
-            "run",
-            f"{ws.name}.toml",
-            "--log-file",
-            "log.jsonl",
-            "--control",
-            str(ws.control),
-        ],
-        cwd=ws.path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = _start(ws, watchdog_usec=100_000)
     try:
         assert proc.wait(timeout=30) == 0  # a finite pipeline ends by itself, whatever the socket does
     finally:

@@ -64,6 +64,15 @@ class Collect:
     def close(self):
         print(json.dumps(self.seen), flush=True)
 
+class CollectToFile:  # for more than a record's line (4096 bytes) of what it saw
+    def __init__(self, path):
+        self.seen, self.path = [], path
+    def __call__(self, item):
+        self.seen.append(item)
+    def close(self):
+        with open(self.path, "w") as fh:
+            json.dump(self.seen, fh)
+
 class Check:
     def __init__(self, count):
         self.seen = bytearray(count)
@@ -187,11 +196,11 @@ def test_a_command_stage_passes_every_json_item_through_and_sets_aside_what_json
         '[stages.mixed]\nfunction = "st:mixed"\noptions = { count = 600 }\n'
         '[stages.cat]\ncommand = ["awk", "-W", "interactive", "{ print; print \\"plain, text\\"; fflush() }"]\n'
         'inputs = ["mixed"]\ndead_letter = "dead.jsonl"\n'
-        '[stages.sink]\nfunction = "st:Collect"\ninputs = ["cat"]\n'
+        '[stages.sink]\nfunction = "st:CollectToFile"\ninputs = ["cat"]\noptions = { path = "seen.json" }\n'
     )
     result = ws.run("run", f"{ws.name}.toml")
     assert result.code == 0, result.stderr[-2000:]
-    seen = json.loads(result.output_lines("sink")[0])
+    seen = json.loads((ws.path / "seen.json").read_text())
     expected = [x for n in range(600) if n != 4 for x in ("a, b" if n == 5 else {"n": n, "s": "\u00e9"}, "plain, text")]
     assert seen == expected
     (dead,) = result.events("item_dead_lettered", stage="cat")

@@ -547,3 +547,15 @@ def test_output_without_line_ends_is_cut_into_bounded_records(ws: Workspace) -> 
     lines = result.output_lines("shout")
     assert sum(len(line) for line in lines) == 200_000  # nothing lost
     assert max(len(line) for line in lines) <= 4096  # and no record is unbounded
+
+
+def test_a_long_line_is_cut_the_same_way_however_it_arrives(ws: Workspace) -> None:
+    """A line with its end that arrives in one read is cut like one that arrives in pieces (which
+    one happens depends on the pipe's timing: a record's size must not)."""
+    ws.write("st.py", "def shout():\n    print('y' * 10_000, flush=True)\n    yield 1\n")
+    ws.pipeline('[stages.shout]\nfunction = "st:shout"\n')
+    result = ws.run("run", f"{ws.name}.toml")
+    assert result.code == 0, result.stderr[-500:]
+    lines = result.output_lines("shout")
+    assert "".join(lines) == "y" * 10_000
+    assert max(len(line) for line in lines) <= 4096

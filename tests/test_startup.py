@@ -4,14 +4,22 @@ bench/startup.py's)."""
 
 from __future__ import annotations
 
+import argparse
+import functools
 import json
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from conftest import Workspace
 
 # Modules that cost a command tens of milliseconds (bench/README.md, "Start-up").
 HEAVY = ("argparse", "structlog", "dataclasses", "asyncio.base_events", "ssl", "tomllib", "procd.supervisor.core")
+# What ``inspect`` imports when it runs (it is deferred: in sys.modules, unrun, for the commands
+# that do not start a supervisor), and what ``hashlib`` loads (libcrypto): neither a client verb
+# nor the ``procd check`` process itself (its stage code is checked in a child) needs them.
+INSPECT_RAN = {"ast", "dis"}
 
 
 def _modules_after(argv: list[str], cwd: str) -> tuple[int, set[str]]:
@@ -41,6 +49,7 @@ def test_status_and_check_import_neither_the_supervisor_nor_structlog(ws: Worksp
     assert code == 1  # no pipeline there: said so, and the imports are what was needed to say it
     assert "procd.ops.control" in modules
     assert not modules & {"structlog", "procd.supervisor.core", "procd.config", "tomllib", "asyncio.base_events"}
+    assert not modules & {"procd.log", "_hashlib", "shutil", "pathlib", "procd.cli.running", *INSPECT_RAN}
 
     ws.write("st.py", "def numbers():\n    yield 1\n\ndef drop(item):\n    pass\n")
     ws.pipeline(
@@ -54,7 +63,29 @@ def test_status_and_check_import_neither_the_supervisor_nor_structlog(ws: Worksp
         "procd.launch.environment",
         "asyncio.base_events",
         "ssl",
+        "procd.log",
+        "_hashlib",
+        "shutil",
+        "pathlib",
+        "procd.cli.running",
+        "procd.cli.records",
+        *INSPECT_RAN,
     }
+
+
+def test_a_command_builds_its_own_parser_alone_and_the_same_one() -> None:
+    from procd import cli
+
+    def verbs(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        return parser._subparsers._group_actions[0].choices  # type: ignore[union-attr,return-value]
+
+    every = verbs(cli._parser())
+    assert {"run", "status", "stop", "reload", "scale", "logs", "dlq", "check", "init"} <= set(every)
+    for name, full in every.items():
+        alone = verbs(cli._parser(name))
+        assert list(alone) == [name]
+        assert alone[name].format_help() == full.format_help()
+    assert list(verbs(cli._parser("no-such-command"))) == list(every)
 
 
 # The stage module is imported in the worker, after the fork: what it finds already run in
@@ -64,6 +95,7 @@ import sys
 
 SUPERVISOR_RAN_ASYNCIO = "asyncio.base_events" in sys.modules
 SUPERVISOR_RAN_UUID = "uuid4" in sys.modules["uuid"].__dict__ if "uuid" in sys.modules else False
+SUPERVISOR_HAD = sorted(m for m in ("_hashlib", "procd.launch.environment", "procd.launch.reloadcheck") if m in sys.modules)
 
 import asyncio.subprocess
 import asyncio
@@ -72,6 +104,7 @@ import uuid
 
 def numbers():
     yield {"supervisor_ran": [SUPERVISOR_RAN_ASYNCIO, SUPERVISOR_RAN_UUID], "uuid": len(str(uuid.uuid4()))}
+    yield {"supervisor_had": SUPERVISOR_HAD}
     for n in range(3):
         yield {"n": n}
 
@@ -103,4 +136,120 @@ def test_the_supervisor_does_not_run_asyncio_or_uuid_and_a_stage_still_can(ws: W
     assert result.code == 0, result.stderr
     items = [json.loads(line.split(" ", 1)[1]) for line in result.output_lines("show") if line.startswith("item ")]
     assert {"supervisor_ran": [False, False], "uuid": 36} in items
+    # Nor libcrypto (hashlib: code hashes are the check child's), the environment builder or the
+    # reload check, which a pipeline without packages, not reloaded, never uses.
+    assert {"supervisor_had": []} in items
     assert sorted(i["doubled"] for i in items if "n" in i) == [0, 2, 4]
+
+
+# Imported in the check child and in each worker: it notes whether the process it runs in had the
+# supervisor's modules when it was forked.
+NOTING_STAGES = """
+import os
+import sys
+
+with open(os.path.join(os.path.dirname(__file__), "imported.txt"), "a") as note:
+    note.write(f"{'procd.supervisor.core' in sys.modules}\\n")
+
+
+def numbers():
+    yield 1
+
+
+def drop(item):
+    pass
+"""
+
+
+def test_procd_run_checks_the_stage_code_while_it_imports_the_supervisor(ws: Workspace) -> None:
+    ws.write("st.py", NOTING_STAGES)
+    ws.pipeline(
+        '[stages.numbers]\nfunction = "st:numbers"\n[stages.drop]\nfunction = "st:drop"\ninputs = ["numbers"]\n'
+    )
+    result = ws.run("run", f"{ws.name}.toml")
+    assert result.code == 0, result.stderr
+    # the check child (which imports the module once per stage) was forked before the supervisor's
+    # modules were imported; the two workers after
+    noted = (ws.path / "imported.txt").read_text().split()
+    assert set(noted[:-2]) == {"False"} and noted[-2:] == ["True", "True"]
+
+
+def test_a_check_not_waited_for_is_ended_by_close(ws: Workspace) -> None:
+    from procd import callables, config
+
+    ws.write("slow.py", "import time\ntime.sleep(60)\n\ndef numbers():\n    yield 1\n")
+    spec = config.load_pipeline(str(ws.pipeline('[stages.numbers]\nfunction = "slow:numbers"\n')))
+    check = callables.CheckApart(spec, timeout_s=60)
+    check.close()  # killed and reaped at once: the conftest's check finds no child left behind
+    check.close()  # and a second close does nothing
+
+
+INSPECTING_STAGES = """
+import sys
+
+
+def numbers(shard):
+    # after the worker asked whether this producer takes checkpoint and shard (it takes shard)
+    yield {"shard": list(shard), "inspect_ran": "signature" in vars(sys.modules["inspect"])}
+
+
+def show(item):
+    print("item", __import__("json").dumps(item, sort_keys=True), flush=True)
+"""
+
+
+def test_neither_the_supervisor_nor_a_plain_producer_runs_inspect(ws: Workspace) -> None:
+    ws.write("st.py", INSPECTING_STAGES)
+    ws.pipeline(
+        '[stages.numbers]\nfunction = "st:numbers"\nprocesses = 2\n'
+        '[stages.show]\nfunction = "st:show"\ninputs = ["numbers"]\n'
+    )
+    result = ws.run("run", f"{ws.name}.toml")
+    assert result.code == 0, result.stderr
+    items = [json.loads(line.split(" ", 1)[1]) for line in result.output_lines("show") if line.startswith("item ")]
+    assert sorted(items, key=lambda i: i["shard"]) == [
+        {"shard": [0, 2], "inspect_ran": False},
+        {"shard": [1, 2], "inspect_ran": False},
+    ]
+
+
+def _wrapped(function: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def test_accepts_answers_from_the_code_as_inspect_does() -> None:
+    import inspect
+
+    from procd import callables
+
+    def plain(item, checkpoint=None, *rest, shard, **options):  # type: ignore[no-untyped-def]
+        pass
+
+    def positional_only(checkpoint, /, shard):  # type: ignore[no-untyped-def]
+        pass
+
+    def keywords(**checkpoint):  # type: ignore[no-untyped-def]
+        pass
+
+    def signed(item):  # type: ignore[no-untyped-def]
+        pass
+
+    signed.__signature__ = inspect.Signature([inspect.Parameter("checkpoint", inspect.Parameter.KEYWORD_ONLY)])  # type: ignore[attr-defined]
+
+    class Producer:
+        def __init__(self, checkpoint: object) -> None:
+            pass
+
+    targets = [plain, positional_only, keywords, signed, _wrapped(plain), Producer, functools.partial(plain, 1)]
+    for target in targets:
+        for name in ("item", "checkpoint", "shard", "rest", "options", "missing"):
+            parameter = inspect.signature(target).parameters.get(name)
+            expected = parameter is not None and parameter.kind in (
+                parameter.POSITIONAL_OR_KEYWORD,
+                parameter.KEYWORD_ONLY,
+            )
+            assert callables.accepts(target, name) == expected, (target, name)

@@ -20,19 +20,17 @@ file's directory; ``load_and_check`` makes them absolute.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import inspect
 import json
 import os
-import pathlib
 import re
 import select
-import shutil
 import signal
 import sys
 import time
 import traceback
+import types
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +38,7 @@ from typing import Any
 from procd import config, procctl, reaper
 from procd.config import PipelineSpec, StageSpec
 from procd.errors import ConfigError, Problem
+from procd.frozen import frozen_dataclass
 
 # Parameters procd fills in itself for a producer that declares them.
 INJECTED = ("checkpoint", "shard")
@@ -146,11 +145,26 @@ def _signature(target: Any) -> inspect.Signature | None:
 def accepts(target: Any, name: str) -> bool:
     """True if calling ``target`` (a function, or a class through its ``__init__``) takes a
     keyword argument called ``name``."""
+    code = _plain_code(target)
+    if code is not None:  # what ``inspect.signature`` would read, without running ``inspect``
+        return name in code.co_varnames[code.co_posonlyargcount : code.co_argcount + code.co_kwonlyargcount]
     signature = _signature(target)
     if signature is None:
         return False
     parameter = signature.parameters.get(name)
     return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+
+
+def _plain_code(target: Any) -> types.CodeType | None:
+    """The code of a plain Python function whose signature is its code's, else None: not wrapped
+    (``functools.wraps``), with no ``__signature__``. A worker asks whether its producer takes
+    ``checkpoint`` or ``shard``; answered from the code, ``inspect`` (deferred by the command
+    line, about 12 ms and its own copy of the pages) need not run in every worker."""
+    if type(target) is not types.FunctionType:
+        return None
+    if any(hasattr(target, attribute) for attribute in ("__wrapped__", "__signature__", "_partialmethod")):
+        return None
+    return target.__code__
 
 
 def is_class(target: Any) -> bool:
@@ -166,15 +180,16 @@ def _is_path(annotation: Any) -> bool:
     if isinstance(annotation, str):
         parts = [p.strip() for p in annotation.replace("Optional[", "").rstrip("]").split("|")]
         return any(_PATH_TEXT.match(p) for p in parts) and all(_PATH_TEXT.match(p) or p == "None" for p in parts)
-    if isinstance(annotation, type):
-        return issubclass(annotation, pathlib.PurePath)
+    if isinstance(annotation, type):  # a class can be a path only once pathlib has been imported
+        pathlib = sys.modules.get("pathlib")
+        return pathlib is not None and issubclass(annotation, pathlib.PurePath)
     import typing
 
     arguments = typing.get_args(annotation)
     return bool(arguments) and all(a is type(None) or _is_path(a) for a in arguments) and any(map(_is_path, arguments))
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)  # internal: its methods need not be compiled at each start
 class StageCode:
     """What checking one stage's code found: its problems, and the facts described at the top."""
 
@@ -283,6 +298,8 @@ def find_program(program: str) -> str:
             raise ResolveError(f'program "{program}" is not an executable file')
         return program
     search = os.environ.get("PATH", os.defpath)
+    import shutil  # only a command stage needs it
+
     found = shutil.which(program, path=search)
     if found is None:
         present = [
@@ -313,6 +330,8 @@ def _own_modules(base_dir: str) -> dict[str, str]:
 
 
 def _digest(files: Mapping[str, str], base_dir: str) -> str:
+    import hashlib  # here: the supervisor, which never hashes code, need not load libcrypto
+
     digest = hashlib.sha256()
     for path in sorted(set(files.values())):
         try:
@@ -379,34 +398,59 @@ def check_callables_apart(spec: PipelineSpec, timeout_s: float = IMPORT_TIMEOUT_
     a problem of the stage being imported; a new child checks the stages after it. The whole
     check takes at most ``timeout_s``; a stage not reached by then is reported as not checked.
     """
-    deadline = time.monotonic() + timeout_s
-    codes: dict[str, StageCode] = {}
-    remaining = list(spec.stages)
-    while remaining:
-        found, importing, ended, timed_out = _check_in_child(spec, remaining, deadline)
-        codes.update(found)
-        how = f"did not finish within {timeout_s:g}s" if timed_out else f"ended the check process ({ended})"
-        if importing is not None:
-            ref = spec.stage(importing).function
-            codes[importing] = StageCode((Problem(f"stages.{importing}.function", f'importing "{ref}" {how}'),))
-        if timed_out or importing is None:  # out of time, or the child ended between two stages
-            for stage in remaining:
-                if stage.name not in codes:
-                    problem = Problem(f"stages.{stage.name}", f"not checked: the check of the stage code {how}")
-                    codes[stage.name] = StageCode((problem,))
-        remaining = [s for s in remaining if s.name not in codes]
-    return codes
+    check = CheckApart(spec, timeout_s)
+    try:
+        return check.result()
+    finally:
+        check.close()
 
 
-def _check_in_child(
-    spec: PipelineSpec, stages: list[StageSpec], deadline: float
-) -> tuple[dict[str, StageCode], str | None, str, bool]:
-    """Check ``stages`` in one forked child until it ends or ``deadline`` passes.
+class CheckApart:
+    """``check_callables_apart`` begun: its first child is forked at once and ``result`` waits for
+    the whole check, so that what the caller does meanwhile runs alongside it (``procd run``
+    imports the supervisor while its stage code is checked). ``close`` ends a check whose result
+    is not wanted any more: its child is killed and reaped."""
 
-    Returns:
-        What it found, the stage it was importing when it ended (None if it was not), how it
-        ended, and whether the deadline passed.
-    """
+    def __init__(self, spec: PipelineSpec, timeout_s: float = IMPORT_TIMEOUT_S) -> None:
+        self._spec = spec
+        self._timeout_s = timeout_s
+        self._deadline = time.monotonic() + timeout_s
+        self._remaining = list(spec.stages)
+        self._child = _fork_checker(spec, self._remaining) if self._remaining else None
+
+    def result(self) -> dict[str, StageCode]:
+        """What the check found for every stage (see ``check_callables_apart``)."""
+        spec, codes = self._spec, {}
+        while self._remaining:
+            pid, read_fd = self._child or _fork_checker(spec, self._remaining)
+            self._child = None
+            found, importing, ended, timed_out = _collect(pid, read_fd, self._deadline)
+            codes.update(found)
+            how = f"did not finish within {self._timeout_s:g}s" if timed_out else f"ended the check process ({ended})"
+            if importing is not None:
+                ref = spec.stage(importing).function
+                codes[importing] = StageCode((Problem(f"stages.{importing}.function", f'importing "{ref}" {how}'),))
+            if timed_out or importing is None:  # out of time, or the child ended between two stages
+                for stage in self._remaining:
+                    if stage.name not in codes:
+                        problem = Problem(f"stages.{stage.name}", f"not checked: the check of the stage code {how}")
+                        codes[stage.name] = StageCode((problem,))
+            self._remaining = [s for s in self._remaining if s.name not in codes]
+        return codes
+
+    def close(self) -> None:
+        """Kill and reap a child whose result was not collected; nothing otherwise."""
+        if self._child is not None:
+            pid, read_fd = self._child
+            self._child = None
+            os.close(read_fd)
+            os.kill(pid, signal.SIGKILL)
+            reaper.wait_for(pid)
+
+
+def _fork_checker(spec: PipelineSpec, stages: list[StageSpec]) -> tuple[int, int]:
+    """Fork a child that checks ``stages`` one after the other; its pid, and the descriptor it
+    reports on, one JSON line as it starts to import a stage and one with what it found."""
     read_fd, write_fd = os.pipe()
     parent = os.getpid()
     pid = os.fork()
@@ -424,6 +468,16 @@ def _check_in_child(
         finally:
             os._exit(0)
     os.close(write_fd)
+    return pid, read_fd
+
+
+def _collect(pid: int, read_fd: int, deadline: float) -> tuple[dict[str, StageCode], str | None, str, bool]:
+    """Read a checking child's reports until it ends or ``deadline`` passes, and reap it.
+
+    Returns:
+        What it found, the stage it was importing when it ended (None if it was not), how it
+        ended, and whether the deadline passed.
+    """
     data, timed_out = _read_all(read_fd, pid, deadline)
     if timed_out:
         os.kill(pid, signal.SIGKILL)
@@ -535,6 +589,8 @@ def complete(
         problems += [p for p in code.problems if not _covered(p, problems)]
         options = dict(stage.options)
         for key in code.path_options:
+            import pathlib  # only a stage with path options needs it
+
             options[key] = pathlib.Path(spec.base_dir, options[key])
         stages.append(dataclasses.replace(stage, options=options, code_hash=code.code_hash, shardable=code.shardable))
     return dataclasses.replace(spec, stages=tuple(stages)), problems

@@ -8,7 +8,6 @@ child ever parses a duration.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import json
 import math
 import os
@@ -17,9 +16,7 @@ import sys
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import field, replace
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from procd.errors import ConfigError, Problem
 from procd.frozen import frozen_dataclass
@@ -198,7 +195,7 @@ class PipelineSpec:
     def base_dir(self) -> str:
         """The pipeline file's directory: first on ``sys.path`` for function stages. Resolved once
         (a ``stat`` per path component and ``getcwd``): every worker's start reads it."""
-        return str(Path(self.file).resolve().parent)
+        return os.path.dirname(os.path.realpath(self.file))
 
     def stage(self, name: str) -> StageSpec:
         """Return the stage called ``name``."""
@@ -447,7 +444,7 @@ def validate(document: Mapping[str, Any], file: str) -> tuple[PipelineSpec, list
 
     pipeline = check.table(document.get("pipeline", {}), "pipeline") or {}
     check.unknown_keys(pipeline, _PIPELINE_KEYS, "pipeline.")
-    pipeline_name = pipeline.get("name", Path(file).stem)
+    pipeline_name = pipeline.get("name", os.path.splitext(os.path.basename(file))[0])
     if isinstance(pipeline_name, str) and not check.name(pipeline_name, "pipeline.name"):
         pipeline_name = "pipeline"
     elif not isinstance(pipeline_name, str) or not _PIPELINE_NAME.match(pipeline_name):
@@ -484,7 +481,7 @@ def validate(document: Mapping[str, Any], file: str) -> tuple[PipelineSpec, list
     if stages_table is not None and not stages_table:
         check.add("stages", "a pipeline needs at least one [stages.NAME] table")
     stages_table = stages_table or {}
-    base_dir = str(Path(file).resolve().parent)
+    base_dir = os.path.dirname(os.path.realpath(file))
     state_dir = pipeline.get("state_dir")
     if state_dir is None:
         state_dir = default_state_dir(pipeline_name if isinstance(pipeline_name, str) else "pipeline")
@@ -539,6 +536,8 @@ def _metrics(check: _Checker, raw: object) -> tuple[str, int] | None:
         host = host.strip("[]") or "127.0.0.1"
         try:
             if host != "localhost":
+                import ipaddress  # only a pipeline that serves metrics needs it
+
                 ipaddress.ip_address(host)
             if port.isascii() and port.isdigit() and METRICS_PORTS[0] <= int(port) <= METRICS_PORTS[1]:
                 return host, int(port)
@@ -787,6 +786,8 @@ def _redis_queue(
 
 def check_redis_url(url: str) -> str | None:
     """Why ``url`` is not a Redis URL procd can use, or None when it is."""
+    from urllib.parse import urlsplit  # only a pipeline with redis queues needs it
+
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018  (raises ValueError for a port that is not a number)
@@ -804,6 +805,8 @@ def check_redis_url(url: str) -> str | None:
 
 def redact_url(url: str) -> str:
     """``url`` with its password replaced, for records, ``procd show`` and ``procd status``."""
+    from urllib.parse import urlsplit, urlunsplit
+
     parts = urlsplit(url)
     if parts.password is None:
         return url

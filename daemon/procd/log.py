@@ -19,25 +19,24 @@ asyncio is about 70 ms of a ~110 ms ``import structlog`` and several MiB of ever
 from the supervisor (bench/README.md, "Start-up"), for methods procd never calls. There is no way
 to import a part of structlog without its ``__init__``, and ``importlib.util.LazyLoader`` does not
 help on 3.11 (the import system reads ``__spec__`` of a module found in ``sys.modules``, which
-makes a lazy module load at once). So ``_defer`` puts a module object for asyncio (and uuid,
-which ``structlog.threadlocal`` imports and which brings platform) into
-``sys.modules`` that has its spec but has not run yet; the first attribute anyone reads from it
-(``asyncio.run``, ``from asyncio import Queue``, ``import asyncio.subprocess``, which reads
-``__path__``) runs asyncio's own code into that same object, and from then on it is asyncio. A
-stage that uses asyncio in a worker (a fork of the supervisor) gets it the same way."""
+makes a lazy module load at once). So ``open_logger`` defers asyncio (and uuid, which
+``structlog.threadlocal`` imports and which brings platform) with ``procd.deferred.defer``: a
+module object in ``sys.modules`` that has its spec but has not run yet, whose own code runs on
+the first attribute anyone reads from it. A stage that uses asyncio in a worker (a fork of the
+supervisor) gets it the same way."""
 
 from __future__ import annotations
 
-import _thread
 import datetime
 import errno
 import fcntl
 import json
 import os
 import sys
-import types
 from collections.abc import Mapping
 from typing import Any, TextIO
+
+from procd.deferred import defer
 
 TYPE_CHECKING = False  # mypy reads the name; at run time structlog waits for ``open_logger``
 if TYPE_CHECKING:
@@ -294,59 +293,6 @@ def _hand_over(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> dic
     return {"record": event_dict}
 
 
-class _Deferred(types.ModuleType):
-    """A module in ``sys.modules`` whose code has not run yet: it runs on the first read of an
-    attribute the object does not have (see the module's Discussion)."""
-
-    def __getattr__(self, name: str) -> Any:
-        with _DEFERRED_LOCK:  # another thread reading it meanwhile waits for the run to finish
-            if type(self) is _Deferred and id(self) not in _RUNNING:
-                _run_deferred(self)
-            elif type(self) is _Deferred:  # read by its own code while it runs: as a plain import
-                raise AttributeError(f"partially initialized module {self.__name__!r} has no attribute {name!r}")
-        return getattr(self, name)
-
-
-_DEFERRED_LOCK = _thread.RLock()  # ``_thread``, built in: ``threading`` would be an import more
-_RUNNING: set[int] = set()
-
-
-def _run_deferred(module: types.ModuleType) -> None:
-    """Run a deferred module's code into it; if that fails, it leaves ``sys.modules`` (as a
-    failed import does) and the error propagates."""
-    spec = module.__spec__
-    assert spec is not None and spec.loader is not None
-    if spec.submodule_search_locations is not None:
-        module.__path__ = spec.submodule_search_locations
-    _RUNNING.add(id(module))
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(spec.name, None)
-        raise
-    finally:
-        _RUNNING.discard(id(module))
-    module.__class__ = types.ModuleType
-
-
-def _defer(name: str) -> None:
-    """Put ``name`` into ``sys.modules`` unrun, to run on first use; nothing if it is there.
-
-    Without ``__path__`` until it runs, so that importing one of its submodules runs the package
-    first, in its own order, as a plain import would."""
-    if name in sys.modules:
-        return
-    import importlib.util
-
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None:
-        return
-    module = importlib.util.module_from_spec(spec)
-    module.__dict__.pop("__path__", None)
-    module.__class__ = _Deferred
-    sys.modules[name] = module
-
-
 def open_logger(
     pipeline: str,
     *,
@@ -366,8 +312,8 @@ def open_logger(
     Raises:
         OSError: the log file cannot be opened.
     """
-    _defer("asyncio")
-    _defer("uuid")  # for ``structlog.threadlocal``, deprecated, which procd does not use
+    defer("asyncio")
+    defer("uuid")  # for ``structlog.threadlocal``, deprecated, which procd does not use
     import structlog
 
     out = stream if stream is not None else sys.stderr

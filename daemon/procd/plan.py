@@ -6,10 +6,10 @@ Pure: works on ``config`` specs only. Also renders the stage graph as DOT for ``
 from __future__ import annotations
 
 from collections.abc import Set
-from dataclasses import dataclass
 from typing import Any
 
 from procd.config import PipelineSpec, StageSpec
+from procd.frozen import frozen_dataclass
 
 
 def topological_order(spec: PipelineSpec) -> tuple[StageSpec, ...]:
@@ -48,7 +48,7 @@ def upstream_closure(spec: PipelineSpec, name: str) -> set[str]:
     return seen
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class ReloadPlan:
     """What a reload does, stage by stage."""
 

@@ -11,42 +11,85 @@ import sys
 
 # Only what a verb needs is imported, inside the function that needs it: ``--version`` imports
 # nothing more than this module, ``status`` the control client and argparse, ``check`` the config
-# loader; the supervisor, structlog and the environment builder only ``run`` (bench/README.md,
-# "Start-up"). The names below are for the type checker only (mypy reads ``TYPE_CHECKING`` by name).
+# loader; the supervisor, structlog and the environment builder only ``run`` (``cli.running``),
+# and ``logs`` and ``dlq`` their own module (``cli.records``) (bench/README.md, "Start-up").
+# The names below are for the type checker only (mypy reads ``TYPE_CHECKING`` by name).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Sequence
     from typing import Any
 
-    from procd import config
     from procd.errors import ConfigError
-    from procd.launch.environment import BuildError, Environment
-    from procd.ops.notify import Notifier
+    from procd.launch.environment import BuildError
+
+    _Commands = argparse._SubParsersAction[Any]  # of the Parser class made in _parser
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_CONFIG = 78
-# While procd run builds, each tick (about a second apart) asks systemd for this much more time to start.
-_BUILD_TICK_EXTENSION_USEC = 5_000_000
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser. Given ``command``, the first argument when it names a
+    sub-command, only that sub-command is built: the others cannot take part in parsing such a
+    command line, and building all fourteen (with their help formatters) was a few milliseconds
+    of every command (bench/README.md, "Start-up"). Otherwise (``procd``, ``procd --help``, a
+    misspelt command) all of them, in the order the help lists them."""
     import argparse
 
     from procd import __version__
-    from procd.log import LEVELS
-    from procd.ops import control
 
-    parser = argparse.ArgumentParser(
+    class Formatter(argparse.HelpFormatter):
+        """argparse's own, told the terminal's width: argparse would ask ``shutil``, importing it
+        (with bz2, lzma and zlib) into every command for one call per argument."""
+
+        def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None):
+            width = _terminal_columns() - 2 if width is None else width
+            super().__init__(prog, indent_increment, max_help_position, width)
+
+    class Parser(argparse.ArgumentParser):
+        """Every parser, the sub-commands' too (argparse makes them of the parent's class)."""
+
+        def __init__(self, **options: Any) -> None:
+            super().__init__(formatter_class=Formatter, **options)
+
+    parser = Parser(
         prog="procd",
         description="Run a declarative TOML pipeline of supervised process groups.",
         epilog="exit codes: 0 finished, 1 runtime failure, 2 usage error, 78 configuration error",
     )
     parser.add_argument("--version", action="version", version=f"procd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    if command in _SUBCOMMANDS:
+        _SUBCOMMANDS[command](commands)
+    elif command in _VERBS:
+        _add_verbs(commands, command)
+    else:
+        for name, add in _SUBCOMMANDS.items():
+            add(commands)
+            if name == "run":  # the control verbs follow run in the help
+                _add_verbs(commands)
+    return parser
 
+
+def _terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns``, as it finds them: ``$COLUMNS``, else the width of
+    the terminal on standard output, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+def _add_run(commands: _Commands) -> None:
     run = commands.add_parser("run", help="run a pipeline until it finishes or is stopped")
     run.add_argument("file", metavar="FILE")
     run.add_argument("--log-file", metavar="PATH", help="also append every record to PATH")
@@ -59,15 +102,27 @@ def _parser() -> argparse.ArgumentParser:
         help="run only these stages on this host (every host runs the same file; the queues between hosts are redis)",
     )
 
-    for command in control.COMMANDS.values():  # status, stop, reload, scale: one request each
-        if command.verb:
+
+def _add_verbs(commands: _Commands, only: str | None = None) -> None:
+    """The verbs of the control command table (status, stop, reload, scale: one request each);
+    with ``only``, that one."""
+    from procd.ops import control
+
+    for command in control.COMMANDS.values():
+        if command.verb and only in (None, command.name):
             verb = commands.add_parser(command.name, help=command.summary)
             _VERBS[command.name].arguments(verb)
             verb.add_argument("--control", metavar="PATH", help="the control socket (default: found by name)")
 
+
+def _add_top(commands: _Commands) -> None:
     top = commands.add_parser("top", help="a live view of a running pipeline (q quits)")
     top.add_argument("pipeline", metavar="PIPELINE", nargs="?")
     top.add_argument("--control", metavar="PATH")
+
+
+def _add_logs(commands: _Commands) -> None:
+    from procd.log import LEVELS
 
     logs = commands.add_parser("logs", help="read procd's records from a log file or standard input")
     logs.add_argument("file", metavar="FILE", nargs="?", default="-", help="a --log-file, or - for stdin (default)")
@@ -83,6 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--summary", action="store_true", help="per stage: spawns, exits, restarts, items")
     logs.add_argument("--timeline", metavar="STAGE[INDEX]", help="one worker slot, generation by generation")
 
+
+def _add_dlq(commands: _Commands) -> None:
     dlq = commands.add_parser("dlq", help="dead-letter files: list them, replay them")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
     dlq_list = dlq_commands.add_parser("list", help="show the records of a dead-letter file")
@@ -99,66 +156,40 @@ def _parser() -> argparse.ArgumentParser:
     dlq_replay.add_argument("--name", metavar="PIPELINE", help="the running pipeline (default: the only one)")
     dlq_replay.add_argument("--control", metavar="PATH")
 
+
+def _add_check(commands: _Commands) -> None:
     check = commands.add_parser("check", help="validate pipeline files (exit 0 or 78)")
     check.add_argument("files", metavar="FILE", nargs="+")
 
-    build = commands.add_parser("build", help="build and install a pipeline's packages into its environment")
-    build.add_argument("file", metavar="FILE")
 
-    graph = commands.add_parser("graph", help="print the stage graph in Graphviz DOT")
-    graph.add_argument("file", metavar="FILE")
+def _add_file_command(name: str, summary: str) -> Callable[[_Commands], None]:
+    def add(commands: _Commands) -> None:
+        commands.add_parser(name, help=summary).add_argument("file", metavar="FILE")
 
-    show = commands.add_parser("show", help="print the effective pipeline, every default filled in")
-    show.add_argument("file", metavar="FILE")
+    return add
 
+
+def _add_init(commands: _Commands) -> None:
     init = commands.add_parser("init", help="write a commented starter pipeline and its stage module")
     init.add_argument("name", metavar="NAME")
     init.add_argument("--dir", default=".", help="where to write the files (default: here)")
-    return parser
 
 
-def _load(file: str, *, imports: bool, apart: bool = False) -> config.PipelineSpec:
-    """Load and validate; with ``imports``, also import every function stage's code (in a
-    forked child with ``apart``, so that this process stays free of user modules)."""
-    from procd import callables, config
-
-    if not imports:
-        return config.load_pipeline(file)
-    return callables.load_or_raise(file, apart=apart)
-
-
-def _report(error: ConfigError) -> int:
-    _say(*error.lines())
+def report_invalid(error: ConfigError) -> int:
+    """Print every problem of an invalid pipeline file; return the exit code for it (78)."""
+    say(*error.lines())
     return EXIT_CONFIG
 
 
-def _prepare(file: str) -> tuple[config.PipelineSpec, Environment | None]:
-    """Load and validate, build the pipeline's environment if it has one (reusing it when nothing
-    changed), and import every function stage's code: in the environment's interpreter, or in a
-    forked child, so that this process stays free of user modules.
-
-    Raises:
-        ConfigError: the file is invalid, or stage code cannot be imported.
-        BuildError: the environment cannot be built.
-    """
-    from procd.errors import ConfigError
-    from procd.launch import environment
-
-    spec, env, problems = environment.load_and_check(file, apart=True, reuse=True)
-    if problems:
-        if env is not None:
-            env.release()
-        raise ConfigError(file, problems)
-    return spec, env
-
-
-def _report_build(error: BuildError, command: str) -> int:
+def report_build(error: BuildError, command: str) -> int:
+    """Print why ``command`` could not build the environment, with the build's last lines; return
+    the exit code for it (1)."""
     tail = ["the last lines of its output:", *(f"    {line}" for line in error.tail.splitlines())]
-    _say(f"procd {command}: {error}", *(tail if error.tail else []))
+    say(f"procd {command}: {error}", *(tail if error.tail else []))
     return EXIT_FAILURE
 
 
-def _say(*lines: str) -> None:
+def say(*lines: str) -> None:
     """Lines to stderr, for a reader who may have gone (``| head``): the exit code stays true."""
     try:
         for line in lines:
@@ -166,124 +197,6 @@ def _say(*lines: str) -> None:
         sys.stderr.flush()
     except OSError:
         pass
-
-
-def _reserve_standard_fds() -> None:
-    """Open /dev/null on whichever of 0, 1 and 2 is closed (``procd run ... 2>&-``), so that no
-    descriptor procd opens later (the log file, a queue, a pipe to a worker) lands there and
-    receives what is meant for stderr."""
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
-    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
-        if getattr(sys, name) is None:  # Python found it closed at start-up
-            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115
-
-
-def _run(file: str, log_file: str | None, control_path: str | None, stages: str | None = None) -> int:
-    import io
-
-    from procd import config
-    from procd.errors import ConfigError, StoreError
-    from procd.log import open_logger
-    from procd.ops.control import ControlError
-    from procd.ops.notify import Notifier
-    from procd.supervisor.core import Supervisor
-    from procd.transport import Unavailable
-
-    try:
-        spec, problems = config.read_pipeline(file)
-        if not spec.has_environment:  # else its code is checked in its environment, once built
-            spec = _load(file, imports=True, apart=True)  # every problem, the stage code's too
-        elif problems:
-            raise ConfigError(file, problems)
-        if stages is not None:
-            spec, problems = config.select_stages(spec, [n.strip() for n in stages.split(",") if n.strip()])
-            if problems:
-                raise ConfigError(file, problems)
-    except ConfigError as error:
-        if log_file:
-            name = os.path.splitext(os.path.basename(file))[0]
-            log, writer = open_logger(name, log_file=log_file, stream=io.StringIO())
-            log.error("config_invalid", file=file, problems=error.lines())
-            writer.close()
-        return _report(error)
-    try:
-        log, writer = open_logger(spec.name, log_file=log_file)
-    except OSError as exc:
-        _say(f"procd: cannot open the log file {log_file}: {exc.strerror}")
-        return EXIT_USAGE
-    try:
-        env = None
-        notifier = Notifier.from_environ()
-        if spec.has_environment:
-            prepared = _prepare_logged(spec, log, notifier)
-            if prepared is None:
-                return EXIT_FAILURE
-            spec, env = prepared
-        return Supervisor(spec, log, writer, control_path=control_path, notifier=notifier, environment=env).run()
-    except ConfigError as error:
-        log.error("config_invalid", file=file, problems=error.lines())
-        return EXIT_CONFIG
-    except ControlError as exc:
-        log.error("control_unavailable", error=str(exc))
-        return EXIT_FAILURE
-    except StoreError as exc:
-        log.error("queue_unavailable", error=str(exc))
-        return EXIT_FAILURE
-    except Unavailable as exc:  # a shared queue's server refused us (its record says so)
-        log.error("transport_unavailable", error=str(exc), message="nothing was started")
-        return EXIT_FAILURE
-    finally:
-        writer.close()
-
-
-def _prepare_logged(
-    spec: config.PipelineSpec, log: Any, notifier: Notifier
-) -> tuple[config.PipelineSpec, Environment] | None:
-    """Build (or reuse) the pipeline's environment and import its stage code there, with a record
-    of either; None if the build failed (its record names the project and shows the output's tail).
-    While a build runs, the service manager's start timeout is pushed back each second.
-
-    Raises:
-        ConfigError: stage code cannot be imported in the environment.
-    """
-    from procd import callables
-    from procd.errors import ConfigError
-    from procd.launch import environment
-    from procd.launch.environment import BuildError
-
-    def extend_start_timeout() -> None:
-        try:
-            notifier.send(EXTEND_TIMEOUT_USEC=_BUILD_TICK_EXTENSION_USEC, STATUS="building the pipeline's environment")
-        except OSError:
-            pass  # the supervisor reports a service manager that does not listen, once
-
-    try:
-        env = environment.prepare(spec, tick=extend_start_timeout)
-    except BuildError as error:
-        log.error(
-            "environment_build_failed",
-            project=error.project,
-            error=str(error),
-            output_tail=error.tail,
-            message="nothing was started",
-        )
-        return None
-    log.info(
-        "environment_built" if env.built else "environment_reused",
-        path=env.path,
-        projects=[b.project for b in env.projects],
-        seconds=round(env.seconds, 3),
-    )
-    codes = environment.check_stage_code(spec, env, reuse=True, tick=extend_start_timeout)
-    spec, problems = callables.complete(spec, codes, [])
-    if problems:
-        env.release()
-        raise ConfigError(spec.file, problems)
-    return spec, env
 
 
 def _check(files: Sequence[str]) -> int:
@@ -310,7 +223,7 @@ def _check_file(file: str) -> int:
             try:
                 spec, env, problems = environment.load_and_check(file, apart=True)
             except environment.BuildError as error:
-                return _report_build(error, "check")
+                return report_build(error, "check")
             if env is not None:
                 env.release()
         else:
@@ -319,7 +232,7 @@ def _check_file(file: str) -> int:
         if problems:
             raise ConfigError(file, problems)
     except ConfigError as error:
-        return _report(error)
+        return report_invalid(error)
     workers = sum(s.processes for s in spec.stages)
     where = f"; environment {env.path}" if env is not None else ""
     print(f"{file}: ok ({len(spec.stages)} stages, {workers} processes{where})")
@@ -339,7 +252,7 @@ def _build(file: str) -> int:
     try:
         env = environment.prepare(spec, progress=print)
     except BuildError as error:
-        return _report_build(error, "build")
+        return report_build(error, "build")
     env.release()
     how = "built" if env.built else "up to date, reused"
     print(f"environment {env.path}: {how} in {env.seconds:.2f}s; workers run {env.python}")
@@ -476,6 +389,20 @@ _VERBS: dict[str, _Verb] = {
 }
 
 
+# The sub-commands other than the control verbs, in the order the help lists them.
+_SUBCOMMANDS: dict[str, Callable[[_Commands], None]] = {
+    "run": _add_run,
+    "top": _add_top,
+    "logs": _add_logs,
+    "dlq": _add_dlq,
+    "check": _add_check,
+    "build": _add_file_command("build", "build and install a pipeline's packages into its environment"),
+    "graph": _add_file_command("graph", "print the stage graph in Graphviz DOT"),
+    "show": _add_file_command("show", "print the effective pipeline, every default filled in"),
+    "init": _add_init,
+}
+
+
 def _control(args: argparse.Namespace) -> int:
     """A verb of the command table: one request to a running pipeline's control socket."""
     from procd.ops import control
@@ -500,141 +427,6 @@ def _control(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     sys.stdout.write(verb.show(args, reply))
     return EXIT_OK
-
-
-def _dlq_list(file: str, as_json: bool) -> int:
-    import json
-
-    from procd.transport import deadletters
-
-    try:
-        records = list(deadletters.read(file))
-    except OSError as exc:
-        print(f"procd dlq list: cannot read {file}: {exc.strerror}", file=sys.stderr)
-        return EXIT_FAILURE
-    skipped = 0
-    for number, entry in records:
-        if entry is None:
-            skipped += 1
-        elif as_json:
-            print(json.dumps(entry))
-        else:
-            if "item" in entry:
-                item = json.dumps(entry["item"], ensure_ascii=False, separators=(",", ":"))
-            else:
-                item = f"(repr, not JSON) {entry.get('item_repr', '?')}"
-            error = f"{entry.get('error_type')}: {entry.get('error')}"
-            print(
-                f"{number:>5}  {entry.get('ts', '?')}  {entry.get('stage', '?')}  "
-                f"attempts {entry.get('attempts', '?')}  {error}  item {item[:120]}"
-            )
-    good = len(records) - skipped
-    print(
-        f"{good} dead letters" + (f"; {skipped} lines are not dead-letter records (skipped)" if skipped else ""),
-        file=sys.stderr,
-    )
-    return EXIT_OK
-
-
-def _replayable(file: str) -> tuple[list[Any], list[str]]:
-    from procd.transport import deadletters
-
-    items: list[Any] = []
-    refused: list[str] = []
-    for number, entry in deadletters.read(file):
-        if entry is None:
-            refused.append(f"line {number}: not a dead-letter record")
-            continue
-        ok, value = deadletters.item_of(entry)
-        if ok:
-            items.append(value)
-        else:
-            refused.append(f"line {number}: {value}")
-    return items, refused
-
-
-def _dlq_replay(args: argparse.Namespace) -> int:
-    from procd.errors import StoreError
-    from procd.ops import control
-    from procd.ops.control import ControlError
-
-    try:
-        items, refused = _replayable(args.file)
-    except OSError as exc:
-        print(f"procd dlq replay: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
-        return EXIT_FAILURE
-    for reason in refused:
-        print(f"procd dlq replay: skipped {reason}", file=sys.stderr)
-    if args.pipeline:
-        return _replay_fresh(args.pipeline, args.file, args.into)
-    try:
-        path = control.find_socket(args.name, args.control)
-        reply, fds = control.call_fds(path, "attach", stage=args.into)
-        if not reply.get("ok"):
-            print(f"procd dlq replay: {reply.get('error')}", file=sys.stderr)
-            return EXIT_FAILURE
-        from procd import transport
-
-        writer = transport.attached_writer(reply, fds)
-        batch = int(reply["batch"])
-        try:
-            for start in range(0, len(items), batch):
-                writer.send(items[start : start + batch])
-        except (StoreError, OSError) as exc:
-            print(f"procd dlq replay: cannot write into {args.into}: {exc}; nothing more was sent", file=sys.stderr)
-            return EXIT_FAILURE
-        finally:
-            writer.close()
-        control.call(path, "replayed", stage=args.into, items=len(items), file=args.file)
-    except ControlError as exc:
-        print(f"procd dlq replay: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    print(f"replayed {len(items)} items into {args.into}")
-    return EXIT_OK
-
-
-def _replay_fresh(pipeline_file: str, file: str, into: str) -> int:
-    """Run the pipeline from ``into`` down, fed only by the dead-letter file."""
-    import dataclasses
-
-    from procd import config, plan
-    from procd.errors import ConfigError
-    from procd.launch.environment import BuildError
-    from procd.log import open_logger
-    from procd.ops import control
-    from procd.ops.control import ControlError
-    from procd.supervisor.core import Supervisor
-
-    try:
-        spec, env = _prepare(pipeline_file)
-    except ConfigError as error:
-        return _report(error)
-    except BuildError as error:
-        return _report_build(error, "dlq replay")
-    names = [s.name for s in spec.stages]
-    if into not in names:
-        print(f"procd dlq replay: unknown stage {into!r}; stages are {', '.join(names)}", file=sys.stderr)
-        return EXIT_USAGE
-    keep = {into} | {s.name for s in spec.stages if into in plan.upstream_closure(spec, s.name)}
-    source = config.StageSpec(
-        name="dlq-replay", function="procd.transport.deadletters:replay", options={"path": os.path.abspath(file)}
-    )
-    stages = [source] + [
-        dataclasses.replace(s, inputs=("dlq-replay",) if s.name == into else tuple(i for i in s.inputs if i in keep))
-        for s in spec.stages
-        if s.name in keep
-    ]
-    derived = dataclasses.replace(spec, stages=tuple(stages))
-    log, writer = open_logger(derived.name)
-    try:
-        return Supervisor(
-            derived, log, writer, control_path=control.default_path(f"{derived.name}-replay"), environment=env
-        ).run()
-    except ControlError as exc:
-        print(f"procd dlq replay: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    finally:
-        writer.close()
 
 
 def _top(args: argparse.Namespace) -> int:
@@ -663,163 +455,57 @@ def _top(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _logs(args: argparse.Namespace) -> int:
-    import json
-    import re
-    import time
-
-    from procd import events, log  # only this command reads records back
-
-    now = time.time()
-    try:
-        keep = events.Filter(
-            stage=args.stage,
-            worker=args.worker,
-            events=frozenset(e.strip() for group in args.event for e in group.split(",") if e.strip()),
-            level=args.level,
-            pid=args.pid,
-            since=events.parse_when(args.since, now) if args.since else None,
-            until=events.parse_when(args.until, now) if args.until else None,
-        )
-    except ValueError as exc:
-        print(f"procd logs: --since/--until take a duration (10m) or an ISO time: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    timeline = None
-    if args.timeline:
-        match = re.fullmatch(r"([a-z][a-z0-9_-]*)\[(\d+)\]", args.timeline)
-        if not match:
-            print(
-                f"procd logs: --timeline takes STAGE[INDEX], such as transform[2], got {args.timeline!r}",
-                file=sys.stderr,
-            )
-            return EXIT_USAGE
-        timeline = (match.group(1), int(match.group(2)))
-    try:
-        source = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8", errors="replace")  # noqa: SIM115
-    except OSError as exc:
-        print(f"procd logs: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
-        return EXIT_FAILURE
-    reader = events.RecordReader()
-    with source:
-        if args.summary or timeline:
-            records = list(reader.records(source))
-            sys.stdout.write(_summary(records) if args.summary else _timeline(records, *timeline))  # type: ignore[misc]
-        else:
-            color = sys.stdout.isatty() and not args.json
-            try:
-                for record in reader.records(_lines(source, args.follow)):
-                    if keep.keeps(record):
-                        print(json.dumps(record) if args.json else log.render(record, color=color), flush=args.follow)
-            except KeyboardInterrupt:
-                pass
-    if reader.skipped:
-        print(f"procd logs: {reader.skipped} lines were not procd records (skipped)", file=sys.stderr)
-    return EXIT_OK
-
-
-def _lines(source: Any, follow: bool) -> Iterator[str]:
-    """Every complete line; with ``follow``, wait for more (a half-written line is held back)."""
-    partial = ""
-    while True:
-        line = source.readline()
-        if line.endswith("\n"):
-            yield partial + line
-            partial = ""
-        elif line:
-            partial += line
-        elif not follow:
-            if partial:
-                yield partial
-            return
-        else:
-            import time
-
-            time.sleep(0.2)
-
-
-def _summary(records: list[dict[str, Any]]) -> str:
-    from procd import events
-
-    rows = [("STAGE", "SPAWNS", "RESTARTS", "EXITS", "REDELIVERED", "DEAD_LETTERS", "IN", "OUT", "FIRST", "LAST")]
-    summaries = events.summarize(records)
-    unexited = sum(max(0, s.spawns - sum(s.exits.values())) for s in summaries.values())
-    for name, s in summaries.items():
-        exits = ", ".join(f"{cause}: {n}" for cause, n in sorted(s.exits.items())) or "-"
-        rows.append(
-            (
-                name,
-                str(s.spawns),
-                str(s.restarts),
-                exits,
-                str(s.redelivered),
-                str(s.dead_letters),
-                str(s.items_in),
-                str(s.items_out),
-                s.first,
-                s.last,
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    table = "".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in rows)
-    if unexited:  # counts reach the log when a worker exits
-        table += (
-            f"IN and OUT count only workers that have exited: {unexited} have no exit record yet "
-            "(still running, or the log ends early); procd status shows their latest counts.\n"
-        )
-    return table
-
-
-def _timeline(records: list[dict[str, Any]], stage: str, worker: int) -> str:
-    from procd import events
-
-    lines = [f"{stage}[{worker}]"]
-    for g in events.timeline(records, stage, worker):
-        ended = f"ended {g.ended} with {g.how} after {g.runtime_s}s" if g.ended else "still running"
-        verdict = "" if g.expected is None else (" (expected)" if g.expected else f" (failure: {g.cause})")
-        lines.append(f"  generation {g.generation}  pid {g.pid}  spawned {g.spawned}  {ended}{verdict}")
-        lines += [f"    {note}" for note in g.notes]
-    if len(lines) == 1:
-        lines.append("  no records for this worker slot")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``procd`` command; return its exit code."""
-    if (sys.argv[1:] if argv is None else list(argv)) == ["--version"]:  # the answer needs no parser
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words == ["--version"]:  # the answer needs no parser
         from procd import __version__
 
         print(f"procd {__version__}")
         return EXIT_OK
+    command = words[0] if words and not words[0].startswith("-") else None
+    # ``dataclasses`` imports ``inspect`` (12 ms) only for a class without a docstring: what
+    # reads it runs it on first use (the stage-code check, in its child; a worker whose producer
+    # is not a plain function, ``callables.accepts``).
+    from procd.deferred import defer
+
+    defer("inspect")
     from procd import signals
     from procd.errors import ConfigError
 
-    args = _parser().parse_args(argv)
+    args = _parser(command).parse_args(words)
     if not (args.command == "run" or (args.command == "dlq" and args.dlq_command == "replay" and args.pipeline)):
         signals.release_held()  # no supervisor here to take them over
     if args.command == "run":
         # A daemon that loses its terminal goes on: every record still reaches the log file (or
         # the journal), and the exit code is the pipeline's own. Nothing here ends on EPIPE.
-        _reserve_standard_fds()
+        from procd.cli import running
+
+        running.reserve_standard_fds()
         try:
-            return _run(args.file, args.log_file, args.control, args.stages)
+            return running.run(args.file, args.log_file, args.control, args.stages)
         except ConfigError as error:
-            return _report(error)
+            return report_invalid(error)
     try:
         if args.command in _VERBS:
             return _control(args)
         if args.command == "top":
             return _top(args)
-        if args.command == "logs":
-            return _logs(args)
-        if args.command == "dlq":
-            return _dlq_list(args.file, args.json) if args.dlq_command == "list" else _dlq_replay(args)
+        if args.command in ("logs", "dlq"):
+            from procd.cli import records  # reading records and dead letters back
+
+            if args.command == "logs":
+                return records.logs(args)
+            return records.dlq_list(args.file, args.json) if args.dlq_command == "list" else records.dlq_replay(args)
         if args.command == "check":
             return _check(args.files)
         if args.command == "init":
             return _init(args.name, args.dir)
         if args.command == "build":
             return _build(args.file)
-        spec = _load(args.file, imports=False)
+        from procd import config
+
+        spec = config.load_pipeline(args.file)
         if args.command == "graph":
             from procd import plan
 
@@ -827,12 +513,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             import tomli_w  # only `show` writes TOML
 
-            from procd import config
-
             sys.stdout.write(tomli_w.dumps(config.as_document(spec)))
         return EXIT_OK
     except ConfigError as error:
-        return _report(error)
+        return report_invalid(error)
     except BrokenPipeError:
         return EXIT_OK
 

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING
 
 from procd import plan, procctl, reaper, signals
 from procd.config import PipelineSpec
-from procd.launch.environment import Environment
 from procd.launch.forkserver import ForkServer
 from procd.lifecycle import (
     BackoffElapsed,
@@ -53,9 +52,13 @@ from procd.supervisor.wiring import Wiring
 from procd.supervisor.workerio import WorkerPipes
 
 # Annotations only: importing structlog's typing module would load all of structlog, asyncio
-# included, before log.open_logger can defer it.
+# included, before log.open_logger can defer it; the environment builder (with hashlib and
+# libcrypto) is imported where a pipeline with packages or a reload uses it (bench/README.md,
+# "Start-up").
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
+
+    from procd.launch.environment import Environment
 
 _LINE_LIMIT = 4096
 

@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 from procd import plan, reaper, reports, transport
 from procd.config import PipelineSpec
 from procd.context import Output
-from procd.launch.environment import Environment
 from procd.launch.forkserver import ForkServer
 from procd.launch.spawn import start_forkserver
 from procd.lifecycle import (
@@ -75,6 +74,7 @@ from procd.supervisor.workerio import WorkerPipes
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
+    from procd.launch.environment import Environment  # imported where a build needs it
     from procd.supervisor.groups import StageGroups
     from procd.supervisor.loop import Timers
     from procd.supervisor.operations import Operations

@@ -20,15 +20,18 @@ from typing import TYPE_CHECKING, Any
 from procd import config, plan, reaper, transport
 from procd.config import PipelineSpec
 from procd.errors import ConfigError, Problem, StoreError
-from procd.launch import environment, reloadcheck
-from procd.launch.environment import BuildError, Environment
 from procd.lifecycle import Exited, Leave, RetireRequested
 from procd.ops import control
 from procd.supervisor import loop
 from procd.supervisor.slots import TERMINAL, WorkerSlot
 from procd.transport import Input
 
+# The environment builder and the reload check (with hashlib and libcrypto, subprocess) are
+# imported where a reload uses them, not into every supervisor and the workers forked from it
+# (bench/README.md, "Start-up").
 if TYPE_CHECKING:
+    from procd.launch import reloadcheck
+    from procd.launch.environment import BuildError, Environment
     from procd.supervisor.core import Supervisor
 
 
@@ -85,6 +88,8 @@ class Reloader:
         if problems and new.has_environment:  # a file with problems builds nothing
             return self._reloaded(self._invalid(ConfigError(sup.spec.file, problems)))
         timeout_s = sup.spec.reload_timeout_s
+        from procd.launch import reloadcheck
+
         try:
             # the child's own waits are longer: the loop's deadline is what ends a check
             check = reloadcheck.start(new, problems, f"procd: {sup.spec.name} reload check", 2 * timeout_s + 1)
@@ -187,6 +192,9 @@ class Reloader:
             return self._invalid(ConfigError(sup.spec.file, problems))
         new_env = None
         if outcome.prepared is not None:
+            from procd.launch import environment
+            from procd.launch.environment import BuildError
+
             try:
                 # complete since the check prepared it: this takes this process's claim on it
                 new_env = environment.prepare(new, tick=sup.operations.ping_while_blocked)
@@ -290,6 +298,8 @@ class Reloader:
         for env in [e for e in self.retired_envs if id(e) not in in_use]:
             self.retired_envs.remove(env)
             env.release()
+            from procd.launch import environment
+
             keep = sup.environment.key if sup.environment is not None else ""
             for path in environment.remove_unused(sup.spec, keep=keep):
                 sup.log.info("environment_removed", path=path)

@@ -147,6 +147,9 @@ class WorkerPipes:
         while len(rest) > LINE_LIMIT:  # a line without an end must not grow for ever: cut it
             lines.append(rest[:LINE_LIMIT])
             rest = rest[LINE_LIMIT:]
+        if not report and any(len(line) > LINE_LIMIT for line in lines):
+            # cut a whole long line too, so that how it was read never changes the records
+            lines = [line[at : at + LINE_LIMIT] for line in lines for at in range(0, len(line) or 1, LINE_LIMIT)]
         if eof and rest:
             lines.append(rest)
             rest = b""

@@ -93,6 +93,9 @@ def make_spill_dir(stage: str) -> str:
 
 @dataclass(frozen=True)
 class LocalEndpoint(Endpoint):
+    """A worker's view of a local input: the socket pair's two ends, the eventfd of free slots,
+    and the input's spill directory."""
+
     write_fd: int
     read_fd: int
     slots_fd: int
@@ -117,6 +120,9 @@ def _attach_fields(endpoint: LocalEndpoint, backend: str) -> dict[str, Any]:
 
 @dataclass(eq=False)
 class LocalInput(Input):
+    """The supervisor's side of a local input: its descriptors, and whether it still holds the
+    writing end (end of stream is its closing)."""
+
     fds: LocalEndpoint = field(default=LocalEndpoint(-1, -1, -1, ""))
     writing: bool = True  # the supervisor still holds the writing end
     write_inode: int = 0  # the writing end's socket, as /proc shows it: socket:[inode]
