@@ -41,7 +41,7 @@ def _label(value: str) -> str:
 
 
 def render(status: dict[str, Any]) -> str:
-    """The exposition of one ``Supervisor.status()`` reply."""
+    """The exposition of one ``status()`` reply (``supervisor.operations``)."""
     pipeline = _label(status["pipeline"])
     lines = [
         "# HELP procd_up 1 while the supervisor runs.",
