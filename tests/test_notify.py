@@ -3,6 +3,7 @@ message and the pid that sent it."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -191,4 +192,22 @@ def test_messages_the_queue_has_no_room_for_are_kept_in_order_and_sent_once_it_h
         {"READY": "1", "STATUS": "ready"},
         {"STATUS": "later"},
     ]
+    notifier.close()
+
+
+def test_a_refused_message_does_not_hold_back_those_after_it(ws: Workspace) -> None:
+    receiver = Receiver(ws.path / "notify.sock")
+    notifier = Notifier(str(ws.path / "notify.sock"), None)
+    while not notifier.pending:  # fill the queue, so that the next messages are kept
+        notifier.send(STATUS="filling")
+    notifier.send(READY=1)
+    receiver.drain()
+    receiver.sock.close()
+    (ws.path / "notify.sock").unlink()  # the service manager is gone: the first kept one is refused
+    with contextlib.suppress(OSError):
+        notifier.flush()
+    assert notifier.pending == [{"READY": 1}]  # the refused one went; the next keeps its turn
+    receiver = Receiver(ws.path / "notify.sock")  # and is sent once there is someone to take it
+    assert notifier.flush() and notifier.pending == []
+    assert [fields for _pid, fields in receiver.drain()] == [{"READY": "1"}]
     notifier.close()

@@ -84,6 +84,9 @@ class Notifier:
                 self._sock.sendto(message.encode(), self.address)
             except BlockingIOError:
                 return False
+            except OSError:
+                del self.pending[0]  # refused: the messages behind it still get their turn
+                raise
             del self.pending[0]
         return True
 

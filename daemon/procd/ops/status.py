@@ -19,13 +19,15 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from procd import plan, transport
 from procd.config import PipelineSpec
 from procd.lifecycle import State
-from procd.supervisor.slots import WorkerSlot
 from procd.transport import Input
+
+if TYPE_CHECKING:
+    from procd.supervisor.slots import WorkerSlot  # annotations only: ops never runs supervisor code
 
 _ENDED = (State.EXITED, State.FATAL)
 

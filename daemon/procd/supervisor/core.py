@@ -60,7 +60,6 @@ if TYPE_CHECKING:
 
     from procd.launch.environment import Environment
 
-_LINE_LIMIT = 4096
 
 TimerKey = tuple[WorkerSlot, Timer]
 
@@ -172,8 +171,6 @@ class Supervisor:
         if self.forkserver is not None:
             self.forkserver.close()  # it exits when its socket closes; the reaper collects it
             self.forkserver = None
-
-    # -- worker slots: the driver (supervisor.driver) and their pipes (supervisor.workerio) -----------
 
     # -- inputs from the kernel and the children ---------------------------------------------------
 

@@ -127,15 +127,13 @@ class Operations:
     def _flush_notify(self, final: bool = False) -> None:
         """Send the kept messages; at the end, wait a little for room (STOPPING=1 is among them),
         then let the rest go."""
-        give_up_at = self.sup.clock() + NOTIFY_FINAL_WAIT_S
+        give_up_at = time.monotonic() + NOTIFY_FINAL_WAIT_S  # real time: it sleeps for real
         while True:
             try:
-                if self.notifier.flush() or not final or self.sup.clock() >= give_up_at:
+                if self.notifier.flush() or not final or time.monotonic() >= give_up_at:
                     break
             except OSError as exc:
                 self._notify_failed(exc)
-                self.notifier.pending.clear()
-                break
             time.sleep(NOTIFY_RETRY_S)  # procd is ending: nothing else waits on the loop
         if not final:
             self._retry_kept()
