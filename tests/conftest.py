@@ -38,6 +38,15 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         time.sleep(interval)
 
 
+def parent_of(pid: int) -> int | None:
+    """The parent pid of ``pid`` (from /proc), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def processes_titled(prefix: str) -> dict[int, str]:
     """pid -> title of every live (non-zombie) process whose /proc cmdline starts with ``prefix``."""
     found = {}

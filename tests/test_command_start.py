@@ -7,7 +7,7 @@ import os
 import signal
 from pathlib import Path
 
-from conftest import Workspace, processes_titled, reaped, wait_until
+from conftest import Workspace, parent_of, processes_titled, reaped, wait_until
 
 
 def _programs(bridge: int) -> list[int]:
@@ -39,18 +39,10 @@ def _bridge(ws: Workspace) -> int:
 
     def one() -> int | None:
         titled = {int(pid) for pid in processes_titled(f"procd: {ws.name}/work[0]")}
-        bridges = [pid for pid in titled if _parent(pid) not in titled]
+        bridges = [pid for pid in titled if parent_of(pid) not in titled]
         return bridges[0] if len(bridges) == 1 else None
 
     return int(wait_until(one, timeout=10))
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return int(fh.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def test_program_has_default_signals_and_no_procd_descriptor(ws: Workspace) -> None:

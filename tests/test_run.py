@@ -8,11 +8,10 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import Workspace, parse_records, processes_titled, wait_until
+from conftest import Workspace, parent_of, parse_records, processes_titled, wait_until
 from procd import config
 
 PY = sys.executable
@@ -514,19 +513,15 @@ def test_forkserver_workers_are_the_supervisor_s_children(ws: Workspace) -> None
     )
     proc, logfile = _start_and_wait_ready(ws)
     try:
-
-        def parent(pid: int) -> int:
-            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
         titles = processes_titled(f"procd: {ws.name}")
         (server,) = [pid for pid, title in titles.items() if title == f"procd: {ws.name} forkserver"]
         workers = [pid for pid, title in titles.items() if "/" in title]
         assert len(workers) == 3
-        assert all(parent(pid) == proc.pid for pid in workers)  # re-parented to the supervisor
-        assert parent(server) == proc.pid
+        assert all(parent_of(pid) == proc.pid for pid in workers)  # re-parented to the supervisor
+        assert parent_of(server) == proc.pid
         os.kill(workers[0], signal.SIGKILL)
         wait_until(lambda: len([p for p, t in processes_titled(f"procd: {ws.name}/").items() if p != workers[0]]) == 3)
-        assert all(parent(pid) == proc.pid for pid in processes_titled(f"procd: {ws.name}/"))
+        assert all(parent_of(pid) == proc.pid for pid in processes_titled(f"procd: {ws.name}/"))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
