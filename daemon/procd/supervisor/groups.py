@@ -112,8 +112,6 @@ class StageGroups:
         )
         for slot in retiring:
             sup.driver.feed(slot, RetireRequested())
-            if slot.state in TERMINAL:  # it had no process (waiting to restart, or to start)
-                sup.driver.remove(slot)
         waiting = self.start_paced(started)
         return {
             "ok": True,

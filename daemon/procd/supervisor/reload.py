@@ -269,8 +269,6 @@ class Reloader:
                 sup.driver.feed(slot, RetireRequested(Leave.AT_END))  # its queue is going: read it to the end
             else:
                 sup.driver.feed(slot, RetireRequested())  # its queue stays: the new readers go on
-            if slot.state in TERMINAL:
-                sup.driver.remove(slot)
         sup.groups.start_paced(list(reversed(arriving)))
         return leaving, arriving
 
