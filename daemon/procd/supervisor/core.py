@@ -167,7 +167,8 @@ class Supervisor:
         slot, timer = key
         self.driver.feed(slot, StopTimedOut() if timer is Timer.KILL else BackoffElapsed())
 
-    def _close_forkserver(self) -> None:
+    def close_forkserver(self) -> None:
+        """Let the fork server go (a reload to another interpreter; the next spawn starts another)."""
         if self.forkserver is not None:
             self.forkserver.close()  # it exits when its socket closes; the reaper collects it
             self.forkserver = None

@@ -9,7 +9,8 @@ and restart timers of a slot, held batches (queue capacity given back, a batch n
 redelivery or abandoned), a rest_for_one group's stop and its start once every member has ended,
 a retired slot's removal, and a failure that stops the pipeline; the records of all that
 (``worker_spawned``, ``spawn_failed``, ``worker_exited``, ``worker_backoff``, ``stop_escalated``,
-``item_redelivered``, ``batch_abandoned``, ``group_restart``, ``stage_fatal``), and the reports
+``item_redelivered``, ``batch_abandoned``, ``group_restart``, ``stage_fatal``, ``worker_error``,
+``item_dead_lettered``, ``orphan_reaped``, ``forkserver_started``), and the reports
 that matter to a slot (ready, error, a program that cannot be executed).
 
 Never touches: a decision (whether an exit is a failure, a restart, backoff or fatal, a regroup,

@@ -207,7 +207,7 @@ class Reloader:
         diff = plan.reload_plan(sup.spec, new, sup.groups.finished, rebuilt)
         if switching:
             sup.environment = new_env  # the workers started from now on run in it
-            sup._close_forkserver()  # it forks from the old interpreter; the next spawn starts another
+            sup.close_forkserver()  # it forks from the old interpreter; the next spawn starts another
         try:
             self.apply(new, diff)
         except StoreError as exc:
