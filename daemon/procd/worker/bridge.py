@@ -148,6 +148,7 @@ def run_command(ctx: WorkerContext, reporter: Reporter) -> int:
     collector.run()
     ticker.stop()
     status = reaper.wait_for(pid)
+    collector.finish(ended_by_itself=status.signal is None)
     if feeder is not None:
         feeder.program_ended.set()
         # a line of a redelivered batch that the program never read is not charged with its
@@ -213,11 +214,16 @@ class _Collector:
                     outlet.extend(_parse_lines(lines))
                 if not _unread(self.fd):
                     outlet.flush()
+
+    def finish(self, *, ended_by_itself: bool) -> None:
+        """The program has ended: a last line without an end is an item only if it ended by
+        itself; one a signal cut short is part of a batch its successor gets whole. Until this,
+        an unfinished line keeps ``drained`` false, so no batch is handed on before it."""
         with self.lock:
-            if self.partial:
-                outlet.add(_parse_line(self.partial))
-                self.partial = b""
-            outlet.flush()
+            if self.partial and ended_by_itself:
+                self.outlet.add(_parse_line(self.partial))
+            self.partial = b""
+            self.outlet.flush()
             self.closed = True
             os.close(self.fd)
 
