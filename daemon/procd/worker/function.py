@@ -9,6 +9,7 @@ import json
 import operator
 import os
 import signal
+import time
 import traceback
 import types
 from collections.abc import Callable, Mapping
@@ -127,6 +128,19 @@ class Checkpoint:
 def _produce(
     target: Any, instance: Any, options: dict[str, Any], outlet: Outlet, ticker: Ticker, reporter: Reporter
 ) -> int:
+    """Run a producer's generator, sending its items in batches, until it ends (or SIGTERM).
+
+    Discussion (adaptive batching, as Nagle's algorithm and Kafka's ``linger.ms``). A batch's
+    first item is taken alone and the clock read once: if nothing was sent for ``linger``
+    (``Outlet.sent_at``), the producer is slow and the item goes at once, from this thread; a
+    slow producer's items go one by one with no added wait and no hand-off to the ticker.
+    Otherwise a batch is being made: the rest come in one C-level ``extend`` and go when the
+    batch is full, or ``linger`` after its first item by the ticker. A fast producer so still
+    sends whole batches, with at most one extra send per ``linger`` (a lone first item after a
+    pause). The contract stays "a part-filled batch is sent at the latest ``linger`` after its
+    first item"; ``linger = 0s`` keeps its meaning (the ticker sends at once whatever is
+    pending) and never takes this path, which would make every batch a single item.
+    """
     stopping = False
     in_user_code = False
 
@@ -141,16 +155,22 @@ def _produce(
     pending = outlet.pending
     largest = outlet.largest
     first_item = ticker.first_item.set
+    linger_s = ticker.linger_s
+    clock = time.monotonic
     try:
         in_user_code = True
         source = instance if instance is not None else target(**options)
         items = iter(source if source is not None else ())
         in_user_code = False
-        # The hot loop of every producer, once per batch: a full batch is sent here, a
-        # part-filled one by the ticker thread ``linger`` after the event (see ``Ticker``).
+        # The hot loop of every producer, once per batch: a full batch is sent here, so is the
+        # first item of a slow producer's (nothing sent for linger); any other part-filled one
+        # by the ticker thread ``linger`` after the event (see ``Ticker``).
         while not stopping:
-            if pending:
-                first_item()  # what a chunk the ticker ended left behind waits no longer than linger
+            if pending:  # what a chunk the ticker ended left behind (its last item came late)
+                if linger_s and clock() - outlet.sent_at >= linger_s:
+                    outlet.flush()
+                else:
+                    first_item()  # it waits no longer than linger
             in_user_code = True  # from here a SIGTERM raises _StopProducing; before, it is seen here:
             if stopping:
                 break
@@ -159,6 +179,9 @@ def _produce(
             if item is _END:
                 break
             pending.append(item)
+            if linger_s and clock() - outlet.sent_at >= linger_s:
+                outlet.flush()  # a slow producer: nothing sent for linger, so no batch is being made
+                continue
             permits = ticker.permits(largest - len(pending))
             first_item()
             in_user_code = True

@@ -50,6 +50,7 @@ class Outlet:
         self.sources: list[tuple[int, Any]] = []  # (offset in pending, input item) per attempt
         self.largest = max((o.batch for o in outputs), default=4096)
         self.sent = 0
+        self.sent_at = -math.inf  # time.monotonic() at the end of the last send (a producer's pace)
         self.lock = threading.Lock()
         self._unsendable = unsendable
 
@@ -97,6 +98,7 @@ class Outlet:
             self.sent += len(pending)
             for writer, count, payload in messages:
                 writer.send_encoded(count, payload)
+            self.sent_at = time.monotonic()
 
     def _encode(
         self, pending: list[Any], sources: list[tuple[int, Any]]
@@ -154,6 +156,9 @@ class Ticker:
     """A worker's second thread: reports its counts at least once a second while they change,
     and, in a producer, sends a part-filled batch ``linger_s`` (the stage's ``linger``) after its
     first item, whatever the generator is doing (it may block for minutes before its next yield).
+    A producer sends an item that comes when nothing was sent for ``linger_s`` itself, at once
+    (adaptive batching, see ``function._produce``): the ticker sends only the batches of a
+    producer that has sent within the last ``linger_s``.
 
     Discussion. Something other than the next yield must act, or a blocked generator holds its
     items and its counts for ever. A signal (``setitimer``) would interrupt stage code at any
@@ -181,7 +186,7 @@ class Ticker:
         linger_s: float = 0.0,
     ) -> None:
         self._reporter = reporter
-        self._linger_s = linger_s
+        self.linger_s = linger_s
         self._counts = counts
         self._outlet = outlet
         self.first_item = threading.Event()  # set by a producer on a batch's first item
@@ -206,7 +211,7 @@ class Ticker:
             if self.first_item.wait(max(0.0, min(due, flush_at) - time.monotonic())):
                 self.first_item.clear()
                 if outlet is not None and flush_at == math.inf:
-                    flush_at = time.monotonic() + self._linger_s
+                    flush_at = time.monotonic() + self.linger_s
             if self._done:
                 return
             now = time.monotonic()
