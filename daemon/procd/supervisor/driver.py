@@ -335,15 +335,18 @@ class SlotDriver:
     # -- slots leaving, groups, failures -------------------------------------------------------------
 
     def remove(self, slot: WorkerSlot) -> None:
-        """A retired slot leaves for good (once: a second call does nothing)."""
+        """A retired slot leaves for good (once: a second call does nothing). What its slot file
+        still holds, and a kill at the stop's deadline, are told to the stop first: no later
+        process will deliver that batch, and the exit code must count it."""
         host = self.host
         if slot in host.slots:
             host.slots.remove(slot)
         host.ready.discard(slot)
         self.pipes.forget(slot)
         if slot.slot_fd is not None:
+            host.stopper.departed(slot, transport.slot.read(slot.slot_fd))
             os.close(slot.slot_fd)
-            slot.slot_fd = None
+            slot.slot_fd = None  # (a slot that never ran has no file: it held nothing and was not forced)
 
     def _stop_group(self, failed: WorkerSlot) -> None:
         """rest_for_one: the failed stage's other workers and every stage downstream of it stop
