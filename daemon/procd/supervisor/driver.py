@@ -341,6 +341,8 @@ class SlotDriver:
         host = self.host
         if slot in host.slots:
             host.slots.remove(slot)
+        if slot in self.regrouping:  # its group starts again without it (and its stage may be gone)
+            self.regrouping.remove(slot)
         host.ready.discard(slot)
         self.pipes.forget(slot)
         if slot.slot_fd is not None:
