@@ -90,13 +90,13 @@ def test_a_scaled_away_worker_killed_at_the_stop_deadline_counts_as_forced(ws: W
         scaled = _ask(ws, "scale", ws.name, "work=1")
         assert (scaled.code, scaled.stdout) == (0, "work: 1 processes (started [], retiring [1])\n")
         (ws.path / "gate").touch()  # work[0] reads the rest and ends with its input; work[1] never ends
-        wait_until(lambda: [r for r in read_records(log) if r["event"] == "worker_exited" and r["worker"] == 0])
+        wait_until(lambda: [r for r in read_records(log) if r["event"] == "worker_exited" and r["stage"] == "work"])
         proc.send_signal(signal.SIGTERM)
         wait_until(lambda: [r for r in read_records(log) if r["event"] == "stop_requested"])
         proc.send_signal(signal.SIGTERM)  # a second request kills what still runs: the retiring work[1]
         proc.communicate(timeout=30)
     records = read_records(log)
-    (killed,) = [r for r in records if r["event"] == "worker_exited" and r["worker"] == 1]
+    (killed,) = [r for r in records if r["event"] == "worker_exited" and (r["stage"], r["worker"]) == ("work", 1)]
     assert killed["signal"] == "SIGKILL"
     (stopped,) = [r for r in records if r["event"] == "pipeline_stopped"]
     assert (proc.returncode, stopped["exit_code"], stopped["outcome"]) == (1, 1, "failed")
@@ -134,3 +134,33 @@ def test_a_replaced_input_let_go_with_batches_in_it_makes_the_exit_code_1(ws: Wo
     (stopped,) = [r for r in records if r["event"] == "pipeline_stopped"]
     assert stopped["abandoned"]["queued_batches"] == stage["queued_batches"]
     assert (proc.returncode, stopped["exit_code"], stopped["outcome"]) == (1, 1, "failed")
+
+
+def test_a_batch_kept_for_a_restart_that_a_scale_down_cancels_is_said_abandoned(ws: Workspace) -> None:
+    # work[1] crashes holding its batch and waits an hour to start again: scaled away meanwhile,
+    # its slot leaves with that batch, which no process will deliver
+    ws.write(
+        "st.py",
+        STAGES + "\ndef second_crashes(n):\n    if '[1]' in open('/proc/self/cmdline').read():\n"
+        "        os._exit(1)\n    gated(n)\n",
+    )
+    ws.pipeline(
+        '[pipeline]\nname = "{name}"\n'
+        '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 20 }\n'
+        '[stages.work]\nfunction = "st:second_crashes"\ninputs = ["numbers"]\nprocesses = 2\nqueue = { batch = 4 }\n'
+        'restart = { policy = "on-failure", backoff = "1h" }\n'
+    )
+    log = ws.path / "log.jsonl"
+    with reaped(ws.start("run", f"{ws.name}.toml", "--log-file", "log.jsonl")) as proc:
+        (kept,) = wait_until(lambda: [r for r in read_records(log) if r["event"] == "item_redelivered"])
+        assert (kept["worker"], kept["items"]) == (1, 4)
+        scaled = _ask(ws, "scale", ws.name, "work=1")
+        assert (scaled.code, scaled.stdout) == (0, "work: 1 processes (started [], retiring [1])\n")
+        (ws.path / "gate").touch()
+        proc.communicate(timeout=30)
+    assert len(_delivered(ws)) == 16
+    records = read_records(log)
+    (abandoned,) = [r for r in records if r["event"] == "batch_abandoned"]
+    assert (abandoned["worker"], abandoned["items"]) == (1, 4)
+    (stopped,) = [r for r in records if r["event"] == "pipeline_stopped"]
+    assert (proc.returncode, stopped["outcome"], stopped["abandoned"]["in_hand_items"]) == (1, "failed", 4)
