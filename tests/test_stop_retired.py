@@ -23,6 +23,12 @@ def gated(n):  # holds its batch until the test opens the gate
     with open("delivered", "a") as fh:
         fh.write(f"{n}\\n")
 
+def second_crashes(n):  # worker 1 dies on every batch it takes; the others wait for the gate
+    with open("/proc/self/cmdline") as fh:
+        if "[1]" in fh.read():
+            os._exit(1)
+    gated(n)
+
 def second_stuck(n):  # worker 1 holds its batch for good (its title ends in [1]); the others wait for the gate
     with open("/proc/self/cmdline") as fh:
         stuck = "[1]" in fh.read()
@@ -139,11 +145,7 @@ def test_a_replaced_input_let_go_with_batches_in_it_makes_the_exit_code_1(ws: Wo
 def test_a_batch_kept_for_a_restart_that_a_scale_down_cancels_is_said_abandoned(ws: Workspace) -> None:
     # work[1] crashes holding its batch and waits an hour to start again: scaled away meanwhile,
     # its slot leaves with that batch, which no process will deliver
-    ws.write(
-        "st.py",
-        STAGES + "\ndef second_crashes(n):\n    if '[1]' in open('/proc/self/cmdline').read():\n"
-        "        os._exit(1)\n    gated(n)\n",
-    )
+    ws.write("st.py", STAGES)
     ws.pipeline(
         '[pipeline]\nname = "{name}"\n'
         '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 20 }\n'
