@@ -153,7 +153,7 @@ class Wiring:
                 queued_items_at_most=queued * channel.spec.batch,
                 message=(
                     f"a retired input of {channel.stage} is closed with {queued} batches (at most "
-                    f"{queued * channel.spec.batch} items) that no reader will read"
+                    f"{queued * channel.spec.batch} items) that no reader here will read"
                 ),
             )
         channel.close()
