@@ -1,7 +1,8 @@
-"""A function producer's batching adapts to its pace (issue 12, the latency row): an item that
-comes when nothing was sent for ``linger`` goes downstream at once, from the producer's own
-thread, however long ``linger`` is; a fast producer still sends whole batches. These tests assert
-what is sent and held, never how fast: the latency itself is bench/latency.py's."""
+"""A function producer's batching adapts to its pace (issue 12, the latency row): once it has
+sent, an item that comes when nothing was sent for ``linger`` goes downstream at once, from the
+producer's own thread, however long ``linger`` is; an item that comes sooner waits, at most
+``linger``, for a batch to fill; a fast producer sends whole batches. These tests assert what is
+sent and what is held; the latency itself is bench/latency.py's."""
 
 from __future__ import annotations
 
@@ -13,8 +14,12 @@ from conftest import Started, Workspace, wait_until
 STAGES = """
 import os, time
 
-def once_then_block():
-    yield 0
+def two_pause_one(pause):
+    '''A whole batch (of 2) at once, then one item after ``pause``, then nothing for an hour.'''
+    yield from range(2)
+    time.sleep(pause)
+    open("yielding", "w").close()
+    yield 2
     time.sleep(3600)
 
 def three_then_block():
@@ -41,6 +46,8 @@ class Gate:
         return item
 """
 
+SINK = '[stages.sink]\nfunction = "st:Record"\ninputs = ["blocked"]\noptions = { path = "got.txt" }\n'
+
 
 def _stages(ws: Workspace) -> dict[str, dict]:
     result = ws.run("status", "--json", "--control", str(ws.control))
@@ -59,44 +66,46 @@ def _stop(proc: Started) -> None:
 
 
 def test_an_item_that_comes_when_nothing_was_sent_for_linger_goes_at_once(ws: Workspace) -> None:
-    """``linger = "10s"``, and the producer has sent nothing yet: its one item reaches the sink
-    while the generator is still blocked, long before a ticker's linger would have sent it."""
+    """``linger = "4s"``: the first two items are a whole batch, sent at once; the third comes
+    4.3 s after that send, so the producer is slow and sends it itself: it reaches the sink while
+    the generator blocks, well before the ticker's linger would have sent it (4 s after it)."""
     ws.write("st.py", STAGES)
     ws.pipeline(
-        '[stages.blocked]\nfunction = "st:once_then_block"\nlinger = "10s"\n'
-        '[stages.sink]\nfunction = "st:Record"\ninputs = ["blocked"]\noptions = { path = "got.txt" }\n'
+        '[stages.blocked]\nfunction = "st:two_pause_one"\noptions = { pause = 4.3 }\nlinger = "4s"\n'
+        + SINK
+        + "queue = { batch = 2 }\n"
     )
     proc = ws.start_ready()
     try:
-        wait_until(lambda: _received(ws) == ["0"], timeout=5)
+        wait_until(lambda: _received(ws) == ["0", "1"], timeout=10)
+        wait_until(lambda: (ws.path / "yielding").exists(), timeout=15)
+        wait_until(lambda: _received(ws) == ["0", "1", "2"], timeout=3)  # the ticker would take 4 s
     finally:
         _stop(proc)
 
 
-def test_items_that_come_soon_after_a_send_wait_for_linger(ws: Workspace) -> None:
-    """``linger = "1m"``: the first item goes at once (nothing was sent before it); the next two
-    come right after that send, so they are a batch in the making: counted, held, and sent by
-    the stop."""
+def test_an_item_that_comes_soon_after_a_send_waits_for_linger(ws: Workspace) -> None:
+    """``linger = "1m"``: the first two items are a whole batch, sent at once; the third comes
+    right after that send, so it begins a batch: counted, held, and sent by the stop."""
     ws.write("st.py", STAGES)
     ws.pipeline(
-        '[stages.blocked]\nfunction = "st:three_then_block"\nlinger = "1m"\n'
-        '[stages.sink]\nfunction = "st:Record"\ninputs = ["blocked"]\noptions = { path = "got.txt" }\n'
+        '[stages.blocked]\nfunction = "st:three_then_block"\nlinger = "1m"\n' + SINK + "queue = { batch = 2 }\n"
     )
     proc = ws.start_ready()
     try:
         wait_until(lambda: _stages(ws).get("blocked", {}).get("items_out") == 3, timeout=10)
-        wait_until(lambda: _received(ws) == ["0"], timeout=10)
-        assert _stages(ws)["sink"]["items_in"] == 1
+        wait_until(lambda: _received(ws) == ["0", "1"], timeout=10)
+        assert _stages(ws)["sink"]["items_in"] == 2
     finally:
         _stop(proc)
     assert _received(ws) == ["0", "1", "2"]
 
 
 def test_a_fast_producer_sends_whole_batches(ws: Workspace) -> None:
-    """1,000 items at once, batches of 100, into a stage that holds its first batch: 11
-    messages, seen as the queue's depth (10 waiting): the first item alone (nothing was sent
-    before it), then nine whole batches, then the last 99 at the generator's end. ``linger =
-    "10s"`` keeps the ticker out of it, so the count does not depend on the machine's load."""
+    """1,000 items at once, batches of 100, into a stage that holds its first batch: ten
+    messages, seen as the queue's depth (nine waiting), none of them split by the adaptive path.
+    ``linger = "10s"`` keeps the ticker out of it, so the count does not depend on the
+    machine's load."""
     ws.write("st.py", STAGES)
     ws.pipeline(
         '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 1000 }\nlinger = "10s"\n'
@@ -109,7 +118,8 @@ def test_a_fast_producer_sends_whole_batches(ws: Workspace) -> None:
         wait_until(lambda: _stages(ws)["gate"]["items_in"] > 0, timeout=10)  # it holds its first batch
         stages = _stages(ws)
         assert stages["numbers"]["items_out"] == 1000
-        assert stages["gate"]["queue"]["depth_batches"] == 10
+        assert stages["gate"]["items_in"] == 100
+        assert stages["gate"]["queue"]["depth_batches"] == 9
     finally:
         (ws.path / "go").touch()
         proc.communicate(timeout=30)
@@ -122,10 +132,7 @@ def test_linger_0s_sends_every_part_filled_batch_at_once(ws: Workspace) -> None:
     (as before adaptive batching), so all three items reach the sink while the generator
     blocks."""
     ws.write("st.py", STAGES)
-    ws.pipeline(
-        '[stages.blocked]\nfunction = "st:three_then_block"\nlinger = "0s"\n'
-        '[stages.sink]\nfunction = "st:Record"\ninputs = ["blocked"]\noptions = { path = "got.txt" }\n'
-    )
+    ws.pipeline('[stages.blocked]\nfunction = "st:three_then_block"\nlinger = "0s"\n' + SINK)
     proc = ws.start_ready()
     try:
         wait_until(lambda: _received(ws) == ["0", "1", "2"], timeout=10)

@@ -1,8 +1,7 @@
 """A producer's items and counts leave it on time whatever its generator does: a part-filled
 batch goes downstream at the latest about a millisecond after its first item (at once from a
-slow producer: tests/test_latency.py has what ``linger`` holds and what it sends at once), and
-counts reach the supervisor at least once a second while they change, even while the generator
-blocks between yields (issue 13 item 5, issue 12)."""
+slow producer: tests/test_latency.py), and counts reach the supervisor at least once a second
+while they change, even while the generator blocks between yields (issue 13 item 5, issue 12)."""
 
 from __future__ import annotations
 
@@ -99,6 +98,25 @@ def test_an_item_yielded_after_a_part_filled_batch_was_sent_is_sent_too(ws: Work
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
     assert proc.returncode == 0
+
+
+def test_linger_is_how_long_a_producer_holds_a_part_filled_batch(ws: Workspace) -> None:
+    """``linger = "1m"``: the three items are counted (reported) but held; a stop sends them."""
+    ws.write("st.py", STAGES)
+    ws.pipeline(
+        '[stages.blocked]\nfunction = "st:three_then_block"\nlinger = "1m"\n'
+        '[stages.sink]\nfunction = "st:Record"\ninputs = ["blocked"]\noptions = { path = "got.txt" }\n'
+    )
+    proc = ws.start_ready()
+    got = ws.path / "got.txt"
+    try:
+        wait_until(lambda: _status(ws).get("blocked", {}).get("items_out") == 3, timeout=10)
+        assert not got.exists() or got.read_text() == ""
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    assert got.read_text().split() == ["0", "1", "2"]
 
 
 def test_a_consumer_in_a_long_batch_reports_its_counts(ws: Workspace) -> None:

@@ -137,9 +137,12 @@ def _produce(
     Otherwise a batch is being made: the rest come in one C-level ``extend`` and go when the
     batch is full, or ``linger`` after its first item by the ticker. A fast producer so still
     sends whole batches, with at most one extra send per ``linger`` (a lone first item after a
-    pause). The contract stays "a part-filled batch is sent at the latest ``linger`` after its
-    first item"; ``linger = 0s`` keeps its meaning (the ticker sends at once whatever is
-    pending) and never takes this path, which would make every batch a single item.
+    pause). The pace is judged from the first send on: the first batch is always made as
+    before (a slow producer's first item waits ``linger`` once; a fast one's first batch is
+    whole, as readers of ``batch`` expect). The contract stays "a part-filled batch is sent at
+    the latest ``linger`` after its first item"; ``linger = 0s`` keeps its meaning (the ticker
+    sends at once whatever is pending) and never takes this path, which would make every batch
+    a single item.
     """
     stopping = False
     in_user_code = False

@@ -50,7 +50,8 @@ class Outlet:
         self.sources: list[tuple[int, Any]] = []  # (offset in pending, input item) per attempt
         self.largest = max((o.batch for o in outputs), default=4096)
         self.sent = 0
-        self.sent_at = -math.inf  # time.monotonic() at the end of the last send (a producer's pace)
+        # time.monotonic() at the end of the last send: a producer's pace, judged once it has sent
+        self.sent_at = math.inf
         self.lock = threading.Lock()
         self._unsendable = unsendable
 
