@@ -291,12 +291,12 @@ class _Attempts:
         for item in items:
             try:
                 result = call(item)
+                if result is None:  # a sink's usual answer: nothing more to look at
+                    continue
                 if result.__class__ is generator:
                     result = _Outputs(result)
             except Exception as exc:
                 self.retry(item, exc)
-                continue
-            if result is None:
                 continue
             if result.__class__ is _Outputs:
                 outlet.hand_on(item, result)
