@@ -73,6 +73,39 @@ def test_status_and_check_import_neither_the_supervisor_nor_structlog(ws: Worksp
     }
 
 
+# Imported by the check child once per stage (each stage afresh): on its second import it notes
+# whether the first stage's check loaded ``hashlib`` (libcrypto) for a code hash.
+HASH_NOTING_STAGES = """
+import os
+import sys
+
+with open(os.path.join(os.path.dirname(__file__), "hashed.txt"), "a") as note:
+    note.write(f"{'_hashlib' in sys.modules}\\n")
+
+
+def numbers():
+    yield 1
+
+
+def drop(item):
+    pass
+"""
+
+
+def test_procd_check_computes_no_code_hash_and_run_does(ws: Workspace) -> None:
+    ws.write("st.py", HASH_NOTING_STAGES)
+    ws.pipeline(
+        '[stages.numbers]\nfunction = "st:numbers"\n[stages.drop]\nfunction = "st:drop"\ninputs = ["numbers"]\n'
+    )
+    code, _modules = _modules_after(["check", f"{ws.name}.toml"], str(ws.path))
+    assert code == 0
+    assert (ws.path / "hashed.txt").read_text().split() == ["False", "False"]
+    (ws.path / "hashed.txt").unlink()
+    result = ws.run("run", f"{ws.name}.toml")  # a reload compares the hashes: run computes them
+    assert result.code == 0, result.stderr
+    assert (ws.path / "hashed.txt").read_text().split()[:2] == ["False", "True"]
+
+
 def test_a_command_builds_its_own_parser_alone_and_the_same_one() -> None:
     from procd import cli
 

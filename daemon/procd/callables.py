@@ -11,10 +11,11 @@ Discussion: what the check reports about each stage besides its problems. ``code
 the source of every module the stage's import loaded from the pipeline's directory (third-party
 packages aside), so that a reload can restart the stages whose code changed: each stage is
 imported with the pipeline's own modules cleared from ``sys.modules`` first, so that a module two
-stages share counts for both. ``shardable`` says the producer accepts a ``shard`` parameter and so
-may run in several processes (each yields its share). ``path_options`` names the options whose
-parameter is annotated ``pathlib.Path``: those, and only those, are paths relative to the pipeline
-file's directory; ``load_and_check`` makes them absolute.
+stages share counts for both (``procd check`` has no use for it and asks for none, ``hashes``:
+``hashlib`` loads libcrypto, 3-4 ms of its check). ``shardable`` says the producer accepts a
+``shard`` parameter and so may run in several processes (each yields its share). ``path_options``
+names the options whose parameter is annotated ``pathlib.Path``: those, and only those, are paths
+relative to the pipeline file's directory; ``load_and_check`` makes them absolute.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import select
 import signal
 import sys
 import time
-import traceback
 import types
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -77,6 +77,8 @@ def _where(exc: BaseException, base_dir: str) -> str:
     """The user's file and line that an import error points to (never importlib's frames)."""
     if isinstance(exc, SyntaxError) and exc.filename:
         return f"{_shown_path(exc.filename, base_dir)}:{exc.lineno}"
+    import traceback  # only a stage whose import failed needs it (with linecache, tokenize: 4 ms)
+
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
     frames = frames[1:]  # the first is resolve's own import_module call
     own = [f for f in frames if os.path.abspath(f.filename).startswith(base_dir + os.sep)]
@@ -344,8 +346,9 @@ def _digest(files: Mapping[str, str], base_dir: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_stage(stage: StageSpec, base_dir: str) -> StageCode:
-    """Check one stage's code; see the module's docstring for what is found."""
+def check_stage(stage: StageSpec, base_dir: str, *, hashes: bool = True) -> StageCode:
+    """Check one stage's code; see the module's docstring for what is found (``code_hash`` only
+    with ``hashes``)."""
     if stage.command is not None:
         try:
             find_program(stage.command[0])
@@ -366,7 +369,7 @@ def check_stage(stage: StageSpec, base_dir: str) -> StageCode:
         target = resolve(stage.function, base_dir)
     except ResolveError as exc:
         return StageCode((Problem(f"stages.{stage.name}.function", str(exc)),))
-    code_hash = _digest(_own_modules(base_dir), base_dir)
+    code_hash = _digest(_own_modules(base_dir), base_dir) if hashes else ""
     problems, paths = _bind_options(stage, target)
     shardable = False
     if stage.is_producer:
@@ -375,20 +378,22 @@ def check_stage(stage: StageSpec, base_dir: str) -> StageCode:
     return StageCode(tuple(problems), code_hash, shardable, paths)
 
 
-def check_callables(spec: PipelineSpec) -> dict[str, StageCode]:
+def check_callables(spec: PipelineSpec, *, hashes: bool = True) -> dict[str, StageCode]:
     """Check every stage's code in this process (``check_callables_apart`` keeps it out)."""
     base_dir = spec.base_dir
     codes = {}
     for stage in spec.stages:
         try:
-            codes[stage.name] = check_stage(stage, base_dir)
+            codes[stage.name] = check_stage(stage, base_dir, hashes=hashes)
         except Exception as exc:  # a signature or annotation that misbehaves in a way not foreseen
             problem = Problem(f"stages.{stage.name}", f"checking the stage failed: {_describe(exc)}")
             codes[stage.name] = StageCode((problem,))
     return codes
 
 
-def check_callables_apart(spec: PipelineSpec, timeout_s: float = IMPORT_TIMEOUT_S) -> dict[str, StageCode]:
+def check_callables_apart(
+    spec: PipelineSpec, timeout_s: float = IMPORT_TIMEOUT_S, *, hashes: bool = True
+) -> dict[str, StageCode]:
     """``check_callables`` in forked children, so that the caller never imports user code.
 
     The supervisor uses this: a module imported in the supervisor would be inherited by every
@@ -398,7 +403,7 @@ def check_callables_apart(spec: PipelineSpec, timeout_s: float = IMPORT_TIMEOUT_
     a problem of the stage being imported; a new child checks the stages after it. The whole
     check takes at most ``timeout_s``; a stage not reached by then is reported as not checked.
     """
-    check = CheckApart(spec, timeout_s)
+    check = CheckApart(spec, timeout_s, hashes=hashes)
     try:
         return check.result()
     finally:
@@ -411,18 +416,19 @@ class CheckApart:
     imports the supervisor while its stage code is checked). ``close`` ends a check whose result
     is not wanted any more: its child is killed and reaped."""
 
-    def __init__(self, spec: PipelineSpec, timeout_s: float = IMPORT_TIMEOUT_S) -> None:
+    def __init__(self, spec: PipelineSpec, timeout_s: float = IMPORT_TIMEOUT_S, *, hashes: bool = True) -> None:
         self._spec = spec
         self._timeout_s = timeout_s
+        self._hashes = hashes
         self._deadline = time.monotonic() + timeout_s
         self._remaining = list(spec.stages)
-        self._child = _fork_checker(spec, self._remaining) if self._remaining else None
+        self._child = _fork_checker(spec, self._remaining, hashes) if self._remaining else None
 
     def result(self) -> dict[str, StageCode]:
         """What the check found for every stage (see ``check_callables_apart``)."""
         spec, codes = self._spec, {}
         while self._remaining:
-            pid, read_fd = self._child or _fork_checker(spec, self._remaining)
+            pid, read_fd = self._child or _fork_checker(spec, self._remaining, self._hashes)
             self._child = None
             found, importing, ended, timed_out = _collect(pid, read_fd, self._deadline)
             codes.update(found)
@@ -448,7 +454,7 @@ class CheckApart:
             reaper.wait_for(pid)
 
 
-def _fork_checker(spec: PipelineSpec, stages: list[StageSpec]) -> tuple[int, int]:
+def _fork_checker(spec: PipelineSpec, stages: list[StageSpec], hashes: bool) -> tuple[int, int]:
     """Fork a child that checks ``stages`` one after the other; its pid, and the descriptor it
     reports on, one JSON line as it starts to import a stage and one with what it found."""
     read_fd, write_fd = os.pipe()
@@ -463,7 +469,7 @@ def _fork_checker(spec: PipelineSpec, stages: list[StageSpec]) -> tuple[int, int
                 signal.signal(signum, signal.SIG_DFL)
             for stage in stages:
                 os.write(write_fd, json.dumps({"importing": stage.name}).encode() + b"\n")
-                code = check_callables(dataclasses.replace(spec, stages=(stage,)))[stage.name]
+                code = check_callables(dataclasses.replace(spec, stages=(stage,)), hashes=hashes)[stage.name]
                 os.write(write_fd, json.dumps({"stage": stage.name, **_as_json(code)}).encode() + b"\n")
         finally:
             os._exit(0)

@@ -35,10 +35,13 @@ import stat
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from procd.errors import ProcdError
 from procd.ops.connections import Connection, Listener
+
+TYPE_CHECKING = False  # mypy reads the name; ``typing`` is 3 ms more of every ``procd status`` at run time
+if TYPE_CHECKING:
+    from typing import Any
 
 MAX_REQUEST = 64 * 1024
 MAX_CLIENTS = 32
@@ -115,9 +118,6 @@ class Request:
     args: dict[str, Any]
 
 
-Reply = dict[str, Any] | tuple[dict[str, Any], tuple[int, ...]]  # a reply, and descriptors to pass
-
-
 class Deferred:
     """A reply that comes later (``reload`` answers once its check has ended): the handler keeps
     it and calls ``resolve``; the server calls back whoever waits on it. Meanwhile the client's
@@ -144,8 +144,10 @@ class Deferred:
         return f"<Deferred {'resolved' if self.resolved else 'pending'}, {len(self._waiters)} waiting>"
 
 
-Answer = Reply | Deferred
-Handler = Callable[[Request], Answer]
+if TYPE_CHECKING:  # types for annotations only (see the import of ``Any``)
+    Reply = dict[str, Any] | tuple[dict[str, Any], tuple[int, ...]]  # a reply, and descriptors to pass
+    Answer = Reply | Deferred
+    Handler = Callable[[Request], Answer]
 
 
 def _check_fields(command: Command, args: Mapping[str, object]) -> str | None:
