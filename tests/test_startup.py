@@ -74,36 +74,38 @@ def test_status_and_check_import_neither_the_supervisor_nor_structlog(ws: Worksp
 
 
 # Imported by the check child once per stage (each stage afresh): on its second import it notes
-# whether the first stage's check loaded ``hashlib`` (libcrypto) for a code hash.
-HASH_NOTING_STAGES = """
+# whether checking the first stage loaded ``hashlib`` (libcrypto) for a code hash, and whether it
+# ran ``inspect`` (deferred by the command line) to read the function's parameters.
+NOTING_CHECK_STAGES = """
 import os
 import sys
 
-with open(os.path.join(os.path.dirname(__file__), "hashed.txt"), "a") as note:
-    note.write(f"{'_hashlib' in sys.modules}\\n")
+with open(os.path.join(os.path.dirname(__file__), "noted.txt"), "a") as note:
+    inspect_ran = "signature" in vars(sys.modules["inspect"])
+    note.write(f"{'_hashlib' in sys.modules},{inspect_ran}\\n")
 
 
-def numbers():
+def numbers(limit: int = 3):
     yield 1
 
 
-def drop(item):
+def drop(item, path: "Path" = None):
     pass
 """
 
 
-def test_procd_check_computes_no_code_hash_and_run_does(ws: Workspace) -> None:
-    ws.write("st.py", HASH_NOTING_STAGES)
+def test_procd_check_of_plain_functions_hashes_nothing_and_runs_no_inspect(ws: Workspace) -> None:
+    ws.write("st.py", NOTING_CHECK_STAGES)
     ws.pipeline(
         '[stages.numbers]\nfunction = "st:numbers"\n[stages.drop]\nfunction = "st:drop"\ninputs = ["numbers"]\n'
     )
     code, _modules = _modules_after(["check", f"{ws.name}.toml"], str(ws.path))
     assert code == 0
-    assert (ws.path / "hashed.txt").read_text().split() == ["False", "False"]
-    (ws.path / "hashed.txt").unlink()
+    assert (ws.path / "noted.txt").read_text().split() == ["False,False", "False,False"]
+    (ws.path / "noted.txt").unlink()
     result = ws.run("run", f"{ws.name}.toml")  # a reload compares the hashes: run computes them
     assert result.code == 0, result.stderr
-    assert (ws.path / "hashed.txt").read_text().split()[:2] == ["False", "True"]
+    assert (ws.path / "noted.txt").read_text().split()[:2] == ["False,False", "True,False"]
 
 
 def test_a_command_builds_its_own_parser_alone_and_the_same_one() -> None:
@@ -286,3 +288,68 @@ def test_accepts_answers_from_the_code_as_inspect_does() -> None:
                 parameter.KEYWORD_ONLY,
             )
             assert callables.accepts(target, name) == expected, (target, name)
+
+
+PLAIN_FUNCTIONS = """
+from __future__ import annotations
+
+import pathlib
+from pathlib import Path
+
+
+def everything(item, a, /, b: int, c: "Path" = None, *rest: str, d, e: pathlib.Path = None, **more: int) -> None:
+    pass
+
+
+def defaults_on_positional_only(a=1, b=2, /, c=3):
+    pass
+
+
+def keywords_only(*, out: Path, level: int = 3):
+    pass
+
+
+def unknown_name(item, out: NoSuchName, limit: int = 2) -> AlsoMissing:
+    pass
+
+
+def type_error(item, out: 1 + "a"):
+    pass
+
+
+def empty():
+    pass
+
+
+def bare_varargs(*args, **kwargs):
+    pass
+"""
+
+
+def test_parameters_are_read_from_a_plain_function_s_code_as_inspect_reads_them() -> None:
+    from procd import callables
+
+    namespace: dict[str, Any] = {}
+    exec(compile(PLAIN_FUNCTIONS, "<plain>", "exec"), namespace)
+
+    def via_inspect(target: Any) -> list[tuple[str, int, bool, Any]] | None:
+        signature = callables._signature(target)
+        if signature is None:
+            return None
+        return [
+            (p.name, int(p.kind), p.default is not p.empty, None if p.annotation is p.empty else p.annotation)
+            for p in signature.parameters.values()
+        ]
+
+    def via_code(target: Any) -> list[tuple[str, int, bool, Any]] | None:
+        found = callables._parameters(target)
+        return None if found is None else [(p.name, p.kind, p.has_default, p.annotation) for p in found.values()]
+
+    names = ("everything", "defaults_on_positional_only", "keywords_only", "unknown_name", "type_error", "empty")
+    for name in (*names, "bare_varargs"):
+        target = namespace[name]
+        assert callables._plain_code(target) is not None, name
+        assert via_code(target) == via_inspect(target), name
+    assert via_code(namespace["type_error"]) is None  # inspect cannot say either: no option is checked
+    assert via_code(namespace["unknown_name"])[1][3] == "NoSuchName"  # type: ignore[index]  # left as written
+    assert via_code(namespace["everything"])[6][3] is namespace["Path"]  # type: ignore[index]  # evaluated

@@ -144,6 +144,73 @@ def _signature(target: Any) -> inspect.Signature | None:
     return None
 
 
+# A parameter's kind, numbered as ``inspect.Parameter.kind`` is (an ``IntEnum`` there).
+POSITIONAL_ONLY, POSITIONAL_OR_KEYWORD, VAR_POSITIONAL, KEYWORD_ONLY, VAR_KEYWORD = range(5)
+_CO_VARARGS, _CO_VARKEYWORDS = 0x04, 0x08  # ``code.co_flags``: ``inspect.CO_VARARGS``, ``inspect.CO_VARKEYWORDS``
+
+
+@frozen_dataclass(frozen=True)
+class _Parameter:
+    """One parameter of a stage's callable, as ``_bind_options`` reads it: its name, kind, whether
+    it has a default, and its annotation (None without one)."""
+
+    name: str
+    kind: int
+    has_default: bool
+    annotation: Any
+
+
+def _parameters(target: Any) -> dict[str, _Parameter] | None:
+    """How ``target`` is called, in order, as ``inspect.signature`` sees it with its string
+    annotations evaluated where they can be (``_signature``); None when Python cannot say.
+
+    A plain function's are read from its code, defaults and annotations, as ``inspect`` reads
+    them: running ``inspect`` (with ``ast``, ``dis``, ``tokenize``) was 9 ms of a ``procd check``,
+    in its check child (bench/README.md, "Start-up"). Anything else goes through ``inspect``."""
+    code = _plain_code(target)
+    if code is None:
+        signature = _signature(target)
+        if signature is None:
+            return None
+        return {
+            p.name: _Parameter(
+                p.name, int(p.kind), p.default is not p.empty, None if p.annotation is p.empty else p.annotation
+            )
+            for p in signature.parameters.values()
+        }
+    annotations = target.__annotations__  # a dict: a function refuses anything else
+    try:  # ``inspect.get_annotations(eval_str=True)``; ``_signature`` says what a failure means
+        annotations = {k: eval(v, target.__globals__) if isinstance(v, str) else v for k, v in annotations.items()}
+    except (TypeError, ValueError):
+        return None
+    except Exception:
+        annotations = dict(annotations)
+    names = code.co_varnames
+    positional, keyword_only = code.co_argcount, code.co_kwonlyargcount
+    first_default = positional - len(target.__defaults__ or ())
+    keyword_defaults = target.__kwdefaults__ or {}
+    found = [
+        _Parameter(
+            name,
+            POSITIONAL_ONLY if index < code.co_posonlyargcount else POSITIONAL_OR_KEYWORD,
+            index >= first_default,
+            annotations.get(name),
+        )
+        for index, name in enumerate(names[:positional])
+    ]
+    rest = positional + keyword_only  # co_varnames: positional, keyword-only, *args, **kwargs
+    if code.co_flags & _CO_VARARGS:
+        found.append(_Parameter(names[rest], VAR_POSITIONAL, False, annotations.get(names[rest])))
+        rest += 1
+    found += [
+        _Parameter(name, KEYWORD_ONLY, name in keyword_defaults, annotations.get(name))
+        for name in names[positional : positional + keyword_only]
+    ]
+    if code.co_flags & _CO_VARKEYWORDS:
+        found.append(_Parameter(names[rest], VAR_KEYWORD, False, annotations.get(names[rest])))
+    return {p.name: p for p in found}
+
+
 def accepts(target: Any, name: str) -> bool:
     """True if calling ``target`` (a function, or a class through its ``__init__``) takes a
     keyword argument called ``name``."""
@@ -206,30 +273,30 @@ def _bind_options(stage: StageSpec, target: Any) -> tuple[list[Problem], tuple[s
     function as ``f(item, **options)``, a class as ``C(**options)``, a producer function as
     ``f(**options)``; a producer also gets ``checkpoint`` and ``shard`` if it names them."""
     prefix = f"stages.{stage.name}.options"
-    signature = _signature(target)
-    if signature is None:
+    by_name = _parameters(target)
+    if by_name is None:
         return [], ()
-    parameters = list(signature.parameters.values())
+    parameters = list(by_name.values())
     item = None
     if not stage.is_producer and not is_class(target):
-        positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        positional = [p for p in parameters if p.kind in (POSITIONAL_ONLY, POSITIONAL_OR_KEYWORD)]
         if positional:
             item = positional[0].name
-        elif not any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        elif not any(p.kind == VAR_POSITIONAL for p in parameters):
             return [Problem(f"stages.{stage.name}.function", "takes no positional parameter for the item")], ()
     injected = {n for n in INJECTED if stage.is_producer}
     keywords = [
         p.name
         for p in parameters
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != item and p.name not in injected
+        if p.kind in (POSITIONAL_OR_KEYWORD, KEYWORD_ONLY) and p.name != item and p.name not in injected
     ]
-    open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    open_ended = any(p.kind == VAR_KEYWORD for p in parameters)
     problems = []
     for key in stage.options:
         path = f"{prefix}.{key}"
         if key == item:
             problems.append(Problem(path, f"is the item parameter of {stage.function}; an option cannot set it"))
-        elif key in injected and key in signature.parameters:
+        elif key in injected and key in by_name:
             problems.append(Problem(path, "is given by procd to a producer that declares it; remove it from options"))
         elif key not in keywords and not open_ended:
             close = config.close_matches(key, keywords)
@@ -240,22 +307,19 @@ def _bind_options(stage: StageSpec, target: Any) -> tuple[list[Problem], tuple[s
             )
             problems.append(Problem(path, f"unexpected option; {hint}"))
     for parameter in parameters:
-        required = parameter.default is parameter.empty and parameter.kind not in (
-            parameter.VAR_POSITIONAL,
-            parameter.VAR_KEYWORD,
-        )
+        required = not parameter.has_default and parameter.kind not in (VAR_POSITIONAL, VAR_KEYWORD)
         if not required or parameter.name == item or parameter.name in stage.options:
             continue
         if parameter.name in injected:
             continue
-        if parameter.kind is parameter.POSITIONAL_ONLY:
+        if parameter.kind == POSITIONAL_ONLY:
             message = f'{stage.function} has a positional-only parameter "{parameter.name}" that options cannot give'
         else:
             message = f'missing required option "{parameter.name}"'
         problems.append(Problem(prefix, message))
     paths = []
     for key, value in stage.options.items():
-        annotated = signature.parameters.get(key)
+        annotated = by_name.get(key)
         if annotated is None or not _is_path(annotated.annotation):
             continue
         if isinstance(value, str) and value and "\0" not in value:
