@@ -32,7 +32,6 @@ import sys
 import time
 import types
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from procd import config, procctl, reaper
@@ -46,7 +45,7 @@ INJECTED = ("checkpoint", "shard")
 IMPORT_TIMEOUT_S = 120.0
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class Shard:
     """What a producer with a ``shard`` parameter receives: this process's share of the work.
     A producer with ``processes = N`` runs as N processes, ``index`` 0 to N - 1, each of which
