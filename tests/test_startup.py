@@ -49,7 +49,7 @@ def test_status_and_check_import_neither_the_supervisor_nor_structlog(ws: Worksp
     assert code == 1  # no pipeline there: said so, and the imports are what was needed to say it
     assert "procd.ops.control" in modules
     assert not modules & {"structlog", "procd.supervisor.core", "procd.config", "tomllib", "asyncio.base_events"}
-    assert not modules & {"procd.log", "_hashlib", "shutil", "pathlib", "procd.cli.running", *INSPECT_RAN}
+    assert not modules & {"procd.log", "_hashlib", "shutil", "pathlib", "procd.cli.running", "typing", *INSPECT_RAN}
 
     ws.write("st.py", "def numbers():\n    yield 1\n\ndef drop(item):\n    pass\n")
     ws.pipeline(
