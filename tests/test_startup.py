@@ -47,7 +47,8 @@ def test_version_imports_nothing_beyond_the_cli(ws: Workspace) -> None:
 def test_status_and_check_import_neither_the_supervisor_nor_structlog(ws: Workspace) -> None:
     code, modules = _modules_after(["status", "--control", str(ws.path / "none.sock")], str(ws.path))
     assert code == 1  # no pipeline there: said so, and the imports are what was needed to say it
-    assert "procd.ops.control" in modules
+    assert "procd.ops.commands" in modules
+    assert not modules & {"procd.ops.control", "procd.ops.connections", "socket"}  # the server's side
     assert not modules & {"structlog", "procd.supervisor.core", "procd.config", "tomllib", "asyncio.base_events"}
     assert not modules & {"procd.log", "_hashlib", "shutil", "pathlib", "procd.cli.running", "typing", *INSPECT_RAN}
 
