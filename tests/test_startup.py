@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -354,3 +355,21 @@ def test_parameters_are_read_from_a_plain_function_s_code_as_inspect_reads_them(
     assert via_code(namespace["type_error"]) is None  # inspect cannot say either: no option is checked
     assert via_code(namespace["unknown_name"])[1][3] == "NoSuchName"  # type: ignore[index]  # left as written
     assert via_code(namespace["everything"])[6][3] is namespace["Path"]  # type: ignore[index]  # evaluated
+
+
+def test_a_check_report_cut_off_by_the_child_s_end_is_left_out() -> None:
+    from procd import callables
+
+    reports = [{"importing": "a"}, {"stage": "a", "problems": [["stages.a", "é\n"]], "shardable": True}]
+    r, w = os.pipe()
+    try:
+        for report in reports:
+            callables._report(w, report)
+        whole = os.read(r, 1 << 16)
+    finally:
+        os.close(r)
+        os.close(w)
+    first = 4 + int.from_bytes(whole[:4], "little")
+    assert list(callables._reports(whole)) == reports
+    for cut in range(len(whole)):  # the child killed at any byte of its reports
+        assert list(callables._reports(whole[:cut])) == (reports[:1] if cut >= first else [])

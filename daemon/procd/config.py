@@ -8,7 +8,6 @@ child ever parses a duration.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import re
@@ -221,7 +220,7 @@ def select_stages(spec: PipelineSpec, names: Sequence[str]) -> tuple[PipelineSpe
         if name not in known:
             close = close_matches(name, known)
             hint = f'; did you mean "{close[0]}"?' if close else f"; stages are {', '.join(known)}"
-            problems.append(Problem("--stages", f"unknown stage {json.dumps(name[:MAX_NAME])}{hint}"))
+            problems.append(Problem("--stages", f"unknown stage {_quoted(name[:MAX_NAME], ascii_only=True)}{hint}"))
     here = frozenset(names)
     for stage in spec.stages:
         for upstream in stage.inputs:
@@ -296,12 +295,20 @@ def close_matches(word: str, choices: Sequence[str]) -> list[str]:
     return difflib.get_close_matches(word, choices, n=1)
 
 
+def _quoted(text: str, *, ascii_only: bool = False) -> str:
+    """``text`` as a JSON string, for a message (``json`` is imported only on error: ``procd check``
+    of a valid file has no other use for it)."""
+    import json
+
+    return json.dumps(text, ensure_ascii=ascii_only)
+
+
 def describe(value: object) -> str:
     """Describe a wrong value the way every message does: ``"four" (str)``; long values are cut,
     control characters escaped, and nesting shown only a few levels deep."""
     if isinstance(value, str):
         cut = value if len(value) <= _MAX_SHOWN else value[: _MAX_SHOWN - 1] + "…"
-        shown = json.dumps(cut, ensure_ascii=False)
+        shown = _quoted(cut)
     else:
         import reprlib  # only on error
 
@@ -828,7 +835,7 @@ def _check_graph(check: _Checker, stages: list[StageSpec]) -> None:
             elif upstream not in names:
                 close = close_matches(upstream, names)
                 hint = f'; did you mean "{close[0]}"?' if close else f"; stages are {', '.join(names)}"
-                check.add(path, f"unknown stage {json.dumps(upstream[:MAX_NAME], ensure_ascii=False)}{hint}")
+                check.add(path, f"unknown stage {_quoted(upstream[:MAX_NAME])}{hint}")
             elif upstream in seen:
                 check.add(path, f'"{upstream}" is listed twice')
             seen.add(upstream)
