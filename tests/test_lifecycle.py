@@ -223,6 +223,14 @@ def test_rest_for_one_regroups_on_a_restart_and_the_members_rejoin_once_ended() 
     assert (start.life, start.actions) == (Life(State.STARTING), (Spawn(),))
 
 
+def test_a_member_retired_during_a_regroup_leaves_with_its_batch_and_still_rejoins() -> None:
+    # a reload retires a member that is stopping for its group's restart: no later process of
+    # its slot delivers its batch, and the rest of its group must not wait for it for ever
+    _regroup, retire, exited = _run(RUNNING, RegroupRequested(), RetireRequested(), Exited(code=0, held_batch=True))
+    assert retire.life.regrouping and retire.life.retiring
+    assert exited.actions == (CancelTimer(Timer.KILL), AbandonBatch(), Remove(), Rejoin())
+
+
 def test_a_stop_during_a_regroup_ends_the_group_for_good() -> None:
     for state in (State.STOPPING, State.EXITED):
         for stop in (StopRequested(), DrainRequested()):

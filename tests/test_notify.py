@@ -211,3 +211,64 @@ def test_a_refused_message_does_not_hold_back_those_after_it(ws: Workspace) -> N
     assert notifier.flush() and notifier.pending == []
     assert [fields for _pid, fields in receiver.drain()] == [{"READY": "1"}]
     notifier.close()
+
+
+def _filled(ws: Workspace) -> tuple[Receiver, Notifier]:
+    """A receiver whose queue procd's own messages have filled: the next ones are kept."""
+    receiver = Receiver(ws.path / "notify.sock")
+    notifier = Notifier(str(ws.path / "notify.sock"), None)
+    while not notifier.pending:
+        notifier.send(STATUS="filling")
+    return receiver, notifier
+
+
+def _received_once_flushed(receiver: Receiver, notifier: Notifier) -> list[dict[str, str]]:
+    """What the receiver gets once it reads again, until nothing is kept."""
+    before = len(receiver.drain())
+    while not notifier.flush():
+        receiver.drain()
+    return [fields for _pid, fields in receiver.drain()[before:]]
+
+
+def test_extend_timeout_messages_kept_while_the_queue_is_full_are_merged(ws: Workspace) -> None:
+    # a long environment build sends one every few seconds: the latest says all the earlier did
+    receiver, notifier = _filled(ws)
+    for n in range(1, 100):
+        notifier.send(EXTEND_TIMEOUT_USEC=n * 1_000_000, STATUS="building the pipeline's environment")
+        notifier.send(WATCHDOG=1)
+    assert notifier.pending == [
+        {"STATUS": "building the pipeline's environment", "EXTEND_TIMEOUT_USEC": 99_000_000, "WATCHDOG": 1}
+    ]
+    assert _received_once_flushed(receiver, notifier) == [
+        {"STATUS": "building the pipeline's environment", "EXTEND_TIMEOUT_USEC": "99000000", "WATCHDOG": "1"}
+    ]
+    notifier.close()
+
+
+def test_ready_and_stopping_are_never_dropped_however_many_messages_are_kept(ws: Workspace) -> None:
+    # 40 reloads while the service manager reads nothing: 83 messages, more than are kept (64)
+    receiver, notifier = _filled(ws)
+    notifier.send(READY=1, STATUS="ready")
+    for n in range(40):
+        notifier.reloading()
+        notifier.send(READY=1, STATUS=f"reloaded {n}")
+        notifier.send(WATCHDOG=1)
+    notifier.send(STOPPING=1, STATUS="stopping")
+    assert len(notifier.pending) <= 64
+    received = _received_once_flushed(receiver, notifier)
+    # every READY=1 and the STOPPING=1 arrive, in order; the oldest RELOADING=1 went first
+    assert [f["STATUS"] for f in received if "READY" in f] == ["ready"] + [f"reloaded {n}" for n in range(40)]
+    assert (received[-1]["STOPPING"], received[-1]["STATUS"]) == ("1", "stopping")  # a ping may be folded in
+    reloads = [f for f in received if "RELOADING" in f]
+    assert 0 < len(reloads) < 40
+    stamps = [int(f["MONOTONIC_USEC"]) for f in reloads]
+    assert stamps == sorted(stamps)  # the latest were kept, in order
+    last_ready = max(i for i, f in enumerate(received) if "READY" in f)
+    assert received.index(reloads[-1]) < last_ready  # the last reload's, before its READY=1
+    # nothing but READY=1: each says all an earlier one did, so two in a row become one
+    for n in range(100):
+        notifier.send(READY=1, STATUS=f"ready {n}")
+    notifier.send(STOPPING=1)
+    assert len(notifier.pending) <= 64
+    assert notifier.pending[-2] == {"READY": 1, "STATUS": "ready 99"} and notifier.pending[-1] == {"STOPPING": 1}
+    notifier.close()

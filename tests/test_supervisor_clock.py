@@ -70,6 +70,7 @@ class Deaf:  # a reader that, asked to stop, asks the supervisor to stop instead
     def __call__(self, n):
         if not os.path.exists("deaf"):
             signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getppid(), signal.SIGTERM))
+            signal.set_wakeup_fd(-1)  # or the worker's own stop descriptor still hears SIGTERM
             open("deaf", "w").close()
 
 def stop_and_die_at_2(n):

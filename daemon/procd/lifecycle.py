@@ -439,12 +439,18 @@ def _after_end(
 
 
 def _settle(life: Life, cause: str | None, held: bool, *actions: Action) -> Transition:
-    """A process ended and none follows now: what becomes of its batch, its slot, the pipeline."""
+    """A process ended and none follows now: what becomes of its batch, its slot, the pipeline.
+
+    A slot retired while it regrouped (a reload during a rest_for_one restart) leaves: its batch
+    is abandoned with it, and it still rejoins, so that the rest of its group, which may have
+    ended already, starts again without it."""
     then = list(actions)
     if held:
-        then.append(KeepBatch() if life.regrouping else AbandonBatch())
+        then.append(KeepBatch() if life.regrouping and not life.retiring else AbandonBatch())
     if life.retiring:
         then.append(Remove())
+        if life.regrouping:
+            then.append(Rejoin())
     elif life.regrouping:
         then.append(Rejoin())
     elif life.state is State.FATAL:

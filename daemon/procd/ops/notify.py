@@ -11,8 +11,16 @@ Discussion. The kernel queues only a few datagrams for a receiver (``net.unix.ma
 reads. libsystemd's ``sd_notify`` blocks there; procd's loop must not (a stop, a reload, every
 worker would wait behind a busy service manager). The socket is non-blocking: a message the
 queue has no room for is kept, in order, and sent by ``flush`` (the loop retries shortly after).
-Only the latest ``STATUS=`` and one ``WATCHDOG=1`` are worth keeping among the kept messages, so
-such messages are merged into the last kept one when it has only those keys too.
+Only the latest ``STATUS=``, one ``WATCHDOG=1`` and the latest ``EXTEND_TIMEOUT_USEC=`` (each sets
+the deadline from the moment it arrives) are worth keeping among the kept messages, so such
+messages are merged into the last kept one when it has only those keys too.
+
+At most ``_KEPT_AT_MOST`` are kept (a receiver gone silent for good). Past that, room is made
+without losing what the service manager must hear: first the oldest message of mergeable keys only
+is folded into the one after it (whose own values, being later, win); failing that, the oldest
+``RELOADING=1`` that a later message follows goes (its ``READY=1`` still arrives); failing that,
+the older of two ``READY=1`` in a row (the later says it too). ``READY=1`` and ``STOPPING=1`` are
+never dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ import socket
 import time
 from collections.abc import MutableMapping
 
-_MERGEABLE = frozenset({"STATUS", "WATCHDOG"})  # a later one says all an earlier one did
+_MERGEABLE = frozenset({"STATUS", "WATCHDOG", "EXTEND_TIMEOUT_USEC"})  # a later one says all an earlier one did
+_NEVER_DROPPED = frozenset({"READY", "STOPPING"})
 _KEPT_AT_MOST = 64
 
 
@@ -68,9 +77,31 @@ class Notifier:
             last.update(fields)
         else:
             self.pending.append(dict(fields))
-            if len(self.pending) > _KEPT_AT_MOST:  # a receiver gone silent for good: keep the latest
-                del self.pending[0]
+            if len(self.pending) > _KEPT_AT_MOST:  # a receiver gone silent for good
+                self._make_room()
         self.flush()
+
+    def _make_room(self) -> None:
+        """One kept message fewer, losing nothing the service manager must hear (see the module
+        docstring)."""
+        pending = self.pending
+        for i, message in enumerate(pending[:-1]):
+            if set(message) <= _MERGEABLE:
+                for key, value in message.items():
+                    pending[i + 1].setdefault(key, value)  # the later message's own value is newer
+                del pending[i]
+                return
+        for i, message in enumerate(pending[:-1]):
+            if not set(message) & _NEVER_DROPPED:  # RELOADING=1, with a READY=1 after it
+                del pending[i]
+                return
+        for i, message in enumerate(pending[:-1]):
+            later = pending[i + 1]
+            if "READY" in message and "READY" in later and not set(message) - _MERGEABLE - {"READY"}:
+                for key, value in message.items():
+                    later.setdefault(key, value)
+                del pending[i]
+                return
 
     def flush(self) -> bool:
         """Send what was kept, in order, as far as the receiver has room; True once all went.

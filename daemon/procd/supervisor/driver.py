@@ -169,7 +169,7 @@ class SlotDriver:
                 case Rejoin():
                     self._restart_group_when_ended()
                 case Remove():
-                    self.remove(slot)
+                    self.remove(slot, exited=exited is not None)
                 case GiveUp():
                     self._give_up(slot)
                 case Fail(cause):
@@ -334,16 +334,31 @@ class SlotDriver:
 
     # -- slots leaving, groups, failures -------------------------------------------------------------
 
-    def remove(self, slot: WorkerSlot) -> None:
-        """A retired slot leaves for good (once: a second call does nothing)."""
+    def remove(self, slot: WorkerSlot, *, exited: bool = False) -> None:
+        """A retired slot leaves for good (once: a second call does nothing). What its slot file
+        still holds, and a kill at the stop's deadline, are told to the stop first: no later
+        process will deliver that batch, and the exit code must count it. A batch kept for a
+        restart that the retire cancels is said abandoned here (one its process held as it
+        ``exited`` was said so with that exit)."""
         host = self.host
         if slot in host.slots:
             host.slots.remove(slot)
+        if slot in self.regrouping:  # its group starts again without it (and its stage may be gone)
+            self.regrouping.remove(slot)
         host.ready.discard(slot)
         self.pipes.forget(slot)
         if slot.slot_fd is not None:
+            held = transport.slot.read(slot.slot_fd)
+            if held.holds and not exited:
+                pending = held.items - max(held.index, 0)
+                self._bound(slot).error(
+                    "batch_abandoned",
+                    items=pending,
+                    message=f"{slot.name} leaves holding {pending} items kept for a restart that will not come",
+                )
+            host.stopper.departed(slot, held)
             os.close(slot.slot_fd)
-            slot.slot_fd = None
+            slot.slot_fd = None  # (a slot that never ran has no file: it held nothing and was not forced)
 
     def _stop_group(self, failed: WorkerSlot) -> None:
         """rest_for_one: the failed stage's other workers and every stage downstream of it stop

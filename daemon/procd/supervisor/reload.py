@@ -7,9 +7,10 @@ deadline, left for the reaper. It owns the environments a reload replaced too: e
 worker still runs in it, then released and removed.
 
 ``apply`` makes a new spec the running pipeline (scale's resharding uses it as well): the changed
-and removed stages' processes leave (readers finish their batch), the changed and added stages'
-start, paced by the stage groups; the inputs are swapped by the wiring. It never changes a slot's
-state itself: it feeds the slot driver events and the transition table decides.
+and removed stages' slots leave (readers finish their batch; a slot whose process has ended leaves
+at once), the changed and added stages' start, paced by the stage groups; the inputs are swapped
+by the wiring. It never changes a slot's state itself: it feeds the slot driver events and the
+transition table decides.
 """
 
 from __future__ import annotations
@@ -252,7 +253,8 @@ class Reloader:
         sup.groups.adopt(new)
         sup.wiring.replace(fresh, removed | (changed & replaced_queues))
 
-        leaving = [s for s in sup.slots if s.stage.name in removed | changed and s.state not in TERMINAL]
+        going = [s for s in sup.slots if s.stage.name in removed | changed]
+        leaving = [s for s in going if s.state not in TERMINAL]  # those with a process to end
         generations = {(s.stage.name, s.index): s.generation for s in sup.slots}
         arriving = [
             WorkerSlot(stage, i, generation=generations.get((stage.name, i), 0))
@@ -260,8 +262,13 @@ class Reloader:
             if stage.name in added | changed
             for i in range(stage.processes)
         ]
-        sup.slots = [s for s in sup.slots if s.stage.name not in removed | changed or s in leaving] + arriving
+        sup.slots += arriving
         sup.groups.finished -= changed
+        for slot in going:
+            if slot.state in TERMINAL:
+                # it leaves through the driver too: what its slot file holds is counted, and a
+                # slot waiting for its rest_for_one group is not started again with it
+                sup.driver.feed(slot, RetireRequested())
         for slot in leaving:
             if slot.stage.is_producer:
                 sup.driver.feed(slot, RetireRequested(Leave.AT_ONCE))

@@ -8,6 +8,11 @@ driver's KILL timers, which a second SIGTERM or SIGINT brings forward to now). O
 has ended, ``finish`` counts what was abandoned and returns the exit code, and ``sweep`` kills and
 reaps whatever of ours is left.
 
+What was abandoned includes what left earlier: a retired slot (scale-down, reload) that leaves
+holding a batch (``departed``, from the slot driver's removal, before its slot file is closed), a
+retired slot whose process was killed at the stop's deadline (forced), and a retired input that
+is let go with batches no reader will read (``input_left``, from the wiring).
+
 It never decides a slot's state: the transition table turns the stop events into signals and
 timers, and the slot driver carries them out.
 """
@@ -24,6 +29,46 @@ from procd.lifecycle import DrainRequested, StopRequested, Timer
 
 if TYPE_CHECKING:
     from procd.supervisor.core import Supervisor
+    from procd.supervisor.slots import WorkerSlot
+    from procd.transport import Input
+    from procd.transport.slot import Header
+
+_COUNTS = ("queued_batches", "queued_items_at_most", "in_hand_items")
+
+
+class Abandoned:
+    """Items neither delivered nor dead-lettered, per stage, and how many of them end with this
+    process (those of an input that is not durable: a durable one keeps them for the next run)."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, int]] = {}
+        self.lost = {"queued_batches": 0, "in_hand_items": 0}
+
+    def add(
+        self, stage: str, *, durable: bool, queued_batches: int = 0, batch: int = 0, in_hand_items: int = 0
+    ) -> None:
+        """Count ``queued_batches`` (of at most ``batch`` items each) and ``in_hand_items``."""
+        counts = self.stages.setdefault(stage, dict.fromkeys(_COUNTS, 0))
+        counts["queued_batches"] += queued_batches
+        counts["queued_items_at_most"] += queued_batches * batch
+        counts["in_hand_items"] += in_hand_items
+        if not durable:
+            self.lost["queued_batches"] += queued_batches
+            self.lost["in_hand_items"] += in_hand_items
+
+    def add_input(self, channel: Input) -> None:
+        """Count the batches left in ``channel``."""
+        queued = channel.depth() or 0
+        self.add(channel.stage, durable=channel.endpoint().durable, queued_batches=queued, batch=channel.spec.batch)
+
+    def merge(self, other: Abandoned) -> None:
+        """Add what ``other`` counted."""
+        for stage, counts in other.stages.items():
+            mine = self.stages.setdefault(stage, dict.fromkeys(_COUNTS, 0))
+            for key, value in counts.items():
+                mine[key] += value
+        for key, value in other.lost.items():
+            self.lost[key] += value
 
 
 class Stopper:
@@ -36,6 +81,8 @@ class Stopper:
         self.second_stop: str | None = None  # the signal that asked to stop a second time
         self.stop_reason: str | None = None  # the first stop request's
         self.failed: list[str] = []  # what makes the exit code 1
+        self.left = Abandoned()  # what retired slots and inputs left behind as they went
+        self.forced_left: list[str] = []  # retired slots whose process was killed at the stop's deadline
 
     def kill_cause(self) -> str:
         """What made a stop kill: a second stop request, or the stop timeout."""
@@ -69,14 +116,27 @@ class Stopper:
         for slot in sup.slots:
             sup.driver.feed(slot, StopRequested() if slot.stage.is_producer else DrainRequested())
 
+    def departed(self, slot: WorkerSlot, held: Header | None) -> None:
+        """A retired slot leaves the pipeline (its slot file says ``held``): a batch it still
+        holds will never be delivered, and a process killed at the stop's deadline was forced."""
+        if held is not None and held.holds:
+            durable = slot.input is not None and slot.input.endpoint().durable
+            self.left.add(slot.stage.name, durable=durable, in_hand_items=held.items - max(held.index, 0))
+        if slot.forced and self.stopping:
+            self.forced_left.append(slot.name)
+
+    def input_left(self, channel: Input) -> None:
+        """A retired input is let go: what it still queues no reader will read."""
+        self.left.add_input(channel)
+
     def finish(self) -> int:
         """Every process has ended: say what was abandoned and how the pipeline ended; return
         the exit code."""
         sup = self.sup
-        forced = [s.name for s in sup.slots if s.forced]
-        totals = {"queued_batches": 0, "queued_items_at_most": 0, "in_hand_items": 0}
-        lost = {"queued_batches": 0, "in_hand_items": 0}  # what ends with this process
-        for stage, counts in self._abandoned().items():
+        forced = [s.name for s in sup.slots if s.forced] + self.forced_left
+        abandoned = self._abandoned()
+        totals = dict.fromkeys(_COUNTS, 0)
+        for stage, counts in abandoned.stages.items():
             if any(counts.values()):
                 sup.log.warning(
                     "stage_abandoned",
@@ -90,10 +150,7 @@ class Stopper:
                 )
             for key, value in counts.items():
                 totals[key] += value
-            channel = sup.wiring.channels.get(stage)
-            if channel is None or not channel.endpoint().durable:  # a durable input keeps them for the next run
-                for key in lost:
-                    lost[key] += counts[key]
+        lost = abandoned.lost
         if any(lost.values()):  # exit 0 says every item reached a sink or a dead-letter file
             self.failed.append(
                 f"{lost['in_hand_items']} items in hand and {lost['queued_batches']} batches in queues that do "
@@ -115,25 +172,30 @@ class Stopper:
         )
         return code
 
-    def _abandoned(self) -> dict[str, dict[str, int]]:
-        """Per stage, once every process has ended: the batches left in its input queue (with the
-        most items they can hold) and the items its slots still hold (from the slot files'
-        headers: nothing is unpickled)."""
+    def _abandoned(self) -> Abandoned:
+        """Once every process has ended, per stage: the batches left in its input queues (the
+        current one, and any a reload retired that is still open, with the most items they can
+        hold), the items its slots still hold (from the slot files' headers: nothing is
+        unpickled), and what retired slots and inputs left behind earlier."""
         sup = self.sup
-        found: dict[str, dict[str, int]] = {}
+        found = Abandoned()
         for stage in sup.spec.stages:
             channel = sup.wiring.channels.get(stage.name)
-            queued = (channel.depth() or 0) if channel is not None else 0
             held = [
                 transport.slot.read(s.slot_fd)
                 for s in sup.slots
                 if s.stage.name == stage.name and s.slot_fd is not None
             ]
-            found[stage.name] = {
-                "queued_batches": queued,
-                "queued_items_at_most": queued * stage.queue.batch,
-                "in_hand_items": sum(h.items - max(h.index, 0) for h in held if h.holds),
-            }
+            found.add(
+                stage.name,
+                durable=channel is not None and channel.endpoint().durable,
+                queued_batches=(channel.depth() or 0) if channel is not None else 0,
+                batch=stage.queue.batch,
+                in_hand_items=sum(h.items - max(h.index, 0) for h in held if h.holds),
+            )
+        for channel in sup.wiring.retired:
+            found.add_input(channel)
+        found.merge(self.left)
         return found
 
     def sweep(self) -> None:

@@ -6,7 +6,9 @@ It creates them (a shared backend that cannot be reached is waited for), keeps a
 heartbeat, and ends each stream: the supervisor holds a copy of each input's writing end until
 every stage that feeds it has finished (all its processes exited); dropping that copy is what lets
 the readers see the end of their input. A while after an end, an input whose readers still wait
-has its holders named (``input_held_open``).
+has its holders named (``input_held_open``). A retired input that is let go while it still
+queues batches (its readers died, or none was left) says so (``input_abandoned``) and tells the
+stop, which counts them against the exit code.
 
 It never starts, stops or signals a worker, and never decides when a stage has finished (the
 stage groups do): it reads ``groups.finished``.
@@ -127,8 +129,7 @@ class Wiring:
             if not channel.ended and not channel.writers:
                 channel.end()
             if channel.drained():
-                channel.close()
-                self.retired.remove(channel)
+                self._let_go(channel)
 
     def replace(self, fresh: dict[str, Input], leaving: Set[str]) -> None:
         """A reload's new inputs take the place of the ``leaving`` stages' (which drain, retired)."""
@@ -138,6 +139,25 @@ class Wiring:
                 leaving_channel.current = False
                 self.retired.append(leaving_channel)
         self.channels.update(fresh)
+
+    def _let_go(self, channel: Input) -> None:
+        """A retired input nobody reads any more is closed: what it still queues no reader will
+        read, which the stop counts against the exit code (and says here, as it happens)."""
+        queued = channel.depth() or 0
+        if queued:
+            self.sup.stopper.input_left(channel)
+            self.sup.log.warning(
+                "input_abandoned",
+                stage=channel.stage,
+                queued_batches=queued,
+                queued_items_at_most=queued * channel.spec.batch,
+                message=(
+                    f"a retired input of {channel.stage} is closed with {queued} batches (at most "
+                    f"{queued * channel.spec.batch} items) that no reader here will read"
+                ),
+            )
+        channel.close()
+        self.retired.remove(channel)
 
     def close(self) -> None:
         """procd ends: let go of every input."""

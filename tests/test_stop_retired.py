@@ -1,0 +1,168 @@
+"""The exit code counts what retired workers and retired inputs still held: a worker scaled away
+or replaced by a reload leaves the pipeline when its process ends, and an input a reload replaced
+is closed once drained; what either held at the end was neither delivered nor dead-lettered, and
+exit 0 must not say it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+from conftest import Workspace, read_records, reaped, wait_until
+
+STAGES = """
+import os, time
+
+def numbers(count):
+    yield from range(count)
+
+def gated(n):  # holds its batch until the test opens the gate
+    while not os.path.exists("gate"):
+        time.sleep(0.01)
+    with open("delivered", "a") as fh:
+        fh.write(f"{n}\\n")
+
+def second_crashes(n):  # worker 1 dies on every batch it takes; the others wait for the gate
+    with open("/proc/self/cmdline") as fh:
+        if "[1]" in fh.read():
+            os._exit(1)
+    gated(n)
+
+def second_stuck(n):  # worker 1 holds its batch for good (its title ends in [1]); the others wait for the gate
+    with open("/proc/self/cmdline") as fh:
+        stuck = "[1]" in fh.read()
+    while stuck or not os.path.exists("gate"):
+        time.sleep(0.01)
+"""
+
+
+def _ask(ws: Workspace, *args: str):
+    return ws.run(*args, "--control", str(ws.control))
+
+
+def _workers(ws: Workspace, stage: str) -> list[dict]:
+    reply = json.loads(_ask(ws, "status", "--json").stdout)
+    (found,) = [s for s in reply["stages"] if s["name"] == stage]
+    return found["workers"]
+
+
+def _delivered(ws: Workspace) -> list[int]:
+    path = ws.path / "delivered"
+    return sorted(int(line) for line in path.read_text().split()) if path.exists() else []
+
+
+def test_a_scaled_away_worker_killed_holding_a_batch_makes_the_exit_code_1(ws: Workspace) -> None:
+    ws.write("st.py", STAGES)
+    ws.pipeline(
+        '[pipeline]\nname = "{name}"\n'
+        '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 20 }\n'
+        '[stages.work]\nfunction = "st:gated"\ninputs = ["numbers"]\nprocesses = 2\nqueue = { batch = 4 }\n'
+    )
+    with reaped(ws.start_ready()) as proc:
+        # both workers hold a batch of 4, blocked at the gate
+        wait_until(lambda: all(w["items_in"] == 4 for w in _workers(ws, "work")) or None)
+        scaled = _ask(ws, "scale", ws.name, "work=1")
+        assert (scaled.code, scaled.stdout) == (0, "work: 1 processes (started [], retiring [1])\n")
+        (retiring,) = [w for w in _workers(ws, "work") if w["index"] == 1]
+        os.kill(retiring["pid"], signal.SIGKILL)  # it finishes its batch no more: 4 items lost
+        log = ws.path / "log.jsonl"
+        (abandoned,) = wait_until(lambda: [r for r in read_records(log) if r["event"] == "batch_abandoned"])
+        assert (abandoned["stage"], abandoned["worker"], abandoned["items"]) == ("work", 1, 4)
+        (ws.path / "gate").touch()
+        proc.communicate(timeout=30)  # the producer is finite: the pipeline ends by itself
+    assert len(_delivered(ws)) == 16
+    records = read_records(ws.path / "log.jsonl")
+    (stopped,) = [r for r in records if r["event"] == "pipeline_stopped"]
+    assert proc.returncode == 1
+    assert (stopped["exit_code"], stopped["outcome"]) == (1, "failed")
+    assert stopped["abandoned"]["in_hand_items"] == 4
+    (stage,) = [r for r in records if r["event"] == "stage_abandoned"]
+    assert (stage["stage"], stage["in_hand_items"]) == ("work", 4)
+
+
+def test_a_scaled_away_worker_killed_at_the_stop_deadline_counts_as_forced(ws: Workspace) -> None:
+    # redeliver = false: its batch is not tracked, so only the kill can make the exit code 1
+    ws.write("st.py", STAGES)
+    ws.pipeline(
+        '[pipeline]\nname = "{name}"\nstop_timeout = "1h"\n'
+        '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 20 }\n'
+        '[stages.work]\nfunction = "st:second_stuck"\ninputs = ["numbers"]\nprocesses = 2\n'
+        "queue = { batch = 4 }\nredeliver = false\n"
+    )
+    log = ws.path / "log.jsonl"
+    with reaped(ws.start_ready()) as proc:
+        wait_until(lambda: all(w["items_in"] == 4 for w in _workers(ws, "work")) or None)
+        scaled = _ask(ws, "scale", ws.name, "work=1")
+        assert (scaled.code, scaled.stdout) == (0, "work: 1 processes (started [], retiring [1])\n")
+        (ws.path / "gate").touch()  # work[0] reads the rest and ends with its input; work[1] never ends
+        wait_until(lambda: [r for r in read_records(log) if r["event"] == "worker_exited" and r["stage"] == "work"])
+        proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: [r for r in read_records(log) if r["event"] == "stop_requested"])
+        proc.send_signal(signal.SIGTERM)  # a second request kills what still runs: the retiring work[1]
+        proc.communicate(timeout=30)
+    records = read_records(log)
+    (killed,) = [r for r in records if r["event"] == "worker_exited" and (r["stage"], r["worker"]) == ("work", 1)]
+    assert killed["signal"] == "SIGKILL"
+    (stopped,) = [r for r in records if r["event"] == "pipeline_stopped"]
+    assert (proc.returncode, stopped["exit_code"], stopped["outcome"]) == (1, 1, "failed")
+    assert stopped["forced"] == ["work[1]"]
+    assert stopped["forced_by"] == "a second stop request (SIGTERM)"
+
+
+def test_a_replaced_input_let_go_with_batches_in_it_makes_the_exit_code_1(ws: Workspace) -> None:
+    pipeline = (
+        '[pipeline]\nname = "{name}"\n'
+        '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 20 }\n'
+        '[stages.work]\nfunction = "st:gated"\ninputs = ["numbers"]\nqueue = { batch = %d }\n'
+    )
+    ws.write("st.py", STAGES)
+    ws.pipeline(pipeline % 4)
+    log = ws.path / "log.jsonl"
+    with reaped(ws.start_ready()) as proc:
+        # the producer has finished: 4 items in work[0]'s hand, 16 in its queue
+        wait_until(lambda: [r for r in read_records(log) if r["event"] == "stage_drained"])
+        (old,) = wait_until(lambda: [w for w in _workers(ws, "work") if w["items_in"] == 4])
+        ws.pipeline(pipeline % 2)  # a new queue: the old one is retired, its reader reads it to its end
+        reloaded = _ask(ws, "reload")
+        assert reloaded.code == 0, reloaded.stderr
+        os.kill(old["pid"], signal.SIGKILL)  # nobody will read the old queue now
+        wait_until(lambda: [r for r in read_records(log) if r["event"] == "batch_abandoned"])
+        (ws.path / "gate").touch()
+        proc.communicate(timeout=30)  # nothing runs any more: the pipeline ends by itself
+    assert _delivered(ws) == []
+    records = read_records(log)
+    (stage,) = [r for r in records if r["event"] == "stage_abandoned"]
+    assert (stage["stage"], stage["in_hand_items"]) == ("work", 4)
+    assert stage["queued_batches"] >= 4 and stage["queued_items_at_most"] >= 16  # 16 items, at most 4 a batch
+    (let_go,) = [r for r in records if r["event"] == "input_abandoned"]  # said when the old queue was closed
+    assert (let_go["stage"], let_go["queued_batches"]) == ("work", stage["queued_batches"])
+    (stopped,) = [r for r in records if r["event"] == "pipeline_stopped"]
+    assert stopped["abandoned"]["queued_batches"] == stage["queued_batches"]
+    assert (proc.returncode, stopped["exit_code"], stopped["outcome"]) == (1, 1, "failed")
+
+
+def test_a_batch_kept_for_a_restart_that_a_scale_down_cancels_is_said_abandoned(ws: Workspace) -> None:
+    # work[1] crashes holding its batch and waits an hour to start again: scaled away meanwhile,
+    # its slot leaves with that batch, which no process will deliver
+    ws.write("st.py", STAGES)
+    ws.pipeline(
+        '[pipeline]\nname = "{name}"\n'
+        '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 20 }\n'
+        '[stages.work]\nfunction = "st:second_crashes"\ninputs = ["numbers"]\nprocesses = 2\nqueue = { batch = 4 }\n'
+        'restart = { policy = "on-failure", backoff = "1h" }\n'
+    )
+    log = ws.path / "log.jsonl"
+    with reaped(ws.start("run", f"{ws.name}.toml", "--log-file", "log.jsonl")) as proc:
+        (kept,) = wait_until(lambda: [r for r in read_records(log) if r["event"] == "item_redelivered"])
+        assert (kept["worker"], kept["items"]) == (1, 4)
+        scaled = _ask(ws, "scale", ws.name, "work=1")
+        assert (scaled.code, scaled.stdout) == (0, "work: 1 processes (started [], retiring [1])\n")
+        (ws.path / "gate").touch()
+        proc.communicate(timeout=30)
+    assert len(_delivered(ws)) == 16
+    records = read_records(log)
+    (abandoned,) = [r for r in records if r["event"] == "batch_abandoned"]
+    assert (abandoned["worker"], abandoned["items"]) == (1, 4)
+    (stopped,) = [r for r in records if r["event"] == "pipeline_stopped"]
+    assert (proc.returncode, stopped["outcome"], stopped["abandoned"]["in_hand_items"]) == (1, "failed", 4)
