@@ -146,6 +146,8 @@ def search_directories() -> list[str]:
 
 
 def answers(path: str) -> bool:
+    """Whether a process accepts a connection on ``path`` now (within a second): a procd that runs,
+    not a socket file a killed one left behind."""
     probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         probe.settimeout(1.0)
