@@ -101,8 +101,9 @@ def test_procd_check_of_plain_functions_hashes_nothing_and_runs_no_inspect(ws: W
     ws.pipeline(
         '[stages.numbers]\nfunction = "st:numbers"\n[stages.drop]\nfunction = "st:drop"\ninputs = ["numbers"]\n'
     )
-    code, _modules = _modules_after(["check", f"{ws.name}.toml"], str(ws.path))
+    code, modules = _modules_after(["check", f"{ws.name}.toml"], str(ws.path))
     assert code == 0
+    assert "procd.lifecycle" not in modules  # the model reads the restart policy's words from procd.restarts
     assert (ws.path / "noted.txt").read_text().split() == ["False,False", "False,False"]
     (ws.path / "noted.txt").unlink()
     result = ws.run("run", f"{ws.name}.toml")  # a reload compares the hashes: run computes them

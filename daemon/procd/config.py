@@ -19,7 +19,7 @@ from typing import Any
 
 from procd.errors import ConfigError, Problem
 from procd.frozen import frozen_dataclass
-from procd.lifecycle import Restart
+from procd.restarts import Restart
 
 START_METHODS = ("fork", "spawn", "forkserver")
 DEFAULT_STOP_TIMEOUT_S = 10.0
