@@ -36,6 +36,13 @@ def second_stuck(n):  # worker 1 holds its batch for good (its title ends in [1]
         time.sleep(0.01)
 """
 
+PRODUCER_AT_GATE = """
+def numbers_then_gate(count):  # its items, then it waits for the gate: its readers' input stays open
+    yield from range(count)
+    while not os.path.exists("gate"):
+        time.sleep(0.01)
+"""
+
 
 def _ask(ws: Workspace, *args: str):
     return ws.run(*args, "--control", str(ws.control))
@@ -166,3 +173,32 @@ def test_a_batch_kept_for_a_restart_that_a_scale_down_cancels_is_said_abandoned(
     assert (abandoned["worker"], abandoned["items"]) == (1, 4)
     (stopped,) = [r for r in records if r["event"] == "pipeline_stopped"]
     assert (proc.returncode, stopped["outcome"], stopped["abandoned"]["in_hand_items"]) == (1, "failed", 4)
+
+
+def test_a_scaled_away_worker_killed_at_its_retire_deadline_counts_as_forced(ws: Workspace) -> None:
+    # no stop: the retire's own deadline (stop_timeout after the scale) kills work[1], and with
+    # redeliver = false the batch it held is tracked nowhere: only the kill can say it was lost
+    ws.write("st.py", STAGES + PRODUCER_AT_GATE)
+    ws.pipeline(
+        '[pipeline]\nname = "{name}"\nstop_timeout = "1s"\n'
+        '[stages.numbers]\nfunction = "st:numbers_then_gate"\noptions = { count = 20 }\n'
+        '[stages.work]\nfunction = "st:second_stuck"\ninputs = ["numbers"]\nprocesses = 2\n'
+        "queue = { batch = 4 }\nredeliver = false\n"
+    )
+    log = ws.path / "log.jsonl"
+    with reaped(ws.start_ready()) as proc:
+        wait_until(lambda: all(w["items_in"] >= 4 for w in _workers(ws, "work")) or None)
+        scaled = _ask(ws, "scale", ws.name, "work=1")
+        assert (scaled.code, scaled.stdout) == (0, "work: 1 processes (started [], retiring [1])\n")
+        (killed,) = wait_until(
+            lambda: [r for r in read_records(log) if r["event"] == "worker_exited" and r["worker"] == 1]
+        )
+        assert killed["signal"] == "SIGKILL"
+        (ws.path / "gate").touch()
+        proc.communicate(timeout=30)  # the producer is finite: the pipeline ends by itself
+    records = read_records(log)
+    (escalated,) = [r for r in records if r["event"] == "stop_escalated"]
+    assert (escalated["worker"], escalated["forced_by"]) == (1, "retire_timeout")
+    (stopped,) = [r for r in records if r["event"] == "pipeline_stopped"]
+    assert (proc.returncode, stopped["exit_code"], stopped["outcome"]) == (1, 1, "failed")
+    assert stopped["forced"] == ["work[1]"]

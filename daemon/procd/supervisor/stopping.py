@@ -9,9 +9,11 @@ has ended, ``finish`` counts what was abandoned and returns the exit code, and `
 reaps whatever of ours is left.
 
 What was abandoned includes what left earlier: a retired slot (scale-down, reload) that leaves
-holding a batch (``departed``, from the slot driver's removal, before its slot file is closed), a
-retired slot whose process was killed at the stop's deadline (forced), and a retired input that
-is let go with batches no reader will read (``input_left``, from the wiring).
+holding a batch (``departed``, from the slot driver's removal, before its slot file is closed),
+and a retired input that is let go with batches no reader will read (``input_left``, from the
+wiring). Every process killed at a deadline is forced (``killed``, from the slot driver as it
+sends SIGKILL): the stop's, and also a retired worker's or a rest_for_one restart's outside a
+stop, since a batch a stage does not track (``redeliver = false``) goes with it unseen.
 
 It never decides a slot's state: the transition table turns the stop events into signals and
 timers, and the slot driver carries them out.
@@ -82,7 +84,10 @@ class Stopper:
         self.stop_reason: str | None = None  # the first stop request's
         self.failed: list[str] = []  # what makes the exit code 1
         self.left = Abandoned()  # what retired slots and inputs left behind as they went
-        self.forced_left: list[str] = []  # retired slots whose process was killed at the stop's deadline
+        # workers procd killed at a deadline (a stop's, a retire's, a rest_for_one restart's), and
+        # what made the last such kill: a batch not tracked (redeliver = false) goes with them
+        self.forced: list[str] = []
+        self.forced_by: str | None = None
 
     def kill_cause(self) -> str:
         """What made a stop kill: a second stop request, or the stop timeout."""
@@ -116,14 +121,20 @@ class Stopper:
         for slot in sup.slots:
             sup.driver.feed(slot, StopRequested() if slot.stage.is_producer else DrainRequested())
 
+    def killed(self, slot: WorkerSlot, cause: str) -> None:
+        """``slot``'s process is killed at a deadline, for ``cause``: the run was forced, whether
+        or not a stop was under way (a retired worker's deadline, or a rest_for_one restart's,
+        kills as a stop's does, and what it held may be tracked nowhere)."""
+        if slot.name not in self.forced:
+            self.forced.append(slot.name)
+        self.forced_by = cause
+
     def departed(self, slot: WorkerSlot, held: Header | None) -> None:
         """A retired slot leaves the pipeline (its slot file says ``held``): a batch it still
-        holds will never be delivered, and a process killed at the stop's deadline was forced."""
+        holds will never be delivered."""
         if held is not None and held.holds:
             durable = slot.input is not None and slot.input.endpoint().durable
             self.left.add(slot.stage.name, durable=durable, in_hand_items=held.items - max(held.index, 0))
-        if slot.forced and self.stopping:
-            self.forced_left.append(slot.name)
 
     def input_left(self, channel: Input) -> None:
         """A retired input is let go: what it still queues no reader will read."""
@@ -133,7 +144,7 @@ class Stopper:
         """Every process has ended: say what was abandoned and how the pipeline ended; return
         the exit code."""
         sup = self.sup
-        forced = [s.name for s in sup.slots if s.forced] + self.forced_left
+        forced = self.forced
         abandoned = self._abandoned()
         totals = dict.fromkeys(_COUNTS, 0)
         for stage, counts in abandoned.stages.items():
@@ -167,7 +178,7 @@ class Stopper:
             stop_reason=self.stop_reason,
             failures=self.failed,
             forced=forced,
-            forced_by=self.kill_cause() if forced else None,
+            forced_by=self.forced_by,
             abandoned=totals,
         )
         return code
