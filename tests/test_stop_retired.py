@@ -202,3 +202,69 @@ def test_a_scaled_away_worker_killed_at_its_retire_deadline_counts_as_forced(ws:
     (stopped,) = [r for r in records if r["event"] == "pipeline_stopped"]
     assert (proc.returncode, stopped["exit_code"], stopped["outcome"]) == (1, 1, "failed")
     assert stopped["forced"] == ["work[1]"]
+
+
+REGROUP = """
+[pipeline]
+name = "{name}"
+stop_timeout = "1s"
+[stages.numbers]
+function = "st:numbers"
+options = { count = 20 }
+[stages.middle]
+function = "st:fail_once"
+inputs = ["numbers"]
+queue = { batch = 1 }
+strategy = "rest_for_one"
+restart = { policy = "on-failure", backoff = "100ms" }
+[stages.last]
+function = "st:hold_at_3"
+inputs = ["middle"]
+queue = { batch = 1 }
+redeliver = false
+"""
+
+REGROUP_STAGES = """
+import os, time
+
+def numbers(count):
+    yield from range(count)
+
+def fail_once(n):  # fails at 5, once, while last holds item 3
+    if n == 5 and not os.path.exists("failed"):
+        while not os.path.exists("holding"):
+            time.sleep(0.01)
+        open("failed", "w").close()
+        os._exit(3)
+    return n
+
+def hold_at_3(n):  # holds item 3 until the gate opens (past the group restart's deadline)
+    if n == 3:
+        open("holding", "w").close()
+        while not os.path.exists("gate"):
+            time.sleep(0.01)
+    with open("delivered", "a") as fh:
+        fh.write(f"{n}\\n")
+"""
+
+
+def test_a_worker_killed_at_a_rest_for_one_restarts_deadline_counts_as_forced(ws: Workspace) -> None:
+    # middle fails while last[0] holds item 3: the group restart asks last[0] to finish its batch,
+    # kills it a stop_timeout later, and starts it again; item 3 (redeliver = false) is gone
+    ws.write("st.py", REGROUP_STAGES)
+    ws.pipeline(REGROUP)
+    log = ws.path / "log.jsonl"
+    with reaped(ws.start("run", f"{ws.name}.toml", "--log-file", "log.jsonl")) as proc:
+        (killed,) = wait_until(
+            lambda: [r for r in read_records(log) if r["event"] == "worker_exited" and r["stage"] == "last"]
+        )
+        assert killed["signal"] == "SIGKILL"
+        (ws.path / "gate").touch()
+        proc.communicate(timeout=30)  # the group starts again and the pipeline ends by itself
+    assert 3 not in _delivered(ws)
+    records = read_records(log)
+    (escalated,) = [r for r in records if r["event"] == "stop_escalated"]
+    assert (escalated["stage"], escalated["forced_by"]) == ("last", "regroup_timeout")
+    (stopped,) = [r for r in records if r["event"] == "pipeline_stopped"]
+    assert (proc.returncode, stopped["exit_code"], stopped["outcome"]) == (1, 1, "failed")
+    assert stopped["forced"] == ["last[0]"]
