@@ -90,8 +90,8 @@ CASES = [
     (State.STOPPING, Ready(), NO, _(State.STOPPING)),
     (State.STOPPING, Exited(code=0), ALWAYS, _(State.EXITED, (CancelTimer(Timer.KILL),))),
     (State.STOPPING, Exited(signal=15), NO, _(State.EXITED, (CancelTimer(Timer.KILL),))),
-    (State.STOPPING, StopRequested(), NO, _(State.STOPPING)),
-    (State.STOPPING, DrainRequested(), NO, _(State.STOPPING)),
+    (State.STOPPING, StopRequested(), NO, _(State.STOPPING, (ArmTimer(Timer.KILL),))),  # the stop's deadline
+    (State.STOPPING, DrainRequested(), NO, _(State.STOPPING, (ArmTimer(Timer.KILL),))),
     (State.STOPPING, StopTimedOut(), NO, _(State.STOPPING, (KILL,))),
     (State.STOPPING, StartRequested(), NO, _(State.STOPPING)),
     (State.BACKOFF, BackoffElapsed(), ON_FAILURE, _(State.STARTING, (Spawn(),))),
@@ -204,8 +204,10 @@ def test_a_retiring_slot_leaves_once_ended_is_never_restarted_and_fails_nothing(
     assert retire.life.retiring and stop_again.life.retiring
     assert (exited.state, exited.actions) == (State.EXITED, (CancelTimer(Timer.KILL), Remove()))
     assert (start.state, start.actions) == (State.EXITED, ())  # a retired slot never starts again
+    # one that reads a retired queue to its end has no deadline until a stop gives it the stop's
     drained = step(RUNNING, RetireRequested(Leave.AT_END))
-    assert (drained.state, drained.actions) == (State.STOPPING, (ArmTimer(Timer.KILL),))
+    assert (drained.state, drained.actions) == (State.STOPPING, ())
+    assert step(drained.life, DrainRequested()).actions == (ArmTimer(Timer.KILL),)
     # a retiring process that was already stopping becomes retiring all the same
     stopping = step(Life(State.STOPPING), RetireRequested())
     assert stopping.life == Life(State.STOPPING, retiring=True) and stopping.actions == ()

@@ -9,7 +9,7 @@ import json
 import os
 import signal
 
-from conftest import Workspace, read_records, reaped, wait_until
+from conftest import Started, Workspace, read_records, reaped, wait_until
 
 STAGES = """
 import os, time
@@ -268,3 +268,78 @@ def test_a_worker_killed_at_a_rest_for_one_restarts_deadline_counts_as_forced(ws
     (stopped,) = [r for r in records if r["event"] == "pipeline_stopped"]
     assert (proc.returncode, stopped["exit_code"], stopped["outcome"]) == (1, 1, "failed")
     assert stopped["forced"] == ["last[0]"]
+
+
+DRAIN = """
+[pipeline]
+name = "{name}"
+stop_timeout = "%s"
+[stages.numbers]
+function = "st:numbers"
+options = { count = 60 }
+[stages.work]
+function = "st:%s"
+inputs = ["numbers"]
+queue = { batch = %d }
+[stages.sink]
+function = "st:sink"
+inputs = ["work"]
+"""
+
+DRAIN_STAGES = """
+import os, time
+
+def numbers(count):
+    yield from range(count)
+
+def slow(n):  # 60 items take 3 s, far longer than the stop timeout
+    time.sleep(0.05)
+    return n
+
+def gated(n):  # holds its first item until the gate opens
+    while not os.path.exists("gate"):
+        time.sleep(0.01)
+    return n
+
+def sink(n):
+    with open("delivered", "a") as fh:
+        fh.write(f"{n}\\n")
+"""
+
+
+def _replace_the_queue_of_work(ws: Workspace, stop_timeout: str, function: str) -> Started:
+    """Start the pipeline; once numbers has finished (its 60 items queued for work), reload with
+    work's queue.batch changed: the old queue is retired and its reader reads it to its end."""
+    ws.write("st.py", DRAIN_STAGES)
+    ws.pipeline(DRAIN % (stop_timeout, function, 4))
+    log = ws.path / "log.jsonl"
+    proc = ws.start_ready()
+    wait_until(lambda: [r for r in read_records(log) if r["event"] == "stage_drained" and r["stage"] == "numbers"])
+    ws.pipeline(DRAIN % (stop_timeout, function, 2))
+    reloaded = _ask(ws, "reload")
+    assert (reloaded.code, reloaded.stdout) == (0, "changed work\n"), reloaded.stderr
+    return proc
+
+
+def test_a_reader_draining_a_replaced_queue_is_not_killed_at_the_stop_timeout(ws: Workspace) -> None:
+    # the old work[0] reads its old queue to the end, which takes longer than stop_timeout: no stop
+    # was asked for, so nothing may kill it (it was killed, 40-odd items lost, exit 1)
+    with reaped(_replace_the_queue_of_work(ws, "300ms", "slow")) as proc:
+        proc.communicate(timeout=60)
+    records = read_records(ws.path / "log.jsonl")
+    assert not [r for r in records if r["event"] in ("stop_escalated", "batch_abandoned", "input_abandoned")]
+    assert _delivered(ws) == list(range(60))
+    (stopped,) = [r for r in records if r["event"] == "pipeline_stopped"]
+    assert (proc.returncode, stopped["outcome"]) == (0, "finished")
+
+
+def test_a_stop_still_kills_a_reader_draining_a_replaced_queue_at_its_deadline(ws: Workspace) -> None:
+    log = ws.path / "log.jsonl"
+    with reaped(_replace_the_queue_of_work(ws, "300ms", "gated")) as proc:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)  # a hang here: the draining reader had no stop deadline
+    records = read_records(log)
+    escalated = {r["stage"]: r["forced_by"] for r in records if r["event"] == "stop_escalated"}
+    assert escalated == {"work": "stop_timeout", "sink": "stop_timeout"}  # sink[0] waits for work's end
+    (stopped,) = [r for r in records if r["event"] == "pipeline_stopped"]
+    assert (proc.returncode, stopped["outcome"], sorted(stopped["forced"])) == (1, "failed", ["sink[0]", "work[0]"])

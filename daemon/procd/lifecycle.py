@@ -87,7 +87,7 @@ class Leave(enum.StrEnum):
 
     AT_ONCE = "at once"  # SIGTERM to its process group (a producer)
     AFTER_BATCH = "after its batch"  # SIGTERM to the process alone: it finishes the batch in hand
-    AT_END = "at the end of its input"  # no signal: it reads its input (a queue that is going) to the end
+    AT_END = "at the end of its input"  # no signal, no deadline: it reads its input (a queue that is going) to the end
 
 
 @frozen_dataclass(frozen=True)
@@ -367,13 +367,22 @@ _SENDS = {
 
 
 def _leave(life: Life, event: Event, _policy: Policy) -> Transition:
-    """A process asked to end for a retire or a regroup, with a deadline."""
+    """A process asked to end for a retire or a regroup, with a deadline; one that reads a
+    retired queue to its end has none (a whole queue may take longer than the stop timeout, and
+    killing it would lose what is left there): a stop gives it the stop's."""
     assert isinstance(event, (RetireRequested, RegroupRequested))
     if isinstance(event, RetireRequested):
         life = dataclasses.replace(life, state=State.STOPPING, retiring=True)
     else:
         life = dataclasses.replace(life, state=State.STOPPING, regrouping=True)
-    return Transition(life, (*_SENDS[event.leave], ArmTimer(Timer.KILL)))
+    deadline = () if event.leave is Leave.AT_END else (ArmTimer(Timer.KILL),)
+    return Transition(life, (*_SENDS[event.leave], *deadline))
+
+
+def _stop_while_leaving(life: Life, _event: Event, _policy: Policy) -> Transition:
+    """A stop comes to a process that is leaving already: the stop's deadline (an earlier one of
+    its own stands), and a regroup is overridden (the group will not start again)."""
+    return Transition(dataclasses.replace(life, regrouping=False), (ArmTimer(Timer.KILL),))
 
 
 def _cause(life: Life, event: Exited, policy: Policy) -> str | None:
@@ -498,8 +507,8 @@ _TABLE: dict[tuple[State, type], Handler] = {
     (State.STOPPING, ErrorReported): _reported,
     (State.STOPPING, ExecFailureReported): _reported,
     (State.STOPPING, Exited): _exited,
-    (State.STOPPING, StopRequested): _no_regroup,
-    (State.STOPPING, DrainRequested): _no_regroup,
+    (State.STOPPING, StopRequested): _stop_while_leaving,
+    (State.STOPPING, DrainRequested): _stop_while_leaving,
     (State.STOPPING, RetireRequested): _to(State.STOPPING, retire=True),
     (State.STOPPING, RegroupRequested): _stay,
     (State.STOPPING, StopTimedOut): _to(State.STOPPING, _KILL, force=True),

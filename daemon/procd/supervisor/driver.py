@@ -150,9 +150,9 @@ class SlotDriver:
                     self._signal(slot, signum, group=group)
                 case ArmTimer(Timer.KILL):
                     spec_s = host.spec.stop_timeout_s
-                    host.timers[(slot, Timer.KILL)] = (
-                        host.stopper.stop_deadline if host.stopper.stopping else host.clock() + spec_s
-                    )
+                    deadline = host.stopper.stop_deadline if host.stopper.stopping else host.clock() + spec_s
+                    earlier = host.timers.get((slot, Timer.KILL))  # a retire's or a regroup's, before a stop
+                    host.timers[(slot, Timer.KILL)] = deadline if earlier is None else min(earlier, deadline)
                 case ArmTimer():
                     spec = slot.stage.restart
                     failures = slot.life.failures
@@ -233,10 +233,10 @@ class SlotDriver:
             stopper, timeout = self.host.stopper, f"{self.host.spec.stop_timeout_s:g}s"
             if stopper.second_stop is not None:
                 forced_by, after, cause = "second_signal", f"after {stopper.kill_cause()}", stopper.kill_cause()
-            elif slot.regrouping:
+            elif slot.regrouping and not stopper.stopping:
                 forced_by, after = "regroup_timeout", f"{timeout} after it was asked to stop for a rest_for_one restart"
                 cause = f"the stop timeout ({timeout}) of a rest_for_one restart"
-            elif slot.retiring:
+            elif slot.retiring and not stopper.stopping:
                 forced_by, after = "retire_timeout", f"{timeout} after it was retired (scale or reload)"
                 cause = f"the stop timeout ({timeout}) of a retired worker"
             else:
