@@ -155,7 +155,14 @@ def test_events_and_actions_behave_as_frozen_dataclasses() -> None:
     assert exited == Exited(3) and hash(exited) == hash(Exited(3)) and exited != Exited(signal=9)
     assert StopRequested() != DrainRequested()  # same (no) fields, different facts
     assert repr(Signal(15)) == "Signal(signum=15, group=True)"
-    assert [f.name for f in dataclasses.fields(exited)] == ["code", "signal", "runtime_s", "input", "held_batch"]
+    assert [f.name for f in dataclasses.fields(exited)] == [
+        "code",
+        "signal",
+        "runtime_s",
+        "input",
+        "held_batch",
+        "untracked_batch",
+    ]
     assert dataclasses.replace(exited, code=4) == Exited(4)
     running = Transition(Life(State.RUNNING), (Spawn(),))
     assert pickle.loads(pickle.dumps(running)) == running
@@ -320,3 +327,14 @@ def test_the_backoff_counts_consecutive_failures_and_a_long_run_starts_it_afresh
         life = step(step(life, BackoffElapsed()).life, Ready()).life
         assert life.failures == expected
     assert step(life, Exited(code=1, runtime_s=61.0), policy).life.failures == 1
+
+
+def test_a_failure_with_a_batch_redeliver_false_does_not_track_abandons_it_and_a_clean_end_does_not() -> None:
+    on_failure = Policy(Restart.ON_FAILURE)
+    killed = step(RUNNING, Exited(signal=9, untracked_batch=True), on_failure)
+    assert (killed.state, killed.actions) == (State.BACKOFF, (AbandonBatch(), ArmTimer(Timer.RESTART)))
+    retired = step(Life(State.STOPPING, retiring=True), Exited(signal=9, untracked_batch=True), on_failure)
+    assert retired.actions == (AbandonBatch(), CancelTimer(Timer.KILL), Remove())
+    # a retired reader asked to finish its batch that ends cleanly has handed it on
+    clean = step(Life(State.STOPPING, retiring=True), Exited(code=0, untracked_batch=True), on_failure)
+    assert clean.actions == (CancelTimer(Timer.KILL), Remove())

@@ -37,6 +37,10 @@ def second_stuck(n):  # worker 1 holds its batch for good (its title ends in [1]
 """
 
 PRODUCER_AT_GATE = """
+def deliver(n):
+    with open("delivered", "a") as fh:
+        fh.write(f"{n}\\n")
+
 def numbers_then_gate(count):  # its items, then it waits for the gate: its readers' input stays open
     yield from range(count)
     while not os.path.exists("gate"):
@@ -343,3 +347,54 @@ def test_a_stop_still_kills_a_reader_draining_a_replaced_queue_at_its_deadline(w
     assert escalated == {"work": "stop_timeout", "sink": "stop_timeout"}  # sink[0] waits for work's end
     (stopped,) = [r for r in records if r["event"] == "pipeline_stopped"]
     assert (proc.returncode, stopped["outcome"], sorted(stopped["forced"])) == (1, "failed", ["sink[0]", "work[0]"])
+
+
+def test_a_scaled_away_worker_killed_holding_an_untracked_batch_makes_the_exit_code_1(ws: Workspace) -> None:
+    # redeliver = false: the slot file does not keep the batch, but it says one was received and
+    # not yet followed by another receive; a kill then loses it (it exited 0)
+    ws.write("st.py", STAGES)
+    ws.pipeline(
+        '[pipeline]\nname = "{name}"\n'
+        '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 20 }\n'
+        '[stages.work]\nfunction = "st:gated"\ninputs = ["numbers"]\nprocesses = 2\nqueue = { batch = 4 }\n'
+        "redeliver = false\n"
+    )
+    log = ws.path / "log.jsonl"
+    with reaped(ws.start_ready()) as proc:
+        wait_until(lambda: all(w["items_in"] == 4 for w in _workers(ws, "work")) or None)
+        scaled = _ask(ws, "scale", ws.name, "work=1")
+        assert (scaled.code, scaled.stdout) == (0, "work: 1 processes (started [], retiring [1])\n")
+        (retiring,) = [w for w in _workers(ws, "work") if w["index"] == 1]
+        os.kill(retiring["pid"], signal.SIGKILL)
+        (abandoned,) = wait_until(lambda: [r for r in read_records(log) if r["event"] == "batch_abandoned"])
+        assert (abandoned["stage"], abandoned["worker"], abandoned["items"]) == ("work", 1, None)  # not counted
+        (ws.path / "gate").touch()
+        proc.communicate(timeout=30)
+    assert len(_delivered(ws)) == 16
+    (stopped,) = [r for r in read_records(log) if r["event"] == "pipeline_stopped"]
+    assert (proc.returncode, stopped["exit_code"], stopped["outcome"]) == (1, 1, "failed")
+    assert any("work[1]" in failure and "redeliver = false" in failure for failure in stopped["failures"])
+
+
+def test_an_idle_worker_killed_with_redeliver_false_loses_nothing_and_the_exit_code_is_0(ws: Workspace) -> None:
+    # both work workers have handed on what they took and wait for input: a kill loses nothing
+    ws.write("st.py", STAGES + PRODUCER_AT_GATE)
+    ws.pipeline(
+        '[pipeline]\nname = "{name}"\n'
+        '[stages.numbers]\nfunction = "st:numbers_then_gate"\noptions = { count = 8 }\n'
+        '[stages.work]\nfunction = "st:deliver"\ninputs = ["numbers"]\nprocesses = 2\nqueue = { batch = 4 }\n'
+        "redeliver = false\n"
+    )
+    log = ws.path / "log.jsonl"
+    with reaped(ws.start_ready()) as proc:
+        wait_until(lambda: len(_delivered(ws)) == 8 or None)
+        (idle,) = wait_until(lambda: [w for w in _workers(ws, "work") if w["index"] == 1 and w["state"] == "blocked"])
+        os.kill(idle["pid"], signal.SIGKILL)
+        wait_until(lambda: [r for r in read_records(log) if r["event"] == "worker_exited" and r["stage"] == "work"])
+        (ws.path / "gate").touch()
+        proc.communicate(timeout=30)
+    assert _delivered(ws) == list(range(8))
+    records = read_records(log)
+    assert not [r for r in records if r["event"] == "batch_abandoned"]
+    (stopped,) = [r for r in records if r["event"] == "pipeline_stopped"]
+    assert (proc.returncode, stopped["outcome"]) == (0, "finished")

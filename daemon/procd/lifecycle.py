@@ -156,6 +156,9 @@ class Exited:
     runtime_s: float = 0.0
     input: InputEnd = InputEnd.NONE
     held_batch: bool = False  # its slot file says it held a batch it had not handed on
+    # its stage keeps no batch (redeliver = false, a queue that does not outlive procd), and its
+    # slot file says it had received one and not asked for the next: a failure loses that batch
+    untracked_batch: bool = False
 
     @property
     def ok(self) -> bool:
@@ -409,9 +412,13 @@ def _exited(life: Life, event: Event, policy: Policy) -> Transition:
     if event.runtime_s > policy.within_s:
         life = dataclasses.replace(life, failures=0)  # it stayed up: the next backoff starts afresh
     if life.state is State.STOPPING:
-        return _settle(dataclasses.replace(life, state=State.EXITED), cause, event.held_batch, CancelTimer(Timer.KILL))
-    ended = event.input in (InputEnd.ENDED, InputEnd.SEEN)
-    return _after_end(life, cause, event.held_batch, policy, input_ended=ended, regroups=True)
+        then = _settle(dataclasses.replace(life, state=State.EXITED), cause, event.held_batch, CancelTimer(Timer.KILL))
+    else:
+        ended = event.input in (InputEnd.ENDED, InputEnd.SEEN)
+        then = _after_end(life, cause, event.held_batch, policy, input_ended=ended, regroups=True)
+    if event.untracked_batch and cause is not None:  # nothing can deliver it again (a clean end handed it on)
+        then = dataclasses.replace(then, actions=(AbandonBatch(), *then.actions))
+    return then
 
 
 def _spawn_failed(life: Life, event: Event, policy: Policy) -> Transition:

@@ -299,6 +299,7 @@ class SlotDriver:
             runtime_s=runtime_s,
             input=_input_end(slot, held),
             held_batch=held is not None and held.holds,
+            untracked_batch=_untracked_batch(slot, held),
         )
         transition = self._step(slot, event)
         fields: dict[str, Any] = {"runtime_s": round(runtime_s, 3), "expected": transition.cause is None, **slot.counts}
@@ -328,6 +329,17 @@ class SlotDriver:
         """The ended process held a batch: its slot's next process delivers it again, or none will."""
         assert slot.slot_fd is not None
         transport.slot.note_exit(slot.slot_fd, exited.signal, exited.code)
+        if not held.holds:  # a batch its stage does not track (redeliver = false): gone, count unknown
+            self.host.stopper.untracked_lost(slot)
+            self._bound(slot).error(
+                "batch_abandoned",
+                items=None,
+                message=(
+                    f"{slot.name} ended ({exited.describe()}) while it may have held a batch that redeliver = false "
+                    "does not track: its items are lost, how many is not known"
+                ),
+            )
+            return
         pending = held.items - max(held.index, 0)
         if kept:
             self._bound(slot).warning(
@@ -418,6 +430,16 @@ class SlotDriver:
         """A failure that is not restarted stops the pipeline, which then exits 1."""
         self.host.stopper.failed.append(f"{slot.name}: {cause}")
         self.host.stopper.request(f"{slot.name} failed: {cause}")
+
+
+def _untracked_batch(slot: WorkerSlot, held: Header | None) -> bool:
+    """The slot's ended process may have held a batch that nothing keeps: its stage does not
+    track one (``redeliver = false``), its input does not outlive procd (a durable queue keeps an
+    unacknowledged batch for the next run), and its slot file says a receive was armed and not
+    followed by the next one (a process waiting for input, or that never received, says EMPTY)."""
+    if held is None or held.holds or slot.input is None or slot.stage.redeliver:
+        return False
+    return held.state == transport.slot.RECEIVING and not slot.input.endpoint().durable
 
 
 def _input_end(slot: WorkerSlot, held: Header | None) -> InputEnd:

@@ -136,6 +136,14 @@ class Stopper:
             durable = slot.input is not None and slot.input.endpoint().durable
             self.left.add(slot.stage.name, durable=durable, in_hand_items=held.items - max(held.index, 0))
 
+    def untracked_lost(self, slot: WorkerSlot) -> None:
+        """``slot``'s process failed while it may have held a batch that its stage does not track
+        (``redeliver = false``): its items are lost, how many is not known."""
+        self.failed.append(
+            f"{slot.name} ended while it may have held a batch that redeliver = false does not track "
+            "(its items were neither delivered nor dead-lettered)"
+        )
+
     def input_left(self, channel: Input) -> None:
         """A retired input is let go: what it still queues no reader will read."""
         self.left.add_input(channel)
