@@ -12,10 +12,15 @@
   generator's tail, a stage class's ``close``) and prints it; the sum over all workers divided
   by the items. The CPU time is every thread's (``time.process_time``: a multiprocessing.Queue
   pickles and sends in a feeder thread, procd's ticker and bridge threads send too), in
-  nanoseconds (/proc/self/stat counts 10 ms ticks, too coarse for a short run).
+  nanoseconds (/proc/self/stat counts 10 ms ticks, too coarse for a short run). The row also
+  gives it per stage (produce / transform / sink, the same for the classic pattern) and the rest
+  of the whole command's CPU (``getrusage(RUSAGE_CHILDREN)`` over the run, less the workers':
+  procd's supervisor, its start-up and its stage-code check; the classic script's main process).
 - A CPU-bound transform (about 1 ms per item, ``queue.batch = 4``), 2 processes against 1: the
   stage's own span (first item started to last item done, over its workers); of 3 rounds, the
-  one in which other processes used the least CPU counts.
+  one in which other processes used the least CPU counts. Its anchor is the classic pattern's
+  own 2-vs-1 ratio in the same round (``multiprocessing.Queue``, one item per put, the same
+  work and span): what two processes give on this machine at all.
 - JSON lines through a ``cat`` command stage (producer → ``cat`` → sink): lines/s at the sink
   (first to last arrival); the anchor is the same lines through ``cat`` over plain pipes, written
   and parsed by this process, no procd.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -167,7 +173,7 @@ def produce(out, start, stop, batch, sentinels, result):
             out.put(buf)
     for _ in range(sentinels):
         out.put(None)
-    result.put(("cpu", cpu_seconds()))
+    result.put(("cpu", "produce", cpu_seconds()))
 
 def transform(inq, out, batch, result):
     if batch == 1:
@@ -182,7 +188,7 @@ def transform(inq, out, batch, result):
                 item["tag"] = "even" if item["id"] % 2 == 0 else "odd"
             out.put(items)
     out.put(None)
-    result.put(("cpu", cpu_seconds()))
+    result.put(("cpu", "transform", cpu_seconds()))
 
 def sink(inq, producers, batch, result):
     seen = checksum = done = 0
@@ -195,9 +201,42 @@ def sink(inq, producers, batch, result):
             seen += 1
             checksum += item["id"]
     result.put(("sink", seen, checksum))
-    result.put(("cpu", cpu_seconds()))
+    result.put(("cpu", "sink", cpu_seconds()))
+
+def burn(inq, out, rounds, result):
+    first = last = None
+    while (item := inq.get()) is not None:
+        if first is None:
+            first = time.perf_counter()
+        total = 0
+        for i in range(rounds):
+            total += i * i
+        last = time.perf_counter()
+        out.put(item)
+    result.put(("span", first, last))
+
+def cpu_bound(count, processes, rounds):
+    ctx = mp.get_context("fork")
+    q1, q2, result = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=burn, args=(q1, q2, rounds, result)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    for i in range(count):
+        q1.put(i)
+    for _ in procs:
+        q1.put(None)
+    for _ in range(count):
+        q2.get()
+    spans = [result.get() for _ in procs]
+    for p in procs:
+        p.join()
+    spans = [s for s in spans if s[1] is not None]
+    print(json.dumps({"span": max(s[2] for s in spans) - min(s[1] for s in spans)}))
 
 if __name__ == "__main__":
+    if sys.argv[1] == "burn":
+        cpu_bound(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+        sys.exit(0)
     shape, count, batch, maxsize = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     ctx = mp.get_context("fork")
     result = ctx.Queue()
@@ -224,12 +263,13 @@ if __name__ == "__main__":
             p.join()
         for _ in consumers:
             q.put(None)
-    seen = checksum = cpu = 0
+    seen = checksum = 0
+    cpu = {}
     messages = len(procs) + (1 if shape == "3stage" else 2)
     for _ in range(messages):
         got = result.get()
         if got[0] == "cpu":
-            cpu += got[1]
+            cpu[got[1]] = cpu.get(got[1], 0.0) + got[2]
         else:
             seen += got[1]
             checksum += got[2]
@@ -242,29 +282,49 @@ if __name__ == "__main__":
 )
 
 
+STAGE_NAMES = ("produce", "transform", "sink")
+
+
 @dataclass
 class Run:
     end_to_end_s: float
     inside_s: float
-    cpu_s: float
+    stages_s: dict[str, float]  # CPU seconds each stage's workers reported, by stage
+    tree_s: float  # CPU seconds of the whole command: every process it started, itself included
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.stages_s.values())
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's waited-for descendants so far (their own descendants that
+    they waited for included: ``procd run`` reaps its workers, a classic script joins its)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def procd_run(toml: str, workers: int, check: Callable[[list[str]], bool]) -> Run:
     """Run a finite pipeline to its end; its times and the CPU its ``workers`` reported."""
+    tree_before = children_cpu_s()
     with Pipeline(toml, STAGES, name="bench-cpu") as pipeline:
         pipeline.start()
         code = pipeline.wait(timeout=600)
         end_to_end = time.perf_counter() - pipeline.started_at
+        tree = children_cpu_s() - tree_before
         records = pipeline.records()
     if code != 0:
         raise RuntimeError(f"procd exited {code}")
     lines = [r["line"] for r in records if r.get("event") == "worker_output"]
-    cpu = [float(line.split()[2]) for line in lines if line.startswith("CPU ")]
+    cpu = [line.split()[1:3] for line in lines if line.startswith("CPU ")]
     if len(cpu) != workers or not check(lines):
         raise RuntimeError(f"the pipeline's workers did not all report, or items were lost: {lines}")
+    stages: dict[str, float] = {}
+    for stage, seconds in cpu:
+        stages[stage] = stages.get(stage, 0.0) + float(seconds)
     first = next(r for r in records if r["event"] == "pipeline_starting")
     last = next(r for r in records if r["event"] == "pipeline_stopped")
-    return Run(end_to_end, timestamp(last) - timestamp(first), sum(cpu))
+    return Run(end_to_end, timestamp(last) - timestamp(first), stages, tree)
 
 
 def procd_three_stages(count: int) -> Run:
@@ -282,15 +342,32 @@ def procd_two_by_two(count: int) -> Run:
 
 
 def classic_run(script: Script, shape: str, count: int, batch: int) -> Run:
+    tree_before = children_cpu_s()
     elapsed, stdout = script.run(shape, str(count), str(batch), "10000" if batch == 1 else "40")
+    tree = children_cpu_s() - tree_before
     got = json.loads(stdout)
     if not got["ok"]:
         raise RuntimeError(f"the classic {shape} run lost items")
-    return Run(elapsed, got["inside"], got["cpu"])
+    return Run(elapsed, got["inside"], got["cpu"], tree)
 
 
 def medians(runs: list[Run]) -> Run:
-    return Run(*(statistics.median(getattr(r, f) for r in runs) for f in ("end_to_end_s", "inside_s", "cpu_s")))
+    def middle(values: list[float]) -> float:
+        return statistics.median(values)
+
+    return Run(
+        middle([r.end_to_end_s for r in runs]),
+        middle([r.inside_s for r in runs]),
+        {s: middle([r.stages_s.get(s, 0.0) for r in runs]) for s in runs[0].stages_s},
+        middle([r.tree_s for r in runs]),
+    )
+
+
+def breakdown(run: Run, count: int) -> str:
+    """CPU µs per item by stage, and the rest of the command (supervisor, start-up, main script)."""
+    parts = [f"{name} {run.stages_s.get(name, 0.0) / count * 1e6:.2f}" for name in STAGE_NAMES]
+    rest = (run.tree_s - run.cpu_s) / count * 1e6
+    return f"{' / '.join(parts)}; rest of the command {rest:.2f}"
 
 
 def _rates(run: Run, count: int) -> str:
@@ -321,6 +398,14 @@ def cpu_bound(count: int, processes: int, rounds: int) -> float:
         raise RuntimeError(f"procd exited {code}")
     spans = [line.split()[1:] for line in lines if line.startswith("SPAN ")]
     return max(float(s[1]) for s in spans) - min(float(s[0]) for s in spans)
+
+
+def classic_cpu_bound(script: Script, count: int, processes: int, rounds: int) -> float:
+    """Seconds the same CPU-bound work took in the classic pattern (``multiprocessing.Queue``,
+    one item per put) with ``processes`` workers: first item started to last item done."""
+    _elapsed, stdout = script.run("burn", str(count), str(processes), str(rounds))
+    span: float = json.loads(stdout)["span"]
+    return span
 
 
 def cat_stage(count: int) -> float:
@@ -427,8 +512,9 @@ def measure(quick: bool = False, items: int | None = None, repeat: int | None = 
         Row(
             "cpu_per_item",
             "worker CPU per item, all stages (3-stage run)",
-            f"{per_item:.2f} us",
-            f"batched classic {b3.cpu_s / count * 1e6:.2f} us; batch 1 {c3.cpu_s / count * 1e6:.2f} us",
+            f"{per_item:.2f} us ({breakdown(p3, count)})",
+            f"batched classic {b3.cpu_s / count * 1e6:.2f} us ({breakdown(b3, count)}); "
+            f"batch 1 {c3.cpu_s / count * 1e6:.2f} us",
             ratio(per_item, b3.cpu_s / count * 1e6) + " batched",
             "<= 2 us",
             per_item,
@@ -440,20 +526,24 @@ def measure(quick: bool = False, items: int | None = None, repeat: int | None = 
     # one in which other processes used the least of the machine counts (issue 12 discarded
     # rounds with more than 10%).
     tries = []
-    for _ in range(1 if quick else 3):
-        with ForeignCpu() as foreign:
-            one = cpu_bound(burn_items, 1, rounds)
-            two_procs = cpu_bound(burn_items, 2, rounds)
-        tries.append((foreign.share, one, two_procs))
-    foreign_share, one, two_procs = min(tries)
+    with Script(CLASSIC) as classic:
+        for _ in range(1 if quick else 3):
+            with ForeignCpu() as foreign:
+                one = cpu_bound(burn_items, 1, rounds)
+                two_procs = cpu_bound(burn_items, 2, rounds)
+                classic_one = classic_cpu_bound(classic, burn_items, 1, rounds)
+                classic_two = classic_cpu_bound(classic, burn_items, 2, rounds)
+            tries.append((foreign.share, one, two_procs, classic_one, classic_two))
+    foreign_share, one, two_procs, classic_one, classic_two = min(tries)
     speedup = one / two_procs
     rows.append(
         Row(
             "cpu_bound",
             f"CPU-bound transform ({burn_items} items), 2 processes vs 1",
-            f"2 processes {burn_items / two_procs:,.0f} items/s (other processes used "
-            f"{foreign_share * 100:.0f}% of the CPU meanwhile)",
-            f"1 process {burn_items / one:,.0f} items/s",
+            f"2 processes {burn_items / two_procs:,.0f} items/s, 1 process {burn_items / one:,.0f} (other "
+            f"processes used {foreign_share * 100:.0f}% of the CPU meanwhile)",
+            f"classic mp.Queue, 2 processes vs 1: {classic_one / classic_two:.2f}x "
+            f"({burn_items / classic_two:,.0f} vs {burn_items / classic_one:,.0f} items/s)",
             f"{speedup:.2f}x",
             ">= 1.9x",
             speedup,

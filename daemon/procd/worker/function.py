@@ -222,10 +222,27 @@ def _consume(
 
 
 def _caller(target: Any, instance: Any, options: Mapping[str, Any]) -> Callable[[Any], Any]:
-    """The stage code as a call of one item: the instance, or the function with its options."""
+    """The stage code as a call of one item: the instance's ``__call__`` method, or the function
+    with its options."""
     if instance is not None:
-        return cast(Callable[[Any], Any], instance)
+        return _bound_call(instance)
     return functools.partial(target, **options) if options else cast(Callable[[Any], Any], target)
+
+
+def _bound_call(instance: Any) -> Callable[[Any], Any]:
+    """``instance``'s ``__call__`` bound to it once, as ``instance(item)`` finds it (on its class
+    and the class's bases, never on the instance): ``instance(item)`` looks it up and binds it
+    again on every call. A ``__call__`` that is not a plain function or a ``staticmethod`` (a C
+    type's slot, some other descriptor) is left to that lookup."""
+    kind = type(instance)
+    for klass in kind.__mro__:
+        if "__call__" not in vars(klass):
+            continue
+        found = vars(klass)["__call__"]
+        if isinstance(found, types.FunctionType | staticmethod):
+            return cast(Callable[[Any], Any], found.__get__(instance, kind))
+        break
+    return cast(Callable[[Any], Any], instance)
 
 
 class _Outputs(list[Any]):
@@ -258,30 +275,34 @@ class _Attempts:
         self._max_attempts = ctx.stage.max_attempts
 
     def batch(self, items: list[Any]) -> None:
-        """Attempt every item of ``items``, in order."""
+        """Attempt every item of ``items``, in order.
+
+        A returned output costs two appends (the output and its source, see ``Outlet``); the
+        outlet's size is not tested per item: ``_consume`` flushes after every batch, so the
+        pending outputs of single results are bounded by the batch (a generator's many go
+        through ``Outlet.hand_on``, which tests it).
+        """
         call = self._call
         outlet = self._outlet
-        pending = outlet.pending
-        sources = outlet.sources  # both emptied in place by a flush
-        largest = outlet.largest
+        outlet.align()
+        output = outlet.pending.append
+        source = outlet.sources.append  # both lists are emptied in place by a flush
         generator = types.GeneratorType
         for item in items:
             try:
                 result = call(item)
+                if result is None:  # a sink's usual answer: nothing more to look at
+                    continue
                 if result.__class__ is generator:
                     result = _Outputs(result)
             except Exception as exc:
                 self.retry(item, exc)
                 continue
-            if result is None:
-                continue
             if result.__class__ is _Outputs:
                 outlet.hand_on(item, result)
                 continue
-            sources.append((len(pending), item))
-            pending.append(result)
-            if len(pending) >= largest:
-                outlet.flush()
+            source(item)
+            output(result)
 
     def one(self, item: Any) -> None:
         """Attempt one item (a redelivered batch goes item by item)."""

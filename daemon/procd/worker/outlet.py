@@ -36,10 +36,16 @@ class Outlet:
     produced would double the cost of the normal path; instead a flush encodes the whole batch for
     every output first (the writer names the item it cannot encode, see
     ``transport.EncodeError``), sets that item aside, encodes again, and only then sends: nothing
-    is sent twice, and the outputs of one input item go to every output or to none. ``sources``
-    says which input item produced which outputs (one entry per input item, not per output): it
-    is the input item that is dead-lettered, with all its outputs, so that replaying it repeats
-    nothing.
+    is sent twice, and the outputs of one input item go to every output or to none. It is the
+    input item that is dead-lettered, with all its outputs, so that replaying it repeats nothing.
+
+    Which input item produced which output is kept for that, at the cost of one append per output
+    on the hot path: ``sources[k]`` is the input item whose attempt produced ``pending[k]``;
+    an output past the end of ``sources``, or whose entry is ``ITSELF``, stands for itself (a
+    producer's items, a command's lines: they are appended to ``pending`` alone). An attempt
+    that produced more than one output (a generator) is also recorded in ``groups`` as its
+    range in ``pending``, so that all of its outputs, and only they, are set aside together
+    (the same object may be attempted twice in a batch: a pickle keeps shared references).
     """
 
     def __init__(
@@ -47,7 +53,8 @@ class Outlet:
     ) -> None:
         self._writers = [(o.endpoint.writer(slot, number), o.batch, o.stage) for number, o in enumerate(outputs)]
         self.pending: list[Any] = []
-        self.sources: list[tuple[int, Any]] = []  # (offset in pending, input item) per attempt
+        self.sources: list[Any] = []  # the input item of each output of pending, see the class docstring
+        self.groups: list[tuple[int, int]] = []  # ranges in pending of an attempt's several outputs
         self.largest = max((o.batch for o in outputs), default=4096)
         self.sent = 0
         self.lock = threading.Lock()
@@ -59,9 +66,8 @@ class Outlet:
         return self.sent + len(self.pending)
 
     def add(self, item: Any) -> None:
+        """One output that stands for itself."""
         pending = self.pending
-        if self.sources:
-            self.sources.append((len(pending), ITSELF))
         pending.append(item)
         if len(pending) >= self.largest:
             self.flush()
@@ -69,19 +75,29 @@ class Outlet:
     def extend(self, items: list[Any]) -> None:
         """Outputs that each stand for themselves (a command's lines)."""
         pending = self.pending
-        if self.sources:
-            self.sources.append((len(pending), ITSELF))
         pending += items
         if len(pending) >= self.largest:
             self.flush()
+
+    def align(self) -> None:
+        """Make ``sources`` as long as ``pending`` (the outputs not yet covered stand for
+        themselves), so that a hot loop may append to both side by side."""
+        missing = len(self.pending) - len(self.sources)
+        if missing > 0:
+            self.sources += [ITSELF] * missing
 
     def hand_on(self, source: Any, outputs: list[Any]) -> None:
         """The outputs of one completed attempt on ``source`` (an input item, or ``ITSELF``)."""
         if not outputs:
             return
-        self.sources.append((len(self.pending), source))
-        self.pending += outputs
-        if len(self.pending) >= self.largest:
+        pending = self.pending
+        if source is not ITSELF:
+            self.align()
+            if len(outputs) > 1:
+                self.groups.append((len(pending), len(pending) + len(outputs)))
+            self.sources += [source] * len(outputs)
+        pending += outputs
+        if len(pending) >= self.largest:
             self.flush()
 
     def flush(self) -> None:
@@ -89,17 +105,19 @@ class Outlet:
             # emptied in place: a producer's or a consumer's hot loop holds on to these lists
             pending = self.pending[:]
             del self.pending[: len(pending)]
-            sources = self.sources[:]
+            sources = self.sources[: len(pending)]
             self.sources.clear()
+            groups = self.groups[:]
+            self.groups.clear()
             if not pending:
                 return
-            pending, messages = self._encode(pending, sources)
+            pending, messages = self._encode(pending, sources, groups)
             self.sent += len(pending)
             for writer, count, payload in messages:
                 writer.send_encoded(count, payload)
 
     def _encode(
-        self, pending: list[Any], sources: list[tuple[int, Any]]
+        self, pending: list[Any], sources: list[Any], groups: list[tuple[int, int]]
     ) -> tuple[list[Any], list[tuple[Writer, int, bytes]]]:
         """Every output's batches, encoded, and the outputs they hold (an item that a writer
         cannot encode is set aside)."""
@@ -120,29 +138,34 @@ class Outlet:
                     break
             if culprit is None:
                 return pending, messages
-            pending, sources = self._set_aside(pending, sources, *culprit)
+            pending, sources, groups = self._set_aside(pending, sources, groups, *culprit)
 
     def _set_aside(
-        self, pending: list[Any], sources: list[tuple[int, Any]], position: int, stage: str, exc: EncodeError
-    ) -> tuple[list[Any], list[tuple[int, Any]]]:
+        self,
+        pending: list[Any],
+        sources: list[Any],
+        groups: list[tuple[int, int]],
+        position: int,
+        stage: str,
+        exc: EncodeError,
+    ) -> tuple[list[Any], list[Any], list[tuple[int, int]]]:
         """Remove the outputs of the item whose output at ``position`` cannot be sent, and say so."""
         assert self._unsendable is not None
-        at = bisect.bisect_right(sources, position, key=lambda entry: entry[0]) - 1
-        if at < 0 or sources[at][1] is ITSELF:
-            low, high, source = position, position + 1, pending[position]
+        source = sources[position] if position < len(sources) else ITSELF
+        low, high = position, position + 1
+        if source is ITSELF:
+            source = pending[position]
         else:
-            low, source = sources[at]
-            high = sources[at + 1][0] if at + 1 < len(sources) else len(pending)
+            at = bisect.bisect_right(groups, position, key=lambda group: group[0]) - 1
+            if at >= 0 and groups[at][0] <= position < groups[at][1]:
+                low, high = groups[at]
         self._unsendable(
             source,
             f"an output of this item cannot be sent to stage {stage}: {type(exc.cause).__name__}: {exc.cause}",
         )
-        kept = [
-            (offset if offset < high else offset - (high - low), item)
-            for offset, item in sources
-            if item is ITSELF or not low <= offset < high
-        ]
-        return pending[:low] + pending[high:], kept
+        removed = high - low
+        kept = [(a, b) if a < low else (a - removed, b - removed) for a, b in groups if (a, b) != (low, high)]
+        return pending[:low] + pending[high:], sources[:low] + sources[high:], kept
 
     def close(self) -> None:
         self.flush()
