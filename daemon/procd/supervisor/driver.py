@@ -229,24 +229,22 @@ class SlotDriver:
     def _signal(self, slot: WorkerSlot, signum: int, *, group: bool = True) -> None:
         if slot.pid is None:
             return
-        if signum == signal.SIGKILL:  # a deadline passed (StopTimedOut): the stop counts the kill
+        if signum == signal.SIGKILL:  # a deadline passed (StopTimedOut)
             stopper, timeout = self.host.stopper, f"{self.host.spec.stop_timeout_s:g}s"
             if stopper.second_stop is not None:
-                forced_by, after, cause = "second_signal", f"after {stopper.kill_cause()}", stopper.kill_cause()
+                forced_by, after = "second_signal", f"after {stopper.kill_cause()}"
             elif slot.regrouping and not stopper.stopping:
                 forced_by, after = "regroup_timeout", f"{timeout} after it was asked to stop for a rest_for_one restart"
-                cause = f"the stop timeout ({timeout}) of a rest_for_one restart"
             elif slot.retiring and not stopper.stopping:
                 forced_by, after = "retire_timeout", f"{timeout} after it was retired (scale or reload)"
-                cause = f"the stop timeout ({timeout}) of a retired worker"
             else:
-                forced_by, after, cause = "stop_timeout", f"{timeout} after the stop request", stopper.kill_cause()
+                forced_by, after = "stop_timeout", f"{timeout} after the stop request"
             self._bound(slot).warning(
                 "stop_escalated",
                 forced_by=forced_by,
                 message=f"{slot.name} still running {after}; sending SIGKILL to its process group",
             )
-            stopper.killed(slot, cause)
+            stopper.killed(slot)
         try:
             if group:
                 os.killpg(slot.pid, signum)

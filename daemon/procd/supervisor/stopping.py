@@ -11,9 +11,8 @@ reaps whatever of ours is left.
 What was abandoned includes what left earlier: a retired slot (scale-down, reload) that leaves
 holding a batch (``departed``, from the slot driver's removal, before its slot file is closed),
 and a retired input that is let go with batches no reader will read (``input_left``, from the
-wiring). Every process killed at a deadline is forced (``killed``, from the slot driver as it
-sends SIGKILL): the stop's, and also a retired worker's or a rest_for_one restart's outside a
-stop, since a batch a stage does not track (``redeliver = false``) goes with it unseen.
+wiring). A retired worker killed at the stop's deadline is forced like any other (``killed``,
+from the slot driver as it sends SIGKILL, so a slot that leaves is not missed).
 
 It never decides a slot's state: the transition table turns the stop events into signals and
 timers, and the slot driver carries them out.
@@ -84,10 +83,7 @@ class Stopper:
         self.stop_reason: str | None = None  # the first stop request's
         self.failed: list[str] = []  # what makes the exit code 1
         self.left = Abandoned()  # what retired slots and inputs left behind as they went
-        # workers procd killed at a deadline (a stop's, a retire's, a rest_for_one restart's), and
-        # what made the last such kill: a batch not tracked (redeliver = false) goes with them
-        self.forced: list[str] = []
-        self.forced_by: str | None = None
+        self.forced: list[str] = []  # workers killed at the stop's deadline (retired ones too)
 
     def kill_cause(self) -> str:
         """What made a stop kill: a second stop request, or the stop timeout."""
@@ -121,13 +117,14 @@ class Stopper:
         for slot in sup.slots:
             sup.driver.feed(slot, StopRequested() if slot.stage.is_producer else DrainRequested())
 
-    def killed(self, slot: WorkerSlot, cause: str) -> None:
-        """``slot``'s process is killed at a deadline, for ``cause``: the run was forced, whether
-        or not a stop was under way (a retired worker's deadline, or a rest_for_one restart's,
-        kills as a stop's does, and what it held may be tracked nowhere)."""
-        if slot.name not in self.forced:
+    def killed(self, slot: WorkerSlot) -> None:
+        """``slot``'s process is sent SIGKILL at a deadline. During a stop the drain was forced.
+        Outside one (a retired worker's deadline, a rest_for_one restart's) the kill ends the
+        process like a crash, and what it held is counted as exactly: a batch kept for its slot's
+        next process is delivered again, one it leaves with is abandoned, and one its stage does
+        not track (``redeliver = false``) is counted lost when its exit is seen."""
+        if self.stopping and slot.name not in self.forced:
             self.forced.append(slot.name)
-        self.forced_by = cause
 
     def departed(self, slot: WorkerSlot, held: Header | None) -> None:
         """A retired slot leaves the pipeline (its slot file says ``held``): a batch it still
@@ -186,7 +183,7 @@ class Stopper:
             stop_reason=self.stop_reason,
             failures=self.failed,
             forced=forced,
-            forced_by=self.forced_by,
+            forced_by=self.kill_cause() if forced else None,
             abandoned=totals,
         )
         return code
