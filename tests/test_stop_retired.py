@@ -414,3 +414,35 @@ def test_an_idle_worker_killed_with_redeliver_false_loses_nothing_and_the_exit_c
     assert not [r for r in records if r["event"] == "batch_abandoned"]
     (stopped,) = [r for r in records if r["event"] == "pipeline_stopped"]
     assert (proc.returncode, stopped["outcome"]) == (0, "finished")
+
+
+def test_workers_a_reload_replaces_are_not_counted_as_restarts(ws: Workspace) -> None:
+    # two reloads replace work's three workers twice; then one worker crashes once. The
+    # replacements were counted as restarts (6, more than restart.max = 5), so that one crash made
+    # the stage fatal and the run exit 1 with nothing lost
+    pipeline = (
+        '[pipeline]\nname = "{name}"\n'
+        '[stages.numbers]\nfunction = "st:numbers_then_gate"\noptions = { count = 8 }\n'
+        '[stages.work]\nfunction = "st:deliver"\ninputs = ["numbers"]\nprocesses = 3\nqueue = { batch = 1 }\n'
+        'restart = { policy = "on-failure", max = 5, within = "1h", backoff = "0s" }\n'
+        "# reload %d\n"
+    )
+    ws.write("st.py", STAGES + PRODUCER_AT_GATE.replace("def deliver(n):", "def deliver(n, label=0):"))
+    ws.pipeline(pipeline % 0)
+    log = ws.path / "log.jsonl"
+    with reaped(ws.start_ready()) as proc:
+        wait_until(lambda: len(_delivered(ws)) == 8 or None)
+        for label in (1, 2):
+            ws.pipeline((pipeline % label).replace('"st:deliver"', f'"st:deliver"\noptions = {{ label = {label} }}'))
+            reloaded = _ask(ws, "reload")
+            assert (reloaded.code, reloaded.stdout) == (0, "changed work\n"), reloaded.stderr
+            wait_until(lambda: len([w for w in _workers(ws, "work") if w["state"] == "blocked"]) == 3 or None)
+        (victim, *_) = _workers(ws, "work")
+        os.kill(victim["pid"], signal.SIGKILL)
+        wait_until(lambda: [r for r in read_records(log) if r["event"] == "worker_backoff"])
+        (ws.path / "gate").touch()
+        proc.communicate(timeout=30)
+    records = read_records(log)
+    assert not [r for r in records if r["event"] == "stage_fatal"]
+    (stopped,) = [r for r in records if r["event"] == "pipeline_stopped"]
+    assert (proc.returncode, stopped["outcome"]) == (0, "finished")

@@ -211,7 +211,7 @@ class SlotDriver:
             host.groups.histories[slot.stage.name].record(host.clock())  # a failed start counts as a restart
             self.feed(slot, SpawnFailed(exc.errno or 0, exc.strerror or str(exc)))
             return
-        if slot.generation > 1:
+        if slot.spawned > 1:  # a restart (a slot replacing one a reload retired starts afresh)
             host.groups.histories[slot.stage.name].record(host.clock())
             slot.restarts += 1
         slot.started_at = host.clock()
