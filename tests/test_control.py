@@ -305,21 +305,21 @@ def test_a_second_daemon_for_the_same_socket_is_refused_and_default_path(ws: Wor
 
 def test_the_command_table_is_the_one_source_of_verbs_and_requests() -> None:
     from procd import cli
-    from procd.ops import control
+    from procd.ops import commands, control
 
-    verbs = {name for name, command in control.COMMANDS.items() if command.verb}
+    verbs = {name for name, command in commands.COMMANDS.items() if command.verb}
     assert verbs == set(cli._VERBS) == {"status", "stop", "reload", "scale"}
     parser_verbs = set(cli._parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
     assert verbs <= parser_verbs
-    assert control.encode("scale", stage="a", processes=2) == b'{"command": "scale", "stage": "a", "processes": 2}\n'
+    assert commands.encode("scale", stage="a", processes=2) == b'{"command": "scale", "stage": "a", "processes": 2}\n'
     for name, args, error in (
         ("explode", {}, 'unknown command "explode"; commands are status, stop, reload, scale, attach, replayed'),
         ("scale", {"stage": "a"}, 'scale needs "processes" (an integer)'),
         ("scale", {"stage": "a", "processes": True}, 'scale: "processes" must be an integer, got True'),
     ):
         try:
-            control.encode(name, **args)
-        except control.ControlError as exc:
+            commands.encode(name, **args)
+        except commands.ControlError as exc:
             assert str(exc) == error
         else:
             raise AssertionError(f"{name} {args} was encoded")

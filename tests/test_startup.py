@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -47,9 +48,10 @@ def test_version_imports_nothing_beyond_the_cli(ws: Workspace) -> None:
 def test_status_and_check_import_neither_the_supervisor_nor_structlog(ws: Workspace) -> None:
     code, modules = _modules_after(["status", "--control", str(ws.path / "none.sock")], str(ws.path))
     assert code == 1  # no pipeline there: said so, and the imports are what was needed to say it
-    assert "procd.ops.control" in modules
+    assert "procd.ops.commands" in modules
+    assert not modules & {"procd.ops.control", "procd.ops.connections", "socket"}  # the server's side
     assert not modules & {"structlog", "procd.supervisor.core", "procd.config", "tomllib", "asyncio.base_events"}
-    assert not modules & {"procd.log", "_hashlib", "shutil", "pathlib", "procd.cli.running", *INSPECT_RAN}
+    assert not modules & {"procd.log", "_hashlib", "shutil", "pathlib", "procd.cli.running", "typing", *INSPECT_RAN}
 
     ws.write("st.py", "def numbers():\n    yield 1\n\ndef drop(item):\n    pass\n")
     ws.pipeline(
@@ -71,6 +73,42 @@ def test_status_and_check_import_neither_the_supervisor_nor_structlog(ws: Worksp
         "procd.cli.records",
         *INSPECT_RAN,
     }
+
+
+# Imported by the check child once per stage (each stage afresh): on its second import it notes
+# whether checking the first stage loaded ``hashlib`` (libcrypto) for a code hash, and whether it
+# ran ``inspect`` (deferred by the command line) to read the function's parameters.
+NOTING_CHECK_STAGES = """
+import os
+import sys
+
+with open(os.path.join(os.path.dirname(__file__), "noted.txt"), "a") as note:
+    inspect_ran = "signature" in vars(sys.modules["inspect"])
+    note.write(f"{'_hashlib' in sys.modules},{inspect_ran}\\n")
+
+
+def numbers(limit: int = 3):
+    yield 1
+
+
+def drop(item, path: "Path" = None):
+    pass
+"""
+
+
+def test_procd_check_of_plain_functions_hashes_nothing_and_runs_no_inspect(ws: Workspace) -> None:
+    ws.write("st.py", NOTING_CHECK_STAGES)
+    ws.pipeline(
+        '[stages.numbers]\nfunction = "st:numbers"\n[stages.drop]\nfunction = "st:drop"\ninputs = ["numbers"]\n'
+    )
+    code, modules = _modules_after(["check", f"{ws.name}.toml"], str(ws.path))
+    assert code == 0
+    assert "procd.lifecycle" not in modules  # the model reads the restart policy's words from procd.restarts
+    assert (ws.path / "noted.txt").read_text().split() == ["False,False", "False,False"]
+    (ws.path / "noted.txt").unlink()
+    result = ws.run("run", f"{ws.name}.toml")  # a reload compares the hashes: run computes them
+    assert result.code == 0, result.stderr
+    assert (ws.path / "noted.txt").read_text().split()[:2] == ["False,False", "True,False"]
 
 
 def test_a_command_builds_its_own_parser_alone_and_the_same_one() -> None:
@@ -253,3 +291,86 @@ def test_accepts_answers_from_the_code_as_inspect_does() -> None:
                 parameter.KEYWORD_ONLY,
             )
             assert callables.accepts(target, name) == expected, (target, name)
+
+
+PLAIN_FUNCTIONS = """
+from __future__ import annotations
+
+import pathlib
+from pathlib import Path
+
+
+def everything(item, a, /, b: int, c: "Path" = None, *rest: str, d, e: pathlib.Path = None, **more: int) -> None:
+    pass
+
+
+def defaults_on_positional_only(a=1, b=2, /, c=3):
+    pass
+
+
+def keywords_only(*, out: Path, level: int = 3):
+    pass
+
+
+def unknown_name(item, out: NoSuchName, limit: int = 2) -> AlsoMissing:
+    pass
+
+
+def type_error(item, out: 1 + "a"):
+    pass
+
+
+def empty():
+    pass
+
+
+def bare_varargs(*args, **kwargs):
+    pass
+"""
+
+
+def test_parameters_are_read_from_a_plain_function_s_code_as_inspect_reads_them() -> None:
+    from procd import callables
+
+    namespace: dict[str, Any] = {}
+    exec(compile(PLAIN_FUNCTIONS, "<plain>", "exec"), namespace)
+
+    def via_inspect(target: Any) -> list[tuple[str, int, bool, Any]] | None:
+        signature = callables._signature(target)
+        if signature is None:
+            return None
+        return [
+            (p.name, int(p.kind), p.default is not p.empty, None if p.annotation is p.empty else p.annotation)
+            for p in signature.parameters.values()
+        ]
+
+    def via_code(target: Any) -> list[tuple[str, int, bool, Any]] | None:
+        found = callables._parameters(target)
+        return None if found is None else [(p.name, p.kind, p.has_default, p.annotation) for p in found.values()]
+
+    names = ("everything", "defaults_on_positional_only", "keywords_only", "unknown_name", "type_error", "empty")
+    for name in (*names, "bare_varargs"):
+        target = namespace[name]
+        assert callables._plain_code(target) is not None, name
+        assert via_code(target) == via_inspect(target), name
+    assert via_code(namespace["type_error"]) is None  # inspect cannot say either: no option is checked
+    assert via_code(namespace["unknown_name"])[1][3] == "NoSuchName"  # type: ignore[index]  # left as written
+    assert via_code(namespace["everything"])[6][3] is namespace["Path"]  # type: ignore[index]  # evaluated
+
+
+def test_a_check_report_cut_off_by_the_child_s_end_is_left_out() -> None:
+    from procd import callables
+
+    reports = [{"importing": "a"}, {"stage": "a", "problems": [["stages.a", "é\n"]], "shardable": True}]
+    r, w = os.pipe()
+    try:
+        for report in reports:
+            callables._report(w, report)
+        whole = os.read(r, 1 << 16)
+    finally:
+        os.close(r)
+        os.close(w)
+    first = 4 + int.from_bytes(whole[:4], "little")
+    assert list(callables._reports(whole)) == reports
+    for cut in range(len(whole)):  # the child killed at any byte of its reports
+        assert list(callables._reports(whole[:cut])) == (reports[:1] if cut >= first else [])

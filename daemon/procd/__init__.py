@@ -13,7 +13,7 @@ runs in a worker after fork, ``transport/`` carries the items, ``cli/`` is the c
 
 Adding a command (a ``procd VERB`` that asks a running pipeline something):
 
-1. the command table: one ``Command`` in ``ops/control.py``'s ``COMMANDS``, with its typed
+1. the command table: one ``Command`` in ``ops/commands.py``'s ``COMMANDS``, with its typed
    fields (the server checks a request against them; the client encodes from them);
 2. the CLI: one ``_Verb`` in ``cli/__init__.py``'s ``_VERBS`` (its arguments, the request's fields
    made from them, what a reply prints), unless the command is used by another verb

@@ -11,10 +11,11 @@ Discussion: what the check reports about each stage besides its problems. ``code
 the source of every module the stage's import loaded from the pipeline's directory (third-party
 packages aside), so that a reload can restart the stages whose code changed: each stage is
 imported with the pipeline's own modules cleared from ``sys.modules`` first, so that a module two
-stages share counts for both. ``shardable`` says the producer accepts a ``shard`` parameter and so
-may run in several processes (each yields its share). ``path_options`` names the options whose
-parameter is annotated ``pathlib.Path``: those, and only those, are paths relative to the pipeline
-file's directory; ``load_and_check`` makes them absolute.
+stages share counts for both (``procd check`` has no use for it and asks for none, ``hashes``:
+``hashlib`` loads libcrypto, 3-4 ms of its check). ``shardable`` says the producer accepts a
+``shard`` parameter and so may run in several processes (each yields its share). ``path_options``
+names the options whose parameter is annotated ``pathlib.Path``: those, and only those, are paths
+relative to the pipeline file's directory; ``load_and_check`` makes them absolute.
 """
 
 from __future__ import annotations
@@ -22,17 +23,15 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-import json
+import marshal
 import os
 import re
 import select
 import signal
 import sys
 import time
-import traceback
 import types
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from procd import config, procctl, reaper
@@ -46,7 +45,7 @@ INJECTED = ("checkpoint", "shard")
 IMPORT_TIMEOUT_S = 120.0
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)
 class Shard:
     """What a producer with a ``shard`` parameter receives: this process's share of the work.
     A producer with ``processes = N`` runs as N processes, ``index`` 0 to N - 1, each of which
@@ -77,6 +76,8 @@ def _where(exc: BaseException, base_dir: str) -> str:
     """The user's file and line that an import error points to (never importlib's frames)."""
     if isinstance(exc, SyntaxError) and exc.filename:
         return f"{_shown_path(exc.filename, base_dir)}:{exc.lineno}"
+    import traceback  # only a stage whose import failed needs it (with linecache, tokenize: 4 ms)
+
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
     frames = frames[1:]  # the first is resolve's own import_module call
     own = [f for f in frames if os.path.abspath(f.filename).startswith(base_dir + os.sep)]
@@ -142,6 +143,73 @@ def _signature(target: Any) -> inspect.Signature | None:
     return None
 
 
+# A parameter's kind, numbered as ``inspect.Parameter.kind`` is (an ``IntEnum`` there).
+POSITIONAL_ONLY, POSITIONAL_OR_KEYWORD, VAR_POSITIONAL, KEYWORD_ONLY, VAR_KEYWORD = range(5)
+_CO_VARARGS, _CO_VARKEYWORDS = 0x04, 0x08  # ``code.co_flags``: ``inspect.CO_VARARGS``, ``inspect.CO_VARKEYWORDS``
+
+
+@frozen_dataclass(frozen=True)
+class _Parameter:
+    """One parameter of a stage's callable, as ``_bind_options`` reads it: its name, kind, whether
+    it has a default, and its annotation (None without one)."""
+
+    name: str
+    kind: int
+    has_default: bool
+    annotation: Any
+
+
+def _parameters(target: Any) -> dict[str, _Parameter] | None:
+    """How ``target`` is called, in order, as ``inspect.signature`` sees it with its string
+    annotations evaluated where they can be (``_signature``); None when Python cannot say.
+
+    A plain function's are read from its code, defaults and annotations, as ``inspect`` reads
+    them: running ``inspect`` (with ``ast``, ``dis``, ``tokenize``) was 9 ms of a ``procd check``,
+    in its check child (bench/README.md, "Start-up"). Anything else goes through ``inspect``."""
+    code = _plain_code(target)
+    if code is None:
+        signature = _signature(target)
+        if signature is None:
+            return None
+        return {
+            p.name: _Parameter(
+                p.name, int(p.kind), p.default is not p.empty, None if p.annotation is p.empty else p.annotation
+            )
+            for p in signature.parameters.values()
+        }
+    annotations = target.__annotations__  # a dict: a function refuses anything else
+    try:  # ``inspect.get_annotations(eval_str=True)``; ``_signature`` says what a failure means
+        annotations = {k: eval(v, target.__globals__) if isinstance(v, str) else v for k, v in annotations.items()}
+    except (TypeError, ValueError):
+        return None
+    except Exception:
+        annotations = dict(annotations)
+    names = code.co_varnames
+    positional, keyword_only = code.co_argcount, code.co_kwonlyargcount
+    first_default = positional - len(target.__defaults__ or ())
+    keyword_defaults = target.__kwdefaults__ or {}
+    found = [
+        _Parameter(
+            name,
+            POSITIONAL_ONLY if index < code.co_posonlyargcount else POSITIONAL_OR_KEYWORD,
+            index >= first_default,
+            annotations.get(name),
+        )
+        for index, name in enumerate(names[:positional])
+    ]
+    rest = positional + keyword_only  # co_varnames: positional, keyword-only, *args, **kwargs
+    if code.co_flags & _CO_VARARGS:
+        found.append(_Parameter(names[rest], VAR_POSITIONAL, False, annotations.get(names[rest])))
+        rest += 1
+    found += [
+        _Parameter(name, KEYWORD_ONLY, name in keyword_defaults, annotations.get(name))
+        for name in names[positional : positional + keyword_only]
+    ]
+    if code.co_flags & _CO_VARKEYWORDS:
+        found.append(_Parameter(names[rest], VAR_KEYWORD, False, annotations.get(names[rest])))
+    return {p.name: p for p in found}
+
+
 def accepts(target: Any, name: str) -> bool:
     """True if calling ``target`` (a function, or a class through its ``__init__``) takes a
     keyword argument called ``name``."""
@@ -204,30 +272,30 @@ def _bind_options(stage: StageSpec, target: Any) -> tuple[list[Problem], tuple[s
     function as ``f(item, **options)``, a class as ``C(**options)``, a producer function as
     ``f(**options)``; a producer also gets ``checkpoint`` and ``shard`` if it names them."""
     prefix = f"stages.{stage.name}.options"
-    signature = _signature(target)
-    if signature is None:
+    by_name = _parameters(target)
+    if by_name is None:
         return [], ()
-    parameters = list(signature.parameters.values())
+    parameters = list(by_name.values())
     item = None
     if not stage.is_producer and not is_class(target):
-        positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        positional = [p for p in parameters if p.kind in (POSITIONAL_ONLY, POSITIONAL_OR_KEYWORD)]
         if positional:
             item = positional[0].name
-        elif not any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        elif not any(p.kind == VAR_POSITIONAL for p in parameters):
             return [Problem(f"stages.{stage.name}.function", "takes no positional parameter for the item")], ()
     injected = {n for n in INJECTED if stage.is_producer}
     keywords = [
         p.name
         for p in parameters
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != item and p.name not in injected
+        if p.kind in (POSITIONAL_OR_KEYWORD, KEYWORD_ONLY) and p.name != item and p.name not in injected
     ]
-    open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    open_ended = any(p.kind == VAR_KEYWORD for p in parameters)
     problems = []
     for key in stage.options:
         path = f"{prefix}.{key}"
         if key == item:
             problems.append(Problem(path, f"is the item parameter of {stage.function}; an option cannot set it"))
-        elif key in injected and key in signature.parameters:
+        elif key in injected and key in by_name:
             problems.append(Problem(path, "is given by procd to a producer that declares it; remove it from options"))
         elif key not in keywords and not open_ended:
             close = config.close_matches(key, keywords)
@@ -238,22 +306,19 @@ def _bind_options(stage: StageSpec, target: Any) -> tuple[list[Problem], tuple[s
             )
             problems.append(Problem(path, f"unexpected option; {hint}"))
     for parameter in parameters:
-        required = parameter.default is parameter.empty and parameter.kind not in (
-            parameter.VAR_POSITIONAL,
-            parameter.VAR_KEYWORD,
-        )
+        required = not parameter.has_default and parameter.kind not in (VAR_POSITIONAL, VAR_KEYWORD)
         if not required or parameter.name == item or parameter.name in stage.options:
             continue
         if parameter.name in injected:
             continue
-        if parameter.kind is parameter.POSITIONAL_ONLY:
+        if parameter.kind == POSITIONAL_ONLY:
             message = f'{stage.function} has a positional-only parameter "{parameter.name}" that options cannot give'
         else:
             message = f'missing required option "{parameter.name}"'
         problems.append(Problem(prefix, message))
     paths = []
     for key, value in stage.options.items():
-        annotated = signature.parameters.get(key)
+        annotated = by_name.get(key)
         if annotated is None or not _is_path(annotated.annotation):
             continue
         if isinstance(value, str) and value and "\0" not in value:
@@ -344,8 +409,9 @@ def _digest(files: Mapping[str, str], base_dir: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_stage(stage: StageSpec, base_dir: str) -> StageCode:
-    """Check one stage's code; see the module's docstring for what is found."""
+def check_stage(stage: StageSpec, base_dir: str, *, hashes: bool = True) -> StageCode:
+    """Check one stage's code; see the module's docstring for what is found (``code_hash`` only
+    with ``hashes``)."""
     if stage.command is not None:
         try:
             find_program(stage.command[0])
@@ -366,7 +432,7 @@ def check_stage(stage: StageSpec, base_dir: str) -> StageCode:
         target = resolve(stage.function, base_dir)
     except ResolveError as exc:
         return StageCode((Problem(f"stages.{stage.name}.function", str(exc)),))
-    code_hash = _digest(_own_modules(base_dir), base_dir)
+    code_hash = _digest(_own_modules(base_dir), base_dir) if hashes else ""
     problems, paths = _bind_options(stage, target)
     shardable = False
     if stage.is_producer:
@@ -375,20 +441,22 @@ def check_stage(stage: StageSpec, base_dir: str) -> StageCode:
     return StageCode(tuple(problems), code_hash, shardable, paths)
 
 
-def check_callables(spec: PipelineSpec) -> dict[str, StageCode]:
+def check_callables(spec: PipelineSpec, *, hashes: bool = True) -> dict[str, StageCode]:
     """Check every stage's code in this process (``check_callables_apart`` keeps it out)."""
     base_dir = spec.base_dir
     codes = {}
     for stage in spec.stages:
         try:
-            codes[stage.name] = check_stage(stage, base_dir)
+            codes[stage.name] = check_stage(stage, base_dir, hashes=hashes)
         except Exception as exc:  # a signature or annotation that misbehaves in a way not foreseen
             problem = Problem(f"stages.{stage.name}", f"checking the stage failed: {_describe(exc)}")
             codes[stage.name] = StageCode((problem,))
     return codes
 
 
-def check_callables_apart(spec: PipelineSpec, timeout_s: float = IMPORT_TIMEOUT_S) -> dict[str, StageCode]:
+def check_callables_apart(
+    spec: PipelineSpec, timeout_s: float = IMPORT_TIMEOUT_S, *, hashes: bool = True
+) -> dict[str, StageCode]:
     """``check_callables`` in forked children, so that the caller never imports user code.
 
     The supervisor uses this: a module imported in the supervisor would be inherited by every
@@ -398,7 +466,7 @@ def check_callables_apart(spec: PipelineSpec, timeout_s: float = IMPORT_TIMEOUT_
     a problem of the stage being imported; a new child checks the stages after it. The whole
     check takes at most ``timeout_s``; a stage not reached by then is reported as not checked.
     """
-    check = CheckApart(spec, timeout_s)
+    check = CheckApart(spec, timeout_s, hashes=hashes)
     try:
         return check.result()
     finally:
@@ -411,18 +479,19 @@ class CheckApart:
     imports the supervisor while its stage code is checked). ``close`` ends a check whose result
     is not wanted any more: its child is killed and reaped."""
 
-    def __init__(self, spec: PipelineSpec, timeout_s: float = IMPORT_TIMEOUT_S) -> None:
+    def __init__(self, spec: PipelineSpec, timeout_s: float = IMPORT_TIMEOUT_S, *, hashes: bool = True) -> None:
         self._spec = spec
         self._timeout_s = timeout_s
+        self._hashes = hashes
         self._deadline = time.monotonic() + timeout_s
         self._remaining = list(spec.stages)
-        self._child = _fork_checker(spec, self._remaining) if self._remaining else None
+        self._child = _fork_checker(spec, self._remaining, hashes) if self._remaining else None
 
     def result(self) -> dict[str, StageCode]:
         """What the check found for every stage (see ``check_callables_apart``)."""
         spec, codes = self._spec, {}
         while self._remaining:
-            pid, read_fd = self._child or _fork_checker(spec, self._remaining)
+            pid, read_fd = self._child or _fork_checker(spec, self._remaining, self._hashes)
             self._child = None
             found, importing, ended, timed_out = _collect(pid, read_fd, self._deadline)
             codes.update(found)
@@ -448,9 +517,9 @@ class CheckApart:
             reaper.wait_for(pid)
 
 
-def _fork_checker(spec: PipelineSpec, stages: list[StageSpec]) -> tuple[int, int]:
+def _fork_checker(spec: PipelineSpec, stages: list[StageSpec], hashes: bool) -> tuple[int, int]:
     """Fork a child that checks ``stages`` one after the other; its pid, and the descriptor it
-    reports on, one JSON line as it starts to import a stage and one with what it found."""
+    reports on (``_report``): once as it starts to import a stage, once with what it found."""
     read_fd, write_fd = os.pipe()
     parent = os.getpid()
     pid = os.fork()
@@ -462,9 +531,9 @@ def _fork_checker(spec: PipelineSpec, stages: list[StageSpec]) -> tuple[int, int
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
                 signal.signal(signum, signal.SIG_DFL)
             for stage in stages:
-                os.write(write_fd, json.dumps({"importing": stage.name}).encode() + b"\n")
-                code = check_callables(dataclasses.replace(spec, stages=(stage,)))[stage.name]
-                os.write(write_fd, json.dumps({"stage": stage.name, **_as_json(code)}).encode() + b"\n")
+                _report(write_fd, {"importing": stage.name})
+                code = check_callables(dataclasses.replace(spec, stages=(stage,)), hashes=hashes)[stage.name]
+                _report(write_fd, {"stage": stage.name, **_as_json(code)})
         finally:
             os._exit(0)
     os.close(write_fd)
@@ -484,11 +553,7 @@ def _collect(pid: int, read_fd: int, deadline: float) -> tuple[dict[str, StageCo
     status = reaper.wait_for(pid)
     found: dict[str, StageCode] = {}
     importing = None
-    for line in data.splitlines():
-        try:
-            message = json.loads(line)
-        except ValueError:  # a child killed halfway through a line
-            continue
+    for message in _reports(data):
         if "importing" in message:
             importing = message["importing"]
         else:
@@ -496,6 +561,27 @@ def _collect(pid: int, read_fd: int, deadline: float) -> tuple[dict[str, StageCo
             importing = None
     ended = f"exit code {status.code}" if status.signal is None else _signal_name(status.signal)
     return found, importing, ended, timed_out
+
+
+# A checking child's reports: each is its length (4 bytes) and the ``marshal`` of a dict of plain
+# values. The child is a fork of the same interpreter, so ``marshal`` reads what it wrote, and it
+# is built in: ``json`` would be 2 ms more of every ``procd check``, which has no other use for it.
+
+
+def _report(fd: int, message: dict[str, Any]) -> None:
+    data = marshal.dumps(message)
+    os.write(fd, len(data).to_bytes(4, "little") + data)
+
+
+def _reports(data: bytes) -> Iterator[dict[str, Any]]:
+    """The whole reports in ``data``; one cut off by the child's end (killed as it wrote) is left out."""
+    at = 0
+    while at + 4 <= len(data):
+        end = at + 4 + int.from_bytes(data[at : at + 4], "little")
+        if end > len(data):
+            return
+        yield marshal.loads(data[at + 4 : end])
+        at = end
 
 
 def _signal_name(signum: int) -> str:

@@ -8,7 +8,6 @@ child ever parses a duration.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import re
@@ -20,7 +19,7 @@ from typing import Any
 
 from procd.errors import ConfigError, Problem
 from procd.frozen import frozen_dataclass
-from procd.lifecycle import Restart
+from procd.restarts import Restart
 
 START_METHODS = ("fork", "spawn", "forkserver")
 DEFAULT_STOP_TIMEOUT_S = 10.0
@@ -45,7 +44,7 @@ BATCH_RANGE = (1, 1_000_000)
 MAX_ATTEMPTS_RANGE = (1, 1000)
 RESTART_MAX_RANGE = (0, 1_000_000)
 STOP_TIMEOUT_RANGE_S = (0.1, 86_400.0)  # "0s" would SIGKILL every stop
-RELOAD_TIMEOUT_RANGE_S = (0.1, 3600.0)  # control.RELOAD_REPLY_S waits longer than the longest
+RELOAD_TIMEOUT_RANGE_S = (0.1, 3600.0)  # commands.RELOAD_REPLY_S waits longer than the longest
 DEFAULT_RELOAD_TIMEOUT_S = 120.0  # how long a reload's check of the stage code may take
 WITHIN_RANGE_S = (1.0, 86_400.0)  # "0s" would make a stage never fatal
 BACKOFF_RANGE_S = (0.0, 3600.0)
@@ -221,7 +220,7 @@ def select_stages(spec: PipelineSpec, names: Sequence[str]) -> tuple[PipelineSpe
         if name not in known:
             close = close_matches(name, known)
             hint = f'; did you mean "{close[0]}"?' if close else f"; stages are {', '.join(known)}"
-            problems.append(Problem("--stages", f"unknown stage {json.dumps(name[:MAX_NAME])}{hint}"))
+            problems.append(Problem("--stages", f"unknown stage {_quoted(name[:MAX_NAME], ascii_only=True)}{hint}"))
     here = frozenset(names)
     for stage in spec.stages:
         for upstream in stage.inputs:
@@ -296,12 +295,20 @@ def close_matches(word: str, choices: Sequence[str]) -> list[str]:
     return difflib.get_close_matches(word, choices, n=1)
 
 
+def _quoted(text: str, *, ascii_only: bool = False) -> str:
+    """``text`` as a JSON string, for a message (``json`` is imported only on error: ``procd check``
+    of a valid file has no other use for it)."""
+    import json
+
+    return json.dumps(text, ensure_ascii=ascii_only)
+
+
 def describe(value: object) -> str:
     """Describe a wrong value the way every message does: ``"four" (str)``; long values are cut,
     control characters escaped, and nesting shown only a few levels deep."""
     if isinstance(value, str):
         cut = value if len(value) <= _MAX_SHOWN else value[: _MAX_SHOWN - 1] + "…"
-        shown = json.dumps(cut, ensure_ascii=False)
+        shown = _quoted(cut)
     else:
         import reprlib  # only on error
 
@@ -828,7 +835,7 @@ def _check_graph(check: _Checker, stages: list[StageSpec]) -> None:
             elif upstream not in names:
                 close = close_matches(upstream, names)
                 hint = f'; did you mean "{close[0]}"?' if close else f"; stages are {', '.join(names)}"
-                check.add(path, f"unknown stage {json.dumps(upstream[:MAX_NAME], ensure_ascii=False)}{hint}")
+                check.add(path, f"unknown stage {_quoted(upstream[:MAX_NAME])}{hint}")
             elif upstream in seen:
                 check.add(path, f'"{upstream}" is listed twice')
             seen.add(upstream)

@@ -1,15 +1,15 @@
 """Error types shared by every layer of procd.
 
-A leaf module: it imports nothing from the package. Each error says what is wrong in a whole
-sentence; the command line turns them into exit codes (see ``cli``).
+A leaf module: it imports nothing from the package but ``frozen``, another leaf. Each error says
+what is wrong in a whole sentence; the command line turns them into exit codes (see ``cli``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from procd.frozen import frozen_dataclass
 
 
-@dataclass(frozen=True)
+@frozen_dataclass(frozen=True)  # its methods need not be compiled at each start
 class Problem:
     """One thing wrong with a pipeline file, located by its dotted key path."""
 

@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 from procd.errors import TransitionError
 from procd.frozen import frozen_dataclass
+from procd.restarts import Restart
 
 
 class State(enum.StrEnum):
@@ -50,14 +51,6 @@ class State(enum.StrEnum):
 
 # No process, and none on its way unless the slot is started again.
 TERMINAL = (State.EXITED, State.FATAL)
-
-
-class Restart(enum.StrEnum):
-    """When a worker that exited is started again."""
-
-    NO = "no"
-    ON_FAILURE = "on-failure"
-    ALWAYS = "always"
 
 
 @frozen_dataclass(frozen=True)

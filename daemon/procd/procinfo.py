@@ -8,7 +8,6 @@ input (the system call it sleeps in).
 from __future__ import annotations
 
 import os
-import platform
 
 # System calls a program sleeps in while it waits for input, by architecture: read, and the
 # waits (poll, select, pselect6, ppoll, epoll_wait, epoll_pwait).
@@ -37,7 +36,7 @@ def waits_on(pid: int, fd: int) -> bool | None:
     zombie, gone) does not wait."""
     if _state(pid) != "S":
         return False
-    numbers = _SYSCALLS.get(platform.machine())
+    numbers = _SYSCALLS.get(os.uname().machine)
     if numbers is None:
         return None
     try:

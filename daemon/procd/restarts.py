@@ -1,13 +1,24 @@
-"""Restart arithmetic, pure: how long to wait before a restart, and when a stage has restarted
-too often (restart intensity, as in Erlang/OTP supervisors).
+"""Restart arithmetic, pure: when a worker that exited is started again (``Restart``, the policy's
+words, which the pipeline file's model reads without the lifecycle), how long to wait before a
+restart, and when a stage has restarted too often (restart intensity, as in Erlang/OTP
+supervisors).
 
 Time is always passed in, never read, so tests drive it with plain numbers.
 """
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from collections.abc import Callable
+
+
+class Restart(enum.StrEnum):
+    """When a worker that exited is started again."""
+
+    NO = "no"
+    ON_FAILURE = "on-failure"
+    ALWAYS = "always"
 
 
 def backoff_delay(failures: int, minimum_s: float, maximum_s: float, rand: Callable[[], float]) -> float:

@@ -106,9 +106,9 @@ def _add_run(commands: _Commands) -> None:
 def _add_verbs(commands: _Commands, only: str | None = None) -> None:
     """The verbs of the control command table (status, stop, reload, scale: one request each);
     with ``only``, that one."""
-    from procd.ops import control
+    from procd.ops.commands import COMMANDS
 
-    for command in control.COMMANDS.values():
+    for command in COMMANDS.values():
         if command.verb and only in (None, command.name):
             verb = commands.add_parser(command.name, help=command.summary)
             _VERBS[command.name].arguments(verb)
@@ -227,7 +227,7 @@ def _check_file(file: str) -> int:
             if env is not None:
                 env.release()
         else:
-            codes = callables.check_callables_apart(spec, callables.IMPORT_TIMEOUT_S)
+            codes = callables.check_callables_apart(spec, callables.IMPORT_TIMEOUT_S, hashes=False)
             spec, problems = callables.complete(spec, codes, problems)
         if problems:
             raise ConfigError(file, problems)
@@ -321,7 +321,7 @@ class _UsageError(Exception):
 
 
 class _Verb:
-    """The client side of one command of ``control.COMMANDS``: its arguments, the request's
+    """The client side of one command of ``commands.COMMANDS``: its arguments, the request's
     fields made from them, and what a successful reply prints. (A plain class: a dataclass
     would import ``dataclasses`` and ``inspect`` into every command, ``--version`` included.)"""
 
@@ -405,8 +405,8 @@ _SUBCOMMANDS: dict[str, Callable[[_Commands], None]] = {
 
 def _control(args: argparse.Namespace) -> int:
     """A verb of the command table: one request to a running pipeline's control socket."""
-    from procd.ops import control
-    from procd.ops.control import ControlError
+    from procd.ops import commands
+    from procd.ops.commands import ControlError
 
     verb = _VERBS[args.command]
     try:
@@ -415,8 +415,8 @@ def _control(args: argparse.Namespace) -> int:
         print(f"procd {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        path = control.find_socket(args.pipeline, args.control)
-        reply = control.call(path, args.command, **fields)
+        path = commands.find_socket(args.pipeline, args.control)
+        reply = commands.call(path, args.command, **fields)
     except ControlError as exc:
         print(f"procd {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -431,14 +431,14 @@ def _control(args: argparse.Namespace) -> int:
 
 def _top(args: argparse.Namespace) -> int:
     from procd.cli import top  # only this command draws
-    from procd.ops import control
-    from procd.ops.control import ControlError
+    from procd.ops import commands
+    from procd.ops.commands import ControlError
 
     try:
-        path = control.find_socket(args.pipeline, args.control)
+        path = commands.find_socket(args.pipeline, args.control)
 
         def fetch() -> dict[str, Any]:
-            reply = control.call(path, "status")
+            reply = commands.call(path, "status")
             if not reply.get("ok"):
                 raise ControlError(str(reply.get("error")))
             return reply

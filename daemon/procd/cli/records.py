@@ -71,8 +71,8 @@ def _replayable(file: str) -> tuple[list[Any], list[str]]:
 
 def dlq_replay(args: argparse.Namespace) -> int:
     from procd.errors import StoreError
-    from procd.ops import control
-    from procd.ops.control import ControlError
+    from procd.ops import commands
+    from procd.ops.commands import ControlError
 
     try:
         items, refused = _replayable(args.file)
@@ -86,8 +86,8 @@ def dlq_replay(args: argparse.Namespace) -> int:
 
         return running.replay_fresh(args.pipeline, args.file, args.into)
     try:
-        path = control.find_socket(args.name, args.control)
-        reply, fds = control.call_fds(path, "attach", stage=args.into)
+        path = commands.find_socket(args.name, args.control)
+        reply, fds = commands.call_fds(path, "attach", stage=args.into)
         if not reply.get("ok"):
             print(f"procd dlq replay: {reply.get('error')}", file=sys.stderr)
             return EXIT_FAILURE
@@ -103,7 +103,7 @@ def dlq_replay(args: argparse.Namespace) -> int:
             return EXIT_FAILURE
         finally:
             writer.close()
-        control.call(path, "replayed", stage=args.into, items=len(items), file=args.file)
+        commands.call(path, "replayed", stage=args.into, items=len(items), file=args.file)
     except ControlError as exc:
         print(f"procd dlq replay: {exc}", file=sys.stderr)
         return EXIT_FAILURE

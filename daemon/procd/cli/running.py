@@ -76,7 +76,7 @@ def run(file: str, log_file: str | None, control_path: str | None, stages: str |
     try:
         from procd.errors import StoreError
         from procd.log import open_logger
-        from procd.ops.control import ControlError
+        from procd.ops.commands import ControlError
         from procd.ops.notify import Notifier
         from procd.supervisor.core import Supervisor
         from procd.transport import Unavailable
@@ -193,8 +193,8 @@ def replay_fresh(pipeline_file: str, file: str, into: str) -> int:
     from procd.errors import ConfigError
     from procd.launch.environment import BuildError
     from procd.log import open_logger
-    from procd.ops import control
-    from procd.ops.control import ControlError
+    from procd.ops import commands
+    from procd.ops.commands import ControlError
     from procd.supervisor.core import Supervisor
 
     try:
@@ -220,7 +220,7 @@ def replay_fresh(pipeline_file: str, file: str, into: str) -> int:
     log, writer = open_logger(derived.name)
     try:
         return Supervisor(
-            derived, log, writer, control_path=control.default_path(f"{derived.name}-replay"), environment=env
+            derived, log, writer, control_path=commands.default_path(f"{derived.name}-replay"), environment=env
         ).run()
     except ControlError as exc:
         print(f"procd dlq replay: {exc}", file=sys.stderr)

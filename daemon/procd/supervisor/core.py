@@ -38,7 +38,7 @@ from procd.lifecycle import (
 )
 from procd.log import RecordWriter
 from procd.ops import status
-from procd.ops.control import default_path
+from procd.ops.commands import default_path
 from procd.ops.notify import Notifier
 from procd.supervisor import loop
 from procd.supervisor.driver import SlotDriver

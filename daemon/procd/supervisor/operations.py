@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from procd import config
 from procd.ops import control, status
+from procd.ops.commands import ControlError
 from procd.ops.connections import PAUSE_S, Connection, Listener
-from procd.ops.control import Client, ControlError, ControlServer
+from procd.ops.control import Client, ControlServer
 from procd.ops.notify import Notifier
 from procd.supervisor import loop
 from procd.supervisor.slots import WorkerSlot
