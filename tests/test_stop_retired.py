@@ -9,8 +9,6 @@ import json
 import os
 import signal
 
-import pytest
-
 from conftest import Started, Workspace, read_records, reaped, wait_until
 
 STAGES = """
@@ -211,83 +209,6 @@ def test_a_scaled_away_worker_killed_at_its_retire_deadline_with_an_untracked_ba
     assert (proc.returncode, stopped["exit_code"], stopped["outcome"]) == (1, 1, "failed")
     assert stopped["forced"] == []  # no stop was forced: the kill lost a batch
     assert any("work[1]" in failure and "redeliver = false" in failure for failure in stopped["failures"])
-
-
-REGROUP = """
-[pipeline]
-name = "{name}"
-stop_timeout = "1s"
-[stages.numbers]
-function = "st:numbers"
-options = { count = 20 }
-[stages.middle]
-function = "st:fail_once"
-inputs = ["numbers"]
-queue = { batch = 1 }
-strategy = "rest_for_one"
-restart = { policy = "on-failure", backoff = "100ms" }
-[stages.last]
-function = "st:hold_at_3"
-inputs = ["middle"]
-queue = { batch = 1 }
-redeliver = false
-"""
-
-REGROUP_STAGES = """
-import os, time
-
-def numbers(count):
-    yield from range(count)
-
-def fail_once(n):  # fails at 5, once, while last holds item 3
-    if n == 5 and not os.path.exists("failed"):
-        while not os.path.exists("holding"):
-            time.sleep(0.01)
-        open("failed", "w").close()
-        os._exit(3)
-    return n
-
-def hold_at_3(n):  # holds item 3 until the gate opens (past the group restart's deadline)
-    if n == 3:
-        open("holding", "w").close()
-        while not os.path.exists("gate"):
-            time.sleep(0.01)
-    with open("delivered", "a") as fh:
-        fh.write(f"{n}\\n")
-"""
-
-
-@pytest.mark.parametrize("redeliver", [True, False])
-def test_a_worker_killed_at_a_rest_for_one_restarts_deadline_loses_only_an_untracked_batch(
-    ws: Workspace, redeliver: bool
-) -> None:
-    # middle fails while last[0] holds item 3: the group restart asks last[0] to finish its batch,
-    # kills it a stop_timeout later, and starts it again. A tracked item 3 is delivered again by
-    # the next last[0] (exit 0: nothing was lost, no stop was forced); an untracked one is gone
-    # (it exited 0)
-    ws.write("st.py", REGROUP_STAGES)
-    ws.pipeline(REGROUP.replace("redeliver = false", f"redeliver = {str(redeliver).lower()}"))
-    log = ws.path / "log.jsonl"
-    with reaped(ws.start("run", f"{ws.name}.toml", "--log-file", "log.jsonl")) as proc:
-        (killed,) = wait_until(
-            lambda: [r for r in read_records(log) if r["event"] == "worker_exited" and r["stage"] == "last"]
-        )
-        assert killed["signal"] == "SIGKILL"
-        (ws.path / "gate").touch()
-        proc.communicate(timeout=30)  # the group starts again and the pipeline ends by itself
-    records = read_records(log)
-    (escalated,) = [r for r in records if r["event"] == "stop_escalated"]
-    assert (escalated["stage"], escalated["forced_by"]) == ("last", "regroup_timeout")
-    (stopped,) = [r for r in records if r["event"] == "pipeline_stopped"]
-    assert stopped["forced"] == []
-    if redeliver:
-        assert _delivered(ws) == list(range(20))
-        assert (proc.returncode, stopped["outcome"]) == (0, "finished")
-    else:
-        assert 3 not in _delivered(ws) and len(_delivered(ws)) == 19
-        (abandoned,) = [r for r in records if r["event"] == "batch_abandoned"]
-        assert (abandoned["stage"], abandoned["items"]) == ("last", None)
-        assert (proc.returncode, stopped["exit_code"], stopped["outcome"]) == (1, 1, "failed")
 
 
 DRAIN = """
