@@ -90,8 +90,8 @@ CASES = [
     (State.STOPPING, Ready(), NO, _(State.STOPPING)),
     (State.STOPPING, Exited(code=0), ALWAYS, _(State.EXITED, (CancelTimer(Timer.KILL),))),
     (State.STOPPING, Exited(signal=15), NO, _(State.EXITED, (CancelTimer(Timer.KILL),))),
-    (State.STOPPING, StopRequested(), NO, _(State.STOPPING)),
-    (State.STOPPING, DrainRequested(), NO, _(State.STOPPING)),
+    (State.STOPPING, StopRequested(), NO, _(State.STOPPING, (ArmTimer(Timer.KILL),))),  # the stop's deadline
+    (State.STOPPING, DrainRequested(), NO, _(State.STOPPING, (ArmTimer(Timer.KILL),))),
     (State.STOPPING, StopTimedOut(), NO, _(State.STOPPING, (KILL,))),
     (State.STOPPING, StartRequested(), NO, _(State.STOPPING)),
     (State.BACKOFF, BackoffElapsed(), ON_FAILURE, _(State.STARTING, (Spawn(),))),
@@ -155,7 +155,14 @@ def test_events_and_actions_behave_as_frozen_dataclasses() -> None:
     assert exited == Exited(3) and hash(exited) == hash(Exited(3)) and exited != Exited(signal=9)
     assert StopRequested() != DrainRequested()  # same (no) fields, different facts
     assert repr(Signal(15)) == "Signal(signum=15, group=True)"
-    assert [f.name for f in dataclasses.fields(exited)] == ["code", "signal", "runtime_s", "input", "held_batch"]
+    assert [f.name for f in dataclasses.fields(exited)] == [
+        "code",
+        "signal",
+        "runtime_s",
+        "input",
+        "held_batch",
+        "untracked_batch",
+    ]
     assert dataclasses.replace(exited, code=4) == Exited(4)
     running = Transition(Life(State.RUNNING), (Spawn(),))
     assert pickle.loads(pickle.dumps(running)) == running
@@ -204,8 +211,10 @@ def test_a_retiring_slot_leaves_once_ended_is_never_restarted_and_fails_nothing(
     assert retire.life.retiring and stop_again.life.retiring
     assert (exited.state, exited.actions) == (State.EXITED, (CancelTimer(Timer.KILL), Remove()))
     assert (start.state, start.actions) == (State.EXITED, ())  # a retired slot never starts again
+    # one that reads a retired queue to its end has no deadline until a stop gives it the stop's
     drained = step(RUNNING, RetireRequested(Leave.AT_END))
-    assert (drained.state, drained.actions) == (State.STOPPING, (ArmTimer(Timer.KILL),))
+    assert (drained.state, drained.actions) == (State.STOPPING, ())
+    assert step(drained.life, DrainRequested()).actions == (ArmTimer(Timer.KILL),)
     # a retiring process that was already stopping becomes retiring all the same
     stopping = step(Life(State.STOPPING), RetireRequested())
     assert stopping.life == Life(State.STOPPING, retiring=True) and stopping.actions == ()
@@ -318,3 +327,14 @@ def test_the_backoff_counts_consecutive_failures_and_a_long_run_starts_it_afresh
         life = step(step(life, BackoffElapsed()).life, Ready()).life
         assert life.failures == expected
     assert step(life, Exited(code=1, runtime_s=61.0), policy).life.failures == 1
+
+
+def test_a_failure_with_a_batch_redeliver_false_does_not_track_abandons_it_and_a_clean_end_does_not() -> None:
+    on_failure = Policy(Restart.ON_FAILURE)
+    killed = step(RUNNING, Exited(signal=9, untracked_batch=True), on_failure)
+    assert (killed.state, killed.actions) == (State.BACKOFF, (AbandonBatch(), ArmTimer(Timer.RESTART)))
+    retired = step(Life(State.STOPPING, retiring=True), Exited(signal=9, untracked_batch=True), on_failure)
+    assert retired.actions == (AbandonBatch(), CancelTimer(Timer.KILL), Remove())
+    # a retired reader asked to finish its batch that ends cleanly has handed it on
+    clean = step(Life(State.STOPPING, retiring=True), Exited(code=0, untracked_batch=True), on_failure)
+    assert clean.actions == (CancelTimer(Timer.KILL), Remove())

@@ -211,7 +211,8 @@ def test_a_command_stage_passes_every_json_item_through_and_sets_aside_what_json
 def test_a_consumer_that_exits_0_before_its_input_ended_is_restarted_and_loses_nothing(ws: Workspace) -> None:
     """Between batches (here: no batch tracking, ``redeliver = false``), an exit 0 before the
     worker has received its input's end is a failure of that worker: it is restarted and the
-    rest of the queue is delivered. Only the item in hand is lost, as ``redeliver = false`` says."""
+    rest of the queue is delivered. Only the item in hand is lost, as ``redeliver = false`` says,
+    and the exit code says so (exit 0 means every item reached a sink or a dead-letter file)."""
     ws.write("st.py", STAGES)
     ws.pipeline(
         '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 1000 }\n'
@@ -226,7 +227,11 @@ def test_a_consumer_that_exits_0_before_its_input_ended_is_restarted_and_loses_n
     assert len(result.events("worker_spawned", stage="quitter")) == 2
     summary = json.loads(result.output_lines("check")[0])
     assert summary["missing"] == [500] and summary["missing_count"] == 1
-    assert result.code == 0, result.stderr[-2000:]
+    (abandoned,) = result.events("batch_abandoned", stage="quitter")
+    assert abandoned["items"] is None  # not tracked: how many is not known
+    (stopped,) = result.events("pipeline_stopped")
+    assert (result.code, stopped["outcome"]) == (1, "failed"), result.stderr[-2000:]
+    assert [f for f in stopped["failures"] if "redeliver = false" in f]
 
 
 def test_a_consumer_that_keeps_exiting_0_early_goes_fatal(ws: Workspace) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from conftest import Workspace, read_records, reaped, wait_until
 
 STAGES = """
@@ -111,3 +113,38 @@ def test_an_ended_member_a_reload_replaces_is_not_started_again_with_its_group(w
     # and every worker procd started has its exit recorded (none was left to the final sweep)
     started = {r["pid"] for r in records if r["event"] == "worker_spawned"}
     assert started == {r["pid"] for r in records if r["event"] == "worker_exited"}
+
+
+@pytest.mark.parametrize("redeliver", [True, False])
+def test_a_worker_killed_at_a_rest_for_one_restarts_deadline_loses_only_an_untracked_batch(
+    ws: Workspace, redeliver: bool
+) -> None:
+    # middle fails while last[0] holds item 3: the group restart asks last[0] to finish its batch,
+    # kills it a stop_timeout later, and starts it again. A tracked item 3 is delivered again by
+    # the next last[0] (exit 0: nothing was lost, no stop was forced); an untracked one is gone
+    # (it exited 0)
+    ws.write("st.py", STAGES)
+    pipeline = (PIPELINE % "hold_at_3").replace('stop_timeout = "1h"', 'stop_timeout = "1s"')
+    ws.pipeline(
+        pipeline.replace(
+            'function = "st:hold_at_3"', f'function = "st:hold_at_3"\nredeliver = {str(redeliver).lower()}'
+        )
+    )
+    with reaped(ws.start("run", f"{ws.name}.toml", "--log-file", "log.jsonl")) as proc:
+        (killed,) = wait_until(lambda: _events(ws, "worker_exited", stage="last"))
+        assert killed["signal"] == "SIGKILL"
+        (ws.path / "go").touch()
+        proc.communicate(timeout=30)  # the group starts again and the pipeline ends by itself
+    (escalated,) = _events(ws, "stop_escalated")
+    assert (escalated["stage"], escalated["forced_by"]) == ("last", "regroup_timeout")
+    (stopped,) = _events(ws, "pipeline_stopped")
+    assert stopped["forced"] == []
+    delivered = set(map(int, (ws.path / "delivered").read_text().split()))
+    if redeliver:
+        assert delivered == set(range(20))
+        assert (proc.returncode, stopped["outcome"]) == (0, "finished")
+    else:
+        assert delivered == set(range(20)) - {3}
+        (abandoned,) = _events(ws, "batch_abandoned")
+        assert (abandoned["stage"], abandoned["items"]) == ("last", None)
+        assert (proc.returncode, stopped["exit_code"], stopped["outcome"]) == (1, 1, "failed")

@@ -80,7 +80,7 @@ class Leave(enum.StrEnum):
 
     AT_ONCE = "at once"  # SIGTERM to its process group (a producer)
     AFTER_BATCH = "after its batch"  # SIGTERM to the process alone: it finishes the batch in hand
-    AT_END = "at the end of its input"  # no signal: it reads its input (a queue that is going) to the end
+    AT_END = "at the end of its input"  # no signal, no deadline: it reads its input (a queue that is going) to the end
 
 
 @frozen_dataclass(frozen=True)
@@ -149,6 +149,9 @@ class Exited:
     runtime_s: float = 0.0
     input: InputEnd = InputEnd.NONE
     held_batch: bool = False  # its slot file says it held a batch it had not handed on
+    # its stage keeps no batch (redeliver = false, a queue that does not outlive procd), and its
+    # slot file says it had received one and not asked for the next: a failure loses that batch
+    untracked_batch: bool = False
 
     @property
     def ok(self) -> bool:
@@ -360,13 +363,22 @@ _SENDS = {
 
 
 def _leave(life: Life, event: Event, _policy: Policy) -> Transition:
-    """A process asked to end for a retire or a regroup, with a deadline."""
+    """A process asked to end for a retire or a regroup, with a deadline; one that reads a
+    retired queue to its end has none (a whole queue may take longer than the stop timeout, and
+    killing it would lose what is left there): a stop gives it the stop's."""
     assert isinstance(event, (RetireRequested, RegroupRequested))
     if isinstance(event, RetireRequested):
         life = dataclasses.replace(life, state=State.STOPPING, retiring=True)
     else:
         life = dataclasses.replace(life, state=State.STOPPING, regrouping=True)
-    return Transition(life, (*_SENDS[event.leave], ArmTimer(Timer.KILL)))
+    deadline = () if event.leave is Leave.AT_END else (ArmTimer(Timer.KILL),)
+    return Transition(life, (*_SENDS[event.leave], *deadline))
+
+
+def _stop_while_leaving(life: Life, _event: Event, _policy: Policy) -> Transition:
+    """A stop comes to a process that is leaving already: the stop's deadline (an earlier one of
+    its own stands), and a regroup is overridden (the group will not start again)."""
+    return Transition(dataclasses.replace(life, regrouping=False), (ArmTimer(Timer.KILL),))
 
 
 def _cause(life: Life, event: Exited, policy: Policy) -> str | None:
@@ -393,9 +405,13 @@ def _exited(life: Life, event: Event, policy: Policy) -> Transition:
     if event.runtime_s > policy.within_s:
         life = dataclasses.replace(life, failures=0)  # it stayed up: the next backoff starts afresh
     if life.state is State.STOPPING:
-        return _settle(dataclasses.replace(life, state=State.EXITED), cause, event.held_batch, CancelTimer(Timer.KILL))
-    ended = event.input in (InputEnd.ENDED, InputEnd.SEEN)
-    return _after_end(life, cause, event.held_batch, policy, input_ended=ended, regroups=True)
+        then = _settle(dataclasses.replace(life, state=State.EXITED), cause, event.held_batch, CancelTimer(Timer.KILL))
+    else:
+        ended = event.input in (InputEnd.ENDED, InputEnd.SEEN)
+        then = _after_end(life, cause, event.held_batch, policy, input_ended=ended, regroups=True)
+    if event.untracked_batch and cause is not None:  # nothing can deliver it again (a clean end handed it on)
+        then = dataclasses.replace(then, actions=(AbandonBatch(), *then.actions))
+    return then
 
 
 def _spawn_failed(life: Life, event: Event, policy: Policy) -> Transition:
@@ -491,8 +507,8 @@ _TABLE: dict[tuple[State, type], Handler] = {
     (State.STOPPING, ErrorReported): _reported,
     (State.STOPPING, ExecFailureReported): _reported,
     (State.STOPPING, Exited): _exited,
-    (State.STOPPING, StopRequested): _no_regroup,
-    (State.STOPPING, DrainRequested): _no_regroup,
+    (State.STOPPING, StopRequested): _stop_while_leaving,
+    (State.STOPPING, DrainRequested): _stop_while_leaving,
     (State.STOPPING, RetireRequested): _to(State.STOPPING, retire=True),
     (State.STOPPING, RegroupRequested): _stay,
     (State.STOPPING, StopTimedOut): _to(State.STOPPING, _KILL, force=True),

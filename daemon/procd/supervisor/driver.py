@@ -150,9 +150,9 @@ class SlotDriver:
                     self._signal(slot, signum, group=group)
                 case ArmTimer(Timer.KILL):
                     spec_s = host.spec.stop_timeout_s
-                    host.timers[(slot, Timer.KILL)] = (
-                        host.stopper.stop_deadline if host.stopper.stopping else host.clock() + spec_s
-                    )
+                    deadline = host.stopper.stop_deadline if host.stopper.stopping else host.clock() + spec_s
+                    earlier = host.timers.get((slot, Timer.KILL))  # a retire's or a regroup's, before a stop
+                    host.timers[(slot, Timer.KILL)] = deadline if earlier is None else min(earlier, deadline)
                 case ArmTimer():
                     spec = slot.stage.restart
                     failures = slot.life.failures
@@ -211,7 +211,7 @@ class SlotDriver:
             host.groups.histories[slot.stage.name].record(host.clock())  # a failed start counts as a restart
             self.feed(slot, SpawnFailed(exc.errno or 0, exc.strerror or str(exc)))
             return
-        if slot.generation > 1:
+        if slot.spawned > 1:  # a restart (a slot replacing one a reload retired starts afresh)
             host.groups.histories[slot.stage.name].record(host.clock())
             slot.restarts += 1
         slot.started_at = host.clock()
@@ -229,16 +229,22 @@ class SlotDriver:
     def _signal(self, slot: WorkerSlot, signum: int, *, group: bool = True) -> None:
         if slot.pid is None:
             return
-        if signum == signal.SIGKILL:
-            if self.host.stopper.second_stop is not None:
-                forced_by, after = "second_signal", f"after {self.host.stopper.kill_cause()}"
+        if signum == signal.SIGKILL:  # a deadline passed (StopTimedOut)
+            stopper, timeout = self.host.stopper, f"{self.host.spec.stop_timeout_s:g}s"
+            if stopper.second_stop is not None:
+                forced_by, after = "second_signal", f"after {stopper.kill_cause()}"
+            elif slot.regrouping and not stopper.stopping:
+                forced_by, after = "regroup_timeout", f"{timeout} after it was asked to stop for a rest_for_one restart"
+            elif slot.retiring and not stopper.stopping:
+                forced_by, after = "retire_timeout", f"{timeout} after it was retired (scale or reload)"
             else:
-                forced_by, after = "stop_timeout", f"{self.host.spec.stop_timeout_s:g}s after the stop request"
+                forced_by, after = "stop_timeout", f"{timeout} after the stop request"
             self._bound(slot).warning(
                 "stop_escalated",
                 forced_by=forced_by,
                 message=f"{slot.name} still running {after}; sending SIGKILL to its process group",
             )
+            stopper.killed(slot)
         try:
             if group:
                 os.killpg(slot.pid, signum)
@@ -291,6 +297,7 @@ class SlotDriver:
             runtime_s=runtime_s,
             input=_input_end(slot, held),
             held_batch=held is not None and held.holds,
+            untracked_batch=_untracked_batch(slot, held),
         )
         transition = self._step(slot, event)
         fields: dict[str, Any] = {"runtime_s": round(runtime_s, 3), "expected": transition.cause is None, **slot.counts}
@@ -320,6 +327,17 @@ class SlotDriver:
         """The ended process held a batch: its slot's next process delivers it again, or none will."""
         assert slot.slot_fd is not None
         transport.slot.note_exit(slot.slot_fd, exited.signal, exited.code)
+        if not held.holds:  # a batch its stage does not track (redeliver = false): gone, count unknown
+            self.host.stopper.untracked_lost(slot)
+            self._bound(slot).error(
+                "batch_abandoned",
+                items=None,
+                message=(
+                    f"{slot.name} ended ({exited.describe()}) while it may have held a batch that redeliver = false "
+                    "does not track: its items are lost, how many is not known"
+                ),
+            )
+            return
         pending = held.items - max(held.index, 0)
         if kept:
             self._bound(slot).warning(
@@ -410,6 +428,16 @@ class SlotDriver:
         """A failure that is not restarted stops the pipeline, which then exits 1."""
         self.host.stopper.failed.append(f"{slot.name}: {cause}")
         self.host.stopper.request(f"{slot.name} failed: {cause}")
+
+
+def _untracked_batch(slot: WorkerSlot, held: Header | None) -> bool:
+    """The slot's ended process may have held a batch that nothing keeps: its stage does not
+    track one (``redeliver = false``), its input does not outlive procd (a durable queue keeps an
+    unacknowledged batch for the next run), and its slot file says a receive was armed and not
+    followed by the next one (a process waiting for input, or that never received, says EMPTY)."""
+    if held is None or held.holds or slot.input is None or slot.stage.redeliver:
+        return False
+    return held.state == transport.slot.RECEIVING and not slot.input.endpoint().durable
 
 
 def _input_end(slot: WorkerSlot, held: Header | None) -> InputEnd:

@@ -32,7 +32,8 @@ class WorkerSlot:
     index: int
     life: Life = field(default_factory=Life)  # its state and flags: set only from what lifecycle.step returns
     pid: int | None = None
-    generation: int = 0
+    generation: int = 0  # carried over from the slot a reload replaced, so the numbers go on
+    spawned: int = 0  # processes this slot has started: only a second one is a restart
     started_at: float = 0.0
     report_fd: int | None = None
     output_fd: int | None = None
@@ -135,6 +136,7 @@ def start(
     os.set_blocking(output_r, False)
     slot.pid = pid
     slot.generation += 1
+    slot.spawned += 1
     for key, value in slot.counts.items():
         slot.carried[key] = slot.carried.get(key, 0) + value
     slot.counts = {}

@@ -9,9 +9,10 @@ has ended, ``finish`` counts what was abandoned and returns the exit code, and `
 reaps whatever of ours is left.
 
 What was abandoned includes what left earlier: a retired slot (scale-down, reload) that leaves
-holding a batch (``departed``, from the slot driver's removal, before its slot file is closed), a
-retired slot whose process was killed at the stop's deadline (forced), and a retired input that
-is let go with batches no reader will read (``input_left``, from the wiring).
+holding a batch (``departed``, from the slot driver's removal, before its slot file is closed),
+and a retired input that is let go with batches no reader will read (``input_left``, from the
+wiring). A retired worker killed at the stop's deadline is forced like any other (``killed``,
+from the slot driver as it sends SIGKILL, so a slot that leaves is not missed).
 
 It never decides a slot's state: the transition table turns the stop events into signals and
 timers, and the slot driver carries them out.
@@ -82,7 +83,7 @@ class Stopper:
         self.stop_reason: str | None = None  # the first stop request's
         self.failed: list[str] = []  # what makes the exit code 1
         self.left = Abandoned()  # what retired slots and inputs left behind as they went
-        self.forced_left: list[str] = []  # retired slots whose process was killed at the stop's deadline
+        self.forced: list[str] = []  # workers killed at the stop's deadline (retired ones too)
 
     def kill_cause(self) -> str:
         """What made a stop kill: a second stop request, or the stop timeout."""
@@ -116,14 +117,29 @@ class Stopper:
         for slot in sup.slots:
             sup.driver.feed(slot, StopRequested() if slot.stage.is_producer else DrainRequested())
 
+    def killed(self, slot: WorkerSlot) -> None:
+        """``slot``'s process is sent SIGKILL at a deadline. During a stop the drain was forced.
+        Outside one (a retired worker's deadline, a rest_for_one restart's) the kill ends the
+        process like a crash, and what it held is counted as exactly: a batch kept for its slot's
+        next process is delivered again, one it leaves with is abandoned, and one its stage does
+        not track (``redeliver = false``) is counted lost when its exit is seen."""
+        if self.stopping and slot.name not in self.forced:
+            self.forced.append(slot.name)
+
     def departed(self, slot: WorkerSlot, held: Header | None) -> None:
         """A retired slot leaves the pipeline (its slot file says ``held``): a batch it still
-        holds will never be delivered, and a process killed at the stop's deadline was forced."""
+        holds will never be delivered."""
         if held is not None and held.holds:
             durable = slot.input is not None and slot.input.endpoint().durable
             self.left.add(slot.stage.name, durable=durable, in_hand_items=held.items - max(held.index, 0))
-        if slot.forced and self.stopping:
-            self.forced_left.append(slot.name)
+
+    def untracked_lost(self, slot: WorkerSlot) -> None:
+        """``slot``'s process failed while it may have held a batch that its stage does not track
+        (``redeliver = false``): its items are lost, how many is not known."""
+        self.failed.append(
+            f"{slot.name} ended while it may have held a batch that redeliver = false does not track "
+            "(its items were neither delivered nor dead-lettered)"
+        )
 
     def input_left(self, channel: Input) -> None:
         """A retired input is let go: what it still queues no reader will read."""
@@ -133,7 +149,7 @@ class Stopper:
         """Every process has ended: say what was abandoned and how the pipeline ended; return
         the exit code."""
         sup = self.sup
-        forced = [s.name for s in sup.slots if s.forced] + self.forced_left
+        forced = self.forced
         abandoned = self._abandoned()
         totals = dict.fromkeys(_COUNTS, 0)
         for stage, counts in abandoned.stages.items():
