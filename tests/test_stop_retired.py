@@ -367,3 +367,38 @@ def test_workers_a_reload_replaces_are_not_counted_as_restarts(ws: Workspace) ->
     assert not [r for r in records if r["event"] == "stage_fatal"]
     (stopped,) = [r for r in records if r["event"] == "pipeline_stopped"]
     assert (proc.returncode, stopped["outcome"]) == (0, "finished")
+
+
+BUSY_STAGES = """
+import time
+def numbers(count):
+    yield from range(count)
+def work(n):
+    time.sleep(0.005)
+    return n
+def sink(n):
+    with open("delivered", "a") as fh:
+        fh.write(f"{n}\\n")
+"""
+
+
+# A worker asked to leave (scale-down, reload, a regroup) takes no further batch: it kept taking
+# them while its input was not empty, and was killed at the deadline holding one.
+def test_a_worker_scaled_away_from_a_busy_queue_leaves_after_its_batch(ws: Workspace) -> None:
+    ws.write("st.py", BUSY_STAGES)
+    ws.pipeline(
+        '[pipeline]\nname = "{name}"\nstop_timeout = "1s"\n'
+        '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 3000 }\n'
+        '[stages.work]\nfunction = "st:work"\ninputs = ["numbers"]\nprocesses = 3\nqueue = { batch = 4 }\n'
+        '[stages.sink]\nfunction = "st:sink"\ninputs = ["work"]\n'
+    )
+    log = ws.path / "log.jsonl"
+    with reaped(ws.start_ready()) as proc:
+        wait_until(lambda: (ws.path / "delivered").exists() or None)
+        scaled = ws.run("scale", ws.name, "work=1", "--control", str(ws.control))
+        assert scaled.code == 0, scaled.stderr
+        proc.communicate(timeout=60)
+    records = read_records(log)
+    assert not [r for r in records if r["event"] in ("stop_escalated", "batch_abandoned")]
+    assert sorted(set(map(int, (ws.path / "delivered").read_text().split()))) == list(range(3000))
+    assert proc.returncode == 0

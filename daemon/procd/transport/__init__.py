@@ -136,8 +136,10 @@ class Reader(abc.ABC):
 
     def batches(self, stop_fd: int) -> Iterator[list[Any]]:
         """Every batch until the end of stream; ends quietly when ``stop_fd`` becomes readable
-        between batches."""
+        between batches (a reader asked to leave takes no further batch, however full its input)."""
         while True:
+            if select.select([stop_fd], [], [], 0)[0]:
+                return
             try:
                 batch = self.receive(stop_fd)
             except Interrupted:
