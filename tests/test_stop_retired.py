@@ -379,6 +379,21 @@ def work(n):
 def sink(n):
     with open("delivered", "a") as fh:
         fh.write(f"{n}\\n")
+
+class SlowClose:  # leaves slowly: its close outlasts the stop timeout
+    def __call__(self, n):
+        time.sleep(0.005)
+        return n
+    def close(self):
+        time.sleep(3)
+
+def alarmed(n):  # the stage uses a signal of its own (a per-item timer, say)
+    import signal
+    if signal.getsignal(signal.SIGALRM) is signal.SIG_DFL:
+        signal.signal(signal.SIGALRM, lambda *_: None)
+        signal.setitimer(signal.ITIMER_REAL, 0.01)
+    time.sleep(0.002)
+    return n
 """
 
 
@@ -401,4 +416,47 @@ def test_a_worker_scaled_away_from_a_busy_queue_leaves_after_its_batch(ws: Works
     records = read_records(log)
     assert not [r for r in records if r["event"] in ("stop_escalated", "batch_abandoned")]
     assert sorted(set(map(int, (ws.path / "delivered").read_text().split()))) == list(range(3000))
+    assert proc.returncode == 0
+
+
+def test_a_retired_worker_that_finished_its_batch_and_then_is_killed_lost_nothing(ws: Workspace) -> None:
+    # redeliver = false: the slot file says whether a batch was taken and not finished; a
+    # worker that left after finishing its batch (its close then outlasts the retire deadline)
+    # held nothing, and the run must not say a batch was lost
+    ws.write("st.py", BUSY_STAGES)
+    ws.pipeline(
+        '[pipeline]\nname = "{name}"\nstop_timeout = "1s"\n'
+        '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 600 }\n'
+        '[stages.work]\nfunction = "st:SlowClose"\ninputs = ["numbers"]\nprocesses = 2\nredeliver = false\n'
+        "queue = { batch = 4 }\n"
+        '[stages.sink]\nfunction = "st:sink"\ninputs = ["work"]\n'
+    )
+    log = ws.path / "log.jsonl"
+    with reaped(ws.start_ready()) as proc:
+        wait_until(lambda: (ws.path / "delivered").exists() or None)
+        scaled = ws.run("scale", ws.name, "work=1", "--control", str(ws.control))
+        assert scaled.code == 0, scaled.stderr
+        proc.communicate(timeout=60)
+    records = read_records(log)
+    assert any(r.get("signal") == "SIGKILL" for r in records if r["event"] == "worker_exited" and r["stage"] == "work")
+    assert not [r for r in records if r["event"] == "batch_abandoned"]
+    assert sorted(map(int, (ws.path / "delivered").read_text().split())) == list(range(600))
+    assert proc.returncode == 0
+
+
+def test_a_signal_the_stage_handles_itself_does_not_end_a_busy_worker(ws: Workspace) -> None:
+    # only SIGTERM asks a worker to leave: a stage's own SIGALRM must not end it mid-input
+    ws.write("st.py", BUSY_STAGES)
+    ws.pipeline(
+        '[pipeline]\nname = "{name}"\n'
+        '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 400 }\n'
+        '[stages.work]\nfunction = "st:alarmed"\ninputs = ["numbers"]\nqueue = { batch = 4 }\n'
+        '[stages.sink]\nfunction = "st:sink"\ninputs = ["work"]\n'
+    )
+    log = ws.path / "log.jsonl"
+    with reaped(ws.start_ready()) as proc:
+        proc.communicate(timeout=60)
+    records = read_records(log)
+    assert len([r for r in records if r["event"] == "worker_spawned" and r["stage"] == "work"]) == 1
+    assert sorted(map(int, (ws.path / "delivered").read_text().split())) == list(range(400))
     assert proc.returncode == 0

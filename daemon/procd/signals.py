@@ -76,10 +76,27 @@ def reset_in_child() -> None:
         signal.signal(signum, signal.SIG_DFL)
 
 
+_terminated = False  # a worker's SIGTERM came (see ``stop_fd_on_sigterm``)
+
+
 def stop_fd_on_sigterm() -> int:
     """Make SIGTERM mean "finish the current batch, then end": returns a descriptor that becomes
-    readable when SIGTERM arrives (Python's wake-up fd; SIGTERM is the only signal handled)."""
+    readable when a signal arrives (Python's wake-up fd, which wakes a wait in any thread at
+    once), and ``terminated`` says whether that signal was SIGTERM (a stage may handle signals
+    of its own, such as SIGALRM, which must not end the worker)."""
+    global _terminated
+    _terminated = False
     read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     return read_fd
+
+
+def _on_sigterm(_signum: int, _frame: object) -> None:
+    global _terminated
+    _terminated = True
+
+
+def terminated() -> bool:
+    """Whether this worker was asked to end (SIGTERM, since ``stop_fd_on_sigterm``)."""
+    return _terminated

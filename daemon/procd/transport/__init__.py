@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from procd import signals
 from procd.config import QueueSpec
 from procd.transport.slot import SlotFile
 
@@ -135,10 +136,11 @@ class Reader(abc.ABC):
     def close(self) -> None: ...
 
     def batches(self, stop_fd: int) -> Iterator[list[Any]]:
-        """Every batch until the end of stream; ends quietly when ``stop_fd`` becomes readable
-        between batches (a reader asked to leave takes no further batch, however full its input)."""
+        """Every batch until the end of stream. A worker asked to leave (SIGTERM: see
+        ``signals.stop_fd_on_sigterm``) takes no further batch, however full its input; one
+        waiting for input also ends quietly when ``stop_fd`` becomes readable."""
         while True:
-            if select.select([stop_fd], [], [], 0)[0]:
+            if signals.terminated():
                 return
             try:
                 batch = self.receive(stop_fd)

@@ -339,8 +339,11 @@ class LocalReader(Reader):
         return Held(items, header.index, header.crashes, header.deliveries, header.last_signal, header.last_code)
 
     def done(self) -> None:
-        if self._slot is not None and self._keep:
-            self._slot.clear()
+        if self._slot is not None:
+            if self._keep:
+                self._slot.clear()
+            else:  # nothing is held, and the slot file must not say a batch may be
+                self._slot.disarm()
         if self._spill_name:
             try:
                 os.unlink(os.path.join(self._endpoint.spill_dir, self._spill_name))
