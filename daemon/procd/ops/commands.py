@@ -2,7 +2,7 @@
 pipeline takes, where each pipeline's socket is, and one request with its reply.
 
 ``COMMANDS`` declares every command once, with its typed fields: the server (``control``) parses a
-request against it, the supervisor answers through one handler per command (``control.dispatch``
+request against it, the supervisor answers through one handler per command (``control.check_handlers``
 refuses a handler table that does not match it), and the CLI builds its client verbs from it and
 sends requests through ``call``, which checks the fields against the same table. Adding a verb
 means a ``Command`` here, a handler in the supervisor and its client side in the CLI.

@@ -1,14 +1,14 @@
 """Operations: what the world outside the loop asks of procd and hears from it, served in the loop.
 
 Owns the control socket and the optional metrics endpoint (their listeners and connections,
-bounded by ``ops.connections``), one handler per command of ``ops.control.COMMANDS``, sd_notify
+bounded by ``ops.connections``), one handler per command of ``ops.commands.COMMANDS``, sd_notify
 (READY, STATUS, STOPPING, RELOADING and the watchdog ping, sent from the loop itself so that a
 stuck loop sends nothing), the status line and a terminal's progress line, and ``status()``. The
 protocols themselves live in ``procd.ops``; this part wires them to the supervisor's parts.
 
 It never changes a worker slot or an input itself: a command that does hands the request to the
 part that owns it (``stop`` to stopping, ``scale`` to the stage groups, ``reload`` to reload) and
-answers with what that part says. Adding a command: its entry in ``ops.control.COMMANDS``, its
+answers with what that part says. Adding a command: its entry in ``ops.commands.COMMANDS``, its
 client side in the CLI, and one handler here.
 """
 
@@ -57,7 +57,7 @@ class Operations:
         self.status_due = loop.Alarm(sup.loop, self.update_status)
         self.tend_due = loop.Alarm(sup.loop, self.tend)
         self.notify_retry = loop.Alarm(sup.loop, self._flush_notify)  # kept messages, tried again
-        self.handlers: dict[str, control.Handler] = {  # one per command of control.COMMANDS
+        self.handlers: dict[str, control.Handler] = {  # one per command of commands.COMMANDS
             "status": lambda _request: {"ok": True, **self.status()},
             "stop": self._stop,
             "reload": lambda _request: sup.reloader.reload("control socket"),
