@@ -1,11 +1,11 @@
 """The process lifecycle: states, events, actions and the one transition table.
 
-A core module (it imports only ``errors``, ``frozen`` and ``restarts``). ``step`` is pure: it
-maps the ``Life`` of one worker slot (its state and the flags kept with it) and an event to a
-new ``Life`` and a tuple of actions (data, not effects); the supervisor carries the actions out. Every pair the supervisor may feed is spelled out in
-``_TABLE``, including the ones that do nothing, so the whole state machine is testable without a
-process. A pair that is missing is a bug, reported with the state, the event and the events that
-state accepts.
+A core module (it imports only ``errors``, ``frozen`` and ``restarts``). ``step`` is pure: it maps
+the ``Life`` of one worker slot (its state and the flags kept with it) and an event to a new
+``Life`` and a tuple of actions (data, not effects); the supervisor carries the actions out. Every
+pair the supervisor may feed is spelled out in ``_TABLE``, including the ones that do nothing, so
+the whole state machine is testable without a process. A pair that is missing is a bug, reported
+with the state, the event and the events that state accepts.
 
 Every decision about a slot is taken here, in the manner of s6's ``actions[state][event]``:
 whether an exit is a failure and why, restart or not (the stop, a retiring slot, a program that
