@@ -272,3 +272,18 @@ def test_ready_and_stopping_are_never_dropped_however_many_messages_are_kept(ws:
     assert len(notifier.pending) <= 64
     assert notifier.pending[-2] == {"READY": 1, "STATUS": "ready 99"} and notifier.pending[-1] == {"STOPPING": 1}
     notifier.close()
+
+
+def test_a_reload_under_way_keeps_its_reloading_message_however_many_are_kept(ws: Workspace) -> None:
+    # RELOADING=1 may make room only once its READY=1 is kept after it: a reload still under
+    # way must be heard (two READY=1 in a row merge instead)
+    receiver, notifier = _filled(ws)
+    for n in range(63):
+        notifier.send(READY=1, STATUS=f"ready {n}")
+    notifier.reloading()
+    notifier.send(STATUS="reloading")
+    assert len(notifier.pending) <= 64
+    received = _received_once_flushed(receiver, notifier)
+    assert [f["STATUS"] for f in received if "READY" in f][-1] == "ready 62"
+    assert "RELOADING" in received[-2] and received[-1]["STATUS"] == "reloading"
+    notifier.close()

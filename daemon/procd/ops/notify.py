@@ -91,8 +91,8 @@ class Notifier:
                     pending[i + 1].setdefault(key, value)  # the later message's own value is newer
                 del pending[i]
                 return
-        for i, message in enumerate(pending[:-1]):
-            if not set(message) & _NEVER_DROPPED:  # RELOADING=1, with a READY=1 after it
+        for i, message in enumerate(pending[:-1]):  # RELOADING=1, once its READY=1 is kept after it
+            if not set(message) & _NEVER_DROPPED and any("READY" in later for later in pending[i + 1 :]):
                 del pending[i]
                 return
         for i, message in enumerate(pending[:-1]):
