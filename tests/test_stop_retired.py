@@ -198,6 +198,7 @@ def test_a_scaled_away_worker_killed_at_its_retire_deadline_with_an_untracked_ba
             lambda: [r for r in read_records(log) if r["event"] == "worker_exited" and r["worker"] == 1]
         )
         assert killed["signal"] == "SIGKILL"
+        assert killed["cause"] == "killed by SIGKILL after the retire timeout (1s)"  # no stop was asked for
         (ws.path / "gate").touch()
         proc.communicate(timeout=30)  # the producer is finite: the pipeline ends by itself
     records = read_records(log)

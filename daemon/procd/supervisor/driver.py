@@ -124,8 +124,17 @@ class SlotDriver:
             stopping=host.stopper.stopping,
             rest_for_one=slot.stage.strategy == "rest_for_one",
             within_s=restart.within_s,
-            kill_cause=host.stopper.kill_cause(),
+            kill_cause=self._kill_cause(slot),
         )
+
+    def _kill_cause(self, slot: WorkerSlot) -> str:
+        """What made a deadline kill ``slot``: the stop's, or, outside a stop, its own retire's or
+        regroup's (each ``stop_timeout`` long)."""
+        stopper = self.host.stopper
+        if not stopper.stopping and (slot.retiring or slot.regrouping):
+            reason = "regroup" if slot.regrouping else "retire"
+            return f"the {reason} timeout ({self.host.spec.stop_timeout_s:g}s)"
+        return stopper.kill_cause()
 
     def feed(self, slot: WorkerSlot, event: Event) -> Transition:
         """Step the slot's life with ``event`` and carry out the actions; return the transition."""
