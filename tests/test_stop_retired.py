@@ -398,51 +398,45 @@ def alarmed(n):  # the stage uses a signal of its own (a per-item timer, say)
 """
 
 
-# A worker asked to leave (scale-down, reload, a regroup) takes no further batch: it kept taking
-# them while its input was not empty, and was killed at the deadline holding one.
-def test_a_worker_scaled_away_from_a_busy_queue_leaves_after_its_batch(ws: Workspace) -> None:
+def _scale_busy_work_to_one(ws: Workspace, count: int, work: str) -> tuple[int, list[dict], list[int]]:
+    """Run numbers -> work (``work``: its stage lines) -> sink, scale work to 1 process once items
+    arrive; the exit code, the records and the items delivered."""
     ws.write("st.py", BUSY_STAGES)
     ws.pipeline(
         '[pipeline]\nname = "{name}"\nstop_timeout = "1s"\n'
-        '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 3000 }\n'
-        '[stages.work]\nfunction = "st:work"\ninputs = ["numbers"]\nprocesses = 3\nqueue = { batch = 4 }\n'
+        f'[stages.numbers]\nfunction = "st:numbers"\noptions = {{ count = {count} }}\n'
+        f'[stages.work]\ninputs = ["numbers"]\nqueue = {{ batch = 4 }}\n{work}'
         '[stages.sink]\nfunction = "st:sink"\ninputs = ["work"]\n'
     )
-    log = ws.path / "log.jsonl"
     with reaped(ws.start_ready()) as proc:
         wait_until(lambda: (ws.path / "delivered").exists() or None)
         scaled = ws.run("scale", ws.name, "work=1", "--control", str(ws.control))
         assert scaled.code == 0, scaled.stderr
         proc.communicate(timeout=60)
-    records = read_records(log)
+    delivered = sorted(map(int, (ws.path / "delivered").read_text().split()))
+    return proc.returncode, read_records(ws.path / "log.jsonl"), delivered
+
+
+# A worker asked to leave (scale-down, reload, a regroup) takes no further batch: it kept taking
+# them while its input was not empty, and was killed at the deadline holding one.
+def test_a_worker_scaled_away_from_a_busy_queue_leaves_after_its_batch(ws: Workspace) -> None:
+    code, records, delivered = _scale_busy_work_to_one(ws, 3000, 'function = "st:work"\nprocesses = 3\n')
     assert not [r for r in records if r["event"] in ("stop_escalated", "batch_abandoned")]
-    assert sorted(set(map(int, (ws.path / "delivered").read_text().split()))) == list(range(3000))
-    assert proc.returncode == 0
+    assert delivered == list(range(3000))
+    assert code == 0
 
 
 def test_a_retired_worker_that_finished_its_batch_and_then_is_killed_lost_nothing(ws: Workspace) -> None:
     # redeliver = false: the slot file says whether a batch was taken and not finished; a
     # worker that left after finishing its batch (its close then outlasts the retire deadline)
     # held nothing, and the run must not say a batch was lost
-    ws.write("st.py", BUSY_STAGES)
-    ws.pipeline(
-        '[pipeline]\nname = "{name}"\nstop_timeout = "1s"\n'
-        '[stages.numbers]\nfunction = "st:numbers"\noptions = { count = 600 }\n'
-        '[stages.work]\nfunction = "st:SlowClose"\ninputs = ["numbers"]\nprocesses = 2\nredeliver = false\n'
-        "queue = { batch = 4 }\n"
-        '[stages.sink]\nfunction = "st:sink"\ninputs = ["work"]\n'
+    code, records, delivered = _scale_busy_work_to_one(
+        ws, 600, 'function = "st:SlowClose"\nprocesses = 2\nredeliver = false\n'
     )
-    log = ws.path / "log.jsonl"
-    with reaped(ws.start_ready()) as proc:
-        wait_until(lambda: (ws.path / "delivered").exists() or None)
-        scaled = ws.run("scale", ws.name, "work=1", "--control", str(ws.control))
-        assert scaled.code == 0, scaled.stderr
-        proc.communicate(timeout=60)
-    records = read_records(log)
     assert any(r.get("signal") == "SIGKILL" for r in records if r["event"] == "worker_exited" and r["stage"] == "work")
     assert not [r for r in records if r["event"] == "batch_abandoned"]
-    assert sorted(map(int, (ws.path / "delivered").read_text().split())) == list(range(600))
-    assert proc.returncode == 0
+    assert delivered == list(range(600))
+    assert code == 0
 
 
 def test_a_signal_the_stage_handles_itself_does_not_end_a_busy_worker(ws: Workspace) -> None:
