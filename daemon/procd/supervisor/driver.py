@@ -347,7 +347,7 @@ class SlotDriver:
                 ),
             )
             return
-        pending = held.items - max(held.index, 0)
+        pending = held.in_hand
         if kept:
             self._bound(slot).warning(
                 "item_redelivered", items=pending, attempt=held.deliveries + 1, reason=exited.describe()
@@ -377,7 +377,7 @@ class SlotDriver:
         if slot.slot_fd is not None:
             held = transport.slot.read(slot.slot_fd)
             if held.holds and not exited:
-                pending = held.items - max(held.index, 0)
+                pending = held.in_hand
                 self._bound(slot).error(
                     "batch_abandoned",
                     items=pending,

@@ -57,9 +57,9 @@ class Abandoned:
             self.lost["queued_batches"] += queued_batches
             self.lost["in_hand_items"] += in_hand_items
 
-    def add_input(self, channel: Input) -> None:
-        """Count the batches left in ``channel``."""
-        queued = channel.depth() or 0
+    def add_input(self, channel: Input, queued: int | None = None) -> None:
+        """Count the batches left in ``channel`` (``queued``, when its depth was just read)."""
+        queued = (channel.depth() or 0) if queued is None else queued
         self.add(channel.stage, durable=channel.endpoint().durable, queued_batches=queued, batch=channel.spec.batch)
 
     def merge(self, other: Abandoned) -> None:
@@ -131,7 +131,7 @@ class Stopper:
         holds will never be delivered."""
         if held is not None and held.holds:
             durable = slot.input is not None and slot.input.endpoint().durable
-            self.left.add(slot.stage.name, durable=durable, in_hand_items=held.items - max(held.index, 0))
+            self.left.add(slot.stage.name, durable=durable, in_hand_items=held.in_hand)
 
     def untracked_lost(self, slot: WorkerSlot) -> None:
         """``slot``'s process failed while it may have held a batch that its stage does not track
@@ -141,9 +141,9 @@ class Stopper:
             "(its items were neither delivered nor dead-lettered)"
         )
 
-    def input_left(self, channel: Input) -> None:
-        """A retired input is let go: what it still queues no reader will read."""
-        self.left.add_input(channel)
+    def input_left(self, channel: Input, queued: int) -> None:
+        """A retired input is let go with ``queued`` batches, which no reader will read."""
+        self.left.add_input(channel, queued)
 
     def finish(self) -> int:
         """Every process has ended: say what was abandoned and how the pipeline ended; return
@@ -207,7 +207,7 @@ class Stopper:
                 durable=channel is not None and channel.endpoint().durable,
                 queued_batches=(channel.depth() or 0) if channel is not None else 0,
                 batch=stage.queue.batch,
-                in_hand_items=sum(h.items - max(h.index, 0) for h in held if h.holds),
+                in_hand_items=sum(h.in_hand for h in held),
             )
         for channel in sup.wiring.retired:
             found.add_input(channel)

@@ -145,7 +145,7 @@ class Wiring:
         read, which the stop counts against the exit code (and says here, as it happens)."""
         queued = channel.depth() or 0
         if queued:
-            self.sup.stopper.input_left(channel)
+            self.sup.stopper.input_left(channel, queued)
             self.sup.log.warning(
                 "input_abandoned",
                 stage=channel.stage,

@@ -66,6 +66,11 @@ class Header:
         """A batch is held: its next process must deliver it."""
         return self.kind in KINDS
 
+    @property
+    def in_hand(self) -> int:
+        """The held batch's items not yet done (from ``index`` on, in careful mode); 0 if none."""
+        return self.items - max(self.index, 0) if self.holds else 0
+
 
 def create(payload_capacity: int) -> int:
     """A new slot file (supervisor side) with room for one message of ``payload_capacity`` bytes

@@ -160,6 +160,11 @@ def _produce(
     first_item = ticker.first_item.set
     linger_s = ticker.linger_s
     clock = time.monotonic
+
+    def slow() -> bool:
+        """Nothing was sent for ``linger``: no batch is being made (see the docstring)."""
+        return bool(linger_s) and clock() - outlet.sent_at >= linger_s
+
     try:
         in_user_code = True
         source = instance if instance is not None else target(**options)
@@ -170,7 +175,7 @@ def _produce(
         # by the ticker thread ``linger`` after the event (see ``Ticker``).
         while not stopping:
             if pending:  # what a chunk the ticker ended left behind (its last item came late)
-                if linger_s and clock() - outlet.sent_at >= linger_s:
+                if slow():
                     outlet.flush()
                 else:
                     first_item()  # it waits no longer than linger
@@ -182,8 +187,8 @@ def _produce(
             if item is _END:
                 break
             pending.append(item)
-            if linger_s and clock() - outlet.sent_at >= linger_s:
-                outlet.flush()  # a slow producer: nothing sent for linger, so no batch is being made
+            if slow():
+                outlet.flush()  # a slow producer's item goes at once
                 continue
             permits = ticker.permits(largest - len(pending))
             first_item()
